@@ -1,0 +1,229 @@
+"""Compare ours, dask.distributed and mpi4py.futures on the same workloads.
+
+    python -m bench [--systems ours,dask,mpi] [--workloads ...] [--repeat N]
+                    [--quick] [--output bench/RESULTS.md] [--json FILE]
+
+Every (system, workload) pair runs in a fresh child process with bounded time;
+a system that cannot be imported, does not start or raises is reported as
+n/a with the reason, and the other systems still run. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+
+from bench.common import METRICS, SIZES, SYSTEM_LABELS, SYSTEMS, WORKLOADS, summarize
+from bench.procs import become_subreaper, run_child
+from bench.report import build_notes, build_table, fmt_num, machine_info, render_markdown
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Loopback only, for MPICH's launcher (hydra) and its network modules (UCX, OFI).
+MPI_ENV = {
+    "HYDRA_IFACE": "lo",
+    "HYDRA_LAUNCHER": "fork",
+    "UCX_NET_DEVICES": "lo",
+    "FI_TCP_IFACE": "lo",
+    "FI_SOCKETS_IFACE": "lo",
+}
+
+
+def _csv(choices):
+    def parse(text):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}; got {text!r}")
+        return items
+
+    return parse
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark ours vs dask.distributed vs mpi4py.futures "
+        "(scheduler + 2 worker processes x 1 thread each).",
+    )
+    p.add_argument("--systems", type=_csv(SYSTEMS), default=list(SYSTEMS),
+                   help="comma-separated subset of ours,dask,mpi (default: all)")
+    p.add_argument("--workloads", type=_csv(WORKLOADS), default=list(WORKLOADS),
+                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
+    p.add_argument("--repeat", type=int, default=3, help="repeats per workload (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes for a smoke run (1,000 tasks, 50 round trips, 10 MB)")
+    p.add_argument("--output", metavar="MD", help="write the Markdown report here")
+    p.add_argument("--json", metavar="FILE", help="write all raw measurements here")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per child process (default 300, --quick 120)")
+    p.add_argument("--start-timeout", type=float, default=90.0,
+                   help="seconds for a child's cluster to become ready (default 90)")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep the child processes' logs and print where they are")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    if args.timeout is None:
+        args.timeout = 120.0 if args.quick else 300.0
+    return args
+
+
+def child_env(system):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPO_ROOT] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x]
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    if system == "mpi":
+        env.update(MPI_ENV)
+        bindir = os.path.dirname(sys.executable)
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def find_mpiexec():
+    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.access(local, os.X_OK):
+        return local
+    return shutil.which("mpiexec")
+
+
+def child_command(system, workload, args, sizes, out):
+    common = ["--workload", workload, "--repeat", str(args.repeat),
+              "--sizes", json.dumps(sizes), "--out", out]
+    if system == "mpi":
+        mpiexec = find_mpiexec()
+        if mpiexec is None:
+            return None, "mpiexec not found (install the bench extra: mpich)"
+        return [mpiexec, "-n", "3", sys.executable, "-m", "mpi4py.futures",
+                "-m", "bench.run_mpi", *common], None
+    return [sys.executable, "-m", "bench.run_client", "--system", system, *common], None
+
+
+def headline(result):
+    """A short summary of a child's medians for the progress line."""
+    parts = []
+    metrics = result.get("metrics", {}) if result else {}
+    for m in METRICS:
+        stats = summarize(metrics.get(m.key, []))
+        if stats and m.unit != "s":
+            parts.append(f"{m.key}={fmt_num(stats[1])}")
+    return ", ".join(parts)
+
+
+def run_one(system, workload, args, sizes, tmpdir):
+    """Run one child; return (outcome dict, metrics dict, startup seconds or None)."""
+    out = os.path.join(tmpdir, f"{system}-{workload}.json")
+    log = os.path.join(tmpdir, f"{system}-{workload}.log")
+    cmd, why = child_command(system, workload, args, sizes, out)
+    if cmd is None:
+        return {"status": "unavailable", "reason": why}, {}, None
+    oc = run_child(cmd, env=child_env(system), cwd=REPO_ROOT, result_path=out,
+                   log_path=log, timeout=args.timeout, start_timeout=args.start_timeout)
+    res = oc.result or {}
+    metrics = res.get("metrics", {})
+    startup = None
+    if res.get("ready_wall"):
+        startup = res["ready_wall"] - oc.launch_wall
+    outcome = {"wall_s": round(oc.wall_s, 2), "returncode": oc.returncode,
+               "log": log if args.keep_logs else None,
+               "cluster_start_s": res.get("cluster_start_s"), "info": res.get("info", {}),
+               "startup_s": startup}
+    if res.get("skipped"):
+        outcome.update(status="n/a", reason=res["skipped"])
+    elif res.get("ok") and not oc.timed_out:
+        outcome.update(status="ok", reason=None)
+    elif res.get("ok"):
+        outcome.update(status="ok", reason=oc.reason)
+    elif res.get("error"):
+        outcome.update(status="failed", reason=res["error"])
+    elif oc.timed_out:
+        outcome.update(status="timeout", reason=oc.reason)
+    else:
+        last = oc.log_tail.strip().splitlines()[-1:] or ["no output"]
+        outcome.update(status="failed",
+                       reason=f"exit code {oc.returncode} before any result: {last[0][:300]}")
+    if outcome["status"] != "ok" and metrics:
+        outcome["reason"] += f" (kept {max(len(v) for v in metrics.values())} finished repeats)"
+    # A child that never became ready means the system itself is unusable.
+    outcome["system_dead"] = res.get("phase") in (None, "import", "start") and outcome[
+        "status"] in ("failed", "timeout")
+    if outcome["status"] != "ok" and args.keep_logs is False:
+        outcome["log_tail"] = oc.log_tail[-1500:]
+    return outcome, metrics, startup
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    sizes = dict(SIZES["quick" if args.quick else "default"])
+    become_subreaper()
+    info = machine_info(REPO_ROOT)
+    print(f"bench: {info['python']}, nproc {info['nproc']}, systems {','.join(args.systems)}, "
+          f"workloads {','.join(args.workloads)}, repeat {args.repeat}"
+          f"{', quick sizes' if args.quick else ''}", flush=True)
+
+    values = {s: {} for s in args.systems}
+    outcomes = {s: {} for s in args.systems}
+    dead = {}
+    tmpdir = tempfile.mkdtemp(prefix="hpc-bench-")
+    try:
+        # Workload-major order: every system sees the machine in the same state.
+        for workload in args.workloads:
+            for system in args.systems:
+                tag = f"[{SYSTEM_LABELS[system]}] {workload}"
+                if system in dead:
+                    outcomes[system][workload] = {"status": "n/a", "reason": dead[system]}
+                    print(f"{tag}: n/a ({dead[system]})", flush=True)
+                    continue
+                print(f"{tag} ...", end=" ", flush=True)
+                outcome, metrics, startup = run_one(system, workload, args, sizes, tmpdir)
+                outcomes[system][workload] = outcome
+                for k, v in metrics.items():
+                    values[system].setdefault(k, []).extend(v)
+                if startup is not None:
+                    values[system].setdefault("startup_s", []).append(startup)
+                if outcome["status"] == "ok":
+                    print(f"ok in {outcome['wall_s']:.1f}s: {headline({'metrics': metrics})}",
+                          flush=True)
+                else:
+                    print(f"{outcome['status']}: {outcome['reason']}", flush=True)
+                    tail = outcome.get("log_tail", "").strip()
+                    if tail and outcome["status"] in ("failed", "timeout"):
+                        print("    " + "\n    ".join(tail.splitlines()[-6:]), flush=True)
+                if outcome.get("system_dead"):
+                    dead[system] = f"skipped: {workload} could not start it ({outcome['reason']})"
+    finally:
+        if not args.keep_logs:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        else:
+            print(f"bench: child logs kept in {tmpdir}")
+
+    table = build_table(values, args.systems, sizes)
+    notes = build_notes(outcomes, args.systems)
+    argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    md = render_markdown(info, argv_text, table, notes, args.repeat)
+    print()
+    print(md)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(md)
+        print(f"bench: wrote {args.output}")
+    if args.json:
+        for per in outcomes.values():
+            for oc in per.values():
+                oc.pop("log_tail", None)
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "sizes": sizes, "repeat": args.repeat,
+                       "values": values, "outcomes": outcomes}, f, indent=1)
+        print(f"bench: wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""hpc-cluster: run Python work on HPC machines.
+
+``from cluster import Client, LocalCluster, Scheduler, Worker`` gives the
+distributed runtime; ``python -m cluster`` is the command line.
+"""
+
+from concurrent.futures import CancelledError
+
+from runtime import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    Client,
+    ClusterError,
+    Future,
+    KilledWorker,
+    LocalCluster,
+    Reschedule,
+    Scheduler,
+    Worker,
+    as_completed,
+    default_client,
+    get_worker,
+    wait,
+)
+from runtime.execution import get_current_task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
+    "CancelledError",
+    "Client",
+    "ClusterError",
+    "Future",
+    "KilledWorker",
+    "LocalCluster",
+    "Reschedule",
+    "Scheduler",
+    "Worker",
+    "__version__",
+    "as_completed",
+    "default_client",
+    "get_current_task",
+    "get_worker",
+    "wait",
+]

@@ -1,0 +1,54 @@
+"""The distributed engine: Scheduler, Worker, Client, LocalCluster.
+
+Knows nothing of MPI or batch systems (see ``hpc`` and ``jobqueue``).
+"""
+
+from .client import Client, default_client
+from .errors import (
+    ClusterError,
+    ClusterTimeoutError,
+    CommClosedError,
+    ConnectionTimeoutError,
+    FutureCancelledError,
+    KilledWorker,
+    RemoteTraceback,
+    ScatteredDataLost,
+    TaskSerializationError,
+)
+from .execution import Reschedule, get_worker
+from .futures import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    Future,
+    as_completed,
+    wait,
+)
+from .local import LocalCluster
+from .scheduler import Scheduler
+from .worker import Worker
+
+__all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
+    "Client",
+    "ClusterError",
+    "ClusterTimeoutError",
+    "CommClosedError",
+    "ConnectionTimeoutError",
+    "Future",
+    "FutureCancelledError",
+    "KilledWorker",
+    "LocalCluster",
+    "RemoteTraceback",
+    "Reschedule",
+    "ScatteredDataLost",
+    "Scheduler",
+    "TaskSerializationError",
+    "Worker",
+    "as_completed",
+    "default_client",
+    "get_worker",
+    "wait",
+]

@@ -1,0 +1,862 @@
+"""The Client: submit work, get futures, gather results.
+
+Theory of operation
+-------------------
+The client keeps one stream to the scheduler.  ``submit``/``map`` serialise a
+task's function and arguments once, here, into the recipe bytes that the
+scheduler forwards untouched; futures among the arguments (also nested in
+lists, tuples, dicts and sets) become dependencies.  Messages produced in one
+burst (a loop of ``submit`` calls, or dropped futures) leave in one write.
+
+Results are fetched straight from a worker that holds them (the scheduler
+says which in ``key-in-memory``), not relayed through the scheduler.
+
+Synchronous clients run their event loop on a shared background thread
+(:mod:`runtime.loop`); ``asynchronous=True`` uses the caller's running loop.
+``Client()`` with no address starts a :class:`LocalCluster` and closes it
+with the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable
+from contextlib import suppress
+from typing import Any
+
+from .comm import connect
+from .comm.serialize import dumps_function
+from .core import BatchedSend, ConnectionPool, unpack_reply
+from .errors import ClusterError, CommClosedError, CommError, TaskSerializationError
+from .execution import TaskRef, dumps_args
+from .futures import Future, FutureState
+from .loop import loop_runner, sync
+from .utils import funcname, parse_timedelta, validate_key
+
+logger = logging.getLogger(__name__)
+
+Key = Hashable
+
+_current_client: Client | None = None
+
+#: Environment variables through which a launcher tells ``Client()`` where its cluster is.
+ENV_ADDRESS = "CLUSTER_SCHEDULER_ADDRESS"
+ENV_SCHEDULER_FILE = "CLUSTER_SCHEDULER_FILE"
+
+
+def default_client() -> Client:
+    """The most recently started client that set itself as default.
+
+    Raises:
+        ValueError: no client is running.
+    """
+    if _current_client is None or _current_client.status != "running":
+        raise ValueError("no running Client; create one with Client(...)")
+    return _current_client
+
+
+class Client:
+    """Connect to a cluster and submit computation to it.
+
+    Args:
+        address: scheduler address, or a cluster object (``LocalCluster`` ...);
+            ``None`` starts a local cluster (unless a launcher set
+            ``CLUSTER_SCHEDULER_ADDRESS``/``CLUSTER_SCHEDULER_FILE``).
+        timeout: seconds to wait for the scheduler.
+        set_as_default: make this the client ``default_client()`` returns.
+        scheduler_file: read the scheduler's address from this JSON file.
+        asynchronous: use the running event loop; methods return awaitables.
+        name: a label for this client.
+        direct_to_workers: gather straight from workers (default ``True``).
+        **cluster_kwargs: passed to ``LocalCluster`` when one is started.
+
+    Raises:
+        ConnectionTimeoutError: the scheduler did not answer within ``timeout``.
+    """
+
+    def __init__(self, address: Any = None, loop=None, timeout: Any = 10, set_as_default: bool = True,
+                 scheduler_file: str | None = None, security=None, asynchronous: bool = False,
+                 name: str | None = None, heartbeat_interval=None, serializers=None,
+                 deserializers=None, extensions=None, direct_to_workers: bool | None = None,
+                 connection_limit: int = 512, **cluster_kwargs):
+        if security not in (None, False):
+            raise ValueError("security: TLS is not supported by this version; pass security=None")
+        self.id = f"{name or 'Client'}-{uuid.uuid4()}"
+        self.asynchronous = asynchronous
+        self.timeout = parse_timedelta(timeout) or 10.0
+        self.set_as_default = set_as_default
+        self.direct_to_workers = True if direct_to_workers is None else direct_to_workers
+        self.status = "newly-created"
+        self.cluster = None
+        self._own_cluster = False
+        self._cluster_kwargs = cluster_kwargs
+        self.scheduler_file = scheduler_file
+        if address is not None and not isinstance(address, str):
+            if not hasattr(address, "scheduler_address"):
+                raise TypeError(f"address must be a string or a cluster object, not {type(address).__name__}")
+            self.cluster = address
+            address = None
+        if address is None and scheduler_file is None and self.cluster is None:
+            address = os.environ.get(ENV_ADDRESS) or None
+            if address is None and os.environ.get(ENV_SCHEDULER_FILE):
+                self.scheduler_file = os.environ[ENV_SCHEDULER_FILE]
+        elif cluster_kwargs:
+            raise TypeError(f"unexpected keyword arguments for a Client with an address: {', '.join(sorted(cluster_kwargs))}")
+        self._address = address
+        self.futures: dict[Key, FutureState] = {}
+        self.refcount: dict[Key, int] = defaultdict(int)
+        self._ref_lock = threading.Lock()
+        self._outbox: list[dict] = []
+        self._outbox_lock = threading.Lock()
+        self._flush_scheduled = False
+        self._function_cache: dict[Any, bytes] = {}
+        self.scheduler_comm: BatchedSend | None = None
+        self.rpc = ConnectionPool(timeout=self.timeout)
+        self._callback_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._report_task: asyncio.Task | None = None
+        self._closed_event: asyncio.Event | None = None
+        if asynchronous:
+            self.loop = None  # set when awaited
+            self._uses_runner = False
+        else:
+            self.loop = loop_runner.acquire()
+            self._uses_runner = True
+            try:
+                self.sync(self._start)
+            except BaseException:
+                self._release_loop()
+                raise
+
+    # ------------------------------------------------------------------ plumbing
+
+    def sync(self, func: Callable, *args, timeout: float | None = None, **kwargs):
+        """Run ``func`` on the client's loop: a coroutine in async mode, blocking otherwise."""
+        if self.asynchronous:
+            return func(*args, **kwargs)
+        return sync(self.loop, func, *args, timeout=timeout, **kwargs)
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        loop = self.loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            fn()
+        elif loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn)
+
+    def _run_callback(self, fn: Callable, future: Future) -> None:
+        if self._callback_executor is None:
+            self._callback_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="client-callback")
+
+        def call() -> None:
+            try:
+                fn(future)
+            except Exception:
+                logger.exception("error in done callback %r of %r", fn, future)
+
+        self._callback_executor.submit(call)
+
+    def _release_loop(self) -> None:
+        if self._uses_runner:
+            self._uses_runner = False
+            loop_runner.release()
+
+    @property
+    def scheduler_address(self) -> str | None:
+        return self._address
+
+    def __await__(self):
+        return self._start().__await__()
+
+    async def __aenter__(self):
+        await self
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._close()
+
+    def __enter__(self):
+        if self.asynchronous:
+            raise RuntimeError("use 'async with' with an asynchronous Client")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Client: {self.id} scheduler={self._address!r} status={self.status}>"
+
+    # ------------------------------------------------------------------ start and stop
+
+    async def _start(self):
+        if self.status == "running":
+            return self
+        self.loop = asyncio.get_running_loop()
+        self._closed_event = asyncio.Event()
+        if self.cluster is None and self._address is None and self.scheduler_file is None:
+            from .local import LocalCluster
+
+            self.cluster = await LocalCluster(asynchronous=True, **self._cluster_kwargs)
+            self._own_cluster = True
+        if self.cluster is not None:
+            self._address = self.cluster.scheduler_address
+        if self._address is None:
+            self._address = await self._read_scheduler_file()
+        try:
+            comm = await connect(self._address, timeout=self.timeout)
+            await comm.write({"op": "register-client", "client": self.id})
+            unpack_reply(await comm.read(), self._address)
+        except BaseException:
+            if self._own_cluster:
+                await self.cluster._close()
+            raise
+        self.scheduler_comm = BatchedSend(comm, name=f"Client->Scheduler {self.id}")
+        self._report_task = asyncio.ensure_future(self._handle_report(comm))
+        self.status = "running"
+        if self.set_as_default:
+            global _current_client
+            _current_client = self
+        return self
+
+    async def _read_scheduler_file(self) -> str:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                with open(self.scheduler_file) as f:
+                    return json.load(f)["address"]
+            except (FileNotFoundError, ValueError, KeyError):
+                if time.monotonic() > deadline:
+                    raise FileNotFoundError(
+                        f"scheduler file {self.scheduler_file} not found (or incomplete) after {self.timeout}s"
+                    ) from None
+                await asyncio.sleep(0.05)
+
+    async def _handle_report(self, comm) -> None:
+        ops = {
+            "key-in-memory": self._on_key_in_memory,
+            "task-erred": self._on_task_erred,
+            "cancelled-key": self._on_cancelled_key,
+            "lost-data": self._on_lost_data,
+        }
+        try:
+            while True:
+                try:
+                    batch = await comm.read()
+                except CommError:
+                    break
+                for msg in batch:
+                    op = msg.pop("op", None)
+                    if op == "scheduler-closing":
+                        logger.info("scheduler %s is closing", self._address)
+                        continue
+                    handler = ops.get(op)
+                    if handler is None:
+                        logger.warning("unknown operation %r from the scheduler", op)
+                        continue
+                    handler(**msg)
+        finally:
+            if self.status == "running":
+                logger.info("lost the connection to the scheduler %s", self._address)
+                self.status = "disconnected"
+                err = CommClosedError(f"lost the connection to the scheduler {self._address}")
+                for st in list(self.futures.values()):
+                    if not st.done():
+                        st.set_error(err, "", "")
+
+    def close(self, timeout: float | None = None):
+        """Close the client (and the local cluster it started)."""
+        if self.asynchronous:
+            return self._close()
+        if self.status == "closed":
+            return None
+        try:
+            self.sync(self._close, timeout=timeout)
+        finally:
+            self._release_loop()
+        return None
+
+    async def _close(self, fast: bool = False) -> None:
+        if self.status == "closed":
+            return
+        self.status = "closing"
+        bs = self.scheduler_comm
+        if bs is not None and not bs.closed:
+            self._flush_outbox()
+            with suppress(CommClosedError):
+                bs.send({"op": "close-client"})
+            await bs.close(timeout=2.0)
+        if self._report_task is not None:
+            self._report_task.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await self._report_task
+        await self.rpc.close()
+        if self._own_cluster and self.cluster is not None:
+            await self.cluster._close()
+        if self._callback_executor is not None:
+            self._callback_executor.shutdown(wait=False)
+        self.status = "closed"
+        global _current_client
+        if _current_client is self:
+            _current_client = None
+
+    def shutdown(self):
+        """Close the scheduler and its workers, then this client."""
+        if self.asynchronous:
+            return self._shutdown()
+        try:
+            self.sync(self._shutdown)
+        finally:
+            self._release_loop()
+
+    async def _shutdown(self) -> None:
+        if self.cluster is not None:
+            await self._close()
+            await self.cluster._close()
+            return
+        with suppress(CommError, OSError):
+            await self.rpc.call(self._address, "close", close_workers=True)
+        await self._close()
+
+    # ------------------------------------------------------------------ reports from the scheduler
+
+    def _on_key_in_memory(self, key: Key, type: str = "", workers=(), **kw) -> None:
+        st = self.futures.get(key)
+        if st is not None:
+            st.finish(type, workers)
+
+    def _on_task_erred(self, key: Key, exception=None, traceback: str = "", worker: str = "", **kw) -> None:
+        st = self.futures.get(key)
+        if st is not None:
+            st.set_error(exception, traceback, worker)
+
+    def _on_cancelled_key(self, key: Key, reason: str = "", **kw) -> None:
+        st = self.futures.get(key)
+        if st is not None:
+            st.cancel()
+
+    def _on_lost_data(self, key: Key, **kw) -> None:
+        st = self.futures.get(key)
+        if st is not None:
+            st.lose()
+
+    # ------------------------------------------------------------------ references
+
+    def _get_state(self, key: Key) -> FutureState:
+        with self._ref_lock:
+            st = self.futures.get(key)
+            if st is None:
+                st = self.futures[key] = FutureState()
+            return st
+
+    def _inc_ref(self, key: Key) -> None:
+        with self._ref_lock:
+            self.refcount[key] += 1
+
+    def _dec_ref(self, key: Key) -> None:
+        with self._ref_lock:
+            self.refcount[key] -= 1
+            if self.refcount[key] > 0:
+                return
+            del self.refcount[key]
+            self.futures.pop(key, None)
+        if self.status == "running":
+            self._send({"op": "client-releases-keys", "keys": [key]})
+
+    # ------------------------------------------------------------------ outgoing messages
+
+    def _send(self, msg: dict) -> None:
+        """Queue a message for the scheduler; everything queued in one burst leaves together."""
+        with self._outbox_lock:
+            self._outbox.append(msg)
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        self._on_loop(self._flush_outbox_soon)
+
+    def _flush_outbox_soon(self) -> None:
+        asyncio.get_running_loop().call_soon(self._flush_outbox)
+
+    def _flush_outbox(self) -> None:
+        with self._outbox_lock:
+            msgs, self._outbox = self._outbox, []
+            self._flush_scheduled = False
+        if not msgs or self.scheduler_comm is None or self.scheduler_comm.closed:
+            return
+        merged: list[dict] = []
+        for m in msgs:
+            last = merged[-1] if merged else None
+            if last is not None and m["op"] == last["op"] == "update-graph":
+                for field in ("tasks", "dependencies", "restrictions", "resources", "retries", "user_priority"):
+                    last[field].update(m[field])
+                last["keys"].extend(m["keys"])
+                last["loose_restrictions"].extend(m["loose_restrictions"])
+            elif last is not None and m["op"] == last["op"] == "client-releases-keys":
+                last["keys"].extend(m["keys"])
+            else:
+                merged.append(m)
+        with suppress(CommClosedError):
+            self.scheduler_comm.send(*merged)
+
+    # ------------------------------------------------------------------ submitting work
+
+    def _serialize_function(self, func: Callable) -> bytes:
+        try:
+            cached = self._function_cache.get(func)
+        except TypeError:  # unhashable callable
+            return dumps_function(func)
+        if cached is None:
+            cached = dumps_function(func)
+            if len(self._function_cache) > 1000:
+                self._function_cache.clear()
+            self._function_cache[func] = cached
+        return cached
+
+    def _replace_futures(self, obj: Any, deps: set) -> Any:
+        t = type(obj)
+        if t is Future or isinstance(obj, Future):
+            if obj.client is not self:
+                raise ValueError(f"the future {obj.key!r} belongs to another client ({obj.client.id}); "
+                                 "futures cannot be shared between clients")
+            deps.add(obj.key)
+            return TaskRef(obj.key)
+        if t is list or t is tuple or t is set:
+            if not obj:
+                return obj
+            return t(self._replace_futures(o, deps) for o in obj)
+        if t is dict:
+            if not obj:
+                return obj
+            return {k: self._replace_futures(v, deps) for k, v in obj.items()}
+        return obj
+
+    def _task_piece(self, func: Callable, func_b: bytes, args: tuple, kwargs: dict, key: Key | None,
+                    pure: bool, workers, resources, retries, priority, allow_other_workers) -> tuple[Key, dict]:
+        deps: set = set()
+        args2 = self._replace_futures(args, deps) if args else args
+        kwargs2 = self._replace_futures(kwargs, deps) if kwargs else kwargs
+        try:
+            args_b = dumps_args(args2, kwargs2)
+        except Exception as e:
+            what = "arguments"
+            for i, a in enumerate(args):
+                try:
+                    dumps_args((a,), {})
+                except Exception:
+                    what = f"argument {i} ({type(a).__name__})"
+                    break
+            else:
+                for k, v in kwargs.items():
+                    try:
+                        dumps_args((), {k: v})
+                    except Exception:
+                        what = f"keyword argument {k!r} ({type(v).__name__})"
+                        break
+            raise TaskSerializationError(f"{what} of {funcname(func)}", f"{type(e).__name__}: {e}") from e
+        if key is None:
+            if pure:
+                token = hashlib.md5(func_b + args_b, usedforsecurity=False).hexdigest()
+            else:
+                token = uuid.uuid4().hex
+            key = f"{funcname(func)}-{token}"
+        else:
+            validate_key(key)
+        return key, {"spec": (func_b, args_b), "deps": deps}
+
+    def submit(self, func: Callable, *args, key: Key | None = None, workers=None, resources=None,
+               retries: int | None = None, priority: int = 0, fifo_timeout="100 ms",
+               allow_other_workers: bool = False, actor: bool = False, actors: bool = False,
+               pure: bool | None = None, **kwargs) -> Future:
+        """Run ``func(*args, **kwargs)`` on the cluster.
+
+        Args:
+            key: the task's key (default: function name plus a hash of the
+                call if ``pure``, else a random token).
+            pure: same function and arguments give the same key (default True).
+            workers: addresses, names or hostnames the task may run on.
+            allow_other_workers: ``workers`` is a preference, not a rule.
+            resources: abstract resources the task needs, e.g. ``{"GPU": 1}``.
+            retries: run again this many times if it raises.
+            priority: higher runs first.
+
+        Raises:
+            TypeError: ``func`` is not callable or ``key`` has the wrong type.
+            TaskSerializationError: the function or an argument cannot be pickled (named).
+            ValueError: a future argument belongs to another client.
+        """
+        if not callable(func):
+            raise TypeError(f"the first argument of submit must be callable, not {type(func).__name__}")
+        if actor or actors:
+            raise ValueError("actors are not supported")
+        self._check_running()
+        pure = True if pure is None else pure
+        func_b = self._serialize_function(func)
+        key, piece = self._task_piece(func, func_b, args, kwargs, key, pure, workers, resources,
+                                      retries, priority, allow_other_workers)
+        st = self._get_state(key)
+        if st.status in ("cancelled", "lost"):
+            st.status = "pending"
+            if st._event is not None:
+                self._on_loop(st.event.clear)
+        future = Future(key, self, st)
+        self._send(self._graph_msg({key: piece}, [key], workers, resources, retries, priority,
+                                   allow_other_workers))
+        return future
+
+    def map(self, func: Callable, *iterables: Iterable, key: str | list | None = None, workers=None,
+            retries: int | None = None, resources=None, priority: int = 0,
+            allow_other_workers: bool = False, fifo_timeout="100 ms", actor: bool = False,
+            actors: bool = False, pure: bool | None = None, batch_size: int | None = None,
+            **kwargs) -> list[Future]:
+        """Apply ``func`` to each element of the iterables; one future per element.
+
+        ``key`` may be a list of keys or a prefix.  Other arguments as for :meth:`submit`.
+        """
+        if not callable(func):
+            raise TypeError(f"the first argument of map must be callable, not {type(func).__name__}")
+        if not iterables:
+            raise TypeError("map needs at least one iterable")
+        self._check_running()
+        pure = True if pure is None else pure
+        func_b = self._serialize_function(func)
+        items = list(zip(*iterables, strict=False))
+        if isinstance(key, (list, tuple)):
+            if len(key) != len(items):
+                raise ValueError(f"map: {len(key)} keys for {len(items)} items")
+            keys: list = list(key)
+        else:
+            keys = [None] * len(items)
+        pieces: dict = {}
+        order = []
+        for args, k in zip(items, keys, strict=True):
+            k, piece = self._task_piece(func, func_b, args, kwargs, k, pure, workers, resources,
+                                        retries, priority, allow_other_workers)
+            if isinstance(key, str):
+                k = f"{key}-{k.rsplit('-', 1)[-1]}"
+            pieces[k] = piece
+            order.append(k)
+        futures = [Future(k, self) for k in order]
+        self._send(self._graph_msg(pieces, list(pieces), workers, resources, retries, priority,
+                                   allow_other_workers))
+        return futures
+
+    def _graph_msg(self, pieces: dict, keys: list, workers, resources, retries, priority,
+                   allow_other_workers) -> dict:
+        if isinstance(workers, str):
+            workers = [workers]
+        tasks = {}
+        dependencies = {}
+        for k, p in pieces.items():
+            tasks[k] = p["spec"]
+            if p["deps"]:
+                dependencies[k] = list(p["deps"])
+        restrictions = {k: list(workers) for k in pieces} if workers else {}
+        return {
+            "op": "update-graph",
+            "tasks": tasks,
+            "keys": keys,
+            "dependencies": dependencies,
+            "restrictions": restrictions,
+            "loose_restrictions": list(pieces) if (workers and allow_other_workers) else [],
+            "resources": {k: dict(resources) for k in pieces} if resources else {},
+            "retries": {k: int(retries) for k in pieces} if retries else {},
+            "user_priority": {k: priority for k in pieces} if priority else {},
+        }
+
+    def _check_running(self) -> None:
+        if self.status not in ("running",):
+            raise ClusterError(f"the client is {self.status}; it cannot take new work")
+
+    # ------------------------------------------------------------------ results
+
+    def gather(self, futures, errors: str = "raise", direct: bool | None = None, asynchronous: bool | None = None):
+        """Results of futures, in the same structure (list, tuple, dict, single future).
+
+        Args:
+            errors: ``"raise"`` the first task exception, or ``"skip"`` failed futures.
+            direct: fetch straight from workers (default) or through the scheduler.
+
+        Raises:
+            the first failed task's own exception (with ``errors="raise"``).
+        """
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors={errors!r}: accepted values are 'raise' and 'skip'")
+        if asynchronous or self.asynchronous:
+            return self._gather(futures, errors, direct)
+        return self.sync(self._gather, futures, errors, direct)
+
+    async def _gather(self, futures, errors: str = "raise", direct: bool | None = None):
+        flat: list[Future] = []
+        _collect_futures(futures, flat)
+        while True:
+            for f in flat:
+                st = f._state
+                if not st.done():
+                    await st.wait()
+                if st.status != "finished" and errors == "raise":
+                    st.raise_exception(f.key)
+            keys = [f.key for f in flat if f._state.status == "finished"]
+            direct = self.direct_to_workers if direct is None else direct
+            data = await (self._gather_keys(keys) if direct else self._gather_via_scheduler(keys))
+            if all(k in data for k in keys):
+                break
+        return _substitute_results(futures, data, errors)
+
+    async def _gather_keys(self, keys: list) -> dict:
+        """Fetch ``keys`` from the workers that hold them; keys that vanished are left out."""
+        by_worker: dict[str, list] = defaultdict(list)
+        unknown = []
+        for k in dict.fromkeys(keys):
+            st = self.futures.get(k)
+            workers = st.workers if st is not None else []
+            if workers:
+                by_worker[workers[0] if len(workers) == 1 else workers[hash(k) % len(workers)]].append(k)
+            else:
+                unknown.append(k)
+        data: dict = {}
+        missing: list = list(unknown)
+
+        async def fetch(addr: str, ks: list) -> None:
+            try:
+                reply = await self.rpc.call(addr, "get_data", keys=ks)
+            except (CommError, OSError):
+                missing.extend(ks)
+                return
+            data.update(reply["data"])
+            missing.extend(k for k in ks if k not in reply["data"])
+
+        if len(by_worker) == 1:
+            (addr, ks), = by_worker.items()
+            await fetch(addr, ks)
+        else:
+            await asyncio.gather(*(fetch(a, ks) for a, ks in by_worker.items()))
+        if missing:
+            # Ask the scheduler where they are now (a replica may have moved).
+            who_has = await self.rpc.call(self._address, "who_has", keys=missing)
+            retry: dict[str, list] = defaultdict(list)
+            for k in missing:
+                if who_has.get(k):
+                    retry[who_has[k][0]].append(k)
+                    st = self.futures.get(k)
+                    if st is not None:
+                        st.workers = list(who_has[k])
+            missing = []
+            await asyncio.gather(*(fetch(a, ks) for a, ks in retry.items()))
+        return data
+
+    async def _gather_via_scheduler(self, keys: list) -> dict:
+        reply = await self.rpc.call(self._address, "gather", keys=keys)
+        if reply["status"] == "OK":
+            return reply["data"]
+        got = {k: v for k, v in reply.get("data", {}).items()}
+        return got
+
+    # ------------------------------------------------------------------ data in
+
+    def scatter(self, data, workers=None, broadcast: bool = False, direct: bool | None = None,
+                hash: bool = True, timeout: Any = 10, asynchronous: bool | None = None):
+        """Put local data on the cluster; returns futures in the same structure.
+
+        Args:
+            data: a value, a list/tuple/set of values, or a dict of key -> value.
+            workers: where to put it (addresses, names or hostnames).
+            broadcast: put a copy on every (chosen) worker.
+            direct: send straight to the workers instead of through the scheduler.
+            hash: name keys after a hash of the data (``False``: random names).
+        """
+        if asynchronous or self.asynchronous:
+            return self._scatter(data, workers, broadcast, direct, hash, timeout)
+        return self.sync(self._scatter, data, workers, broadcast, direct, hash, timeout)
+
+    async def _scatter(self, data, workers=None, broadcast=False, direct=None, hash=True, timeout=10):
+        import pickle
+
+        from .utils import key_split
+
+        self._check_running()
+        if isinstance(workers, str):
+            workers = [workers]
+        single = False
+        if isinstance(data, dict):
+            keyed = dict(data)
+            for k in keyed:
+                validate_key(k)
+        else:
+            if isinstance(data, (list, tuple, set, frozenset)):
+                values = list(data)
+            else:
+                values = [data]
+                single = True
+            keyed = {}
+            for v in values:
+                if hash:
+                    try:
+                        token = hashlib.md5(pickle.dumps(v, protocol=5), usedforsecurity=False).hexdigest()
+                    except Exception:
+                        token = uuid.uuid4().hex
+                else:
+                    token = uuid.uuid4().hex
+                keyed[f"{key_split(type(v).__name__)}-{token}"] = v
+        # Register the futures before the data lands so the report finds them.
+        futures = {k: Future(k, self) for k in keyed}
+        if direct:
+            from .scheduler import scatter_to_workers
+
+            info = await self.rpc.call(self._address, "identity")
+            candidates = list(info["workers"])
+            if workers is not None:
+                wanted = set(workers)
+                candidates = [a for a, w in info["workers"].items()
+                              if a in wanted or w["name"] in wanted or w["host"] in wanted]
+            if not candidates:
+                raise ClusterError("no workers to scatter to")
+            who_has, nbytes, types = await scatter_to_workers(self.rpc, candidates, keyed, broadcast)
+            await self.rpc.call(self._address, "update_data", who_has=who_has, nbytes=nbytes,
+                                client=self.id, types=types)
+        else:
+            await self.rpc.call(self._address, "scatter", data=keyed, workers=workers, client=self.id,
+                                broadcast=broadcast, timeout=timeout)
+        for f in futures.values():
+            await f._state.wait(parse_timedelta(timeout))
+        if isinstance(data, dict):
+            return futures
+        out = [futures[k] for k in keyed]
+        if single:
+            return out[0]
+        return type(data)(out) if isinstance(data, (tuple, set, frozenset)) else out
+
+    # ------------------------------------------------------------------ control
+
+    def cancel(self, futures, force: bool = False, asynchronous: bool | None = None):
+        """Cancel futures (and whatever depends on them)."""
+        fs = futures if isinstance(futures, (list, tuple, set)) else [futures]
+        keys = [f.key for f in fs]
+        if asynchronous or self.asynchronous:
+            return self._cancel(keys, force)
+        return self.sync(self._cancel, keys, force)
+
+    async def _cancel(self, keys: list, force: bool = False) -> None:
+        self._flush_outbox()
+        if self.scheduler_comm is not None:
+            await self.scheduler_comm.flush()
+        await self.rpc.call(self._address, "cancel", keys=keys, client=self.id, force=force)
+        for k in keys:
+            st = self.futures.get(k)
+            if st is not None and not st.done():
+                st.cancel()
+
+    def _scheduler_call(self, op: str, **kwargs):
+        async def call():
+            return await self.rpc.call(self._address, op, **kwargs)
+
+        return self.sync(call)
+
+    def who_has(self, futures=None):
+        """``{key: [worker addresses]}`` for the given futures (or all keys)."""
+        keys = None if futures is None else [f.key for f in _unpack(futures)]
+        return self._scheduler_call("who_has", keys=keys)
+
+    def has_what(self, workers=None):
+        """``{worker address: [keys]}``."""
+        return self._scheduler_call("has_what", workers=workers)
+
+    def nthreads(self, workers=None):
+        """``{worker address: threads}``."""
+        return self._scheduler_call("nthreads", workers=workers)
+
+    ncores = nthreads
+
+    def scheduler_info(self):
+        """The scheduler's identity, with ``"workers"``: ``{address: info}``."""
+        return self._scheduler_call("identity")
+
+    def story(self, *keys):
+        """The scheduler's transition log for ``keys``."""
+        return self._scheduler_call("story", keys_list=[getattr(k, "key", k) for k in keys])
+
+    def run(self, function: Callable, *args, workers=None, wait: bool = True, nanny: bool = False,
+            on_error: str = "raise", **kwargs):
+        """Run ``function(*args, **kwargs)`` in every (or the given) worker process.
+
+        Returns:
+            ``{worker_address: result}``.
+        """
+        if on_error not in ("raise", "return", "ignore"):
+            raise ValueError(f"on_error={on_error!r}: accepted values are 'raise', 'return', 'ignore'")
+        msg = {"op": "run", "function": dumps_function(function), "args": dumps_args(args, kwargs),
+               "wait": wait}
+        return self._scheduler_call("broadcast", msg=msg, workers=workers, nanny=nanny)
+
+    def run_on_scheduler(self, function: Callable, *args, **kwargs):
+        """Run ``function(*args, **kwargs)`` in the scheduler's process and return its result."""
+        return self._scheduler_call("run_function", function=dumps_function(function),
+                                    args=dumps_args(args, kwargs))
+
+    def upload_file(self, filename: str, load: bool = True):
+        """Send a local file to every worker (``.py``/``.zip``/``.egg`` are imported there)."""
+        with open(filename, "rb") as f:
+            data = f.read()
+        msg = {"op": "upload_file", "filename": os.path.basename(filename), "data": data, "load": load}
+        return self._scheduler_call("broadcast", msg=msg)
+
+    def wait_for_workers(self, n_workers: int = 1, timeout: float | None = None):
+        """Block until at least ``n_workers`` workers are connected.
+
+        Raises:
+            TimeoutError: after ``timeout`` seconds.
+        """
+        async def waiter():
+            from .errors import ClusterTimeoutError
+
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                info = await self.rpc.call(self._address, "identity")
+                if len(info["workers"]) >= n_workers:
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ClusterTimeoutError(f"only {len(info['workers'])} of {n_workers} workers after {timeout}s")
+                await asyncio.sleep(0.05)
+
+        return self.sync(waiter)
+
+
+def _unpack(futures) -> list:
+    if isinstance(futures, Future):
+        return [futures]
+    return list(futures)
+
+
+def _collect_futures(obj, out: list) -> None:
+    if isinstance(obj, Future):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for o in obj:
+            _collect_futures(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _collect_futures(o, out)
+    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+        raise TypeError("gather takes futures, or lists, tuples, sets or dicts of them")
+
+
+def _substitute_results(obj, data: dict, errors: str):
+    if isinstance(obj, Future):
+        return data[obj.key]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        vals = [_substitute_results(o, data, errors) for o in obj
+                if not (isinstance(o, Future) and errors == "skip" and o.key not in data)]
+        return type(obj)(vals)
+    if isinstance(obj, dict):
+        return {k: _substitute_results(v, data, errors) for k, v in obj.items()
+                if not (isinstance(v, Future) and errors == "skip" and v.key not in data)}
+    return obj

@@ -1,0 +1,407 @@
+"""Client-side futures: ``concurrent.futures``-shaped and awaitable.
+
+A :class:`Future` is a handle on one key.  All futures of a key in one client
+share a :class:`FutureState`, which the client's event loop updates from the
+scheduler's reports.  Futures count references: when the last one for a key
+is dropped, the client tells the scheduler, which releases the data.
+
+``wait`` and ``as_completed`` keep the meaning they have in the standard
+library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections import deque, namedtuple
+from collections.abc import Callable, Hashable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from .errors import ClusterTimeoutError, FutureCancelledError, RemoteTraceback
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import Client
+
+Key = Hashable
+
+FIRST_COMPLETED = concurrent.futures.FIRST_COMPLETED
+FIRST_EXCEPTION = concurrent.futures.FIRST_EXCEPTION
+ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
+
+DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", "done not_done")
+
+
+class FutureState:
+    """What the client knows of one key: pending, finished, error, cancelled or lost."""
+
+    __slots__ = ("status", "_event", "exception", "traceback", "type", "workers", "worker", "callbacks")
+
+    def __init__(self) -> None:
+        self.status = "pending"
+        self._event: asyncio.Event | None = None
+        self.exception: BaseException | None = None
+        self.traceback = ""
+        self.type = ""
+        self.workers: list[str] = []
+        self.worker = ""
+        self.callbacks: list[Callable[[], None]] = []
+
+    @property
+    def event(self) -> asyncio.Event:
+        if self._event is None:
+            self._event = asyncio.Event()
+        return self._event
+
+    def done(self) -> bool:
+        return self.status in ("finished", "error", "cancelled")
+
+    def _set(self, status: str) -> None:
+        self.status = status
+        self.event.set()
+        callbacks, self.callbacks = self.callbacks, []
+        for cb in callbacks:
+            cb()
+
+    def finish(self, type: str = "", workers: Iterable[str] = ()) -> None:
+        self.type = type
+        self.workers = list(workers)
+        self._set("finished")
+
+    def set_error(self, exception: BaseException, traceback: str, worker: str = "") -> None:
+        self.exception = exception
+        self.traceback = traceback
+        self.worker = worker
+        self._set("error")
+
+    def cancel(self) -> None:
+        self._set("cancelled")
+
+    def lose(self) -> None:
+        """The data was lost; the scheduler computes it again."""
+        self.status = "pending"
+        self.workers = []
+        if self._event is not None:
+            self._event.clear()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        if self.done():
+            return
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise ClusterTimeoutError(f"future not done within {timeout}s") from None
+
+    def raise_exception(self, key: Key) -> None:
+        if self.status == "cancelled":
+            raise FutureCancelledError(key)
+        exc = self.exception
+        if exc is None:  # pragma: no cover
+            raise RuntimeError(f"no exception recorded for {key!r}")
+        raise exc.with_traceback(None) from RemoteTraceback(self.traceback, self.worker)
+
+
+class Future:
+    """A remotely running computation.
+
+    Behaves like :class:`concurrent.futures.Future` (``result``, ``exception``,
+    ``done``, ``cancel``, ``add_done_callback``) and can be awaited.  In an
+    asynchronous client ``result()`` returns a coroutine.
+    """
+
+    __slots__ = ("key", "client", "_state", "__weakref__")
+
+    def __init__(self, key: Key, client: Client, state: FutureState | None = None):
+        self.key = key
+        self.client = client
+        self._state = state if state is not None else client._get_state(key)
+        client._inc_ref(key)
+
+    def __del__(self) -> None:
+        try:
+            self.client._dec_ref(self.key)
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        return f"<Future: {self.status}, key: {self.key!r}>"
+
+    def __reduce__(self):
+        raise TypeError(
+            f"a Future ({self.key!r}) cannot be pickled on its own; pass it as an argument "
+            "to submit/map (it is replaced by its value on the worker)"
+        )
+
+    @property
+    def status(self) -> str:
+        return self._state.status
+
+    @property
+    def type(self) -> str:
+        return self._state.type
+
+    def done(self) -> bool:
+        """Whether the computation finished, erred or was cancelled."""
+        return self._state.done()
+
+    def cancelled(self) -> bool:
+        return self._state.status == "cancelled"
+
+    def result(self, timeout: float | None = None):
+        """The value (fetched straight from a worker that holds it).
+
+        Raises:
+            the task's own exception, with the remote traceback as its cause;
+            ``concurrent.futures.CancelledError`` if cancelled;
+            ``TimeoutError`` after ``timeout`` seconds.
+        """
+        if self.client.asynchronous:
+            return self._result(timeout)
+        return self.client.sync(self._result, timeout)
+
+    async def _result(self, timeout: float | None = None):
+        st = self._state
+        while True:
+            await st.wait(timeout)
+            if st.status != "finished":
+                st.raise_exception(self.key)
+            data = await self.client._gather_keys([self.key])
+            if self.key in data:
+                return data[self.key]
+            # Lost while we fetched it: the scheduler recomputes it.
+
+    def __await__(self):
+        return self._result().__await__()
+
+    def exception(self, timeout: float | None = None):
+        """The task's exception, or ``None`` if it succeeded."""
+        if self.client.asynchronous:
+            return self._exception(timeout)
+        return self.client.sync(self._exception, timeout)
+
+    async def _exception(self, timeout: float | None = None):
+        await self._state.wait(timeout)
+        if self._state.status == "cancelled":
+            raise FutureCancelledError(self.key)
+        return self._state.exception if self._state.status == "error" else None
+
+    def traceback(self, timeout: float | None = None) -> str | None:
+        """The remote traceback text of a failed task (``None`` if it succeeded)."""
+        if self.client.asynchronous:
+            return self._traceback(timeout)
+        return self.client.sync(self._traceback, timeout)
+
+    async def _traceback(self, timeout: float | None = None):
+        await self._state.wait(timeout)
+        return self._state.traceback if self._state.status == "error" else None
+
+    def cancel(self, force: bool = False):
+        """Cancel this future (and what depends on it)."""
+        return self.client.cancel([self], force=force)
+
+    def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
+        """Call ``fn(self)`` once the future is done (in a separate thread)."""
+        client = self.client
+
+        def run() -> None:
+            client._run_callback(fn, self)
+
+        def register() -> None:
+            if self._state.done():
+                run()
+            else:
+                self._state.callbacks.append(run)
+
+        client._on_loop(register)
+
+    async def _wait(self, timeout: float | None = None) -> None:
+        await self._state.wait(timeout)
+
+
+def _unpack_futures(fs) -> list[Future]:
+    if isinstance(fs, Future):
+        return [fs]
+    if isinstance(fs, dict):
+        fs = fs.values()
+    out = []
+    for f in fs:
+        if not isinstance(f, Future):
+            raise TypeError(f"expected Futures, got {type(f).__name__}")
+        out.append(f)
+    return out
+
+
+def wait(fs, timeout: float | None = None, return_when: str = ALL_COMPLETED) -> DoneAndNotDoneFutures:
+    """Wait until the futures are done (``ALL_COMPLETED``, ``FIRST_COMPLETED`` or ``FIRST_EXCEPTION``).
+
+    Returns:
+        ``(done, not_done)`` sets, as :func:`concurrent.futures.wait` does.
+
+    Raises:
+        TimeoutError: if ``timeout`` passes first (like ``dask.distributed.wait``).
+        ValueError: for an unknown ``return_when``.
+    """
+    futures = _unpack_futures(fs)
+    if return_when not in (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION):
+        raise ValueError(f"return_when={return_when!r}: accepted values are "
+                         "ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION")
+    if not futures:
+        return DoneAndNotDoneFutures(set(), set())
+    client = futures[0].client
+    if client.asynchronous:
+        return _wait(futures, timeout, return_when)
+    return client.sync(_wait, futures, timeout, return_when)
+
+
+async def _wait(futures: list[Future], timeout: float | None, return_when: str) -> DoneAndNotDoneFutures:
+    async def all_done() -> None:
+        for f in futures:
+            await f._state.wait()
+
+    async def first(which: str) -> None:
+        pending = {asyncio.ensure_future(f._state.wait()): f for f in futures if not f.done()}
+        if any(f.done() and (which == FIRST_COMPLETED or f.status == "error") for f in futures):
+            for t in pending:
+                t.cancel()
+            return
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    f = pending.pop(t)
+                    if which == FIRST_COMPLETED or f.status == "error":
+                        return
+        finally:
+            for t in pending:
+                t.cancel()
+
+    coro = all_done() if return_when == ALL_COMPLETED else first(return_when)
+    try:
+        await asyncio.wait_for(coro, timeout)
+    except asyncio.TimeoutError:
+        raise ClusterTimeoutError(f"futures not done within {timeout}s") from None
+    done = {f for f in futures if f.done()}
+    return DoneAndNotDoneFutures(done, set(futures) - done)
+
+
+class as_completed:
+    """Iterate over futures in the order they complete (sync ``for`` or ``async for``).
+
+    Args:
+        futures: futures to watch (more can be added with :meth:`add`).
+        with_results: yield ``(future, result)`` pairs instead of futures.
+        raise_errors: with ``with_results``, raise a failed task's exception.
+    """
+
+    def __init__(self, futures: Iterable[Future] = (), loop=None, with_results: bool = False,
+                 raise_errors: bool = True):
+        self.with_results = with_results
+        self.raise_errors = raise_errors
+        self._lock = threading.Condition()
+        self._done: deque[Future] = deque()
+        self._pending: set[Future] = set()
+        self._async_event: asyncio.Event | None = None
+        self._client: Client | None = None
+        for f in futures:
+            self.add(f)
+
+    def add(self, future: Future) -> None:
+        """Watch one more future."""
+        self._client = future.client
+        with self._lock:
+            self._pending.add(future)
+        client = future.client
+        st = future._state
+
+        def on_done() -> None:
+            with self._lock:
+                if future in self._pending:
+                    self._pending.discard(future)
+                    self._done.append(future)
+                    self._lock.notify_all()
+            if self._async_event is not None:
+                self._async_event.set()
+
+        def register() -> None:
+            if st.done():
+                on_done()
+            else:
+                st.callbacks.append(on_done)
+
+        client._on_loop(register)
+
+    def update(self, futures: Iterable[Future]) -> None:
+        for f in futures:
+            self.add(f)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._pending) + len(self._done)
+
+    def is_empty(self) -> bool:
+        return self.count() == 0
+
+    def has_ready(self) -> bool:
+        with self._lock:
+            return bool(self._done)
+
+    def _result_of(self, f: Future):
+        if not self.with_results:
+            return f
+        if f.status == "error" and not self.raise_errors:
+            return f, f._state.exception
+        return f, f.result()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self._lock:
+            while not self._done:
+                if not self._pending:
+                    raise StopIteration
+                self._lock.wait(0.5)
+            f = self._done.popleft()
+        return self._result_of(f)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._async_event is None:
+            self._async_event = asyncio.Event()
+        while True:
+            with self._lock:
+                if self._done:
+                    f = self._done.popleft()
+                    break
+                if not self._pending:
+                    raise StopAsyncIteration
+                self._async_event.clear()
+            await self._async_event.wait()
+        if not self.with_results:
+            return f
+        if f.status == "error" and not self.raise_errors:
+            return f, f._state.exception
+        return f, await f._result()
+
+    def next_batch(self, block: bool = True) -> list:
+        """Everything completed so far (waiting for at least one if ``block``)."""
+        out = []
+        if block:
+            try:
+                out.append(next(self))
+            except StopIteration:
+                return out
+        with self._lock:
+            batch = list(self._done)
+            self._done.clear()
+        out.extend(self._result_of(f) for f in batch)
+        return out
+
+    def batches(self):
+        while True:
+            batch = self.next_batch(block=True)
+            if not batch:
+                return
+            yield batch

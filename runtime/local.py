@@ -1,0 +1,244 @@
+"""LocalCluster: a scheduler and workers on this machine.
+
+The scheduler runs in this process; workers run in child processes
+(``processes=True``, the default, one per core with one thread each) or as
+``Worker`` objects on the same event loop (``processes=False``).  It listens on
+loopback unless given another host or interface, so that nobody else on a
+shared login node can reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from contextlib import suppress
+from typing import Any
+
+from .errors import ClusterTimeoutError
+from .loop import loop_runner, sync
+from .process import WorkerProcess
+from .scheduler import Scheduler
+from .worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+class LocalCluster:
+    """A scheduler and ``n_workers`` workers on this machine.
+
+    Args:
+        n_workers: number of workers (default: one per core with processes,
+            else one).
+        threads_per_worker: threads per worker (default: cores / workers).
+        processes: workers in child processes (True) or in this process.
+        host: where the scheduler listens (default ``127.0.0.1``).
+        scheduler_port: port of the scheduler (0: any free port).
+        interface: listen on this network interface's address instead.
+        protocol: ``"tcp"`` or ``"inproc"`` (``inproc`` needs ``processes=False``).
+        memory_limit: per-worker memory limit (see ``Worker``).
+        asynchronous: use the running event loop; ``await`` the cluster.
+        validate: turn on state validation in the scheduler and workers.
+        scheduler_kwargs: more keyword arguments for ``Scheduler``.
+        **worker_kwargs: more keyword arguments for each ``Worker``.
+
+    Raises:
+        ValueError: an option has a value we cannot use, named in the message.
+    """
+
+    def __init__(self, n_workers: int | None = None, threads_per_worker: int | None = None,
+                 processes: bool = True, loop=None, start=None, host: str | None = None,
+                 ip: str | None = None, scheduler_port: int = 0, silence_logs=None,
+                 dashboard_address=None, worker_dashboard_address=None, diagnostics_port=None,
+                 services=None, worker_services=None, service_kwargs=None,
+                 asynchronous: bool = False, security=None, protocol: str | None = None,
+                 blocked_handlers=None, interface: str | None = None, worker_class=None,
+                 scheduler_kwargs: dict | None = None, scheduler_sync_interval=1,
+                 memory_limit: Any = "auto", validate: bool = False, **worker_kwargs):
+        if security not in (None, False):
+            raise ValueError("security: TLS is not supported by this version; pass security=None")
+        if protocol not in (None, "tcp", "inproc"):
+            raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp' and 'inproc'")
+        if protocol == "inproc" and processes:
+            raise ValueError("protocol='inproc' needs processes=False")
+        cores = os.cpu_count() or 1
+        if n_workers is None and threads_per_worker is None:
+            if processes:
+                n_workers = cores
+                threads_per_worker = 1
+            else:
+                n_workers, threads_per_worker = 1, cores
+        elif n_workers is None:
+            n_workers = max(1, math.ceil(cores / threads_per_worker))
+        elif threads_per_worker is None:
+            threads_per_worker = max(1, cores // max(n_workers, 1))
+        if not isinstance(n_workers, int) or n_workers < 0:
+            raise ValueError(f"n_workers={n_workers!r}: expected a non-negative integer")
+        if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker={threads_per_worker!r}: expected a positive integer")
+        self.n_workers = n_workers
+        self.threads_per_worker = threads_per_worker
+        self.processes = processes
+        self.asynchronous = asynchronous
+        self.validate = validate
+        self.host = host or ip
+        self.interface = interface
+        self.protocol = protocol
+        self.scheduler_port = scheduler_port
+        self.memory_limit = memory_limit
+        self.scheduler_kwargs = dict(scheduler_kwargs or {})
+        self.worker_kwargs = worker_kwargs
+        self.scheduler: Scheduler | None = None
+        self.workers: dict[Any, Worker | WorkerProcess] = {}
+        self._next_name = 0
+        self.status = "created"
+        self.loop = None
+        self._uses_runner = False
+        if not asynchronous:
+            self.loop = loop_runner.acquire()
+            self._uses_runner = True
+            try:
+                sync(self.loop, self._start)
+            except BaseException:
+                with suppress(Exception):
+                    sync(self.loop, self._close)
+                self._release_loop()
+                raise
+
+    def _release_loop(self) -> None:
+        if self._uses_runner:
+            self._uses_runner = False
+            loop_runner.release()
+
+    def __await__(self):
+        return self._start().__await__()
+
+    async def __aenter__(self):
+        await self
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"LocalCluster({self.scheduler_address!r}, workers={len(self.workers)}, "
+                f"threads_per_worker={self.threads_per_worker}, processes={self.processes})")
+
+    @property
+    def scheduler_address(self) -> str | None:
+        return self.scheduler.address if self.scheduler is not None and self.scheduler.listeners else None
+
+    async def _start(self):
+        if self.status == "running":
+            return self
+        self.status = "starting"
+        self.loop = asyncio.get_running_loop()
+        kwargs = {"host": self.host, "interface": self.interface, "port": self.scheduler_port,
+                  "protocol": self.protocol, "validate": self.validate, **self.scheduler_kwargs}
+        self.scheduler = await Scheduler(**kwargs)
+        await self._scale(self.n_workers)
+        self.status = "running"
+        return self
+
+    def _worker_options(self, name: Any) -> dict:
+        return {"nthreads": self.threads_per_worker, "name": name, "memory_limit": self.memory_limit,
+                "validate": self.validate, **self.worker_kwargs}
+
+    async def _scale(self, n: int, timeout: float = 60.0) -> None:
+        started = []
+        while len(self.workers) < n:
+            name = self._next_name
+            self._next_name += 1
+            opts = self._worker_options(name)
+            if self.processes:
+                w = WorkerProcess(self.scheduler.address, opts)
+                started.append(w.start())
+            else:
+                w = Worker(self.scheduler.address, **opts)
+                started.append(w._start())
+            self.workers[name] = w
+        if started:
+            await asyncio.gather(*started)
+            await self._wait_for_names(set(self.workers), timeout)
+        if len(self.workers) > n:
+            doomed = sorted(self.workers, key=str)[n:]
+            await asyncio.gather(*(self._stop_worker(name) for name in doomed))
+
+    async def _wait_for_names(self, names: set, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            registered = {ws.name for ws in self.scheduler.state.workers.values()}
+            if names <= registered:
+                return
+            dead = [nm for nm, w in self.workers.items()
+                    if isinstance(w, WorkerProcess) and not w.is_alive()]
+            if dead:
+                raise RuntimeError(f"worker processes {dead} exited before registering")
+            if time.monotonic() > deadline:
+                raise ClusterTimeoutError(f"workers {sorted(names - registered, key=str)} did not register within {timeout}s")
+            await asyncio.sleep(0.02)
+
+    async def _stop_worker(self, name: Any) -> None:
+        w = self.workers.pop(name)
+        address = next((a for a, ws in self.scheduler.state.workers.items() if ws.name == name), None)
+        if isinstance(w, WorkerProcess):
+            if address is not None:
+                await self.scheduler.remove_worker(address, safe=True, close=True)
+            await w.close()
+        else:
+            await w.close()
+
+    def scale(self, n: int):
+        """Run ``n`` workers: start new ones or stop the most recently started."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"scale(n={n!r}): expected a non-negative integer")
+        self.n_workers = n
+        if self.asynchronous:
+            return self._scale(n)
+        return sync(self.loop, self._scale, n)
+
+    def wait_for_workers(self, n_workers: int, timeout: float | None = None):
+        """Wait until ``n_workers`` workers are registered with the scheduler."""
+        async def waiter():
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while len(self.scheduler.state.workers) < n_workers:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ClusterTimeoutError(f"{n_workers} workers not there after {timeout}s")
+                await asyncio.sleep(0.02)
+
+        return waiter() if self.asynchronous else sync(self.loop, waiter)
+
+    def close(self, timeout: float | None = None):
+        """Stop the workers and the scheduler."""
+        if self.asynchronous:
+            return self._close()
+        if self.status == "closed":
+            return None
+        try:
+            sync(self.loop, self._close, timeout=timeout)
+        finally:
+            self._release_loop()
+        return None
+
+    async def _close(self) -> None:
+        if self.status == "closed":
+            return
+        self.status = "closing"
+        await asyncio.gather(*(self._stop_worker(name) for name in list(self.workers)),
+                             return_exceptions=True)
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        self.status = "closed"
+
+    def __del__(self) -> None:
+        if getattr(self, "status", "closed") != "closed" and not self.asynchronous and self.loop is not None:
+            with suppress(Exception):
+                self.close(timeout=10)

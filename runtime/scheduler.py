@@ -1,0 +1,731 @@
+"""The Scheduler server: IO around :class:`SchedulerState`.
+
+Theory of operation
+-------------------
+Workers and clients each keep one long-lived *stream* connection to the
+scheduler; everything else is request/reply RPC.  Incoming stream messages are
+turned into calls on the pure :class:`SchedulerState`; the instructions it
+returns are routed to the right worker's or client's :class:`BatchedSend`.
+Task recipes arrive from clients as bytes and are forwarded to workers without
+being unpickled here.  A worker whose stream breaks is removed at once (its
+tasks are rescheduled), not after a heartbeat timeout; ``worker_ttl`` catches
+workers that hang without closing their connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pickle
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Hashable, Iterable
+from contextlib import suppress
+from typing import Any
+
+from .comm.serialize import box_large
+from .core import BatchedSend, Server, Status
+from .errors import CommClosedError, CommError
+from .scheduler_state import SchedulerState, TaskState, WorkerState
+from .statemachine import Msg
+from .utils import get_ip_interface, parse_timedelta, unparse_host_port
+
+logger = logging.getLogger(__name__)
+
+Key = Hashable
+
+
+class Scheduler(Server):
+    """Dynamic distributed task scheduler.
+
+    Args:
+        loop: ignored (the running asyncio loop is used); kept for compatibility.
+        allowed_failures: worker deaths a task may cause before it fails
+            with ``KilledWorker`` (default 3).
+        validate: check every state invariant after each step.
+        scheduler_file: path of a JSON file, written atomically once we
+            listen and removed on close, that tells workers and clients where
+            we are.
+        worker_ttl: remove a worker not heard from for this long (``"60s"``).
+        idle_timeout: close after this long with no work (``"1h"``).
+        interface: listen on this network interface's address (``"ib0"``).
+        host: listen on this host (default ``127.0.0.1``: loopback only).
+        port: port to listen on (0: any free port).
+        protocol: ``"tcp"`` (default) or ``"inproc"``.
+        dashboard_address: reserved for the status page (not served yet).
+        security: reserved for TLS (not supported yet; must be ``None``).
+
+    Raises:
+        ValueError: an option has a value we cannot use, named in the message.
+    """
+
+    default_port = 8786
+
+    def __init__(self, loop=None, delete_interval="500ms", synchronize_worker_interval="60s",
+                 services=None, service_kwargs=None, allowed_failures: int | None = None,
+                 extensions=None, validate: bool = False, scheduler_file: str | None = None,
+                 security=None, worker_ttl=None, idle_timeout=None, interface: str | None = None,
+                 host: str | None = None, port: int = 0, protocol: str | None = None,
+                 dashboard_address=None, preload=None, preload_argv=(), **kwargs):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"Scheduler() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+        if security not in (None, False):
+            raise ValueError("security: TLS is not supported by this version; pass security=None")
+        if protocol not in (None, "tcp", "inproc"):
+            raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp' and 'inproc'")
+        if allowed_failures is not None and (not isinstance(allowed_failures, int) or allowed_failures < 0):
+            raise ValueError(f"allowed_failures={allowed_failures!r}: expected a non-negative integer")
+        self.state = SchedulerState(validate=validate,
+                                    allowed_failures=3 if allowed_failures is None else allowed_failures)
+        self.validate = validate
+        self.scheduler_file = scheduler_file
+        self.worker_ttl = parse_timedelta(worker_ttl)
+        self.idle_timeout = parse_timedelta(idle_timeout)
+        self.interface = interface
+        self.host = host
+        self.port = port
+        self.protocol = protocol or "tcp"
+        self.dashboard_address = dashboard_address
+        self.services: dict[str, int] = {}
+        self.id = f"Scheduler-{uuid.uuid4()}"
+        self.stream_comms: dict[str, BatchedSend] = {}
+        self.client_comms: dict[str, BatchedSend] = {}
+        self.plugins: dict[str, Any] = {}
+        self.time_started = time.time()
+        self._last_activity = time.monotonic()
+        self._stimulus_counter = 0
+        self.handlers.update({
+            "gather": self.gather,
+            "scatter": self.scatter,
+            "update_data": self.update_data,
+            "who_has": self.get_who_has,
+            "has_what": self.get_has_what,
+            "ncores": self.get_nthreads,
+            "nthreads": self.get_nthreads,
+            "broadcast": self.broadcast,
+            "run_function": self.run_function,
+            "cancel": self.stimulus_cancel,
+            "close": self.close,
+            "story": self.story,
+            "identity": self.identity,
+            "scheduler_info": self.identity,
+            "unregister": self.remove_worker,
+            "heartbeat_worker": self.heartbeat_worker,
+        })
+        self.stream_handlers.update({
+            "register-worker": self.add_worker,
+            "register-client": self.add_client,
+        })
+        self.worker_ops = {
+            "task-finished": self._on_task_finished,
+            "task-erred": self._on_task_erred,
+            "add-keys": self._on_add_keys,
+            "missing-data": self._on_missing_data,
+            "release-worker-data": self._on_release_worker_data,
+            "reschedule": self._on_reschedule,
+            "long-running": self._on_long_running,
+            "heartbeat": self._on_heartbeat,
+            "worker-closing": self._on_worker_closing,
+        }
+        self.client_ops = {
+            "update-graph": self._on_update_graph,
+            "client-releases-keys": self._on_client_releases_keys,
+            "close-client": None,
+            "heartbeat-client": self._on_client_heartbeat,
+        }
+
+    # ------------------------------------------------------------------ state passthrough
+
+    @property
+    def tasks(self) -> dict[Key, TaskState]:
+        return self.state.tasks
+
+    @property
+    def workers(self) -> dict[str, WorkerState]:
+        return self.state.workers
+
+    @property
+    def clients(self):
+        return self.state.clients
+
+    @property
+    def unrunnable(self):
+        return self.state.unrunnable
+
+    @property
+    def idle(self):
+        return self.state.idle
+
+    @property
+    def saturated(self):
+        return self.state.saturated
+
+    @property
+    def host_info(self):
+        return self.state.host_info
+
+    @property
+    def task_duration(self):
+        return self.state.task_duration
+
+    def decide_worker(self, ts: TaskState) -> WorkerState | None:
+        return self.state.decide_worker(ts)
+
+    def worker_objective(self, ts: TaskState, ws: WorkerState) -> tuple:
+        return self.state.worker_objective(ts, ws)
+
+    def valid_workers(self, ts: TaskState):
+        return self.state.valid_workers(ts)
+
+    def get_task_duration(self, ts: TaskState, default: float = 0.5) -> float:
+        return self.state.get_task_duration(ts, default)
+
+    def get_comm_cost(self, ts: TaskState, ws: WorkerState) -> float:
+        return self.state.get_comm_cost(ts, ws)
+
+    def check_idle_saturated(self, ws: WorkerState, occ: float | None = None) -> None:
+        self.state.check_idle_saturated(ws)
+
+    def transition(self, key: Key, finish: str, *args, **kwargs) -> dict:
+        """Move one task and return the follow-up recommendations (not yet carried out)."""
+        recs = self.state.transition(key, finish, self._stimulus("transition"), **kwargs)
+        self._send(self.state._instructions)
+        self.state._instructions = []
+        return recs
+
+    def transitions(self, recommendations: dict) -> None:
+        """Carry out recommendations until none are left, sending what results."""
+        self._send(self.state.transitions(recommendations, self._stimulus("transitions")))
+
+    def story(self, *keys: Key, keys_list: Iterable[Key] | None = None) -> list[tuple]:
+        """Every transition recorded for ``keys``."""
+        if keys_list is not None:
+            keys = (*keys, *keys_list)
+        return self.state.story(*keys)
+
+    transition_story = story
+
+    def _stimulus(self, name: str) -> str:
+        self._stimulus_counter += 1
+        return f"{name}-{self._stimulus_counter}"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start_unsafe(self) -> None:
+        host = self.host
+        if self.interface:
+            host = get_ip_interface(self.interface)
+        if host is None:
+            host = "127.0.0.1"
+        if self.protocol == "inproc":
+            address = "inproc://"
+        else:
+            address = f"{self.protocol}://{unparse_host_port(host, self.port or 0)}"
+        await self.listen(address)
+        logger.info("Scheduler at %s", self.address)
+        if self.scheduler_file:
+            self._write_scheduler_file()
+        self.spawn(self._periodic_checks())
+
+    def _write_scheduler_file(self) -> None:
+        path = os.path.abspath(self.scheduler_file)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.identity(), f, indent=2, default=str)
+        os.replace(tmp, path)
+
+    async def _periodic_checks(self) -> None:
+        interval = 0.5
+        if self.worker_ttl:
+            interval = min(interval, self.worker_ttl / 4)
+        while self.status == Status.running:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            if self.worker_ttl:
+                for ws in list(self.state.workers.values()):
+                    if now - ws.last_seen > self.worker_ttl:
+                        logger.warning("worker %s missed its heartbeat for %.1fs; removing it",
+                                       ws.address, now - ws.last_seen)
+                        await self.remove_worker(ws.address, stimulus_id=self._stimulus("worker-ttl"))
+            if self.idle_timeout:
+                busy = (any(ws.processing for ws in self.state.workers.values())
+                        or self.state.unrunnable or any(ts.state == "queued" for _, _, ts in self.state.queued))
+                if busy:
+                    self._last_activity = now
+                elif now - self._last_activity > self.idle_timeout:
+                    logger.info("scheduler idle for %.0fs; closing", self.idle_timeout)
+                    self.spawn(self.close())
+                    return
+
+    async def close(self, fast: bool = False, close_workers: bool = False) -> None:
+        """Close the scheduler (and, with ``close_workers``, its workers)."""
+        if self.status in (Status.closing, Status.closed):
+            await self.finished()
+            return
+        self.status = Status.closing
+        if close_workers:
+            for bs in list(self.stream_comms.values()):
+                with suppress(CommClosedError):
+                    bs.send({"op": "close", "reason": "scheduler-close"})
+            await asyncio.gather(*(bs.flush(2.0) for bs in self.stream_comms.values()),
+                                 return_exceptions=True)
+        for bs in list(self.client_comms.values()):
+            with suppress(CommClosedError):
+                bs.send({"op": "scheduler-closing"})
+        await asyncio.gather(*(bs.flush(1.0) for bs in self.client_comms.values()), return_exceptions=True)
+        for bs in list(self.stream_comms.values()) + list(self.client_comms.values()):
+            bs.abort()
+        await self._close_listeners_and_comms()
+        if self.scheduler_file:
+            with suppress(FileNotFoundError):
+                os.remove(self.scheduler_file)
+        self._mark_closed()
+
+    # ------------------------------------------------------------------ routing
+
+    def _send(self, instructions: list[Msg]) -> None:
+        per_worker: dict[str, list] = defaultdict(list)
+        per_client: dict[str, list] = defaultdict(list)
+        for msg in instructions:
+            if msg.route == "worker":
+                per_worker[msg.worker].append(msg.to_wire())
+            elif msg.route == "client":
+                per_client[msg.client].append(msg.to_wire())
+            else:  # pragma: no cover
+                logger.error("unroutable instruction %r", msg)
+        for addr, msgs in per_worker.items():
+            bs = self.stream_comms.get(addr)
+            if bs is not None and not bs.closed:
+                bs.send(*msgs)
+        for client, msgs in per_client.items():
+            bs = self.client_comms.get(client)
+            if bs is not None and not bs.closed:
+                bs.send(*msgs)
+
+    def report(self, msg: dict, ts: TaskState | None = None, client: str | None = None) -> None:
+        """Send ``msg`` to the clients that want ``ts`` (or to ``client``, or to all)."""
+        if client is not None:
+            targets = [client]
+        elif ts is not None:
+            targets = [cs.client_key for cs in ts.who_wants]
+        else:
+            targets = list(self.client_comms)
+        for c in targets:
+            bs = self.client_comms.get(c)
+            if bs is not None and not bs.closed:
+                bs.send(msg)
+
+    def worker_send(self, worker: str, msg: dict) -> None:
+        """Send a message on a worker's stream; a broken stream removes the worker."""
+        bs = self.stream_comms.get(worker)
+        if bs is None:
+            return
+        try:
+            bs.send(msg)
+        except CommClosedError:
+            self.spawn(self.remove_worker(worker, stimulus_id=self._stimulus("worker-send-failed")))
+
+    # ------------------------------------------------------------------ workers
+
+    async def add_worker(self, comm, address: str, nthreads: int = 1, name: Any = None,
+                         memory_limit: int = 0, resources: dict | None = None, host: str = "",
+                         pid: int = 0, nanny: str | None = None, local_directory: str = "",
+                         services: dict | None = None, keys: Iterable[Key] = (),
+                         nbytes: dict | None = None, **extra) -> None:
+        """Register a worker and serve its stream until it goes away."""
+        if self.status != Status.running:
+            await comm.write(("error", CommClosedError("scheduler is closing"), ""))
+            return
+        stimulus_id = self._stimulus("add-worker")
+        try:
+            instrs = self.state.add_worker(address, nthreads, name, memory_limit, resources, host,
+                                           pid, nanny, local_directory, services, keys, nbytes,
+                                           stimulus_id=stimulus_id)
+        except ValueError as e:
+            await comm.write(("error", e, ""))
+            return
+        await comm.write(("OK", {"status": "OK", "scheduler": self.id, "time": time.time()}))
+        bs = BatchedSend(comm, name=f"Scheduler->Worker {address}")
+        self.stream_comms[address] = bs
+        logger.info("register worker %s (name=%r, nthreads=%d)", address, name, nthreads)
+        self._send(instrs)
+        await self._serve_stream(comm, self.worker_ops, worker=address)
+        if self.state.workers.get(address) is not None and self.stream_comms.get(address) is bs:
+            await self.remove_worker(address, stimulus_id=self._stimulus("worker-stream-closed"))
+
+    async def _serve_stream(self, comm, ops: dict, **extra) -> None:
+        peer = comm.peer_address
+        while self.status == Status.running:
+            try:
+                batch = await comm.read()
+            except CommClosedError:
+                return
+            except CommError as e:
+                logger.warning("closing stream from %s: %s", peer, e)
+                return
+            if not isinstance(batch, list):
+                logger.warning("closing stream from %s: expected a list of messages", peer)
+                return
+            for msg in batch:
+                op = msg.pop("op", None) if isinstance(msg, dict) else None
+                if op not in ops:
+                    logger.warning("closing stream from %s: unknown operation %r", peer, op)
+                    return
+                handler = ops[op]
+                if handler is None:  # close request
+                    return
+                try:
+                    handler(**msg, **extra)
+                except Exception:
+                    logger.exception("error handling %r from %s", op, peer)
+                    if self.validate:
+                        raise
+
+    async def remove_worker(self, address: str, safe: bool = False, close: bool = True,
+                            stimulus_id: str | None = None) -> str:
+        """Remove a worker; its running tasks go elsewhere, data only it held is recomputed."""
+        if address not in self.state.workers:
+            return "already-removed"
+        logger.info("remove worker %s", address)
+        instrs = self.state.remove_worker(address, stimulus_id or self._stimulus("remove-worker"), safe=safe)
+        bs = self.stream_comms.pop(address, None)
+        if bs is not None:
+            if close:
+                with suppress(CommClosedError):
+                    bs.send({"op": "close", "reason": "scheduler-remove-worker"})
+                await bs.flush(1.0)
+            bs.abort()
+        self._send(instrs)
+        return "OK"
+
+    def close_worker(self, worker: str, stimulus_id: str | None = None) -> None:
+        """Ask a worker to close itself."""
+        self.worker_send(worker, {"op": "close", "reason": "scheduler-close-worker"})
+
+    def heartbeat_worker(self, address: str, metrics: dict | None = None) -> dict:
+        known = self.state.worker_heartbeat(address, metrics)
+        return {"status": "OK" if known else "missing"}
+
+    def _on_heartbeat(self, worker: str, metrics: dict | None = None) -> None:
+        self.state.worker_heartbeat(worker, metrics)
+
+    def _on_worker_closing(self, worker: str, reason: str = "") -> None:
+        self.spawn(self.remove_worker(worker, safe=True, close=False,
+                                      stimulus_id=self._stimulus("worker-closing")))
+
+    def _on_task_finished(self, worker: str, key: Key, nbytes: int = -1, type: str = "",
+                          startstops=(), stimulus_id: str = "") -> None:
+        self.state.workers.get(worker) and self.state.worker_heartbeat(worker)
+        self._send(self.state.stimulus_task_finished(key, worker, nbytes, type, startstops,
+                                                     stimulus_id=self._stimulus("task-finished")))
+
+    def _on_task_erred(self, worker: str, key: Key, exception=None, traceback: str = "",
+                       startstops=(), stimulus_id: str = "") -> None:
+        self._send(self.state.stimulus_task_erred(key, worker, exception, traceback, startstops,
+                                                  stimulus_id=self._stimulus("task-erred")))
+
+    def _on_add_keys(self, worker: str, keys=(), stimulus_id: str = "") -> None:
+        self._send(self.state.add_keys(worker, keys, self._stimulus("add-keys")))
+
+    def add_keys(self, worker: str, keys: Iterable[Key] = ()) -> str:
+        """Learn that ``worker`` holds ``keys``."""
+        self._send(self.state.add_keys(worker, keys, self._stimulus("add-keys")))
+        return "OK"
+
+    def _on_missing_data(self, worker: str, key: Key, errant_worker: str | None = None, stimulus_id: str = "") -> None:
+        self._send(self.state.stimulus_missing_data(key, errant_worker, worker, self._stimulus("missing-data")))
+
+    def stimulus_missing_data(self, key: Key, errant_worker: str | None = None, worker: str | None = None) -> None:
+        """Mark that ``key`` could not be found where expected.  Recover."""
+        self._send(self.state.stimulus_missing_data(key, errant_worker, worker, self._stimulus("missing-data")))
+
+    def _on_release_worker_data(self, worker: str, key: Key, stimulus_id: str = "") -> None:
+        self._send(self.state.release_worker_data(key, worker, self._stimulus("release-worker-data")))
+
+    def _on_reschedule(self, worker: str, key: Key, stimulus_id: str = "") -> None:
+        self.reschedule(key, worker)
+
+    def reschedule(self, key: Key | None = None, worker: str | None = None) -> None:
+        """Place a processing task again, e.g. after it raised ``Reschedule``."""
+        self._send(self.state.reschedule(key, worker, self._stimulus("reschedule")))
+
+    def _on_long_running(self, worker: str, key: Key, compute_duration: float | None = None, stimulus_id: str = "") -> None:
+        self.handle_long_running(key, worker, compute_duration)
+
+    def handle_long_running(self, key: Key | None = None, worker: str | None = None,
+                            compute_duration: float | None = None) -> None:
+        """A task seceded from its worker's thread pool."""
+        self._send(self.state.handle_long_running(key, worker, compute_duration, self._stimulus("long-running")))
+
+    def stimulus_task_finished(self, key: Key | None = None, worker: str | None = None, **kwargs) -> None:
+        """Mark that a task finished on a worker."""
+        self._on_task_finished(worker, key, **kwargs)
+
+    def stimulus_task_erred(self, key: Key | None = None, worker: str | None = None, exception=None,
+                            traceback: str = "", **kwargs) -> None:
+        """Mark that a task erred on a worker."""
+        self._on_task_erred(worker, key, exception, traceback)
+
+    # ------------------------------------------------------------------ clients
+
+    async def add_client(self, comm, client: str, **kwargs) -> None:
+        """Register a client and serve its stream until it goes away."""
+        if self.status != Status.running:
+            await comm.write(("error", CommClosedError("scheduler is closing"), ""))
+            return
+        self.state.add_client(client)
+        await comm.write(("OK", {"status": "OK", "scheduler": self.id}))
+        bs = BatchedSend(comm, name=f"Scheduler->Client {client}")
+        self.client_comms[client] = bs
+        logger.info("register client %s", client)
+        try:
+            await self._serve_stream(comm, self.client_ops, client=client)
+        finally:
+            if self.client_comms.get(client) is bs:
+                del self.client_comms[client]
+                self.remove_client(client)
+            bs.abort()
+
+    def remove_client(self, client: str | None = None) -> None:
+        """Forget a client; the keys only it wanted are released."""
+        self._send(self.state.remove_client(client, self._stimulus("remove-client")))
+
+    def client_releases_keys(self, keys: Iterable[Key] | None = None, client: str | None = None) -> None:
+        """Remove keys from a client's desired set."""
+        self._send(self.state.client_releases_keys(keys or (), client, self._stimulus("client-releases-keys")))
+
+    def client_heartbeat(self, client: str | None = None) -> None:
+        cs = self.state.clients.get(client)
+        if cs is not None:
+            cs.last_seen = self.state.clock()
+
+    def _on_client_heartbeat(self, client: str) -> None:
+        self.client_heartbeat(client)
+
+    def _on_client_releases_keys(self, client: str, keys=()) -> None:
+        self.client_releases_keys(keys, client)
+
+    def _on_update_graph(self, client: str, **kwargs) -> None:
+        self.update_graph(client, **kwargs)
+
+    def update_graph(self, client: str | None = None, tasks: dict | None = None, keys: Iterable[Key] = (),
+                     dependencies: dict | None = None, restrictions: dict | None = None,
+                     priority=None, loose_restrictions=(), resources: dict | None = None,
+                     submitting_task=None, retries: dict | None = None, user_priority=0,
+                     actors=None, fifo_timeout=0) -> None:
+        """Add new computations from a client."""
+        self._last_activity = time.monotonic()
+        self._send(self.state.update_graph(
+            client, tasks or {}, keys, dependencies=dependencies, restrictions=restrictions,
+            loose_restrictions=loose_restrictions, resources=resources, retries=retries,
+            user_priority=user_priority, stimulus_id=self._stimulus("update-graph"),
+        ))
+
+    def stimulus_cancel(self, keys: Iterable[Key] = (), client: str = "", force: bool = False) -> str:
+        """Stop computing ``keys`` for ``client``."""
+        self._send(self.state.stimulus_cancel(keys, client, force, self._stimulus("cancel")))
+        return "OK"
+
+    def cancel_key(self, key: Key, client: str, retries: int = 5, force: bool = False) -> None:
+        """Cancel one key and everything that depends on it."""
+        self._send(self.state.cancel_key(key, client, force, self._stimulus("cancel")))
+
+    # ------------------------------------------------------------------ data
+
+    def get_who_has(self, keys: Iterable[Key] | None = None) -> dict:
+        tasks = self.state.tasks
+        if keys is None:
+            keys = list(tasks)
+        return {k: [ws.address for ws in tasks[k].who_has] if k in tasks else [] for k in keys}
+
+    def get_has_what(self, workers: Iterable[str] | None = None) -> dict:
+        wss = self.state.workers
+        if workers is None:
+            workers = list(wss)
+        return {w: [ts.key for ts in wss[w].has_what] if w in wss else [] for w in workers}
+
+    def get_nthreads(self, workers: Iterable[str] | None = None) -> dict:
+        wss = self.state.workers
+        if workers is None:
+            return {a: ws.nthreads for a, ws in wss.items()}
+        return {w: wss[w].nthreads for w in workers if w in wss}
+
+    async def gather(self, keys: Iterable[Key] = (), serializers=None) -> dict:
+        """Collect data for ``keys`` from the workers that hold them (through us)."""
+        keys = list(keys)
+        who_has = self.get_who_has(keys)
+        by_worker: dict[str, list] = defaultdict(list)
+        missing = []
+        for k in keys:
+            if who_has[k]:
+                by_worker[who_has[k][0]].append(k)
+            else:
+                missing.append(k)
+        data: dict = {}
+
+        async def fetch(addr: str, ks: list) -> None:
+            try:
+                reply = await self.rpc.call(addr, "get_data", keys=ks)
+                data.update(reply["data"])
+                missing.extend(k for k in ks if k not in reply["data"])
+            except (CommError, OSError):
+                missing.extend(ks)
+
+        await asyncio.gather(*(fetch(a, ks) for a, ks in by_worker.items()))
+        if missing:
+            return {"status": "error", "keys": missing}
+        return {"status": "OK", "data": {k: box_large(v) for k, v in data.items()}}
+
+    async def scatter(self, data: dict | None = None, workers: Iterable[str] | None = None,
+                      client: str | None = None, broadcast: bool = False, timeout: float = 2) -> list:
+        """Send data out to workers and register it for ``client``.
+
+        Raises:
+            ClusterTimeoutError: no worker arrived within ``timeout`` seconds.
+        """
+        from .errors import ClusterTimeoutError
+
+        data = data or {}
+        deadline = time.monotonic() + (parse_timedelta(timeout) or 0)
+        while True:
+            candidates = [a for a, ws in self.state.workers.items() if ws.status == "running"]
+            if workers is not None:
+                wanted = set(workers)
+                candidates = [a for a in candidates if a in wanted or self.state.workers[a].name in wanted
+                              or self.state.workers[a].host in wanted]
+            if candidates:
+                break
+            if time.monotonic() > deadline:
+                raise ClusterTimeoutError(f"no workers to scatter to within {timeout}s")
+            await asyncio.sleep(0.05)
+        who_has, nbytes, types = await scatter_to_workers(self.rpc, candidates, data, broadcast)
+        self._send(self.state.update_data(who_has, nbytes, client, types, self._stimulus("scatter")))
+        return list(data)
+
+    def update_data(self, who_has: dict | None = None, nbytes: dict | None = None,
+                    client: str | None = None, types: dict | None = None, serializers=None) -> str:
+        """Learn that new data has entered the cluster from outside."""
+        self._send(self.state.update_data(who_has or {}, nbytes, client, types, self._stimulus("update-data")))
+        return "OK"
+
+    # ------------------------------------------------------------------ cluster-wide operations
+
+    def identity(self, n_workers: int = -1) -> dict:
+        """Basic information about us and our workers."""
+        workers = self.state.workers
+        return {
+            "type": "Scheduler",
+            "id": self.id,
+            "address": self.address if self.listeners else None,
+            "services": dict(self.services),
+            "started": self.time_started,
+            "n_workers": len(workers),
+            "total_threads": self.state.total_nthreads,
+            "workers": {a: ws.identity() for a, ws in workers.items()},
+        }
+
+    async def broadcast(self, msg: dict | None = None, workers: Iterable[str] | None = None,
+                        hosts: Iterable[str] | None = None, nanny: bool = False,
+                        serializers=None) -> dict:
+        """Send ``msg`` to workers (all by default) and return ``{address: reply}``."""
+        msg = dict(msg or {})
+        if workers is None and hosts is None:
+            targets = list(self.state.workers)
+        else:
+            targets = list(workers or [])
+            for h in hosts or ():
+                targets.extend(self.state.host_info.get(h, {}).get("addresses", ()))
+        op = msg.pop("op")
+
+        async def one(addr: str):
+            target = addr
+            if nanny:
+                target = self.state.workers[addr].nanny
+            return addr, await self.rpc.call(target, op, **msg)
+
+        results = await asyncio.gather(*(one(a) for a in targets))
+        return dict(results)
+
+    async def run_function(self, function: bytes, args: bytes | tuple = (), kwargs: dict | None = None,
+                           wait: bool = True) -> Any:
+        """Run a function in the scheduler's process (for ``Client.run_on_scheduler``)."""
+        func = pickle.loads(function) if isinstance(function, bytes) else function
+        if isinstance(args, bytes):
+            args, kwargs = pickle.loads(args)
+        result = func(*args, **(kwargs or {}))
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    def workers_list(self, workers: Iterable[str] | None) -> list[str]:
+        """Worker addresses matching addresses, names or hostnames in ``workers``."""
+        if workers is None:
+            return list(self.state.workers)
+        out = []
+        for w in workers:
+            if w in self.state.workers:
+                out.append(w)
+            elif w in self.state.aliases:
+                out.append(self.state.aliases[w])
+            else:
+                out.extend(sorted(self.state.host_info.get(w, {}).get("addresses", ())))
+        return out
+
+    def coerce_hostname(self, host: str) -> str:
+        """The canonical host name of a worker host (alias names resolve to their host)."""
+        if host in self.state.aliases:
+            return self.state.workers[self.state.aliases[host]].host
+        return host
+
+    def __repr__(self) -> str:
+        n = len(self.state.workers) if hasattr(self, "state") else 0
+        addr = self.listeners[0].contact_address if self.listeners else "not started"
+        return f"<Scheduler {addr!r} workers: {n} status: {self.status}>"
+
+
+async def scatter_to_workers(rpc, workers: list[str], data: dict, broadcast: bool = False):
+    """Put ``data`` on ``workers`` (round robin, or all of them) with ``update_data``.
+
+    Returns ``(who_has, nbytes, types)``.
+    """
+    assignment: dict[str, dict] = defaultdict(dict)
+    keys = list(data)
+    for i, k in enumerate(keys):
+        if broadcast:
+            for w in workers:
+                assignment[w][k] = data[k]
+        else:
+            assignment[workers[i % len(workers)]][k] = data[k]
+    who_has: dict = defaultdict(list)
+    nbytes: dict = {}
+    types: dict = {}
+
+    async def send(addr: str, chunk: dict) -> None:
+        reply = await rpc.call(addr, "update_data", data={k: box_large(v) for k, v in chunk.items()}, report=False)
+        for k in chunk:
+            who_has[k].append(addr)
+        nbytes.update(reply["nbytes"])
+        types.update(reply.get("types", {}))
+
+    await asyncio.gather(*(send(a, c) for a, c in assignment.items()))
+    return dict(who_has), nbytes, types
+
+
+def get_ip_for(host: str) -> str:
+    """The local IP address that routes to ``host`` (no packet is sent)."""
+    if host in ("127.0.0.1", "localhost", "::1", ""):
+        return "127.0.0.1"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect((host, 9))  # UDP connect sends nothing; it only picks a route
+        return sock.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        sock.close()

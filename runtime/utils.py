@@ -1,0 +1,246 @@
+"""Small parsing helpers shared by every layer: sizes, durations, addresses, keys."""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Hashable
+
+from .errors import AddressError
+
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "p": 10**15,
+    "pb": 10**15,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "pib": 2**50,
+}
+
+_TIME_UNITS = {
+    "": 1.0,
+    "s": 1.0,
+    "sec": 1.0,
+    "secs": 1.0,
+    "second": 1.0,
+    "seconds": 1.0,
+    "ms": 1e-3,
+    "millisecond": 1e-3,
+    "milliseconds": 1e-3,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "microsecond": 1e-6,
+    "microseconds": 1e-6,
+    "m": 60.0,
+    "min": 60.0,
+    "mins": 60.0,
+    "minute": 60.0,
+    "minutes": 60.0,
+    "h": 3600.0,
+    "hr": 3600.0,
+    "hour": 3600.0,
+    "hours": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+    "days": 86400.0,
+}
+
+_NUM_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ]*)\s*$")
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Parse a size such as ``"4GB"``, ``"3.5GiB"``, ``"100 kB"`` or ``5e9`` into bytes.
+
+    Raises:
+        ValueError: naming the value and the accepted units.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"invalid size {value!r}: expected a number of bytes or a string like '4GB'")
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = _NUM_UNIT.match(str(value))
+    if m is None or m.group(2).lower() not in _BYTE_UNITS:
+        raise ValueError(
+            f"invalid size {value!r}: expected a number followed by one of "
+            f"{', '.join(sorted(u for u in _BYTE_UNITS if u))}"
+        )
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+
+
+def parse_timedelta(value: int | float | str | None, default: str = "s") -> float | None:
+    """Parse a duration such as ``"500ms"``, ``"1 hour"``, ``"00:10:00"`` or ``3`` into seconds.
+
+    ``HH:MM:SS`` (and ``MM:SS``, ``D-HH:MM:SS``) are accepted because batch
+    systems write walltimes that way.
+
+    Raises:
+        ValueError: naming the value and the accepted units.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value) * _TIME_UNITS[default]
+    text = str(value).strip()
+    if ":" in text:
+        days = 0
+        if "-" in text:
+            d, text = text.split("-", 1)
+            days = int(d)
+        try:
+            parts = [float(p) for p in text.split(":")]
+        except ValueError:
+            raise ValueError(f"invalid duration {value!r}: expected [D-]HH:MM:SS") from None
+        if len(parts) > 3:
+            raise ValueError(f"invalid duration {value!r}: expected [D-]HH:MM:SS")
+        seconds = 0.0
+        for p in parts:
+            seconds = seconds * 60 + p
+        return days * 86400 + seconds
+    m = _NUM_UNIT.match(text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _TIME_UNITS:
+        raise ValueError(
+            f"invalid duration {value!r}: expected a number followed by one of "
+            "s, ms, us, m/min, h/hour, d/day, or HH:MM:SS"
+        )
+    return float(m.group(1)) * (_TIME_UNITS[unit] if unit else _TIME_UNITS[default])
+
+
+def format_bytes(n: int | float) -> str:
+    """Human-readable size, binary units: ``format_bytes(2**30) == '1.00 GiB'``."""
+    for unit, size in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("kiB", 2**10)):
+        if abs(n) >= size * 0.9:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# --- addresses -------------------------------------------------------------------
+
+
+def parse_address(address: str, default_protocol: str = "tcp") -> tuple[str, str]:
+    """Split ``"tcp://host:port"`` into ``("tcp", "host:port")``.
+
+    Raises:
+        AddressError: for a non-string or empty address.
+    """
+    if not isinstance(address, str) or not address:
+        raise AddressError(f"invalid address {address!r}: expected a string like 'tcp://127.0.0.1:8786'")
+    if "://" in address:
+        proto, loc = address.split("://", 1)
+    else:
+        proto, loc = default_protocol, address
+    return proto, loc
+
+
+def unparse_address(protocol: str, location: str) -> str:
+    return f"{protocol}://{location}"
+
+
+def parse_host_port(location: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``"host:port"`` (or ``"[::1]:port"``) into host and integer port.
+
+    Raises:
+        AddressError: when the port is missing (and no default) or not a number.
+    """
+    if location.startswith("["):
+        host, _, rest = location[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port_s = location.rpartition(":")
+        if not sep:
+            host, port_s = location, ""
+    if not port_s:
+        if default_port is None:
+            raise AddressError(f"invalid address {location!r}: missing port")
+        return host, default_port
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise AddressError(f"invalid address {location!r}: port {port_s!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise AddressError(f"invalid address {location!r}: port {port} out of range 0-65535")
+    return host, port
+
+
+def unparse_host_port(host: str, port: int | None = None) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}" if port is not None else host
+
+
+def get_address_host(address: str) -> str:
+    """The host part of a full address: ``'tcp://10.0.0.1:8786' -> '10.0.0.1'``."""
+    proto, loc = parse_address(address)
+    if proto == "inproc":
+        return loc.split("/", 1)[0]
+    return parse_host_port(loc, 0)[0]
+
+
+def get_ip_interface(ifname: str) -> str:
+    """The IPv4 address of a network interface by name, e.g. ``'ib0'`` or ``'lo'``.
+
+    Raises:
+        ValueError: naming the interface and the ones that exist.
+    """
+    import psutil
+
+    addrs = psutil.net_if_addrs()
+    if ifname not in addrs:
+        raise ValueError(
+            f"interface {ifname!r} does not exist; available interfaces: {', '.join(sorted(addrs))}"
+        )
+    for info in addrs[ifname]:
+        if info.family == socket.AF_INET:
+            return info.address
+    raise ValueError(f"interface {ifname!r} has no IPv4 address")
+
+
+# --- keys ------------------------------------------------------------------------
+
+_HEX_SUFFIX = re.compile(r"-[0-9a-f]{8,}$")
+
+
+def key_split(key: Hashable) -> str:
+    """The prefix of a task key, used to group tasks: ``'inc-1a2b3c4d5e' -> 'inc'``."""
+    if isinstance(key, tuple) and key:
+        key = key[0]
+    if isinstance(key, bytes):
+        key = key.decode(errors="replace")
+    if not isinstance(key, str):
+        return str(type(key).__name__)
+    return _HEX_SUFFIX.sub("", key) or key
+
+
+def funcname(func) -> str:
+    """A short name for a callable, used in task keys."""
+    while hasattr(func, "func") and not hasattr(func, "__name__"):  # functools.partial
+        func = func.func
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+def validate_key(key) -> None:
+    """Raise a clear TypeError unless ``key`` is a str, bytes, int, float or tuple of those."""
+    if isinstance(key, (str, bytes, int, float)) and not isinstance(key, bool):
+        return
+    if isinstance(key, tuple):
+        for k in key:
+            validate_key(k)
+        return
+    raise TypeError(
+        f"unexpected key type {type(key).__name__} (value {key!r}): "
+        "keys must be str, bytes, int, float or tuples of those"
+    )

@@ -1,0 +1,543 @@
+"""The Worker server: IO around :class:`WorkerState`.
+
+Theory of operation
+-------------------
+The worker registers with the scheduler over one stream connection and then
+receives batches of ``compute-task`` / ``free-keys`` messages on it.  Each
+batch becomes events for the pure :class:`WorkerState`; the instructions that
+come back are carried out here: ``Execute`` hands a task to the thread pool,
+``GatherDep`` fetches dependencies straight from the peer worker that holds
+them (never through the scheduler), and messages go back on the stream.
+Results come back from the pool in batches and become events again.
+
+Peers call ``get_data`` to fetch our results; clients call it to gather.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Hashable, Iterable, MutableMapping
+from contextlib import suppress
+from typing import Any
+
+import psutil
+
+from .comm.serialize import box_large
+from .core import BatchedSend, Server, Status, unpack_reply
+from .errors import ClusterError, CommClosedError, CommError, ConnectionTimeoutError
+from .execution import TaskThreadPool, get_current_task, get_worker, sizeof  # noqa: F401
+from .scheduler import get_ip_for
+from .statemachine import Instruction, Msg
+from .utils import (
+    get_address_host,
+    get_ip_interface,
+    parse_address,
+    parse_bytes,
+    parse_timedelta,
+    unparse_host_port,
+)
+from .worker_state import (
+    AcquireReplicasEvent,
+    ComputeTaskEvent,
+    Execute,
+    ExecuteFailureEvent,
+    ExecuteSuccessEvent,
+    FreeKeysEvent,
+    GatherDep,
+    GatherDepFailureEvent,
+    GatherDepNetworkFailureEvent,
+    GatherDepSuccessEvent,
+    RefreshWhoHasEvent,
+    RescheduleEvent,
+    UpdateDataEvent,
+    WorkerState,
+)
+
+logger = logging.getLogger(__name__)
+
+Key = Hashable
+
+
+def parse_memory_limit(memory_limit: Any, nthreads: int, total_cores: int | None = None) -> int:
+    """Bytes from ``"auto"``, a size string, a byte count, a fraction of memory, or 0/None.
+
+    Raises:
+        ValueError: naming the bad value and the accepted forms.
+    """
+    total = psutil.virtual_memory().total
+    if memory_limit is None or memory_limit == 0 or memory_limit == "0":
+        return 0
+    if memory_limit == "auto":
+        cores = total_cores or os.cpu_count() or 1
+        return int(total * min(1.0, nthreads / cores))
+    if isinstance(memory_limit, float) and 0 < memory_limit <= 1:
+        return int(total * memory_limit)
+    try:
+        value = parse_bytes(memory_limit)
+    except ValueError:
+        raise ValueError(
+            f"memory_limit={memory_limit!r}: expected 'auto', a size like '4GB' or '3.5GiB', "
+            "a number of bytes, a fraction of system memory in (0, 1], or 0/None for no limit"
+        ) from None
+    if value < 0:
+        raise ValueError(f"memory_limit={memory_limit!r}: must not be negative")
+    return min(value, total)
+
+
+class Worker(Server):
+    """Worker node of a cluster: stores data and runs tasks.
+
+    Args:
+        scheduler_ip: the scheduler's address (``"tcp://host:port"``) or host.
+        scheduler_port: the port, when ``scheduler_ip`` is a bare host.
+        scheduler_file: read the scheduler's address from this JSON file.
+        nthreads: threads that run tasks (default: the number of cores).
+        name: a name for this worker, unique in the cluster.
+        memory_limit: see :func:`parse_memory_limit` (reported; enforced by the Nanny).
+        resources: abstract resources this worker has, e.g. ``{"GPU": 2}``.
+        local_directory: where files go (default: a fresh temporary directory).
+        death_timeout: give up and close if the scheduler cannot be reached
+            for this long (``"60s"``).
+        reconnect: reconnect when the scheduler connection breaks (else close).
+        heartbeat_interval: how often to tell the scheduler we are alive.
+        host / port / interface / protocol: where to listen (by default the
+            local address that routes to the scheduler; port 0 = any).
+        validate: check worker-state invariants after every event.
+        nanny: address of the nanny supervising this worker, if any.
+
+    Raises:
+        ValueError: an option has a value we cannot use, named in the message.
+    """
+
+    def __init__(self, scheduler_ip: str | None = None, scheduler_port: int | None = None,
+                 scheduler_file: str | None = None, ncores: int | None = None,
+                 nthreads: int | None = None, loop=None, local_dir: str | None = None,
+                 local_directory: str | None = None, services=None, service_ports=None,
+                 service_kwargs=None, name: Any = None, reconnect: bool = True,
+                 memory_limit: Any = "auto", executor=None, resources: dict | None = None,
+                 silence_logs=None, death_timeout: Any = None, preload=None, preload_argv=None,
+                 security=None, contact_address: str | None = None,
+                 memory_monitor_interval: Any = "200ms", extensions=None, metrics=None,
+                 startup_information=None, data: MutableMapping | None = None,
+                 interface: str | None = None, host: str | None = None, port: int | None = None,
+                 protocol: str | None = None, dashboard_address=None, nanny: str | None = None,
+                 plugins=(), low_level_profiler: bool = False, validate: bool = False,
+                 profile_cycle_interval=None, lifetime=None, lifetime_stagger=None,
+                 lifetime_restart=None, heartbeat_interval: Any = "1s",
+                 transfer_incoming_count_limit: int = 4, **kwargs):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"Worker() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+        if security not in (None, False):
+            raise ValueError("security: TLS is not supported by this version; pass security=None")
+        if protocol not in (None, "tcp", "inproc"):
+            raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp' and 'inproc'")
+        if scheduler_ip is None and scheduler_file is None:
+            raise ValueError("Worker needs the scheduler's address or scheduler_file")
+        if scheduler_ip is not None and scheduler_port is not None and "://" not in scheduler_ip:
+            scheduler_ip = f"tcp://{unparse_host_port(scheduler_ip, scheduler_port)}"
+        elif scheduler_ip is not None and "://" not in scheduler_ip:
+            scheduler_ip = f"tcp://{scheduler_ip}"
+        self.scheduler_addr = scheduler_ip
+        self.scheduler_file = scheduler_file
+        nthreads = nthreads or ncores or os.cpu_count() or 1
+        if not isinstance(nthreads, int) or nthreads < 1:
+            raise ValueError(f"nthreads={nthreads!r}: expected a positive integer")
+        self.nthreads = nthreads
+        self.name = name
+        self.memory_limit = parse_memory_limit(memory_limit, nthreads)
+        self.resources = dict(resources or {})
+        self.death_timeout = parse_timedelta(death_timeout)
+        self.reconnect = reconnect
+        self.heartbeat_interval = parse_timedelta(heartbeat_interval) or 1.0
+        self.interface = interface
+        self.host = host
+        self.port = port or 0
+        self.protocol = protocol
+        self.contact_address = contact_address
+        self.nanny = nanny
+        self.validate = validate
+        self.lifetime = parse_timedelta(lifetime)
+        self.lifetime_stagger = parse_timedelta(lifetime_stagger) or 0.0
+        self.lifetime_restart = bool(lifetime_restart)
+        self._own_local_directory = False
+        local_directory = local_directory or local_dir
+        self._local_directory_root = local_directory
+        self.local_directory = ""
+        self.data: MutableMapping = data if data is not None else {}
+        self.state = WorkerState(nthreads=nthreads, data=self.data, resources=self.resources,
+                                 validate=validate,
+                                 transfer_incoming_count_limit=transfer_incoming_count_limit)
+        self.id = f"Worker-{uuid.uuid4()}"
+        self.batched_stream: BatchedSend | None = None
+        self.pool: TaskThreadPool | None = None
+        self.executed_count = 0
+        self.services: dict = {}
+        self.plugins: dict = {}
+        self.handlers.update({
+            "get_data": self.get_data,
+            "update_data": self.update_data,
+            "run": self.run,
+            "close": self.close,
+            "upload_file": self.upload_file,
+            "story": self.story,
+            "keys": lambda: list(self.data),
+        })
+        self.stream_ops = {
+            "compute-task": self._on_compute_task,
+            "free-keys": self._on_free_keys,
+            "refresh-who-has": self._on_refresh_who_has,
+            "acquire-replicas": self._on_acquire_replicas,
+            "close": self._on_close,
+        }
+
+    # ------------------------------------------------------------------ compatibility names
+
+    @property
+    def worker_address(self) -> str:
+        return self.address
+
+    @property
+    def local_dir(self) -> str:
+        return self.local_directory
+
+    @property
+    def tasks(self):
+        return self.state.tasks
+
+    @property
+    def executing_count(self) -> int:
+        return len(self.state.executing)
+
+    def story(self, *keys: Key, keys_list: Iterable[Key] | None = None) -> list[tuple]:
+        if keys_list is not None:
+            keys = (*keys, *keys_list)
+        return self.state.story(*keys)
+
+    def get_current_task(self) -> Key | None:
+        """The key of the task running in the calling thread."""
+        return get_current_task()
+
+    def __repr__(self) -> str:
+        addr = self.listeners[0].contact_address if self.listeners else "not started"
+        return (f"<Worker {addr!r} name={self.name!r} status={self.status} "
+                f"threads={self.nthreads} memory={len(self.data)}>")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start_unsafe(self) -> None:
+        if self.scheduler_addr is None:
+            self.scheduler_addr = await self._read_scheduler_file()
+        proto, _ = parse_address(self.scheduler_addr)
+        protocol = self.protocol or proto
+        if protocol == "inproc":
+            listen_at = "inproc://"
+        else:
+            host = self.host
+            if self.interface:
+                host = get_ip_interface(self.interface)
+            if host is None:
+                host = get_ip_for(get_address_host(self.scheduler_addr))
+            listen_at = f"{protocol}://{unparse_host_port(host, self.port)}"
+        await self.listen(listen_at)
+        if self._local_directory_root is None:
+            root = os.path.join(tempfile.gettempdir(), "cluster-worker-space")
+        else:
+            root = self._local_directory_root
+        os.makedirs(root, exist_ok=True)
+        self.local_directory = tempfile.mkdtemp(prefix="worker-", dir=root)
+        self._own_local_directory = True
+        if self.local_directory not in sys.path:
+            sys.path.insert(0, self.local_directory)
+        self.state.address = self.address
+        self.pool = TaskThreadPool(self.nthreads, self._on_results, worker=self,
+                                   name=f"worker-{self.name or self.address}")
+        await self._register()
+        self.spawn(self._heartbeat_loop())
+        if self.lifetime:
+            lifetime = self.lifetime + random.uniform(-self.lifetime_stagger, self.lifetime_stagger)
+            self.spawn(self._close_after(max(lifetime, 0.0)))
+        logger.info("Worker %s (name=%r) registered with %s", self.address, self.name, self.scheduler_addr)
+
+    async def _read_scheduler_file(self) -> str:
+        import json
+
+        deadline = time.monotonic() + (self.death_timeout or 60.0)
+        while True:
+            try:
+                with open(self.scheduler_file) as f:
+                    return json.load(f)["address"]
+            except (FileNotFoundError, ValueError, KeyError):
+                if time.monotonic() > deadline:
+                    raise ConnectionTimeoutError(f"scheduler file {self.scheduler_file}",
+                                                 self.death_timeout or 60.0) from None
+                await asyncio.sleep(0.1)
+
+    async def _register(self) -> None:
+        from .comm import connect
+
+        timeout = self.death_timeout or 60.0
+        comm = await connect(self.scheduler_addr, timeout=timeout)
+        await comm.write({
+            "op": "register-worker",
+            "address": self.address,
+            "nthreads": self.nthreads,
+            "name": self.name,
+            "memory_limit": self.memory_limit,
+            "resources": self.resources,
+            "host": get_address_host(self.address) if not self.address.startswith("inproc") else socket.gethostname(),
+            "pid": os.getpid(),
+            "nanny": self.nanny,
+            "local_directory": self.local_directory,
+            "services": self.services,
+            "keys": list(self.data),
+            "nbytes": {k: sizeof(v) for k, v in self.data.items()},
+        })
+        reply = await comm.read()
+        try:
+            unpack_reply(reply, self.scheduler_addr)
+        except Exception:
+            comm.abort()
+            raise
+        self.batched_stream = BatchedSend(comm, name=f"Worker->Scheduler {self.address}")
+        self.spawn(self._handle_scheduler(comm))
+
+    async def _handle_scheduler(self, comm) -> None:
+        try:
+            while self.status in (Status.running, Status.starting):
+                try:
+                    batch = await comm.read()
+                except CommError:
+                    break
+                events = []
+                for msg in batch:
+                    op = msg.pop("op", None)
+                    handler = self.stream_ops.get(op)
+                    if handler is None:
+                        logger.warning("unknown operation %r from scheduler; ignoring", op)
+                        continue
+                    ev = handler(**msg)
+                    if ev is not None:
+                        events.append(ev)
+                if events:
+                    self.handle_stimulus(*events)
+        finally:
+            if self.status in (Status.running, Status.starting):
+                await self._scheduler_lost()
+
+    async def _scheduler_lost(self) -> None:
+        if self.reconnect and self.status == Status.running:
+            logger.info("lost the scheduler at %s; reconnecting", self.scheduler_addr)
+            try:
+                await self._register()
+                return
+            except (CommError, OSError, ClusterError) as e:
+                logger.info("could not reconnect to the scheduler: %s", e)
+        logger.info("lost the scheduler at %s; closing", self.scheduler_addr)
+        self.spawn(self.close(report=False))
+
+    async def _heartbeat_loop(self) -> None:
+        proc = psutil.Process()
+        while self.status == Status.running:
+            await asyncio.sleep(self.heartbeat_interval)
+            bs = self.batched_stream
+            if bs is None or bs.closed:
+                continue
+            try:
+                mem = proc.memory_info().rss
+            except psutil.Error:  # pragma: no cover
+                mem = 0
+            with suppress(CommClosedError):
+                bs.send({"op": "heartbeat", "metrics": {
+                    "memory": mem, "executing": len(self.state.executing), "in_memory": len(self.data),
+                    "ready": len(self.state.ready), "in_flight": len(self.state.in_flight_tasks),
+                    "time": time.time(),
+                }})
+
+    async def _close_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        logger.info("worker %s reached its lifetime; closing", self.address)
+        await self.close()
+
+    async def close(self, timeout: float = 5, report: bool = True, nanny: bool = True,
+                    reason: str = "worker-close") -> str:
+        """Close the worker: tell the scheduler, stop the threads, remove files."""
+        if self.status in (Status.closing, Status.closed):
+            await self.finished()
+            return "OK"
+        self.status = Status.closing
+        bs = self.batched_stream
+        if bs is not None and not bs.closed:
+            if report:
+                with suppress(CommClosedError):
+                    bs.send({"op": "worker-closing", "reason": reason})
+            await bs.close(timeout=min(timeout, 2.0))
+        if self.pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.pool.shutdown, min(timeout, 2.0))
+        await self._close_listeners_and_comms()
+        if self._own_local_directory and self.local_directory:
+            with suppress(ValueError):
+                sys.path.remove(self.local_directory)
+            shutil.rmtree(self.local_directory, ignore_errors=True)
+        self._mark_closed()
+        return "OK"
+
+    # ------------------------------------------------------------------ stimuli
+
+    def handle_stimulus(self, *events) -> None:
+        """Feed events to the state machine and carry out its instructions."""
+        try:
+            instructions = self.state.handle(*events)
+        except Exception:
+            logger.exception("worker state machine failed on %r", events[:3])
+            if self.validate:
+                raise
+            return
+        self._execute_instructions(instructions)
+
+    def _execute_instructions(self, instructions: list[Instruction]) -> None:
+        msgs = []
+        for inst in instructions:
+            if isinstance(inst, Execute):
+                self._start_task(inst.key)
+            elif isinstance(inst, GatherDep):
+                self.spawn(self._gather_dep(inst.worker, inst.keys, inst.stimulus_id))
+            elif isinstance(inst, Msg):
+                msgs.append(inst.to_wire())
+        if msgs and self.batched_stream is not None and not self.batched_stream.closed:
+            with suppress(CommClosedError):
+                self.batched_stream.send(*msgs)
+
+    def _start_task(self, key: Key) -> None:
+        ts = self.state.tasks[key]
+        deps = {d.key: self.data[d.key] for d in ts.dependencies} if ts.dependencies else None
+        self.pool.submit(key, ts.run_spec, deps)
+
+    def _on_results(self, batch: list) -> None:
+        events = []
+        for outcome in batch:
+            kind = outcome[0]
+            if kind == "ok":
+                _, key, value, start, stop, nbytes, typename = outcome
+                events.append(ExecuteSuccessEvent(f"execute-{key}", key, value, start, stop, nbytes, typename))
+            elif kind == "error":
+                _, key, exc, tb, start, stop = outcome
+                events.append(ExecuteFailureEvent(f"execute-{key}", key, exc, tb, start, stop))
+            else:
+                events.append(RescheduleEvent(f"reschedule-{outcome[1]}", outcome[1]))
+        self.executed_count += len(batch)
+        if self.status in (Status.running, Status.closing):
+            self.handle_stimulus(*events)
+
+    def _on_compute_task(self, key, run_spec, priority=(), who_has=None, nbytes=None, duration=0.5,
+                         resource_restrictions=None, stimulus_id: str = "compute-task"):
+        return ComputeTaskEvent(stimulus_id, key, run_spec, tuple(priority), who_has or {},
+                                nbytes or {}, duration, resource_restrictions)
+
+    def _on_free_keys(self, keys, stimulus_id: str = "free-keys"):
+        return FreeKeysEvent(stimulus_id, list(keys))
+
+    def _on_refresh_who_has(self, who_has, stimulus_id: str = "refresh-who-has"):
+        return RefreshWhoHasEvent(stimulus_id, who_has)
+
+    def _on_acquire_replicas(self, who_has, nbytes=None, stimulus_id: str = "acquire-replicas"):
+        return AcquireReplicasEvent(stimulus_id, who_has, nbytes or {})
+
+    def _on_close(self, reason: str = "", stimulus_id: str = ""):
+        logger.info("scheduler asked worker %s to close (%s)", self.address, reason)
+        self.spawn(self.close(report=False, reason=reason))
+        return None
+
+    # ------------------------------------------------------------------ data transfer
+
+    async def _gather_dep(self, worker: str, keys: set, stimulus_id: str) -> None:
+        try:
+            reply = await self.rpc.call(worker, "get_data", keys=list(keys), who=self.address)
+        except (CommError, OSError) as e:
+            logger.info("could not fetch %d keys from %s: %s", len(keys), worker, e)
+            self.handle_stimulus(GatherDepNetworkFailureEvent(stimulus_id, worker, list(keys)))
+            return
+        except Exception as e:  # the data arrived but could not be used
+            import traceback as tb_mod
+
+            self.handle_stimulus(GatherDepFailureEvent(
+                stimulus_id, worker, list(keys), e, "".join(tb_mod.format_exception(e))))
+            return
+        if self.status not in (Status.running, Status.closing):
+            return
+        self.handle_stimulus(GatherDepSuccessEvent(stimulus_id, worker, reply["data"], reply["nbytes"]))
+
+    def get_data(self, keys: Iterable[Key] = (), who: str | None = None) -> dict:
+        """Our values for ``keys`` (missing keys are left out)."""
+        data = {}
+        nbytes = {}
+        tasks = self.state.tasks
+        for k in keys:
+            if k in self.data:
+                data[k] = box_large(self.data[k])
+                ts = tasks.get(k)
+                nbytes[k] = ts.nbytes if ts is not None else -1
+        return {"data": data, "nbytes": nbytes}
+
+    def update_data(self, data: dict | None = None, report: bool = True) -> dict:
+        """Store data sent from outside (``scatter``)."""
+        data = data or {}
+        nbytes = {k: sizeof(v) for k, v in data.items()}
+        types = {k: type(v).__qualname__ for k, v in data.items()}
+        self.handle_stimulus(UpdateDataEvent(f"update-data-{time.time()}", data, nbytes))
+        if report and self.batched_stream is not None:
+            with suppress(CommClosedError):
+                self.batched_stream.send({"op": "add-keys", "keys": list(data)})
+        return {"nbytes": nbytes, "types": types, "status": "OK"}
+
+    # ------------------------------------------------------------------ misc operations
+
+    async def run(self, function: bytes, args: bytes | tuple = (), kwargs: dict | None = None,
+                  wait: bool = True) -> Any:
+        """Run a function in this worker's process (for ``Client.run``)."""
+        func = pickle.loads(function) if isinstance(function, bytes) else function
+        if isinstance(args, bytes):
+            args, kwargs = pickle.loads(args)
+        from .execution import _thread_state
+
+        previous = getattr(_thread_state, "worker", None)
+        _thread_state.worker = self
+        try:
+            result = func(*args, **(kwargs or {}))
+            if asyncio.iscoroutine(result):
+                result = await result
+        finally:
+            _thread_state.worker = previous
+        return result
+
+    def upload_file(self, filename: str, data: bytes, load: bool = True) -> dict:
+        """Save a file in ``local_directory``; import it if it is a Python module or archive."""
+        import importlib
+
+        name = os.path.basename(filename)
+        if not name or name in (".", ".."):
+            raise ValueError(f"invalid file name {filename!r}")
+        path = os.path.join(self.local_directory, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        if load and name.endswith((".py", ".zip", ".egg")):
+            if name.endswith((".zip", ".egg")) and path not in sys.path:
+                sys.path.insert(0, path)
+            if name.endswith(".py"):
+                modname = name[:-3]
+                importlib.invalidate_caches()
+                if modname in sys.modules:
+                    importlib.reload(sys.modules[modname])
+                else:
+                    importlib.import_module(modname)
+        return {"status": "OK", "nbytes": len(data)}
