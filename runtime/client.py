@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import threading
 import time
 import uuid
@@ -330,10 +331,10 @@ class Client:
 
     # ------------------------------------------------------------------ reports from the scheduler
 
-    def _on_key_in_memory(self, key: Key, type: str = "", workers=(), **kw) -> None:
+    def _on_key_in_memory(self, key: Key, type: str = "", workers=(), data: bytes | None = None, **kw) -> None:
         st = self.futures.get(key)
         if st is not None:
-            st.finish(type, workers)
+            st.finish(type, workers, data)
 
     def _on_task_erred(self, key: Key, exception=None, traceback: str = "", worker: str = "", **kw) -> None:
         st = self.futures.get(key)
@@ -382,10 +383,14 @@ class Client:
             if self._flush_scheduled:
                 return
             self._flush_scheduled = True
-        self._on_loop(self._flush_outbox_soon)
-
-    def _flush_outbox_soon(self) -> None:
-        asyncio.get_running_loop().call_soon(self._flush_outbox)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            running.call_soon(self._flush_outbox)  # let a burst of submits accumulate
+        elif self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._flush_outbox)
 
     def _flush_outbox(self) -> None:
         with self._outbox_lock:
@@ -625,6 +630,19 @@ class Client:
                 unknown.append(k)
         data: dict = {}
         missing: list = list(unknown)
+        for addr in list(by_worker):
+            ks = by_worker[addr]
+            rest = []
+            for k in ks:
+                st = self.futures.get(k)
+                if st is not None and st.value_bytes is not None:
+                    data[k] = pickle.loads(st.value_bytes)
+                else:
+                    rest.append(k)
+            if rest:
+                by_worker[addr] = rest
+            else:
+                del by_worker[addr]
 
         async def fetch(addr: str, ks: list) -> None:
             try:

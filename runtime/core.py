@@ -346,19 +346,52 @@ class BatchedSend:
         payload, self.buffer = self.buffer, []
         self.message_count += len(payload)
         self.batch_count += 1
-        self._writing = True
-        task = asyncio.ensure_future(self._write(payload))
-        task.add_done_callback(lambda _: None)
+        write_nowait = getattr(self.comm, "write_nowait", None)
+        if write_nowait is None:
+            self._writing = True
+            asyncio.ensure_future(self._write(payload))
+            return
+        # Fast path: hand the bytes to the socket now, no task per write.
+        try:
+            fut = write_nowait(payload)
+        except CommClosedError:
+            self._fail()
+            return
+        except Exception:
+            logger.exception("batched stream %s failed to send %d messages", self.name, len(payload))
+            self._fail()
+            self.comm.abort()
+            return
+        if fut.done():
+            self._write_done(fut)
+        else:
+            self._writing = True
+            fut.add_done_callback(self._write_done)
+
+    def _write_done(self, fut) -> None:
+        self._writing = False
+        if fut.exception() is not None:
+            self._fail()
+            return
+        if self.buffer and not self.closed:
+            self._flush()
+        else:
+            self._flushed.set()
+
+    def _fail(self) -> None:
+        self.closed = True
+        self.buffer.clear()
+        self._writing = False
+        self._flushed.set()
 
     async def _write(self, payload: list) -> None:
         try:
             await self.comm.write(payload)
         except CommClosedError:
-            self.closed = True
-            self.buffer.clear()
+            self._fail()
         except Exception:
             logger.exception("batched stream %s failed to send %d messages", self.name, len(payload))
-            self.closed = True
+            self._fail()
             self.comm.abort()
         finally:
             self._writing = False

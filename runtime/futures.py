@@ -35,7 +35,8 @@ DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", "done not_done")
 class FutureState:
     """What the client knows of one key: pending, finished, error, cancelled or lost."""
 
-    __slots__ = ("status", "_event", "exception", "traceback", "type", "workers", "worker", "callbacks")
+    __slots__ = ("status", "_event", "exception", "traceback", "type", "workers", "worker", "callbacks",
+                 "value_bytes")
 
     def __init__(self) -> None:
         self.status = "pending"
@@ -46,6 +47,8 @@ class FutureState:
         self.workers: list[str] = []
         self.worker = ""
         self.callbacks: list[Callable[[], None]] = []
+        #: Pickled value sent along by the worker (small results only).
+        self.value_bytes: bytes | None = None
 
     @property
     def event(self) -> asyncio.Event:
@@ -63,9 +66,10 @@ class FutureState:
         for cb in callbacks:
             cb()
 
-    def finish(self, type: str = "", workers: Iterable[str] = ()) -> None:
+    def finish(self, type: str = "", workers: Iterable[str] = (), data: bytes | None = None) -> None:
         self.type = type
         self.workers = list(workers)
+        self.value_bytes = data
         self._set("finished")
 
     def set_error(self, exception: BaseException, traceback: str, worker: str = "") -> None:
@@ -81,6 +85,7 @@ class FutureState:
         """The data was lost; the scheduler computes it again."""
         self.status = "pending"
         self.workers = []
+        self.value_bytes = None
         if self._event is not None:
             self._event.clear()
 

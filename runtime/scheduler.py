@@ -99,6 +99,7 @@ class Scheduler(Server):
         self.time_started = time.time()
         self._last_activity = time.monotonic()
         self._stimulus_counter = 0
+        self._held: list[Msg] | None = None
         self.handlers.update({
             "gather": self.gather,
             "scatter": self.scatter,
@@ -290,6 +291,13 @@ class Scheduler(Server):
     # ------------------------------------------------------------------ routing
 
     def _send(self, instructions: list[Msg]) -> None:
+        if self._held is not None:
+            # Inside a batch from one peer: send once at its end.
+            self._held.extend(instructions)
+            return
+        self._route(instructions)
+
+    def _route(self, instructions: list[Msg]) -> None:
         per_worker: dict[str, list] = defaultdict(list)
         per_client: dict[str, list] = defaultdict(list)
         for msg in instructions:
@@ -372,20 +380,26 @@ class Scheduler(Server):
             if not isinstance(batch, list):
                 logger.warning("closing stream from %s: expected a list of messages", peer)
                 return
-            for msg in batch:
-                op = msg.pop("op", None) if isinstance(msg, dict) else None
-                if op not in ops:
-                    logger.warning("closing stream from %s: unknown operation %r", peer, op)
-                    return
-                handler = ops[op]
-                if handler is None:  # close request
-                    return
-                try:
-                    handler(**msg, **extra)
-                except Exception:
-                    logger.exception("error handling %r from %s", op, peer)
-                    if self.validate:
-                        raise
+            self._held = []
+            try:
+                for msg in batch:
+                    op = msg.pop("op", None) if isinstance(msg, dict) else None
+                    if op not in ops:
+                        logger.warning("closing stream from %s: unknown operation %r", peer, op)
+                        return
+                    handler = ops[op]
+                    if handler is None:  # close request
+                        return
+                    try:
+                        handler(**msg, **extra)
+                    except Exception:
+                        logger.exception("error handling %r from %s", op, peer)
+                        if self.validate:
+                            raise
+            finally:
+                held, self._held = self._held, None
+                if held:
+                    self._route(held)
 
     async def remove_worker(self, address: str, safe: bool = False, close: bool = True,
                             stimulus_id: str | None = None) -> str:
@@ -420,10 +434,10 @@ class Scheduler(Server):
                                       stimulus_id=self._stimulus("worker-closing")))
 
     def _on_task_finished(self, worker: str, key: Key, nbytes: int = -1, type: str = "",
-                          startstops=(), stimulus_id: str = "") -> None:
-        self.state.workers.get(worker) and self.state.worker_heartbeat(worker)
+                          startstops=(), stimulus_id: str = "", data: bytes | None = None) -> None:
         self._send(self.state.stimulus_task_finished(key, worker, nbytes, type, startstops,
-                                                     stimulus_id=self._stimulus("task-finished")))
+                                                     stimulus_id=self._stimulus("task-finished"),
+                                                     data=data))
 
     def _on_task_erred(self, worker: str, key: Key, exception=None, traceback: str = "",
                        startstops=(), stimulus_id: str = "") -> None:

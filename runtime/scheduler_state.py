@@ -70,6 +70,8 @@ class ComputeTaskMsg(Msg):
     nbytes: dict
     duration: float
     resource_restrictions: dict | None
+    #: A client wants this result: the worker may send a small one along.
+    report: bool = False
 
 
 @dataclass(slots=True)
@@ -105,6 +107,8 @@ class KeyInMemoryMsg(Msg):
     key: Key
     type: str
     workers: list
+    #: The pickled value, when the worker sent a small result along.
+    data: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -626,8 +630,9 @@ class SchedulerState:
     # ------------------------------------------------------------------ stimuli from workers
 
     def stimulus_task_finished(self, key: Key, worker: str, nbytes: int = -1, type: str = "",
-                               startstops: Iterable = (), stimulus_id: str = "task-finished") -> list[Msg]:
-        """A worker computed ``key``."""
+                               startstops: Iterable = (), stimulus_id: str = "task-finished",
+                               data: bytes | None = None) -> list[Msg]:
+        """A worker computed ``key``; ``data`` is its pickled value if small (forwarded, not kept)."""
         ts = self.tasks.get(key)
         ws = self.workers.get(worker)
         if ws is None:
@@ -641,7 +646,7 @@ class SchedulerState:
         for action, start, stop in startstops:
             if action == "compute":
                 self._record_duration(ts, stop - start)
-        recs = self.transition(key, "memory", stimulus_id, worker=ws, nbytes=nbytes, type=type)
+        recs = self.transition(key, "memory", stimulus_id, worker=ws, nbytes=nbytes, type=type, data=data)
         return self.transitions(recs, stimulus_id)
 
     def _record_duration(self, ts: TaskState, duration: float) -> None:
@@ -920,10 +925,11 @@ class SchedulerState:
             self.check_idle_saturated(ws)
         return ws
 
-    def _report_memory(self, ts: TaskState, stimulus_id: str) -> None:
+    def _report_memory(self, ts: TaskState, stimulus_id: str, data: bytes | None = None) -> None:
         workers = [ws.address for ws in ts.who_has]
         for cs in ts.who_wants:
-            self._instructions.append(KeyInMemoryMsg(stimulus_id, cs.client_key, ts.key, ts.type or "", workers))
+            self._instructions.append(KeyInMemoryMsg(stimulus_id, cs.client_key, ts.key, ts.type or "",
+                                                     workers, data))
 
     def _free_everywhere(self, ts: TaskState, stimulus_id: str) -> None:
         for ws in list(ts.who_has):
@@ -987,12 +993,12 @@ class SchedulerState:
             nbytes[dts.key] = dts.get_nbytes()
         self._instructions.append(ComputeTaskMsg(
             stimulus_id, ws.address, ts.key, ts.run_spec, ts.priority, who_has, nbytes,
-            duration, ts.resource_restrictions,
+            duration, ts.resource_restrictions, bool(ts.who_wants),
         ))
         return {}
 
     def _processing_memory(self, ts: TaskState, stimulus_id: str, worker: WorkerState | None = None,
-                           nbytes: int = -1, type: str = "") -> dict:
+                           nbytes: int = -1, type: str = "", data: bytes | None = None) -> dict:
         ws = self._remove_from_processing(ts)
         ws = worker or ws
         recs: dict[Key, str] = {}
@@ -1003,7 +1009,7 @@ class SchedulerState:
         if ws is not None:
             self._add_replica(ts, ws)
         self._memory_consequences(ts, recs)
-        self._report_memory(ts, stimulus_id)
+        self._report_memory(ts, stimulus_id, data)
         return recs
 
     def _memory_consequences(self, ts: TaskState, recs: dict) -> None:

@@ -59,6 +59,7 @@ from .worker_state import (
     GatherDepSuccessEvent,
     RefreshWhoHasEvent,
     RescheduleEvent,
+    TaskFinishedMsg,
     UpdateDataEvent,
     WorkerState,
 )
@@ -66,6 +67,18 @@ from .worker_state import (
 logger = logging.getLogger(__name__)
 
 Key = Hashable
+
+#: Results at most this big travel with ``task-finished`` to the waiting client.
+SMALL_RESULT = 16 * 1024
+
+
+def pickle_small(value: Any) -> bytes | None:
+    """Pickle a small result for the client, or ``None`` if it does not pickle small."""
+    try:
+        b = pickle.dumps(value, protocol=5)
+    except Exception:
+        return None
+    return b if len(b) <= SMALL_RESULT else None
 
 
 def parse_memory_limit(memory_limit: Any, nthreads: int, total_cores: int | None = None) -> int:
@@ -326,7 +339,11 @@ class Worker(Server):
                     if handler is None:
                         logger.warning("unknown operation %r from scheduler; ignoring", op)
                         continue
-                    ev = handler(**msg)
+                    try:
+                        ev = handler(**msg)
+                    except Exception:
+                        logger.exception("malformed %r message from the scheduler; ignoring it", op)
+                        continue
                     if ev is not None:
                         events.append(ev)
                 if events:
@@ -336,13 +353,21 @@ class Worker(Server):
                 await self._scheduler_lost()
 
     async def _scheduler_lost(self) -> None:
+        if self.batched_stream is not None:
+            self.batched_stream.abort()
         if self.reconnect and self.status == Status.running:
             logger.info("lost the scheduler at %s; reconnecting", self.scheduler_addr)
-            try:
-                await self._register()
-                return
-            except (CommError, OSError, ClusterError) as e:
-                logger.info("could not reconnect to the scheduler: %s", e)
+            deadline = time.monotonic() + (self.death_timeout or 60.0)
+            delay = 0.05
+            while self.status == Status.running and time.monotonic() < deadline:
+                try:
+                    await self._register()
+                    return
+                except (CommError, OSError, ClusterError, ValueError) as e:
+                    # ValueError: the scheduler has not yet noticed we left.
+                    logger.info("could not reconnect to the scheduler yet: %s", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
         logger.info("lost the scheduler at %s; closing", self.scheduler_addr)
         self.spawn(self.close(report=False))
 
@@ -412,6 +437,14 @@ class Worker(Server):
                 self._start_task(inst.key)
             elif isinstance(inst, GatherDep):
                 self.spawn(self._gather_dep(inst.worker, inst.keys, inst.stimulus_id))
+            elif isinstance(inst, TaskFinishedMsg):
+                msg = inst.to_wire()
+                ts = self.state.tasks.get(inst.key)
+                if ts is not None and ts.report and 0 <= ts.nbytes <= SMALL_RESULT:
+                    # A client waits for this small result: send it along and
+                    # save the client a round trip to fetch it.
+                    msg["data"] = pickle_small(self.data.get(inst.key))
+                msgs.append(msg)
             elif isinstance(inst, Msg):
                 msgs.append(inst.to_wire())
         if msgs and self.batched_stream is not None and not self.batched_stream.closed:
@@ -440,9 +473,10 @@ class Worker(Server):
             self.handle_stimulus(*events)
 
     def _on_compute_task(self, key, run_spec, priority=(), who_has=None, nbytes=None, duration=0.5,
-                         resource_restrictions=None, stimulus_id: str = "compute-task"):
+                         resource_restrictions=None, report: bool = False,
+                         stimulus_id: str = "compute-task"):
         return ComputeTaskEvent(stimulus_id, key, run_spec, tuple(priority), who_has or {},
-                                nbytes or {}, duration, resource_restrictions)
+                                nbytes or {}, duration, resource_restrictions, report)
 
     def _on_free_keys(self, keys, stimulus_id: str = "free-keys"):
         return FreeKeysEvent(stimulus_id, list(keys))

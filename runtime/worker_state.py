@@ -36,7 +36,7 @@ import heapq
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, MutableMapping
+from collections.abc import Callable, Hashable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -67,6 +67,7 @@ class ComputeTaskEvent(StateMachineEvent):
     nbytes: dict = field(default_factory=dict)
     duration: float = 0.5
     resource_restrictions: dict | None = None
+    report: bool = False
 
 
 @dataclass(slots=True)
@@ -224,7 +225,7 @@ class TaskState:
         "key", "prefix", "state", "run_spec", "priority", "dependencies", "dependents",
         "waiting_for_data", "who_has", "coming_from", "nbytes", "type", "duration",
         "resource_restrictions", "exception", "traceback", "startstops", "previous",
-        "next", "done", "long_running",
+        "next", "done", "long_running", "report",
     )
 
     def __init__(self, key: Key):
@@ -249,6 +250,7 @@ class TaskState:
         self.next: str | None = None  # what to become when a cancelled run ends
         self.done = False
         self.long_running = False
+        self.report = False
 
     def __repr__(self) -> str:
         return f"<TaskState {self.key!r} {self.state}>"
@@ -299,6 +301,7 @@ class WorkerState:
         self.in_flight_tasks: set[TaskState] = set()
         self.missing_dep_flight: set[TaskState] = set()
         self.comm_nbytes = 0
+        self._flight_nbytes: dict[TaskState, int] = {}
         self.executed_count = 0
         self.running = True
         self.log = TransitionLog(transition_log_length)
@@ -375,29 +378,34 @@ class WorkerState:
         func = self.TRANSITIONS.get((start, finish))
         if func is not None:
             recs, instrs = func(ts, stimulus_id, **kwargs)
-        elif finish == "forgotten" and (start, "released") in self.TRANSITIONS:
-            recs, instrs = self.TRANSITIONS[(start, "released")](ts, stimulus_id)
-            self.log.append(ts.key, start, ts.state, recs, stimulus_id, self.clock())
-            if ts.state == "released":
-                recs2, instrs2 = self._released_forgotten(ts, stimulus_id)
-                recs = {**recs, **recs2}
-                instrs = instrs + instrs2
-                start = "released"
-        elif (start, "released") in self.TRANSITIONS and ("released", finish) in self.TRANSITIONS:
+        elif (start, "released") in self.TRANSITIONS and (
+            finish == "forgotten" or ("released", finish) in self.TRANSITIONS
+        ):
+            # Two steps through "released", each logged.
             recs, instrs = self.TRANSITIONS[(start, "released")](ts, stimulus_id)
             recs.pop(ts, None)
-            self.log.append(ts.key, start, ts.state, recs, stimulus_id, self.clock())
+            self._log(ts, start, recs, stimulus_id)
             start = ts.state
             if start == "released":
-                recs2, instrs2 = self.TRANSITIONS[("released", finish)](ts, stimulus_id, **kwargs)
+                second = self._released_forgotten if finish == "forgotten" else self.TRANSITIONS[("released", finish)]
+                recs2, instrs2 = second(ts, stimulus_id, **kwargs)
                 recs = {**recs, **recs2}
                 instrs = instrs + instrs2
+                recs_logged = recs2
+            else:
+                recs_logged = {}
+            self._log(ts, start, recs_logged, stimulus_id)
+            return recs, instrs
         else:
             raise InvalidTransition(ts.key, start, finish, tuple(self.log.story(ts.key)))
-        if ts.state != start:
-            self.log.append(ts.key, start, ts.state, {getattr(k, "key", k): v for k, v in recs.items()},
-                            stimulus_id, self.clock())
+        self._log(ts, start, recs, stimulus_id)
         return recs, instrs
+
+    def _log(self, ts: TaskState, start: str, recs: dict, stimulus_id: str) -> None:
+        if ts.state != start:
+            self.log.append(ts.key, start, ts.state,
+                            {getattr(k, "key", k): (v[0] if isinstance(v, tuple) else v) for k, v in recs.items()},
+                            stimulus_id, self.clock())
 
     def _transitions(self, recs: dict, stimulus_id: str) -> list[Instruction]:
         out: list[Instruction] = []
@@ -437,9 +445,10 @@ class WorkerState:
         ts.priority = ev.priority
         ts.duration = ev.duration
         ts.resource_restrictions = ev.resource_restrictions
+        ts.report = ev.report
         for dep_key, holders in ev.who_has.items():
             dts = self._ensure_task(dep_key, ev.priority)
-            dts.who_has.update(w for w in holders if w != self.address)
+            self._add_holders(dts, holders)
             if ev.nbytes.get(dep_key, -1) >= 0 and dts.nbytes < 0:
                 dts.nbytes = ev.nbytes[dep_key]
             ts.dependencies.add(dts)
@@ -452,12 +461,14 @@ class WorkerState:
 
     def _handle_free_keys(self, ev: FreeKeysEvent) -> tuple[dict, list]:
         recs: dict = {}
+        freed = {self.tasks[k] for k in ev.keys if k in self.tasks}
         for key in ev.keys:
             ts = self.tasks.get(key)
             if ts is None:
                 continue
-            # A dependency still needed by a live task here must stay.
-            if any(d.state not in ("released", "forgotten", "memory", "error") for d in ts.dependents):
+            # A dependency still needed by a task here that has not started must
+            # stay (a running task already holds its inputs).
+            if any(d.state in ("waiting", "ready", "constrained") and d not in freed for d in ts.dependents):
                 if ts.state in ("executing", "long-running", "waiting", "ready", "constrained"):
                     recs[ts] = "released"
                 continue
@@ -505,10 +516,11 @@ class WorkerState:
 
     def _handle_gather_dep_success(self, ev: GatherDepSuccessEvent) -> tuple[dict, list]:
         recs: dict = {}
+        instrs: list = []
         keys = self.in_flight_workers.pop(ev.worker, set())
         for ts in keys:
             self.in_flight_tasks.discard(ts)
-            self.comm_nbytes -= max(ts.nbytes, 0)
+            self.comm_nbytes -= self._flight_nbytes.pop(ts, 0)
             ts.coming_from = None
             if ts.state == "cancelled":
                 recs[ts] = "released"
@@ -517,13 +529,11 @@ class WorkerState:
                     ts.nbytes = ev.nbytes[ts.key]
                 recs[ts] = ("memory", {"value": ev.data[ts.key]})
             else:
-                # The peer did not have it after all.
+                # The peer did not have it after all: tell the scheduler.
                 ts.who_has.discard(ev.worker)
-                if ts.state == "cancelled":
-                    recs[ts] = "released"
-                else:
-                    recs[ts] = "fetch" if ts.who_has else "missing"
-        return recs, []
+                instrs.append(MissingDataMsg(ev.stimulus_id, ts.key, ev.worker))
+                recs[ts] = "fetch" if ts.who_has else "missing"
+        return recs, instrs
 
     def _handle_gather_dep_network_failure(self, ev: GatherDepNetworkFailureEvent) -> tuple[dict, list]:
         recs: dict = {}
@@ -535,7 +545,7 @@ class WorkerState:
         self.data_needed.pop(ev.worker, None)
         for ts in keys:
             self.in_flight_tasks.discard(ts)
-            self.comm_nbytes -= max(ts.nbytes, 0)
+            self.comm_nbytes -= self._flight_nbytes.pop(ts, 0)
             ts.coming_from = None
             instrs.append(MissingDataMsg(ev.stimulus_id, ts.key, ev.worker))
             if ts.state == "cancelled":
@@ -552,11 +562,17 @@ class WorkerState:
         keys = self.in_flight_workers.pop(ev.worker, set())
         for ts in keys:
             self.in_flight_tasks.discard(ts)
-            self.comm_nbytes -= max(ts.nbytes, 0)
+            self.comm_nbytes -= self._flight_nbytes.pop(ts, 0)
             ts.coming_from = None
             ts.exception = ev.exception
             ts.traceback = ev.traceback
             recs[ts] = "released" if ts.state == "cancelled" else "error"
+            # Tasks here that needed it cannot run: they fail with the same error.
+            for dts in ts.dependents:
+                if dts.state == "waiting":
+                    dts.exception = ev.exception
+                    dts.traceback = ev.traceback
+                    recs[dts] = "error"
         return recs, []
 
     def _handle_update_data(self, ev: UpdateDataEvent) -> tuple[dict, list]:
@@ -565,6 +581,9 @@ class WorkerState:
             ts = self._ensure_task(key)
             ts.nbytes = ev.nbytes.get(key, -1)
             if ts.state in ("executing", "long-running", "flight"):
+                continue
+            if ts.state == "memory":
+                self.data[key] = value  # a newer value for the same key
                 continue
             recs[ts] = ("memory", {"value": value})
         return recs, []
@@ -575,21 +594,33 @@ class WorkerState:
             ts = self.tasks.get(key)
             if ts is None:
                 continue
-            ts.who_has = {w for w in holders if w != self.address}
+            holders = {w for w in holders if w != self.address}
+            ts.who_has &= holders
+            self._add_holders(ts, holders)
             if ts.state == "missing" and ts.who_has:
                 recs[ts] = "fetch"
+            elif ts.state == "fetch" and not ts.who_has:
+                recs[ts] = "missing"
         return recs, []
 
     def _handle_acquire_replicas(self, ev: AcquireReplicasEvent) -> tuple[dict, list]:
         recs: dict = {}
         for key, holders in ev.who_has.items():
             ts = self._ensure_task(key, (1,))
-            ts.who_has.update(w for w in holders if w != self.address)
+            self._add_holders(ts, holders)
             if ev.nbytes.get(key, -1) >= 0:
                 ts.nbytes = ev.nbytes[key]
             if ts.state == "released":
                 recs[ts] = "fetch"
         return recs, []
+
+    def _add_holders(self, ts: TaskState, holders: Iterable[str]) -> None:
+        """Learn more peers that hold ``ts``; a key waiting to be fetched queues for them too."""
+        for w in holders:
+            if w != self.address and w not in ts.who_has:
+                ts.who_has.add(w)
+                if ts.state == "fetch":
+                    heapq.heappush(self.data_needed[w], ts)
 
     # ------------------------------------------------------------------ scheduling within the worker
 
@@ -661,10 +692,8 @@ class WorkerState:
         for dts in ts.dependencies:
             if dts.state != "memory":
                 ts.waiting_for_data.add(dts)
-                if dts.state == "released":
-                    recs[dts] = "fetch"
-                elif dts.state == "cancelled" and dts.previous == "flight":
-                    recs[dts] = "fetch"
+                if dts.state in ("released", "cancelled"):
+                    recs[dts] = "fetch"  # a cancelled run or transfer simply resumes
         if not ts.waiting_for_data:
             recs[ts] = "constrained" if ts.resource_restrictions else "ready"
         return recs, []
@@ -698,7 +727,8 @@ class WorkerState:
         ts.state = "flight"
         ts.coming_from = worker
         self.in_flight_tasks.add(ts)
-        self.comm_nbytes += max(ts.nbytes, 0)
+        self._flight_nbytes[ts] = n = max(ts.nbytes, 0)
+        self.comm_nbytes += n
         return {}, []
 
     def _fetch_released(self, ts: TaskState, stimulus_id: str) -> tuple[dict, list]:
@@ -806,10 +836,10 @@ class WorkerState:
 
     def _cancelled_released(self, ts: TaskState, stimulus_id: str) -> tuple[dict, list]:
         if ts.previous in ("executing", "long-running"):
-            self._stop_executing(ts)
             if not ts.done:
-                # The thread is still running: wait for it to come back.
+                # The thread is still running: keep its slot until it comes back.
                 return {}, []
+            self._stop_executing(ts)
         elif ts.previous == "flight" and ts.coming_from is not None:
             return {}, []  # the transfer is still under way
         ts.previous = None

@@ -1,0 +1,58 @@
+"""Test-wide fixtures: every test is checked for leaked processes, threads and ports."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import psutil
+import pytest
+
+
+def _snapshot():
+    proc = psutil.Process()
+    children = {p.pid for p in proc.children(recursive=True)}
+    threads = {t.ident: t.name for t in threading.enumerate()}
+    try:
+        conns = proc.net_connections(kind="inet")
+    except psutil.Error:  # pragma: no cover
+        conns = []
+    listening = {c.laddr for c in conns if c.status == psutil.CONN_LISTEN}
+    established = {(c.laddr, c.raddr) for c in conns if c.status == psutil.CONN_ESTABLISHED}
+    return children, threads, listening, established
+
+
+@pytest.fixture(autouse=True)
+def check_leaks(request):
+    """Fail a test that leaves a child process, thread, listening port or connection behind.
+
+    Things get a few seconds (polled, not slept) to wind down after the test,
+    since closing is asynchronous.
+    """
+    if request.node.get_closest_marker("no_leak_check"):
+        yield
+        return
+    children0, threads0, listening0, established0 = _snapshot()
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        gc.collect()
+        children, threads, listening, established = _snapshot()
+        new_children = children - children0
+        new_threads = {i: n for i, n in threads.items() if i not in threads0}
+        new_listening = listening - listening0
+        new_established = established - established0
+        if not (new_children or new_threads or new_listening or new_established):
+            return
+        if time.monotonic() > deadline:
+            for pid in new_children:
+                try:
+                    psutil.Process(pid).kill()
+                except psutil.Error:
+                    pass
+            pytest.fail(
+                f"test leaked: processes={sorted(new_children)} threads={sorted(new_threads.values())} "
+                f"listening={sorted(new_listening)} connections={len(new_established)}"
+            )
+        time.sleep(0.05)  # polling interval of the deadline loop above, not synchronisation

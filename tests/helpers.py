@@ -1,0 +1,63 @@
+"""Helpers for loopback tests: run coroutines with a deadline, start small clusters."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from contextlib import asynccontextmanager
+
+from runtime import Client, Scheduler, Worker
+
+
+def gen_test(timeout: float = 30):
+    """Run an ``async def`` test in a fresh event loop, failing after ``timeout`` seconds."""
+
+    def decorator(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            async def main():
+                return await asyncio.wait_for(fn(*args, **kwargs), timeout)
+
+            return asyncio.run(main())
+
+        return wrapper
+
+    return decorator
+
+
+@asynccontextmanager
+async def gen_cluster(nworkers: int = 2, nthreads: int = 1, client: bool = True,
+                      worker_kwargs: dict | None = None, scheduler_kwargs: dict | None = None):
+    """A validating scheduler and ``nworkers`` in-process workers on loopback, plus a client."""
+    async with Scheduler(validate=True, **(scheduler_kwargs or {})) as s:
+        workers = [
+            Worker(s.address, nthreads=nthreads, validate=True, name=f"w{i}", **(worker_kwargs or {}))
+            for i in range(nworkers)
+        ]
+        await asyncio.gather(*(w._start() for w in workers))
+        try:
+            if client:
+                async with Client(s.address, asynchronous=True) as c:
+                    yield c, s, workers
+            else:
+                yield None, s, workers
+        finally:
+            await asyncio.gather(*(w.close() for w in workers))
+
+
+async def until(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+    """Wait until ``predicate()`` is true, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def until_sync(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
