@@ -462,7 +462,8 @@ class SchedulerState:
             if ts is not None and ts.state == "memory":
                 self._add_replica(ts, ws)
         for ts in list(self.unrunnable):
-            if self.valid_workers(ts) is None or ws in (self.valid_workers(ts) or ()):
+            valid = self.valid_workers(ts)
+            if valid is None or ws in valid or (ts.loose_restrictions and not valid):
                 recs[ts.key] = "processing"
         return self.transitions(recs, stimulus_id)
 
@@ -488,6 +489,7 @@ class SchedulerState:
         self.idle.pop(address, None)
         self.saturated.discard(ws)
         recs: dict[Key, str] = {}
+        killed: dict[Key, str] = {}
         for ts in list(ws.processing):
             if not safe:
                 ts.suspicious += 1
@@ -495,9 +497,11 @@ class SchedulerState:
             if ts.suspicious > self.allowed_failures:
                 ts.exception = KilledWorker(ts.key, address, self.allowed_failures)
                 ts.traceback = ""
-                recs[ts.key] = "erred"
+                killed[ts.key] = "erred"
             else:
                 recs[ts.key] = "released"  # and from there back to waiting
+        # Fail the killers first, so that no later recommendation revives them.
+        out = self.transitions(killed, stimulus_id) if killed else []
         for ts in list(ws.has_what):
             self._remove_replica(ts, ws)
             if not ts.who_has:
@@ -507,7 +511,8 @@ class SchedulerState:
                     ts.exception = ScatteredDataLost(ts.key)
                     ts.traceback = ""
                     recs[ts.key] = "erred"
-        return self.transitions(recs, stimulus_id)
+        out.extend(self.transitions(recs, stimulus_id))
+        return out
 
     def worker_heartbeat(self, address: str, metrics: dict | None = None) -> bool:
         ws = self.workers.get(address)
@@ -572,6 +577,8 @@ class SchedulerState:
             elif ts.run_spec is None and spec is not None and ts.state in ("released", "erred"):
                 ts.run_spec = spec
                 new.append(ts)
+                if ts.state == "erred":  # an unknown dependency that now has a recipe
+                    recs[key] = "released"
             elif ts.state == "erred" and ts.exception_blame is ts:
                 # Resubmission of a failed task: try again.
                 new.append(ts)
@@ -604,7 +611,7 @@ class SchedulerState:
             cs.wants_what.add(ts)
             if ts.state == "memory":
                 out.append(KeyInMemoryMsg(stimulus_id, client, ts.key, ts.type or "", [w.address for w in ts.who_has]))
-            elif ts.state == "erred":
+            elif ts.state == "erred" and key not in recs:  # (else: being tried again)
                 blame = ts.exception_blame or ts
                 out.append(TaskErredClientMsg(stimulus_id, client, ts.key, blame.exception,
                                               blame.traceback or "", ""))
@@ -763,7 +770,11 @@ class SchedulerState:
             ts.who_wants.clear()
             for c in wanters:
                 out.append(CancelledKeyMsg(stimulus_id, c, key, "cancelled"))
-            out.extend(self.transitions({key: "forgotten"}, stimulus_id))
+            if not ts.dependents:
+                out.extend(self.transitions({key: "forgotten"}, stimulus_id))
+            elif not ts.waiters:
+                # Kept for other dependents (of other clients) that are done with it.
+                out.extend(self.transitions({key: "released"}, stimulus_id))
         elif cs in ts.who_wants:
             out.append(CancelledKeyMsg(stimulus_id, client, key, "cancelled"))
             out.extend(self.client_releases_keys([key], client, stimulus_id))
@@ -779,16 +790,18 @@ class SchedulerState:
         types = types or {}
         out: list[Msg] = []
         for key, workers in who_has.items():
+            wss = [self.workers[w] for w in workers if w in self.workers]
+            if not wss:
+                continue
             ts = self.tasks.get(key)
             if ts is None:
                 ts = self.tasks[key] = TaskState(key, None)
                 ts.priority = (0, next(self._priority_counter))
-            wss = [self.workers[w] for w in workers if w in self.workers]
-            if not wss:
-                continue
             if ts.state != "memory":
                 if ts.state not in ("released", "waiting"):
-                    out.extend(self.transitions(self.transition(key, "released", stimulus_id), stimulus_id))
+                    recs = self.transition(key, "released", stimulus_id)
+                    recs.pop(key, None)  # it goes to memory instead
+                    out.extend(self.transitions(recs, stimulus_id))
                 ts.nbytes = nbytes.get(key, -1)
                 ts.type = types.get(key, "")
                 recs = self.transition(key, "memory", stimulus_id, workers=wss)
@@ -1056,12 +1069,18 @@ class SchedulerState:
         ts.waiting_on.clear()
         recs: dict[Key, str] = {}
         if ts.who_wants or ts.waiters:
+            # Still needed: it goes back to waiting and needs its inputs again.
             recs[ts.key] = "waiting"
-        elif not ts.dependents:
+            return recs
+        if not ts.dependents:
             recs[ts.key] = "forgotten"
         for dts in ts.dependencies:
-            if not dts.waiters and not dts.who_wants and dts.state in ("memory", "erred", "waiting", "queued", "no-worker", "processing"):
-                recs[dts.key] = "released" if dts.dependents - {ts} else "forgotten"
+            # Inputs nobody else waits for stop using memory or workers; they are
+            # forgotten once their last dependent is.
+            if not dts.waiters and not dts.who_wants and dts.state in (
+                "memory", "erred", "waiting", "queued", "no-worker", "processing"
+            ):
+                recs[dts.key] = "released"
         return recs
 
     def _waiting_released(self, ts: TaskState, stimulus_id: str) -> dict:
@@ -1081,9 +1100,9 @@ class SchedulerState:
         for cs in ts.who_wants:
             self._instructions.append(LostDataMsg(stimulus_id, cs.client_key, ts.key))
         for dts in ts.dependents:
-            if dts.state in ("waiting", "queued", "no-worker"):
+            if dts.state == "waiting":
                 dts.waiting_on.add(ts)
-            elif dts.state == "processing":
+            elif dts.state in ("processing", "no-worker"):
                 # Its input is gone: place it again once the input is back.
                 recs[dts.key] = "waiting"
         recs.update(self._released_common(ts))
@@ -1100,6 +1119,8 @@ class SchedulerState:
         return recs
 
     def _released_forgotten(self, ts: TaskState, stimulus_id: str) -> dict:
+        if ts.dependents or ts.who_wants or ts.waiters:
+            return {}  # needed again since this was recommended: stay released
         recs: dict[Key, str] = {}
         for dts in ts.dependencies:
             dts.dependents.discard(ts)
