@@ -1,0 +1,137 @@
+"""Placement policy of the scheduler: which worker runs a task, and when.
+
+A mixin of :class:`runtime.scheduler_state.SchedulerState` (pure, no IO); see
+that module's docstring for the policy in words.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+from .scheduler_records import TaskState, WorkerState
+
+#: Expected duration of a task whose prefix we have never seen run.
+DEFAULT_TASK_DURATION = 0.5
+#: Expected queued work per worker thread below which it accepts more tasks.
+SATURATION_SECONDS = 0.05
+#: Never hold more than this many tasks per thread on one worker.
+MAX_TASKS_PER_THREAD = 1000
+#: Assumed network bandwidth (bytes/s) for transfer-cost estimates.
+BANDWIDTH = 100e6
+
+
+class PlacementMixin:
+    """Worker choice, restrictions and saturation for :class:`SchedulerState`."""
+
+    # ------------------------------------------------------------------ placement
+
+    def valid_workers(self, ts: TaskState) -> set[WorkerState] | None:
+        """Workers allowed to run ``ts``; ``None`` means any worker.
+
+        Applies worker, host and resource restrictions.
+        """
+        s: set[WorkerState] | None = None
+        if ts.worker_restrictions:
+            s = {self.workers[w] for w in ts.worker_restrictions if w in self.workers}
+        if ts.host_restrictions:
+            hs = {self.workers[a] for h in ts.host_restrictions
+                  for a in self.host_info.get(h, {}).get("addresses", ())}
+            s = hs if s is None else s | hs
+        if ts.resource_restrictions:
+            rs = {ws for ws in self.workers.values()
+                  if all(ws.resources.get(r, 0) >= q for r, q in ts.resource_restrictions.items())}
+            s = rs if s is None else s & rs
+        if s is None:
+            return None
+        return {ws for ws in s if ws.status == "running"}
+
+    def _running_workers(self) -> list[WorkerState]:
+        return [ws for ws in self.workers.values() if ws.status == "running"]
+
+    def decide_worker(self, ts: TaskState) -> WorkerState | None:
+        """The worker that should run ``ts``, or ``None`` if none can."""
+        valid = self.valid_workers(ts)
+        if valid is not None and not valid and ts.loose_restrictions:
+            valid = None
+            if ts.resource_restrictions:
+                valid = {ws for ws in self._running_workers()
+                         if all(ws.resources.get(r, 0) >= q for r, q in ts.resource_restrictions.items())}
+        if valid is None:
+            candidates: Iterable[WorkerState]
+            holders = {ws for dts in ts.dependencies for ws in dts.who_has if ws.status == "running"}
+            if holders and len(holders) < len(self.workers):
+                candidates = holders
+            else:
+                candidates = self._running_workers()
+        else:
+            candidates = valid
+        best = None
+        best_obj = None
+        for ws in candidates:
+            obj = self.worker_objective(ts, ws)
+            if best_obj is None or obj < best_obj:
+                best, best_obj = ws, obj
+        return best
+
+    def worker_objective(self, ts: TaskState, ws: WorkerState) -> tuple:
+        """Expected start time of ``ts`` on ``ws`` (queue wait + transfer), ties by stored bytes."""
+        return (ws.occupancy / ws.nthreads + self.get_comm_cost(ts, ws), ws.nbytes)
+
+    def get_comm_cost(self, ts: TaskState, ws: WorkerState) -> float:
+        """Seconds to move the dependencies of ``ts`` that ``ws`` lacks."""
+        nbytes = sum(dts.get_nbytes() for dts in ts.dependencies if ws not in dts.who_has)
+        return nbytes / BANDWIDTH
+
+    def get_task_duration(self, ts: TaskState, default: float = DEFAULT_TASK_DURATION) -> float:
+        """Expected compute time of ``ts``, from what its prefix took before."""
+        return self.task_duration.get(ts.prefix, default)
+
+    def _ready_target(self, ts: TaskState) -> str:
+        if not ts.dependencies and not (ts.worker_restrictions or ts.host_restrictions or ts.resource_restrictions):
+            return "queued"
+        return "processing"
+
+    def _fill_workers(self, stimulus_id: str) -> None:
+        """Hand queued tasks to workers with room, highest priority first."""
+        queue = self.queued
+        if not queue:
+            return
+        while queue:
+            candidates = [ws for ws in self.workers.values() if ws.status == "running" and self._has_room(ws)]
+            if not candidates:
+                return
+            progressed = False
+            for ws in sorted(candidates, key=lambda w: w.occupancy / w.nthreads):
+                while queue and self._has_room(ws):
+                    _, _, ts = heapq.heappop(queue)
+                    if ts.state != "queued":
+                        continue
+                    self.transition(ts.key, "processing", stimulus_id, worker=ws)
+                    progressed = True
+                    # Enough for now: spread the queue across workers.
+                    if len(ws.processing) >= 2 * ws.nthreads and len(candidates) > 1:
+                        break
+            if not progressed:
+                return
+
+    def check_idle_saturated(self, ws: WorkerState) -> None:
+        """Keep the ``idle`` and ``saturated`` sets up to date for one worker."""
+        if ws.status != "running":
+            self.idle.pop(ws.address, None)
+            self.saturated.discard(ws)
+            return
+        if len(ws.processing) < ws.nthreads:
+            self.idle[ws.address] = ws
+        else:
+            self.idle.pop(ws.address, None)
+        if self._has_room(ws):
+            self.saturated.discard(ws)
+        else:
+            self.saturated.add(ws)
+
+    def _has_room(self, ws: WorkerState) -> bool:
+        n = len(ws.processing) - len(ws.long_running)
+        if n < 2 * ws.nthreads:
+            return True
+        return n < MAX_TASKS_PER_THREAD * ws.nthreads and ws.occupancy < SATURATION_SECONDS * ws.nthreads

@@ -1,0 +1,183 @@
+"""Events and instructions of the worker's state machine.
+
+Events are facts the IO shell reports (``...Event``); instructions are what the
+state machine asks it to do (``Execute``, ``GatherDep``) or to send to the
+scheduler (``...Msg``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .statemachine import Instruction, Msg
+
+Key = Hashable
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass(slots=True)
+class StateMachineEvent:
+    handler: ClassVar[str] = ""
+    stimulus_id: str
+
+
+@dataclass(slots=True)
+class ComputeTaskEvent(StateMachineEvent):
+    handler = "_handle_compute_task"
+    key: Key
+    run_spec: bytes | None
+    priority: tuple = ()
+    who_has: dict = field(default_factory=dict)
+    nbytes: dict = field(default_factory=dict)
+    duration: float = 0.5
+    resource_restrictions: dict | None = None
+    report: bool = False
+
+
+@dataclass(slots=True)
+class FreeKeysEvent(StateMachineEvent):
+    handler = "_handle_free_keys"
+    keys: list
+
+
+@dataclass(slots=True)
+class ExecuteSuccessEvent(StateMachineEvent):
+    handler = "_handle_execute_success"
+    key: Key
+    value: Any
+    start: float
+    stop: float
+    nbytes: int
+    type: str
+
+
+@dataclass(slots=True)
+class ExecuteFailureEvent(StateMachineEvent):
+    handler = "_handle_execute_failure"
+    key: Key
+    exception: Any
+    traceback: str
+    start: float
+    stop: float
+
+
+@dataclass(slots=True)
+class RescheduleEvent(StateMachineEvent):
+    handler = "_handle_reschedule"
+    key: Key
+
+
+@dataclass(slots=True)
+class SecedeEvent(StateMachineEvent):
+    handler = "_handle_secede"
+    key: Key
+    compute_duration: float
+
+
+@dataclass(slots=True)
+class GatherDepSuccessEvent(StateMachineEvent):
+    handler = "_handle_gather_dep_success"
+    worker: str
+    data: dict
+    nbytes: dict
+
+
+@dataclass(slots=True)
+class GatherDepNetworkFailureEvent(StateMachineEvent):
+    handler = "_handle_gather_dep_network_failure"
+    worker: str
+    keys: list
+
+
+@dataclass(slots=True)
+class GatherDepFailureEvent(StateMachineEvent):
+    """The peer answered, but the data could not be used (e.g. unpickling failed)."""
+
+    handler = "_handle_gather_dep_failure"
+    worker: str
+    keys: list
+    exception: Any
+    traceback: str
+
+
+@dataclass(slots=True)
+class UpdateDataEvent(StateMachineEvent):
+    handler = "_handle_update_data"
+    data: dict
+    nbytes: dict
+
+
+@dataclass(slots=True)
+class RefreshWhoHasEvent(StateMachineEvent):
+    handler = "_handle_refresh_who_has"
+    who_has: dict
+
+
+@dataclass(slots=True)
+class AcquireReplicasEvent(StateMachineEvent):
+    handler = "_handle_acquire_replicas"
+    who_has: dict
+    nbytes: dict
+
+
+# ----------------------------------------------------------------------------- instructions
+
+
+@dataclass(slots=True)
+class Execute(Instruction):
+    key: Key
+
+
+@dataclass(slots=True)
+class GatherDep(Instruction):
+    worker: str
+    keys: set
+    total_nbytes: int
+
+
+@dataclass(slots=True)
+class TaskFinishedMsg(Msg):
+    op = "task-finished"
+    key: Key
+    nbytes: int
+    type: str
+    startstops: list
+
+
+@dataclass(slots=True)
+class TaskErredMsg(Msg):
+    op = "task-erred"
+    key: Key
+    exception: Any
+    traceback: str
+    startstops: list
+
+
+@dataclass(slots=True)
+class AddKeysMsg(Msg):
+    op = "add-keys"
+    keys: list
+
+
+@dataclass(slots=True)
+class MissingDataMsg(Msg):
+    op = "missing-data"
+    key: Key
+    errant_worker: str | None
+
+
+@dataclass(slots=True)
+class RescheduleMsg(Msg):
+    op = "reschedule"
+    key: Key
+
+
+@dataclass(slots=True)
+class LongRunningMsg(Msg):
+    op = "long-running"
+    key: Key
+    compute_duration: float
