@@ -37,11 +37,12 @@ from typing import Any
 from .comm import connect
 from .comm.serialize import dumps_function
 from .core import BatchedSend, ConnectionPool, unpack_reply
-from .errors import ClusterError, CommClosedError, CommError, TaskSerializationError
-from .execution import TaskRef, dumps_args
+from .errors import ClusterError, CommClosedError, CommError
+from .execution import dumps_args
 from .futures import Future, FutureState
+from .graph import collect_futures, graph_msg, substitute_results, task_piece
 from .loop import loop_runner, sync
-from .utils import funcname, parse_timedelta, validate_key
+from .utils import parse_timedelta, validate_key
 
 logger = logging.getLogger(__name__)
 
@@ -427,57 +428,6 @@ class Client:
             self._function_cache[func] = cached
         return cached
 
-    def _replace_futures(self, obj: Any, deps: set) -> Any:
-        t = type(obj)
-        if t is Future or isinstance(obj, Future):
-            if obj.client is not self:
-                raise ValueError(f"the future {obj.key!r} belongs to another client ({obj.client.id}); "
-                                 "futures cannot be shared between clients")
-            deps.add(obj.key)
-            return TaskRef(obj.key)
-        if t is list or t is tuple or t is set:
-            if not obj:
-                return obj
-            return t(self._replace_futures(o, deps) for o in obj)
-        if t is dict:
-            if not obj:
-                return obj
-            return {k: self._replace_futures(v, deps) for k, v in obj.items()}
-        return obj
-
-    def _task_piece(self, func: Callable, func_b: bytes, args: tuple, kwargs: dict, key: Key | None,
-                    pure: bool, workers, resources, retries, priority, allow_other_workers) -> tuple[Key, dict]:
-        deps: set = set()
-        args2 = self._replace_futures(args, deps) if args else args
-        kwargs2 = self._replace_futures(kwargs, deps) if kwargs else kwargs
-        try:
-            args_b = dumps_args(args2, kwargs2)
-        except Exception as e:
-            what = "arguments"
-            for i, a in enumerate(args):
-                try:
-                    dumps_args((a,), {})
-                except Exception:
-                    what = f"argument {i} ({type(a).__name__})"
-                    break
-            else:
-                for k, v in kwargs.items():
-                    try:
-                        dumps_args((), {k: v})
-                    except Exception:
-                        what = f"keyword argument {k!r} ({type(v).__name__})"
-                        break
-            raise TaskSerializationError(f"{what} of {funcname(func)}", f"{type(e).__name__}: {e}") from e
-        if key is None:
-            if pure:
-                token = hashlib.md5(func_b + args_b, usedforsecurity=False).hexdigest()
-            else:
-                token = uuid.uuid4().hex
-            key = f"{funcname(func)}-{token}"
-        else:
-            validate_key(key)
-        return key, {"spec": (func_b, args_b), "deps": deps}
-
     def submit(self, func: Callable, *args, key: Key | None = None, workers=None, resources=None,
                retries: int | None = None, priority: int = 0, fifo_timeout="100 ms",
                allow_other_workers: bool = False, actor: bool = False, actors: bool = False,
@@ -506,15 +456,14 @@ class Client:
         self._check_running()
         pure = True if pure is None else pure
         func_b = self._serialize_function(func)
-        key, piece = self._task_piece(func, func_b, args, kwargs, key, pure, workers, resources,
-                                      retries, priority, allow_other_workers)
+        key, piece = task_piece(self, func, func_b, args, kwargs, key, pure)
         st = self._get_state(key)
         if st.status in ("cancelled", "lost"):
             st.status = "pending"
             if st._event is not None:
                 self._on_loop(st.event.clear)
         future = Future(key, self, st)
-        self._send(self._graph_msg({key: piece}, [key], workers, resources, retries, priority,
+        self._send(graph_msg({key: piece}, [key], workers, resources, retries, priority,
                                    allow_other_workers))
         return future
 
@@ -544,39 +493,15 @@ class Client:
         pieces: dict = {}
         order = []
         for args, k in zip(items, keys, strict=True):
-            k, piece = self._task_piece(func, func_b, args, kwargs, k, pure, workers, resources,
-                                        retries, priority, allow_other_workers)
+            k, piece = task_piece(self, func, func_b, args, kwargs, k, pure)
             if isinstance(key, str):
                 k = f"{key}-{k.rsplit('-', 1)[-1]}"
             pieces[k] = piece
             order.append(k)
         futures = [Future(k, self) for k in order]
-        self._send(self._graph_msg(pieces, list(pieces), workers, resources, retries, priority,
+        self._send(graph_msg(pieces, list(pieces), workers, resources, retries, priority,
                                    allow_other_workers))
         return futures
-
-    def _graph_msg(self, pieces: dict, keys: list, workers, resources, retries, priority,
-                   allow_other_workers) -> dict:
-        if isinstance(workers, str):
-            workers = [workers]
-        tasks = {}
-        dependencies = {}
-        for k, p in pieces.items():
-            tasks[k] = p["spec"]
-            if p["deps"]:
-                dependencies[k] = list(p["deps"])
-        restrictions = {k: list(workers) for k in pieces} if workers else {}
-        return {
-            "op": "update-graph",
-            "tasks": tasks,
-            "keys": keys,
-            "dependencies": dependencies,
-            "restrictions": restrictions,
-            "loose_restrictions": list(pieces) if (workers and allow_other_workers) else [],
-            "resources": {k: dict(resources) for k in pieces} if resources else {},
-            "retries": {k: int(retries) for k in pieces} if retries else {},
-            "user_priority": {k: priority for k in pieces} if priority else {},
-        }
 
     def _check_running(self) -> None:
         if self.status not in ("running",):
@@ -602,7 +527,7 @@ class Client:
 
     async def _gather(self, futures, errors: str = "raise", direct: bool | None = None):
         flat: list[Future] = []
-        _collect_futures(futures, flat)
+        collect_futures(futures, flat)
         while True:
             for f in flat:
                 st = f._state
@@ -615,7 +540,7 @@ class Client:
             data = await (self._gather_keys(keys) if direct else self._gather_via_scheduler(keys))
             if all(k in data for k in keys):
                 break
-        return _substitute_results(futures, data, errors)
+        return substitute_results(futures, data, errors)
 
     async def _gather_keys(self, keys: list) -> dict:
         """Fetch ``keys`` from the workers that hold them; keys that vanished are left out."""
@@ -852,29 +777,3 @@ def _unpack(futures) -> list:
     if isinstance(futures, Future):
         return [futures]
     return list(futures)
-
-
-def _collect_futures(obj, out: list) -> None:
-    if isinstance(obj, Future):
-        out.append(obj)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for o in obj:
-            _collect_futures(o, out)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            _collect_futures(o, out)
-    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
-        raise TypeError("gather takes futures, or lists, tuples, sets or dicts of them")
-
-
-def _substitute_results(obj, data: dict, errors: str):
-    if isinstance(obj, Future):
-        return data[obj.key]
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        vals = [_substitute_results(o, data, errors) for o in obj
-                if not (isinstance(o, Future) and errors == "skip" and o.key not in data)]
-        return type(obj)(vals)
-    if isinstance(obj, dict):
-        return {k: _substitute_results(v, data, errors) for k, v in obj.items()
-                if not (isinstance(v, Future) and errors == "skip" and v.key not in data)}
-    return obj

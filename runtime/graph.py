@@ -1,0 +1,135 @@
+"""Turning calls into task recipes and graph messages, and results back into structures.
+
+A call ``func(*args, **kwargs)`` becomes a recipe ``(function_bytes,
+arguments_bytes)`` with futures among the arguments replaced by
+:class:`TaskRef` placeholders; those futures' keys are the task's
+dependencies.  Pure calls get a key from a hash of the recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from .errors import TaskSerializationError
+from .execution import TaskRef, dumps_args
+from .futures import Future
+from .utils import funcname, validate_key
+
+Key = Hashable
+
+
+def replace_futures(client: Any, obj: Any, deps: set) -> Any:
+    """``obj`` with every Future of ``client`` (also nested) replaced by a ``TaskRef``; collects keys in ``deps``.
+
+    Raises:
+        ValueError: a future belongs to another client.
+    """
+    t = type(obj)
+    if t is Future or isinstance(obj, Future):
+        if obj.client is not client:
+            raise ValueError(f"the future {obj.key!r} belongs to another client ({obj.client.id}); "
+                             "futures cannot be shared between clients")
+        deps.add(obj.key)
+        return TaskRef(obj.key)
+    if t is list or t is tuple or t is set:
+        if not obj:
+            return obj
+        return t(replace_futures(client, o, deps) for o in obj)
+    if t is dict:
+        if not obj:
+            return obj
+        return {k: replace_futures(client, v, deps) for k, v in obj.items()}
+    return obj
+
+
+def task_piece(client: Any, func: Callable, func_b: bytes, args: tuple, kwargs: dict, key: Key | None,
+               pure: bool) -> tuple[Key, dict]:
+    """The key and ``{"spec": recipe, "deps": keys}`` of one call.
+
+    Raises:
+        TaskSerializationError: naming the argument that would not pickle.
+        TypeError: a given key of the wrong type.
+    """
+    deps: set = set()
+    args2 = replace_futures(client, args, deps) if args else args
+    kwargs2 = replace_futures(client, kwargs, deps) if kwargs else kwargs
+    try:
+        args_b = dumps_args(args2, kwargs2)
+    except Exception as e:
+        what = "arguments"
+        for i, a in enumerate(args):
+            try:
+                dumps_args((a,), {})
+            except Exception:
+                what = f"argument {i} ({type(a).__name__})"
+                break
+        else:
+            for k, v in kwargs.items():
+                try:
+                    dumps_args((), {k: v})
+                except Exception:
+                    what = f"keyword argument {k!r} ({type(v).__name__})"
+                    break
+        raise TaskSerializationError(f"{what} of {funcname(func)}", f"{type(e).__name__}: {e}") from e
+    if key is None:
+        if pure:
+            token = hashlib.md5(func_b + args_b, usedforsecurity=False).hexdigest()
+        else:
+            token = uuid.uuid4().hex
+        key = f"{funcname(func)}-{token}"
+    else:
+        validate_key(key)
+    return key, {"spec": (func_b, args_b), "deps": deps}
+
+
+def graph_msg(pieces: dict, keys: list, workers, resources, retries, priority,
+               allow_other_workers) -> dict:
+    if isinstance(workers, str):
+        workers = [workers]
+    tasks = {}
+    dependencies = {}
+    for k, p in pieces.items():
+        tasks[k] = p["spec"]
+        if p["deps"]:
+            dependencies[k] = list(p["deps"])
+    restrictions = {k: list(workers) for k in pieces} if workers else {}
+    return {
+        "op": "update-graph",
+        "tasks": tasks,
+        "keys": keys,
+        "dependencies": dependencies,
+        "restrictions": restrictions,
+        "loose_restrictions": list(pieces) if (workers and allow_other_workers) else [],
+        "resources": {k: dict(resources) for k in pieces} if resources else {},
+        "retries": {k: int(retries) for k in pieces} if retries else {},
+        "user_priority": {k: priority for k in pieces} if priority else {},
+    }
+
+
+def collect_futures(obj, out: list) -> None:
+    if isinstance(obj, Future):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for o in obj:
+            collect_futures(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            collect_futures(o, out)
+    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+        raise TypeError("gather takes futures, or lists, tuples, sets or dicts of them")
+
+
+def substitute_results(obj, data: dict, errors: str):
+    if isinstance(obj, Future):
+        return data[obj.key]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        vals = [substitute_results(o, data, errors) for o in obj
+                if not (isinstance(o, Future) and errors == "skip" and o.key not in data)]
+        return type(obj)(vals)
+    if isinstance(obj, dict):
+        return {k: substitute_results(v, data, errors) for k, v in obj.items()
+                if not (isinstance(v, Future) and errors == "skip" and v.key not in data)}
+    return obj
