@@ -292,6 +292,9 @@ class Client:
         if self.status == "closed":
             return
         self.status = "closing"
+        for st in list(self.futures.values()):
+            if not st.done():
+                st.cancel()  # nobody will report on them any more
         bs = self.scheduler_comm
         if bs is not None and not bs.closed:
             self._flush_outbox()
@@ -695,7 +698,7 @@ class Client:
         await self.rpc.call(self._address, "cancel", keys=keys, client=self.id, force=force)
         for k in keys:
             st = self.futures.get(k)
-            if st is not None and not st.done():
+            if st is not None and st.status != "cancelled":
                 st.cancel()
 
     def _scheduler_call(self, op: str, **kwargs):
@@ -738,7 +741,21 @@ class Client:
             raise ValueError(f"on_error={on_error!r}: accepted values are 'raise', 'return', 'ignore'")
         msg = {"op": "run", "function": dumps_function(function), "args": dumps_args(args, kwargs),
                "wait": wait}
-        return self._scheduler_call("broadcast", msg=msg, workers=workers, nanny=nanny)
+
+        async def call():
+            results = await self.rpc.call(self._address, "broadcast", msg=msg, workers=workers,
+                                          nanny=nanny, return_exceptions=True)
+            out = {}
+            for addr, r in results.items():
+                if isinstance(r, BaseException):
+                    if on_error == "raise":
+                        raise r
+                    if on_error == "ignore":
+                        continue
+                out[addr] = r
+            return out
+
+        return self.sync(call)
 
     def run_on_scheduler(self, function: Callable, *args, **kwargs):
         """Run ``function(*args, **kwargs)`` in the scheduler's process and return its result."""

@@ -120,6 +120,8 @@ def sync(loop: asyncio.AbstractEventLoop, func: Callable[..., Awaitable[T]], *ar
     try:
         return fut.result(timeout)
     except concurrent.futures.TimeoutError:
+        if fut.done():
+            raise  # the coroutine's own timeout, with its own message
         fut.cancel()
         raise ClusterTimeoutError(f"operation did not finish within {timeout}s") from None
 

@@ -646,8 +646,12 @@ class Scheduler(Server):
 
     async def broadcast(self, msg: dict | None = None, workers: Iterable[str] | None = None,
                         hosts: Iterable[str] | None = None, nanny: bool = False,
-                        serializers=None) -> dict:
-        """Send ``msg`` to workers (all by default) and return ``{address: reply}``."""
+                        serializers=None, return_exceptions: bool = False) -> dict:
+        """Send ``msg`` to workers (all by default) and return ``{address: reply}``.
+
+        With ``return_exceptions`` a worker's error is its reply instead of
+        being raised.
+        """
         msg = dict(msg or {})
         if workers is None and hosts is None:
             targets = list(self.state.workers)
@@ -663,7 +667,15 @@ class Scheduler(Server):
                 target = self.state.workers[addr].nanny
             return addr, await self.rpc.call(target, op, **msg)
 
-        results = await asyncio.gather(*(one(a) for a in targets))
+        async def guarded(addr: str):
+            try:
+                return await one(addr)
+            except Exception as e:
+                if not return_exceptions:
+                    raise
+                return addr, e
+
+        results = await asyncio.gather(*(guarded(a) for a in targets))
         return dict(results)
 
     async def run_function(self, function: bytes, args: bytes | tuple = (), kwargs: dict | None = None,

@@ -35,8 +35,10 @@ class PlacementMixin:
         if ts.worker_restrictions:
             s = {self.workers[w] for w in ts.worker_restrictions if w in self.workers}
         if ts.host_restrictions:
+            # A name not known when the task arrived may be a worker that joined since.
             hs = {self.workers[a] for h in ts.host_restrictions
                   for a in self.host_info.get(h, {}).get("addresses", ())}
+            hs.update(self.workers[self.aliases[h]] for h in ts.host_restrictions if h in self.aliases)
             s = hs if s is None else s | hs
         if ts.resource_restrictions:
             rs = {ws for ws in self.workers.values()
@@ -101,19 +103,17 @@ class PlacementMixin:
             candidates = [ws for ws in self.workers.values() if ws.status == "running" and self._has_room(ws)]
             if not candidates:
                 return
-            progressed = False
-            for ws in sorted(candidates, key=lambda w: w.occupancy / w.nthreads):
-                while queue and self._has_room(ws):
+            # One task per worker per pass, least loaded first, so that a burst
+            # spreads over idle workers instead of piling onto the first.
+            candidates.sort(key=lambda w: (len(w.processing) / w.nthreads, w.occupancy / w.nthreads))
+            for ws in candidates:
+                while queue:
                     _, _, ts = heapq.heappop(queue)
-                    if ts.state != "queued":
-                        continue
-                    self.transition(ts.key, "processing", stimulus_id, worker=ws)
-                    progressed = True
-                    # Enough for now: spread the queue across workers.
-                    if len(ws.processing) >= 2 * ws.nthreads and len(candidates) > 1:
+                    if ts.state == "queued":
                         break
-            if not progressed:
-                return
+                else:
+                    return
+                self.transition(ts.key, "processing", stimulus_id, worker=ws)
 
     def check_idle_saturated(self, ws: WorkerState) -> None:
         """Keep the ``idle`` and ``saturated`` sets up to date for one worker."""

@@ -412,6 +412,11 @@ class StimuliMixin:
             if ts is None:
                 ts = self.tasks[key] = TaskState(key, None)
                 ts.priority = (0, next(self._priority_counter))
+            if client is not None:
+                # Wanted before it lands, so that landing reports it to the client.
+                cs = self.add_client(client)
+                ts.who_wants.add(cs)
+                cs.wants_what.add(ts)
             if ts.state != "memory":
                 if ts.state not in ("released", "waiting"):
                     recs = self.transition(key, "released", stimulus_id)
@@ -424,10 +429,9 @@ class StimuliMixin:
             else:
                 for ws in wss:
                     self._add_replica(ts, ws)
-            if client is not None:
-                cs = self.add_client(client)
-                ts.who_wants.add(cs)
-                cs.wants_what.add(ts)
+                if client is not None:
+                    out.append(KeyInMemoryMsg(stimulus_id, client, ts.key, ts.type or "",
+                                              [w.address for w in ts.who_has]))
         if self.validate:
             self.validate_state()
         return out
