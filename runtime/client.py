@@ -35,7 +35,7 @@ from contextlib import suppress
 from typing import Any
 
 from .comm import connect
-from .comm.serialize import dumps_function
+from .comm.serialize import box_large, dumps_function
 from .core import BatchedSend, ConnectionPool, unpack_reply
 from .errors import ClusterError, CommClosedError, CommError
 from .execution import dumps_args
@@ -670,7 +670,8 @@ class Client:
             await self.rpc.call(self._address, "update_data", who_has=who_has, nbytes=nbytes,
                                 client=self.id, types=types)
         else:
-            await self.rpc.call(self._address, "scatter", data=keyed, workers=workers, client=self.id,
+            await self.rpc.call(self._address, "scatter", data={k: box_large(v) for k, v in keyed.items()},
+                                workers=workers, client=self.id,
                                 broadcast=broadcast, timeout=timeout)
         for f in futures.values():
             await f._state.wait(parse_timedelta(timeout))

@@ -56,6 +56,9 @@ class ConnectionTimeoutError(CommError, TimeoutError):
 
     def __init__(self, address: str, timeout: float, reason: str = ""):
         super().__init__(address, timeout, reason)
+        # OSError (via TimeoutError) keeps only two of three args: restore them
+        # so that the error pickles with its reason.
+        self.args = (address, timeout, reason)
         self.address = address
         self.timeout = timeout
         self.reason = reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 from collections.abc import Hashable
@@ -68,14 +69,20 @@ def parse_bytes(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"invalid size {value!r}: expected a number of bytes or a string like '4GB'")
     if isinstance(value, (int, float)):
-        return int(value)
-    m = _NUM_UNIT.match(str(value))
-    if m is None or m.group(2).lower() not in _BYTE_UNITS:
-        raise ValueError(
-            f"invalid size {value!r}: expected a number followed by one of "
-            f"{', '.join(sorted(u for u in _BYTE_UNITS if u))}"
-        )
-    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+        number = float(value)
+        unit = 1
+    else:
+        m = _NUM_UNIT.match(str(value))
+        if m is None or m.group(2).lower() not in _BYTE_UNITS:
+            raise ValueError(
+                f"invalid size {value!r}: expected a number followed by one of "
+                f"{', '.join(sorted(u for u in _BYTE_UNITS if u))}"
+            )
+        number, unit = float(m.group(1)), _BYTE_UNITS[m.group(2).lower()]
+    result = number * unit
+    if not math.isfinite(result):
+        raise ValueError(f"invalid size {value!r}: not a finite number of bytes")
+    return int(result)
 
 
 def parse_timedelta(value: int | float | str | None, default: str = "s") -> float | None:
@@ -96,10 +103,10 @@ def parse_timedelta(value: int | float | str | None, default: str = "s") -> floa
     text = str(value).strip()
     if ":" in text:
         days = 0
-        if "-" in text:
-            d, text = text.split("-", 1)
-            days = int(d)
         try:
+            if "-" in text:
+                d, text = text.split("-", 1)
+                days = int(d)
             parts = [float(p) for p in text.split(":")]
         except ValueError:
             raise ValueError(f"invalid duration {value!r}: expected [D-]HH:MM:SS") from None
@@ -156,8 +163,12 @@ def parse_host_port(location: str, default_port: int | None = None) -> tuple[str
         AddressError: when the port is missing (and no default) or not a number.
     """
     if location.startswith("["):
-        host, _, rest = location[1:].partition("]")
-        port_s = rest[1:] if rest.startswith(":") else ""
+        host, closed, rest = location[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise AddressError(f"invalid address {location!r}: expected '[ipv6]' or '[ipv6]:port'")
+        port_s = rest[1:]
+    elif location.count(":") > 1:
+        raise AddressError(f"invalid address {location!r}: write IPv6 hosts in brackets, '[::1]:8786'")
     else:
         host, sep, port_s = location.rpartition(":")
         if not sep:

@@ -101,6 +101,9 @@ class InprocComm(Comm):
         if self._closed:
             raise CommClosedError(f"{self._peer}: comm closed")
         frames = dumps(msg)
+        if len(frames) > 1:
+            # Like a socket, the receiver must not share the sender's buffers.
+            frames = [frames[0], *(bytearray(f) for f in frames[1:])]
         self._out.put(frames)
         return sum(len(memoryview(f).cast("B")) for f in frames)
 

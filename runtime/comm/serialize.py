@@ -45,9 +45,29 @@ def box_large(value: Any) -> Any:
     """Return ``value`` wrapped for out-of-band transfer if it is a large bytes-like."""
     if type(value) is bytes and len(value) >= OUT_OF_BAND_THRESHOLD:
         return _BytesBox(value)
-    if type(value) in (bytearray, memoryview) and memoryview(value).nbytes >= OUT_OF_BAND_THRESHOLD:
+    if type(value) is bytearray and len(value) >= OUT_OF_BAND_THRESHOLD:
+        return _BytearrayBox(value)
+    if type(value) is memoryview and value.nbytes >= OUT_OF_BAND_THRESHOLD and value.contiguous:
         return pickle.PickleBuffer(value)
     return value
+
+
+def _bytearray_from_buffer(buf) -> bytearray:
+    return buf if type(buf) is bytearray else bytearray(buf)
+
+
+class _BytearrayBox:
+    """Like :class:`_BytesBox`, for ``bytearray`` (loads back as a ``bytearray``)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytearray):
+        self.value = value
+
+    def __reduce_ex__(self, protocol):
+        if protocol >= 5:
+            return _bytearray_from_buffer, (pickle.PickleBuffer(self.value),)
+        return _bytearray_from_buffer, (bytes(self.value),)
 
 
 def dumps(msg: Any) -> list:

@@ -9,6 +9,7 @@ when they are large, so out-of-band buffers reach the socket uncopied.
 from __future__ import annotations
 
 import logging
+import mmap
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,22 @@ logger = logging.getLogger(__name__)
 
 #: Frames below this size are gathered into one write with the header.
 SMALL_FRAME = 64 * 1024
+
+
+#: Frames at least this big are received into anonymous memory maps.
+LARGE_FRAME = 1 << 20
+
+
+def receive_buffer(length: int):
+    """A writable buffer for one incoming frame.
+
+    Large frames get an anonymous memory map: its pages are committed only as
+    data arrives, so a peer that announces a huge frame and sends nothing
+    costs us no memory (``bytearray(n)`` would zero-fill all of it at once).
+    """
+    if length >= LARGE_FRAME:
+        return memoryview(mmap.mmap(-1, length))
+    return bytearray(length)
 
 
 def _set_nodelay(stream: IOStream) -> None:
@@ -86,7 +103,7 @@ class TCPComm(Comm):
                 if length < SMALL_FRAME:
                     frames.append(await stream.read_bytes(length) if length else b"")
                 else:
-                    buf = bytearray(length)
+                    buf = receive_buffer(length)
                     await stream.read_into(buf)
                     frames.append(buf)
         except StreamClosedError as e:
