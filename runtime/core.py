@@ -310,9 +310,10 @@ def unpack_reply(answer: Any, address: str = "") -> Any:
 class BatchedSend:
     """Send lists of messages over one comm: at once when idle, coalesced when busy.
 
-    ``send`` never blocks and may be called many times in one turn of the event
-    loop; everything sent in that turn leaves in one write.  While a write is
-    in flight, new messages wait and leave together when it completes.
+    ``send`` never blocks.  When the link is idle the messages are handed to
+    the socket at once; while a write is in flight, new messages wait and
+    leave together when it completes.  (On a comm without ``write_nowait``
+    everything sent in one turn of the event loop leaves in one write.)
     """
 
     def __init__(self, comm: Comm, name: str = ""):
@@ -327,15 +328,21 @@ class BatchedSend:
         self._loop = asyncio.get_running_loop()
         self._flushed: asyncio.Event = asyncio.Event()
         self._flushed.set()
+        self._immediate = hasattr(comm, "write_nowait")
 
     def send(self, *msgs: Any) -> None:
         if self.closed:
             raise CommClosedError(f"batched stream {self.name} is closed")
         self.buffer.extend(msgs)
         if not self._scheduled and not self._writing:
-            self._scheduled = True
             self._flushed.clear()
-            self._loop.call_soon(self._flush)
+            if self._immediate:
+                # The link is idle: write now rather than wait a loop turn.
+                # Callers hand over all messages of one event in one call.
+                self._flush()
+            else:
+                self._scheduled = True
+                self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
