@@ -20,7 +20,16 @@ import tempfile
 
 from bench.common import METRICS, SIZES, SYSTEM_LABELS, SYSTEMS, WORKLOADS, summarize
 from bench.procs import become_subreaper, run_child
-from bench.report import build_notes, build_table, fmt_num, machine_info, render_markdown
+from bench.report import (
+    build_notes,
+    build_table,
+    fmt_num,
+    loadavg,
+    machine_info,
+    render_markdown,
+)
+
+MAX_START_FAILURES = 2
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +70,7 @@ def parse_args(argv):
     p.add_argument("--output", metavar="MD", help="write the Markdown report here")
     p.add_argument("--json", metavar="FILE", help="write all raw measurements here")
     p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per child process (default 300, --quick 120)")
+                   help="seconds per child process (default 600, --quick 120)")
     p.add_argument("--start-timeout", type=float, default=90.0,
                    help="seconds for a child's cluster to become ready (default 90)")
     p.add_argument("--keep-logs", action="store_true",
@@ -70,7 +79,7 @@ def parse_args(argv):
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
     if args.timeout is None:
-        args.timeout = 120.0 if args.quick else 300.0
+        args.timeout = 120.0 if args.quick else 600.0
     return args
 
 
@@ -151,9 +160,11 @@ def run_one(system, workload, args, sizes, tmpdir):
                        reason=f"exit code {oc.returncode} before any result: {last[0][:300]}")
     if outcome["status"] != "ok" and metrics:
         outcome["reason"] += f" (kept {max(len(v) for v in metrics.values())} finished repeats)"
-    # A child that never became ready means the system itself is unusable.
-    outcome["system_dead"] = res.get("phase") in (None, "import", "start") and outcome[
-        "status"] in ("failed", "timeout")
+    # A child that never became ready: "import" means the system cannot be used at
+    # all; "start" (cluster did not come up) may be flaky, so the caller retries it.
+    failed = outcome["status"] in ("failed", "timeout")
+    phase = res.get("phase") or "launch"
+    outcome["not_ready"] = phase if failed and phase in ("launch", "import", "start") else None
     if outcome["status"] != "ok" and args.keep_logs is False:
         outcome["log_tail"] = oc.log_tail[-1500:]
     return outcome, metrics, startup
@@ -171,6 +182,7 @@ def main(argv=None):
     values = {s: {} for s in args.systems}
     outcomes = {s: {} for s in args.systems}
     dead = {}
+    start_failures = {s: 0 for s in args.systems}
     tmpdir = tempfile.mkdtemp(prefix="hpc-bench-")
     try:
         # Workload-major order: every system sees the machine in the same state.
@@ -196,14 +208,20 @@ def main(argv=None):
                     tail = outcome.get("log_tail", "").strip()
                     if tail and outcome["status"] in ("failed", "timeout"):
                         print("    " + "\n    ".join(tail.splitlines()[-6:]), flush=True)
-                if outcome.get("system_dead"):
-                    dead[system] = f"skipped: {workload} could not start it ({outcome['reason']})"
+                not_ready = outcome.pop("not_ready", None)
+                start_failures[system] = start_failures[system] + 1 if not_ready else 0
+                # Give up on a system that cannot be imported, or whose cluster failed
+                # to start for two workloads in a row.
+                if not_ready in ("launch", "import") or start_failures[system] >= MAX_START_FAILURES:
+                    what = "start" if not_ready == "start" else "import or launch"
+                    dead[system] = f"skipped: {workload} could not {what} it ({outcome['reason']})"
     finally:
         if not args.keep_logs:
             shutil.rmtree(tmpdir, ignore_errors=True)
         else:
             print(f"bench: child logs kept in {tmpdir}")
 
+    info["loadavg_end"] = loadavg()
     table = build_table(values, args.systems, sizes)
     notes = build_notes(outcomes, args.systems)
     argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

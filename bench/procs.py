@@ -115,11 +115,11 @@ def run_child(cmd, *, env, cwd, result_path, log_path, timeout, start_timeout):
             timed_out = True
             break
         if phase in (None, "import", "start") and elapsed > start_timeout:
-            reason = f"not ready after {start_timeout:.0f}s (phase {phase or 'launch'})"
+            reason = f"not ready after {start_timeout:g}s (phase {phase or 'launch'})"
             timed_out = True
             break
         if elapsed > timeout:
-            reason = f"timed out after {timeout:.0f}s (phase {phase})"
+            reason = f"timed out after {timeout:g}s (phase {phase})"
             timed_out = True
             break
     killed = kill_tree(proc.pid, known.values())

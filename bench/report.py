@@ -52,6 +52,13 @@ def _git_rev(cwd):
         return "unknown"
 
 
+def loadavg():
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def machine_info(repo_root):
     import psutil
 
@@ -75,6 +82,7 @@ def machine_info(repo_root):
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "executable": sys.executable,
         "git": _git_rev(repo_root),
+        "loadavg_start": loadavg(),
         "versions": versions,
     }
 
@@ -181,6 +189,9 @@ def render_markdown(info, args_desc, table, notes, repeat):
         f"- platform: {info['platform']}",
         f"- python: {info['python']}",
         f"- repository: {info['git']}",
+        f"- load average (1/5/15 min) at start: {info['loadavg_start']}, "
+        f"at end: {info.get('loadavg_end', 'unknown')} "
+        "(other load on the machine skews every figure)",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         "",
     ]

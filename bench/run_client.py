@@ -214,7 +214,7 @@ def wl_transfer(client, res, sizes, repeat, workers):
         return dt
 
     for kind, maker in (("numpy", w.make_array), ("bytes", w.make_bytes)):
-        once(maker, 1_000_000)  # warm-up: opens the A->B connection
+        once(maker, size)  # warm-up: opens the A->B connection, first-touches buffers
         settle()
         for _ in range(repeat):
             dt = once(maker, size)
