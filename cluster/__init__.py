@@ -20,10 +20,11 @@ from runtime import (
     Worker,
     as_completed,
     default_client,
+    get_current_task,
     get_worker,
+    secede,
     wait,
 )
-from runtime.execution import get_current_task
 
 __version__ = "0.1.0"
 
@@ -45,5 +46,6 @@ __all__ = [
     "default_client",
     "get_current_task",
     "get_worker",
+    "secede",
     "wait",
 ]

@@ -15,7 +15,7 @@ from .errors import (
     ScatteredDataLost,
     TaskSerializationError,
 )
-from .execution import Reschedule, get_worker
+from .execution import Reschedule, get_current_task, get_worker, secede
 from .futures import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -49,6 +49,8 @@ __all__ = [
     "Worker",
     "as_completed",
     "default_client",
+    "get_current_task",
     "get_worker",
+    "secede",
     "wait",
 ]

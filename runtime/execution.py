@@ -15,6 +15,7 @@ where much of a per-task hand-off cost goes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import pickle
 import queue
@@ -157,7 +158,7 @@ def run_task(key: Hashable, run_spec: tuple, deps: dict | None) -> tuple:
     ``("reschedule", key)``.
     """
     _thread_state.key = key
-    start = time.time()
+    _thread_state.start = start = time.time()
     try:
         func_b, args_b = run_spec
         func = function_cache.get(func_b)
@@ -193,9 +194,13 @@ class TaskThreadPool:
     _STOP = object()
 
     def __init__(self, nthreads: int, on_results: Callable[[list], None], worker: Any = None,
-                 name: str = "task"):
+                 name: str = "task", on_secede: Callable[[Hashable, float], None] | None = None):
         self.loop = asyncio.get_running_loop()
         self.on_results = on_results
+        self.on_secede = on_secede
+        self.name = name
+        self._lock = threading.Lock()
+        self._counter = itertools.count(nthreads)
         self.worker = worker
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.results: deque = deque()
@@ -213,11 +218,13 @@ class TaskThreadPool:
 
     def _run(self) -> None:
         _thread_state.worker = self.worker
+        _thread_state.pool = self
         jobs = self.jobs
         while True:
             job = jobs.get()
             if job is self._STOP:
                 return
+            _thread_state.seceded = False
             outcome = run_task(*job)
             self.results.append(outcome)
             if not self._wakeup_pending:
@@ -226,6 +233,21 @@ class TaskThreadPool:
                     self.loop.call_soon_threadsafe(self._drain)
                 except RuntimeError:  # loop closed: the worker is gone
                     return
+            if _thread_state.seceded:
+                # A replacement took this thread's place in the pool.
+                with self._lock:
+                    self.threads.remove(threading.current_thread())
+                return
+
+    def secede(self, key: Hashable, compute_duration: float) -> None:
+        """The calling task leaves the pool: start a replacement thread, tell the worker."""
+        _thread_state.seceded = True
+        thread = threading.Thread(target=self._run, name=f"{self.name}-{next(self._counter)}", daemon=True)
+        with self._lock:
+            self.threads.append(thread)
+        thread.start()
+        if self.on_secede is not None:
+            self.loop.call_soon_threadsafe(self.on_secede, key, compute_duration)
 
     def _drain(self) -> None:
         self._wakeup_pending = False
@@ -240,12 +262,14 @@ class TaskThreadPool:
         """Stop the threads; a thread still running a task after ``timeout`` is left
         to finish on its own (it is a daemon and holds no locks of ours)."""
         self._closed = True
-        for _ in self.threads:
+        with self._lock:
+            threads = list(self.threads)
+        for _ in threads:
             self.jobs.put(self._STOP)
         deadline = time.monotonic() + timeout
-        for t in self.threads:
+        for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        alive = [t.name for t in self.threads if t.is_alive()]
+        alive = [t.name for t in threads if t.is_alive()]
         if alive:
             logger.warning("threads still running tasks at close: %s", ", ".join(alive))
 
@@ -260,6 +284,20 @@ def get_worker():
     if worker is None:
         raise ValueError("get_worker() called outside a task running on a worker")
     return worker
+
+
+def secede() -> None:
+    """Leave the worker's thread pool from inside a task (e.g. before waiting on other tasks).
+
+    The worker starts another thread in this one's place and the scheduler no
+    longer counts this task as load.  Outside a task this does nothing.
+    """
+    pool = getattr(_thread_state, "pool", None)
+    key = getattr(_thread_state, "key", None)
+    if pool is None or key is None or getattr(_thread_state, "seceded", False):
+        return
+    start = getattr(_thread_state, "start", None)
+    pool.secede(key, time.time() - start if start else 0.0)
 
 
 def get_current_task() -> Hashable | None:

@@ -59,6 +59,7 @@ from .worker_state import (
     GatherDepSuccessEvent,
     RefreshWhoHasEvent,
     RescheduleEvent,
+    SecedeEvent,
     TaskFinishedMsg,
     UpdateDataEvent,
     WorkerState,
@@ -274,7 +275,8 @@ class Worker(Server):
             sys.path.insert(0, self.local_directory)
         self.state.address = self.address
         self.pool = TaskThreadPool(self.nthreads, self._on_results, worker=self,
-                                   name=f"worker-{self.name or self.address}")
+                                   name=f"worker-{self.name or self.address}",
+                                   on_secede=self._on_secede)
         await self._register()
         self.spawn(self._heartbeat_loop())
         if self.lifetime:
@@ -471,6 +473,10 @@ class Worker(Server):
         self.executed_count += len(batch)
         if self.status in (Status.running, Status.closing):
             self.handle_stimulus(*events)
+
+    def _on_secede(self, key: Key, compute_duration: float) -> None:
+        if self.status in (Status.running, Status.closing):
+            self.handle_stimulus(SecedeEvent(f"secede-{key}", key, compute_duration))
 
     def _on_compute_task(self, key, run_spec, priority=(), who_has=None, nbytes=None, duration=0.5,
                          resource_restrictions=None, report: bool = False,
