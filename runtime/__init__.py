@@ -15,7 +15,7 @@ from .errors import (
     ScatteredDataLost,
     TaskSerializationError,
 )
-from .execution import Reschedule, get_current_task, get_worker, secede
+from .execution import Reschedule, WorkerPlugin, get_current_task, get_worker, secede
 from .futures import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -26,6 +26,7 @@ from .futures import (
 )
 from .local import LocalCluster
 from .scheduler import Scheduler
+from .scheduler_ops import SchedulerPlugin
 from .worker import Worker
 
 __all__ = [
@@ -45,8 +46,10 @@ __all__ = [
     "Reschedule",
     "ScatteredDataLost",
     "Scheduler",
+    "SchedulerPlugin",
     "TaskSerializationError",
     "Worker",
+    "WorkerPlugin",
     "as_completed",
     "default_client",
     "get_current_task",

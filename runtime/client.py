@@ -770,6 +770,45 @@ class Client:
         msg = {"op": "upload_file", "filename": os.path.basename(filename), "data": data, "load": load}
         return self._scheduler_call("broadcast", msg=msg)
 
+    # ------------------------------------------------------------------ cluster operations
+
+    def retire_workers(self, workers: list[str] | None = None, close_workers: bool = True, **kwargs):
+        """Gracefully retire workers: their unique data moves to others first.
+
+        Returns:
+            ``{address: info}`` of the workers retired.
+        """
+        return self._scheduler_call("retire_workers", workers=workers, close_workers=close_workers, **kwargs)
+
+    def rebalance(self, futures=None, workers: list[str] | None = None):
+        """Even out the bytes held by each worker (for ``futures``' keys, or all)."""
+        keys = None if futures is None else [f.key for f in _unpack(futures)]
+        return self._scheduler_call("rebalance", keys=keys, workers=workers)
+
+    def replicate(self, futures, n: int | None = None, workers: list[str] | None = None,
+                  branching_factor: int = 2):
+        """Keep ``n`` copies (default: one per worker) of each future's data."""
+        keys = [f.key for f in _unpack(futures)]
+        return self._scheduler_call("replicate", keys=keys, n=n, workers=workers,
+                                    branching_factor=branching_factor)
+
+    def restart(self, timeout: Any = 30):
+        """Restart every worker through its nanny and forget all tasks (futures are cancelled)."""
+        return self._scheduler_call("restart", client=self.id, timeout=timeout)
+
+    def register_worker_plugin(self, plugin: Any, name: str | None = None):
+        """Run ``plugin.setup(worker)`` on every worker, present and future.
+
+        Returns:
+            ``{worker_address: reply}`` for the present workers.
+        """
+        return self._scheduler_call("register_worker_plugin", plugin=dumps_function(plugin), name=name)
+
+    def register_scheduler_plugin(self, plugin: Any, name: str | None = None, idempotent: bool = False):
+        """Add a plugin to the scheduler (see ``runtime.scheduler_ops.SchedulerPlugin``)."""
+        return self._scheduler_call("add_plugin", plugin=dumps_function(plugin), name=name,
+                                    idempotent=idempotent)
+
     def wait_for_workers(self, n_workers: int = 1, timeout: float | None = None):
         """Block until at least ``n_workers`` workers are connected.
 

@@ -303,3 +303,13 @@ def secede() -> None:
 def get_current_task() -> Hashable | None:
     """The key of the task running in this thread (``None`` outside tasks)."""
     return getattr(_thread_state, "key", None)
+
+
+class WorkerPlugin:
+    """Base class for worker plugins (``Client.register_worker_plugin``); override what you need."""
+
+    name: str | None = None
+
+    def setup(self, worker) -> None: ...
+
+    def teardown(self, worker) -> None: ...

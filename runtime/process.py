@@ -5,6 +5,15 @@ started with a pipe on its standard input.  The child treats end-of-file on
 that pipe as "my parent is gone": it closes itself.  So a crashed or killed
 parent never leaves orphans, and a normal stop is just closing the pipe, then
 SIGTERM, then SIGKILL, each after a grace period.
+
+With ``report_ready=True`` the child also gets the write end of a second pipe
+(``--ready-fd N``).  Once its worker has registered with the scheduler it
+writes one JSON line there -- ``{"status": "running", "address": ..., "pid":
+..., "local_directory": ..., "name": ...}`` -- or ``{"status": "error",
+"error": ...}`` if the worker could not start, and closes it.
+:meth:`WorkerProcess.wait_ready` reads that line; end-of-file without a line
+means the child died before it got that far.  The child's own stdout and
+stderr are left alone (inherited), so task output is not captured or delayed.
 """
 
 from __future__ import annotations
@@ -18,7 +27,13 @@ import sys
 from contextlib import suppress
 from typing import Any
 
+from .errors import ClusterError, ClusterTimeoutError
+
 logger = logging.getLogger(__name__)
+
+
+class WorkerProcessError(ClusterError):
+    """A worker process failed to start (its message says why)."""
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -28,7 +43,7 @@ def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
     if extra:
-        env.update({k: str(v) for k, v in extra.items()})
+        env.update({str(k): str(v) for k, v in extra.items()})
     return env
 
 
@@ -39,14 +54,32 @@ class WorkerProcess:
         scheduler_address: where the worker should register.
         worker_kwargs: JSON-able keyword arguments for ``Worker``.
         env: extra environment variables for the child.
+        report_ready: have the child report its address once registered
+            (see :meth:`wait_ready`).
+        worker_class: ``"module.Class"`` to run instead of ``runtime.worker.Worker``.
+
+    Attributes:
+        info: what the child reported once ready (``None`` before).
+        stopping: set by the owner when it stops the process on purpose, so
+            that a supervisor does not mistake the exit for a crash.
     """
 
     def __init__(self, scheduler_address: str, worker_kwargs: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, report_ready: bool = False,
+                 worker_class: str | None = None):
         self.scheduler_address = scheduler_address
         self.worker_kwargs = dict(worker_kwargs or {})
         self.env = env
+        self.report_ready = report_ready
+        self.worker_class = worker_class
         self.process: asyncio.subprocess.Process | None = None
+        self.info: dict[str, Any] | None = None
+        self.stopping = False
+        self._ready_reader: asyncio.StreamReader | None = None
+        self._ready_transport: asyncio.ReadTransport | None = None
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess name={self.name!r} pid={self.pid} address={self.worker_address!r}>"
 
     @property
     def pid(self) -> int | None:
@@ -56,29 +89,134 @@ class WorkerProcess:
     def name(self):
         return self.worker_kwargs.get("name")
 
+    @property
+    def worker_address(self) -> str | None:
+        """The worker's address, once the child reported it (``report_ready``)."""
+        return self.info.get("address") if self.info else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
     async def start(self) -> WorkerProcess:
+        """Start the child (does not wait for its worker to register).
+
+        Raises:
+            TypeError: ``worker_kwargs`` is not JSON-serialisable.
+            OSError: the child could not be started.
+        """
         options = json.dumps({"scheduler_ip": self.scheduler_address, **self.worker_kwargs})
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "runtime.worker_process", options,
-            stdin=asyncio.subprocess.PIPE, env=child_environment(self.env),
-        )
+        args = [sys.executable, "-m", "runtime.worker_process", options]
+        if self.worker_class:
+            args += ["--worker-class", self.worker_class]
+        read_fd = write_fd = None
+        if self.report_ready:
+            read_fd, write_fd = os.pipe()
+            args += ["--ready-fd", str(write_fd)]
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.PIPE, env=child_environment(self.env),
+                pass_fds=(write_fd,) if write_fd is not None else (),
+            )
+        except BaseException:
+            if read_fd is not None:
+                os.close(read_fd)
+            raise
+        finally:
+            if write_fd is not None:
+                os.close(write_fd)  # the child has its copy; EOF once it closes that
+        if read_fd is not None:
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(limit=2**20)
+            pipe = os.fdopen(read_fd, "rb", buffering=0)
+            try:
+                transport, _ = await loop.connect_read_pipe(
+                    lambda: asyncio.StreamReaderProtocol(reader), pipe)
+            except BaseException:
+                pipe.close()
+                raise
+            self._ready_reader = reader
+            self._ready_transport = transport
         return self
 
     def __await__(self):
         return self.start().__await__()
+
+    async def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until the child's worker has registered; return what it reported.
+
+        Raises:
+            WorkerProcessError: the worker failed to start, or the child exited
+                before it registered (with its exit code).
+            ClusterTimeoutError: no report within ``timeout`` seconds.
+            RuntimeError: the process was not started with ``report_ready=True``.
+        """
+        if self.info is not None:
+            return self.info
+        if self._ready_reader is None:
+            raise RuntimeError("wait_ready() needs a started WorkerProcess(report_ready=True)")
+        try:
+            line = await asyncio.wait_for(self._ready_reader.readline(), timeout)
+        except asyncio.TimeoutError:
+            raise ClusterTimeoutError(
+                f"worker process {self.pid} (name={self.name!r}) did not register with "
+                f"{self.scheduler_address} within {timeout:g}s") from None
+        finally:
+            self._close_ready_pipe()
+        if not line:
+            code = None
+            with suppress(asyncio.TimeoutError):
+                code = await asyncio.wait_for(self.process.wait(), 5.0)
+            raise WorkerProcessError(
+                f"worker process {self.pid} (name={self.name!r}) exited with code {code} "
+                "before it registered with the scheduler; see its output above")
+        try:
+            info = json.loads(line)
+        except ValueError:
+            raise WorkerProcessError(
+                f"worker process {self.pid} sent a malformed ready report: {line[:200]!r}") from None
+        if info.get("status") != "running":
+            raise WorkerProcessError(
+                f"worker process {self.pid} (name={self.name!r}) failed to start: "
+                f"{info.get('error', info)}")
+        self.info = info
+        return info
+
+    def _close_ready_pipe(self) -> None:
+        if self._ready_transport is not None:
+            self._ready_transport.close()
+            self._ready_transport = None
+        self._ready_reader = None
+
+    async def wait(self) -> int:
+        """Wait until the child exits; return its exit code (negative: killed by that signal)."""
+        return await self.process.wait()
 
     def is_alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
     async def close(self, timeout: float = 5.0) -> int | None:
         """Stop the child: close its stdin, then SIGTERM, then SIGKILL."""
+        self._close_ready_pipe()
         proc = self.process
         if proc is None or proc.returncode is not None:
             return proc.returncode if proc else None
         if proc.stdin is not None:
             with suppress(Exception):
                 proc.stdin.close()
-        for sig, grace in ((None, timeout), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+        return await self._escalate(proc, [(None, timeout), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)])
+
+    async def terminate(self, grace: float = 2.0) -> int | None:
+        """Stop the child now: SIGTERM, then SIGKILL if it has not exited after ``grace`` seconds."""
+        self._close_ready_pipe()
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return proc.returncode if proc else None
+        return await self._escalate(proc, [(signal.SIGTERM, grace), (signal.SIGKILL, 5.0)])
+
+    async def _escalate(self, proc: asyncio.subprocess.Process,
+                        steps: list[tuple[signal.Signals | None, float]]) -> int | None:
+        for sig, grace in steps:
             if sig is not None:
                 with suppress(ProcessLookupError):
                     proc.send_signal(sig)

@@ -30,6 +30,7 @@ from typing import Any
 from .comm.serialize import box_large
 from .core import BatchedSend, Server, Status
 from .errors import CommClosedError, CommError
+from .scheduler_ops import SchedulerOpsMixin
 from .scheduler_state import SchedulerState, TaskState, WorkerState
 from .statemachine import Msg
 from .utils import get_ip_interface, parse_timedelta, unparse_host_port
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 Key = Hashable
 
 
-class Scheduler(Server):
+class Scheduler(SchedulerOpsMixin, Server):
     """Dynamic distributed task scheduler.
 
     Args:
@@ -96,6 +97,8 @@ class Scheduler(Server):
         self.stream_comms: dict[str, BatchedSend] = {}
         self.client_comms: dict[str, BatchedSend] = {}
         self.plugins: dict[str, Any] = {}
+        self.worker_plugins: dict[str, bytes] = {}
+        self._plugin_seen = 0
         self.time_started = time.time()
         self._last_activity = time.monotonic()
         self._stimulus_counter = 0
@@ -117,6 +120,17 @@ class Scheduler(Server):
             "scheduler_info": self.identity,
             "unregister": self.remove_worker,
             "heartbeat_worker": self.heartbeat_worker,
+            "retire_workers": self.retire_workers,
+            "workers_to_close": self.workers_to_close,
+            "adaptive_target": self.adaptive_target,
+            "replicate": self.replicate,
+            "rebalance": self.rebalance,
+            "restart": self.restart,
+            "register_worker_plugin": self.register_worker_plugin,
+            "add_plugin": self.add_plugin,
+            "remove_plugin": self.remove_plugin,
+            "proxy": self.proxy,
+            "close_worker": self.close_worker,
         })
         self.stream_handlers.update({
             "register-worker": self.add_worker,
@@ -132,6 +146,7 @@ class Scheduler(Server):
             "long-running": self._on_long_running,
             "heartbeat": self._on_heartbeat,
             "worker-closing": self._on_worker_closing,
+            "worker-status-change": self._on_worker_status_change,
         }
         self.client_ops = {
             "update-graph": self._on_update_graph,
@@ -315,6 +330,8 @@ class Scheduler(Server):
             bs = self.client_comms.get(client)
             if bs is not None and not bs.closed:
                 bs.send(*msgs)
+        if self.plugins:
+            self._plugin_transitions()
 
     def report(self, msg: dict, ts: TaskState | None = None, client: str | None = None) -> None:
         """Send ``msg`` to the clients that want ``ts`` (or to ``client``, or to all)."""
@@ -362,7 +379,10 @@ class Scheduler(Server):
         bs = BatchedSend(comm, name=f"Scheduler->Worker {address}")
         self.stream_comms[address] = bs
         logger.info("register worker %s (name=%r, nthreads=%d)", address, name, nthreads)
+        for pname, blob in self.worker_plugins.items():
+            bs.send({"op": "plugin-add", "plugin": blob, "name": pname})
         self._send(instrs)
+        self._plugin_hook("add_worker", scheduler=self, worker=address)
         await self._serve_stream(comm, self.worker_ops, worker=address)
         if self.state.workers.get(address) is not None and self.stream_comms.get(address) is bs:
             await self.remove_worker(address, stimulus_id=self._stimulus("worker-stream-closed"))
@@ -408,6 +428,7 @@ class Scheduler(Server):
             return "already-removed"
         logger.info("remove worker %s", address)
         instrs = self.state.remove_worker(address, stimulus_id or self._stimulus("remove-worker"), safe=safe)
+        self._plugin_hook("remove_worker", scheduler=self, worker=address)
         bs = self.stream_comms.pop(address, None)
         if bs is not None:
             if close:
@@ -418,9 +439,13 @@ class Scheduler(Server):
         self._send(instrs)
         return "OK"
 
-    def close_worker(self, worker: str, stimulus_id: str | None = None) -> None:
-        """Ask a worker to close itself."""
+    def close_worker(self, worker: str, stimulus_id: str | None = None) -> str:
+        """Ask a worker to close itself (its nanny, if any, does not restart it)."""
         self.worker_send(worker, {"op": "close", "reason": "scheduler-close-worker"})
+        return "OK"
+
+    def _on_worker_status_change(self, worker: str, status: str, stimulus_id: str = "") -> None:
+        self._send(self.state.set_worker_status(worker, status, self._stimulus("worker-status-change")))
 
     def heartbeat_worker(self, address: str, metrics: dict | None = None) -> dict:
         known = self.state.worker_heartbeat(address, metrics)
@@ -498,6 +523,7 @@ class Scheduler(Server):
         bs = BatchedSend(comm, name=f"Scheduler->Client {client}")
         self.client_comms[client] = bs
         logger.info("register client %s", client)
+        self._plugin_hook("add_client", scheduler=self, client=client)
         try:
             await self._serve_stream(comm, self.client_ops, client=client)
         finally:
@@ -509,6 +535,7 @@ class Scheduler(Server):
     def remove_client(self, client: str | None = None) -> None:
         """Forget a client; the keys only it wanted are released."""
         self._send(self.state.remove_client(client, self._stimulus("remove-client")))
+        self._plugin_hook("remove_client", scheduler=self, client=client)
 
     def client_releases_keys(self, keys: Iterable[Key] | None = None, client: str | None = None) -> None:
         """Remove keys from a client's desired set."""
@@ -540,6 +567,8 @@ class Scheduler(Server):
             loose_restrictions=loose_restrictions, resources=resources, retries=retries,
             user_priority=user_priority, stimulus_id=self._stimulus("update-graph"),
         ))
+        if self.plugins:
+            self._plugin_hook("update_graph", self, client=client, keys=list(keys))
 
     def stimulus_cancel(self, keys: Iterable[Key] = (), client: str = "", force: bool = False) -> str:
         """Stop computing ``keys`` for ``client``."""

@@ -37,6 +37,7 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from .errors import InvalidStateError, InvalidTransition, ScatteredDataLost
+from .scheduler_elastic import ElasticMixin
 from .scheduler_placement import (  # noqa: F401  (re-exported)
     BANDWIDTH,
     DEFAULT_TASK_DURATION,
@@ -70,7 +71,7 @@ Key = Hashable
 # ----------------------------------------------------------------------------- the machine
 
 
-class SchedulerState(StimuliMixin, PlacementMixin, ValidationMixin):
+class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin):
     """The scheduler's state and its transition table (no IO).
 
     Args:

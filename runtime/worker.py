@@ -58,6 +58,7 @@ from .worker_state import (
     GatherDepNetworkFailureEvent,
     GatherDepSuccessEvent,
     RefreshWhoHasEvent,
+    RemoveReplicasEvent,
     RescheduleEvent,
     SecedeEvent,
     TaskFinishedMsg,
@@ -198,6 +199,7 @@ class Worker(Server):
         self.executed_count = 0
         self.services: dict = {}
         self.plugins: dict = {}
+        self.restart_requested = False
         self.handlers.update({
             "get_data": self.get_data,
             "update_data": self.update_data,
@@ -205,6 +207,8 @@ class Worker(Server):
             "close": self.close,
             "upload_file": self.upload_file,
             "story": self.story,
+            "plugin-add": self.plugin_add,
+            "close_gracefully": self.close_gracefully,
             "keys": lambda: list(self.data),
         })
         self.stream_ops = {
@@ -212,6 +216,8 @@ class Worker(Server):
             "free-keys": self._on_free_keys,
             "refresh-who-has": self._on_refresh_who_has,
             "acquire-replicas": self._on_acquire_replicas,
+            "remove-replicas": self._on_remove_replicas,
+            "plugin-add": self._on_plugin_add,
             "close": self._on_close,
         }
 
@@ -393,8 +399,55 @@ class Worker(Server):
 
     async def _close_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
-        logger.info("worker %s reached its lifetime; closing", self.address)
-        await self.close()
+        logger.info("worker %s reached its lifetime; retiring gracefully", self.address)
+        await self.close_gracefully(restart=self.lifetime_restart, reason="worker-lifetime")
+
+    async def close_gracefully(self, restart: bool = False, reason: str = "worker-close-gracefully",
+                               timeout: float = 60.0) -> str:
+        """Retire: stop taking tasks, let the scheduler move our unique data away, then close.
+
+        With ``restart`` the process asks its nanny for a fresh worker
+        (``restart_requested`` is set for the worker process to report).
+        """
+        if self.status in (Status.closing, Status.closed):
+            return "OK"
+        self.restart_requested = restart
+        try:
+            await asyncio.wait_for(
+                self.rpc.call(self.scheduler_addr, "retire_workers", workers=[self.address],
+                              close_workers=False, remove=True),
+                timeout,
+            )
+        except (CommError, OSError, asyncio.TimeoutError, ClusterError) as e:
+            logger.warning("worker %s could not retire gracefully (%s); closing anyway", self.address, e)
+        await self.close(reason=reason)
+        return "OK"
+
+    # ------------------------------------------------------------------ plugins
+
+    async def plugin_add(self, plugin: bytes | Any = None, name: str | None = None) -> dict:
+        """Install a worker plugin: call its ``setup(worker)`` now, ``teardown(worker)`` at close."""
+        if isinstance(plugin, bytes):
+            plugin = pickle.loads(plugin)
+        name = name or getattr(plugin, "name", None) or f"{type(plugin).__name__}-{id(plugin)}"
+        old = self.plugins.pop(name, None)
+        if old is not None:
+            await self._plugin_call(old, "teardown")
+        self.plugins[name] = plugin
+        await self._plugin_call(plugin, "setup")
+        return {"status": "OK"}
+
+    async def _plugin_call(self, plugin: Any, hook: str) -> None:
+        fn = getattr(plugin, hook, None)
+        if fn is None:
+            return
+        result = fn(worker=self)
+        if asyncio.iscoroutine(result):
+            await result
+
+    def _on_plugin_add(self, plugin: bytes, name: str | None = None, stimulus_id: str = ""):
+        self.spawn(self.plugin_add(plugin, name))
+        return None
 
     async def close(self, timeout: float = 5, report: bool = True, nanny: bool = True,
                     reason: str = "worker-close") -> str:
@@ -403,6 +456,11 @@ class Worker(Server):
             await self.finished()
             return "OK"
         self.status = Status.closing
+        for plugin in list(self.plugins.values()):
+            try:
+                await self._plugin_call(plugin, "teardown")
+            except Exception:
+                logger.exception("worker plugin %r failed in teardown", plugin)
         bs = self.batched_stream
         if bs is not None and not bs.closed:
             if report:
@@ -492,6 +550,9 @@ class Worker(Server):
 
     def _on_acquire_replicas(self, who_has, nbytes=None, stimulus_id: str = "acquire-replicas"):
         return AcquireReplicasEvent(stimulus_id, who_has, nbytes or {})
+
+    def _on_remove_replicas(self, keys, stimulus_id: str = "remove-replicas"):
+        return RemoveReplicasEvent(stimulus_id, list(keys))
 
     def _on_close(self, reason: str = "", stimulus_id: str = ""):
         logger.info("scheduler asked worker %s to close (%s)", self.address, reason)

@@ -118,6 +118,14 @@ class RefreshWhoHasEvent(StateMachineEvent):
 
 
 @dataclass(slots=True)
+class RemoveReplicasEvent(StateMachineEvent):
+    """The scheduler asks us to drop replicas it has elsewhere (rebalance, replicate)."""
+
+    handler = "_handle_remove_replicas"
+    keys: list
+
+
+@dataclass(slots=True)
 class AcquireReplicasEvent(StateMachineEvent):
     handler = "_handle_acquire_replicas"
     who_has: dict
@@ -161,6 +169,14 @@ class TaskErredMsg(Msg):
 class AddKeysMsg(Msg):
     op = "add-keys"
     keys: list
+
+
+@dataclass(slots=True)
+class ReleaseWorkerDataMsg(Msg):
+    """We dropped our replica of ``key``."""
+
+    op = "release-worker-data"
+    key: Key
 
 
 @dataclass(slots=True)

@@ -57,6 +57,8 @@ from .worker_events import (  # noqa: F401  (re-exported)
     LongRunningMsg,
     MissingDataMsg,
     RefreshWhoHasEvent,
+    ReleaseWorkerDataMsg,
+    RemoveReplicasEvent,
     RescheduleEvent,
     RescheduleMsg,
     SecedeEvent,
@@ -457,6 +459,19 @@ class WorkerState:
             elif ts.state == "fetch" and not ts.who_has:
                 recs[ts] = "missing"
         return recs, []
+
+    def _handle_remove_replicas(self, ev: RemoveReplicasEvent) -> tuple[dict, list]:
+        recs: dict = {}
+        instrs: list = []
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None or ts.state != "memory":
+                continue
+            if any(d.state in ("waiting", "ready", "constrained") for d in ts.dependents):
+                continue  # still needed here; the scheduler keeps counting this replica
+            recs[ts] = "forgotten" if not ts.dependents else "released"
+            instrs.append(ReleaseWorkerDataMsg(ev.stimulus_id, key))
+        return recs, instrs
 
     def _handle_acquire_replicas(self, ev: AcquireReplicasEvent) -> tuple[dict, list]:
         recs: dict = {}

@@ -1,0 +1,285 @@
+"""Elasticity of the cluster, pure part: which workers to close, how many to want,
+and the data moves that retiring, replicating and rebalancing need.
+
+A mixin of :class:`runtime.scheduler_state.SchedulerState` (no IO).  The IO
+shell (:mod:`runtime.scheduler_ops`) sends the planned messages, waits until
+the replicas have landed, and only then removes workers, so that retiring a
+worker never loses data.
+
+Graceful retirement: a retiring worker's status becomes
+``closing_gracefully``: it takes no new tasks, and every key it holds that no
+running worker also holds is copied to the running worker with the least data
+(``AcquireReplicasMsg``).  When the copies exist it is removed "safely": the
+tasks still running there are placed again without counting against
+``allowed_failures``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from .scheduler_records import AcquireReplicasMsg, TaskState, WorkerState
+from .statemachine import Msg
+
+Key = Hashable
+
+
+class ElasticMixin:
+    """Retirement, replication, rebalancing and sizing for :class:`SchedulerState`."""
+
+    # ------------------------------------------------------------------ status
+
+    def set_worker_status(self, address: str, status: str, stimulus_id: str = "worker-status") -> list[Msg]:
+        """``running``, ``paused`` (memory pressure) or ``closing_gracefully``.
+
+        Raises:
+            ValueError: for another status, naming the accepted ones.
+        """
+        if status not in ("running", "paused", "closing_gracefully"):
+            raise ValueError(f"status={status!r}: accepted values are 'running', 'paused', 'closing_gracefully'")
+        ws = self.workers.get(address)
+        if ws is None or ws.status == status:
+            return []
+        if ws.status == "closing_gracefully" and status == "paused":
+            return []  # retiring wins over pausing
+        ws.status = status
+        self.check_idle_saturated(ws)
+        return self.transitions({}, stimulus_id)  # a worker back to running may take queued work
+
+    # ------------------------------------------------------------------ choosing workers
+
+    def workers_to_close(self, memory_ratio: float | None = None, n: int | None = None,
+                         key: Callable[[WorkerState], Hashable] | None = None,
+                         minimum: int | None = None, target: int | None = None,
+                         attribute: str = "address") -> list:
+        """Workers that are cheap to close: idle first, least data first.
+
+        Args:
+            memory_ratio: keep this many times the stored bytes in memory limits (default 2).
+            n: close at most this many workers.
+            key: group workers (e.g. by batch job); a group is closed whole or not at all.
+            minimum: keep at least this many workers.
+            target: close down to this many workers.
+            attribute: which attribute of each worker to return.
+        """
+        workers = [ws for ws in self.workers.values() if ws.status != "closing_gracefully"]
+        if target is not None and n is None:
+            n = len(workers) - target
+        if n is not None and n <= 0:
+            return []
+        groups: dict[Hashable, list[WorkerState]] = defaultdict(list)
+        for ws in workers:
+            groups[key(ws) if key is not None else ws.address].append(ws)
+
+        def idle(group: list[WorkerState]) -> bool:
+            return all(not ws.processing for ws in group)
+
+        candidates = sorted(
+            (g for g in groups.values() if idle(g)),
+            key=lambda g: (sum(ws.nbytes for ws in g), len(g)),
+        )
+        memory_ratio = 2 if memory_ratio is None else memory_ratio
+        limit = sum(ws.memory_limit for ws in workers)
+        stored = sum(ws.nbytes for ws in workers)
+        remaining = len(workers)
+        chosen: list[WorkerState] = []
+        for group in candidates:
+            if n is not None and len(chosen) >= n:
+                break
+            if n is not None and len(chosen) + len(group) > n and key is None:
+                break
+            if minimum is not None and remaining - len(group) < minimum:
+                break
+            group_limit = sum(ws.memory_limit for ws in group)
+            if limit and stored and (limit - group_limit) < memory_ratio * stored:
+                break
+            chosen.extend(group)
+            remaining -= len(group)
+            limit -= group_limit
+        return [getattr(ws, attribute) for ws in chosen]
+
+    def adaptive_target(self, target_duration: float = 5.0) -> int:
+        """How many workers the current work wants (used by adaptive scaling).
+
+        Enough workers to finish the queued and running work in
+        ``target_duration`` seconds, at least one per ready task up to the
+        number of tasks, and more when memory is more than 60% used.
+        """
+        workers = [ws for ws in self.workers.values() if ws.status != "closing_gracefully"]
+        nthreads = max(1, sum(ws.nthreads for ws in workers))
+        threads_per_worker = nthreads / max(1, len(workers))
+        queued = [ts for _, _, ts in self.queued if ts.state == "queued"]
+        work = sum(ws.occupancy for ws in workers)
+        work += sum(self.get_task_duration(ts) for ts in queued)
+        work += sum(self.get_task_duration(ts) for ts in self.unrunnable)
+        cpu = math.ceil(work / max(target_duration, 1e-9) / threads_per_worker)
+        ntasks = len(queued) + len(self.unrunnable) + sum(len(ws.processing) for ws in workers)
+        cpu = min(cpu, math.ceil(ntasks / threads_per_worker))
+        limit = sum(ws.memory_limit for ws in workers)
+        stored = sum(ws.nbytes for ws in workers)
+        memory = 0
+        if limit and stored > 0.6 * limit:
+            memory = 2 * len(workers)
+        target = max(cpu, memory)
+        # Never ask to drop workers that hold data or run work.
+        busy = sum(1 for ws in workers if ws.processing or ws.has_what)
+        if target < len(workers):
+            target = max(target, min(busy, len(workers)), 1 if ntasks else 0)
+        return target
+
+    # ------------------------------------------------------------------ moving data
+
+    def _recipients(self, exclude: Iterable[WorkerState] = ()) -> list[WorkerState]:
+        excluded = set(exclude)
+        return sorted((ws for ws in self.workers.values() if ws.status == "running" and ws not in excluded),
+                      key=lambda ws: ws.nbytes)
+
+    def retire_plan(self, addresses: Iterable[str], stimulus_id: str = "retire") -> tuple[list[Msg], dict[Key, str]]:
+        """Mark workers ``closing_gracefully`` and plan copies of the data only they hold.
+
+        Returns:
+            The instructions to send, and ``{key: recipient}`` for every key that
+            must land before the workers may go.  If no running worker is left to
+            take data that must be kept, the keys map to ``""``: the caller must
+            not remove those workers.
+        """
+        retiring = [self.workers[a] for a in addresses if a in self.workers]
+        for ws in retiring:
+            ws.status = "closing_gracefully"
+            self.check_idle_saturated(ws)
+        retiring_set = set(retiring)
+        recipients = self._recipients(retiring_set)
+        load = {ws: ws.nbytes for ws in recipients}
+        moves: dict[WorkerState, dict[Key, list[str]]] = defaultdict(dict)
+        nbytes: dict[WorkerState, dict[Key, int]] = defaultdict(dict)
+        plan: dict[Key, str] = {}
+        for ws in retiring:
+            for ts in ws.has_what:
+                if ts.key in plan or not (ts.who_has <= retiring_set):
+                    continue
+                if not recipients:
+                    plan[ts.key] = ""
+                    continue
+                target = min(recipients, key=load.__getitem__)
+                load[target] += ts.get_nbytes()
+                moves[target][ts.key] = [w.address for w in ts.who_has]
+                nbytes[target][ts.key] = ts.get_nbytes()
+                plan[ts.key] = target.address
+        out: list[Msg] = [AcquireReplicasMsg(stimulus_id, ws.address, who_has, nbytes[ws])
+                          for ws, who_has in moves.items()]
+        out.extend(self.transitions({}, stimulus_id))
+        return out, plan
+
+    def replicate_plan(self, keys: Iterable[Key], n: int | None = None, workers: Iterable[str] | None = None,
+                       stimulus_id: str = "replicate") -> tuple[list[Msg], dict[str, list[Key]]]:
+        """Plan copies so each key is on ``n`` of ``workers`` (all by default), and which extra
+        replicas to drop.
+
+        Returns:
+            ``(instructions, {worker: [keys to drop]})``.
+        """
+        pool = [self.workers[w] for w in (workers if workers is not None else self.workers) if w in self.workers]
+        pool = [ws for ws in pool if ws.status == "running"]
+        n = len(pool) if n is None else min(n, len(pool))
+        moves: dict[WorkerState, dict[Key, list[str]]] = defaultdict(dict)
+        nbytes: dict[WorkerState, dict[Key, int]] = defaultdict(dict)
+        drops: dict[str, list[Key]] = defaultdict(list)
+        load = {ws: ws.nbytes for ws in pool}
+        for key in keys:
+            ts = self.tasks.get(key)
+            if ts is None or ts.state != "memory":
+                continue
+            have = [ws for ws in pool if ws in ts.who_has]
+            if len(have) < n:
+                lacking = sorted((ws for ws in pool if ws not in ts.who_has), key=load.__getitem__)
+                for ws in lacking[: n - len(have)]:
+                    moves[ws][key] = [w.address for w in ts.who_has]
+                    nbytes[ws][key] = ts.get_nbytes()
+                    load[ws] += ts.get_nbytes()
+            elif len(have) > n:
+                for ws in sorted(have, key=load.__getitem__, reverse=True)[: len(have) - n]:
+                    drops[ws.address].append(key)
+                    load[ws] -= ts.get_nbytes()
+        out: list[Msg] = [AcquireReplicasMsg(stimulus_id, ws.address, who_has, nbytes[ws])
+                          for ws, who_has in moves.items()]
+        return out, dict(drops)
+
+    def rebalance_plan(self, keys: Iterable[Key] | None = None, workers: Iterable[str] | None = None,
+                       stimulus_id: str = "rebalance") -> tuple[list[Msg], dict[str, list[Key]]]:
+        """Plan moves so that each worker holds about the mean number of bytes.
+
+        Senders above the mean give their largest keys to the receivers most
+        below it, until each side reaches the mean.
+
+        Returns:
+            ``(instructions to copy, {sender: [keys to drop once copied]})``.
+        """
+        pool = [self.workers[w] for w in (workers if workers is not None else self.workers) if w in self.workers]
+        pool = [ws for ws in pool if ws.status == "running"]
+        if len(pool) < 2:
+            return [], {}
+        wanted = None if keys is None else set(keys)
+        load = {ws: sum(ts.get_nbytes() for ts in ws.has_what if wanted is None or ts.key in wanted) for ws in pool}
+        mean = sum(load.values()) / len(pool)
+        senders = sorted((ws for ws in pool if load[ws] > mean), key=load.__getitem__, reverse=True)
+        moves: dict[WorkerState, dict[Key, list[str]]] = defaultdict(dict)
+        nbytes: dict[WorkerState, dict[Key, int]] = defaultdict(dict)
+        drops: dict[str, list[Key]] = defaultdict(list)
+        for sender in senders:
+            items = sorted((ts for ts in sender.has_what if wanted is None or ts.key in wanted),
+                           key=TaskState.get_nbytes, reverse=True)
+            for ts in items:
+                if load[sender] <= mean:
+                    break
+                size = ts.get_nbytes()
+                receivers = [ws for ws in pool if ws not in ts.who_has and load[ws] + size <= mean + 1]
+                if not receivers:
+                    continue
+                receiver = min(receivers, key=load.__getitem__)
+                moves[receiver][ts.key] = [sender.address]
+                nbytes[receiver][ts.key] = size
+                drops[sender.address].append(ts.key)
+                load[receiver] += size
+                load[sender] -= size
+        out: list[Msg] = [AcquireReplicasMsg(stimulus_id, ws.address, who_has, nbytes[ws])
+                          for ws, who_has in moves.items()]
+        return out, dict(drops)
+
+    def reevaluate_occupancy(self, worker_index: int = 0) -> None:
+        """Recompute each worker's expected work from the current task durations."""
+        for ws in self.workers.values():
+            total = 0.0
+            for ts in ws.processing:
+                d = 0.0 if ts.long_running else self.get_task_duration(ts) + self.get_comm_cost(ts, ws)
+                ws.processing[ts] = d
+                total += d
+            ws.occupancy = total
+            self.check_idle_saturated(ws)
+
+    def _restart_state(self, stimulus_id: str = "restart") -> list[Msg]:
+        """Forget every task (the workers are being restarted); clients hear their keys were cancelled."""
+        from .scheduler_records import CancelledKeyMsg
+
+        out: list[Msg] = []
+        for ts in list(self.tasks.values()):
+            for cs in ts.who_wants:
+                out.append(CancelledKeyMsg(stimulus_id, cs.client_key, ts.key, "restart"))
+                cs.wants_what.discard(ts)
+            ts.who_wants.clear()
+        for ws in self.workers.values():
+            ws.processing.clear()
+            ws.has_what.clear()
+            ws.nbytes = 0
+            ws.occupancy = 0.0
+            ws.long_running.clear()
+            self.check_idle_saturated(ws)
+        self.tasks.clear()
+        self.queued.clear()
+        self.unrunnable.clear()
+        return out
+
+    def _elastic_info(self) -> dict[str, Any]:  # pragma: no cover - debugging aid
+        return {ws.address: (ws.status, len(ws.has_what), ws.nbytes) for ws in self.workers.values()}

@@ -1,0 +1,311 @@
+"""Cluster-wide operations of the Scheduler server: retire, replicate, rebalance,
+restart, plugins.
+
+A mixin of :class:`runtime.scheduler.Scheduler`.  Each operation asks the pure
+state for a plan (:mod:`runtime.scheduler_elastic`), sends the messages, and
+waits (polling the state, with a deadline) until the data has landed before it
+removes anything, so that no result is lost on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import time
+from collections.abc import Hashable, Iterable
+from contextlib import suppress
+from typing import Any
+
+from .errors import ClusterTimeoutError, CommError
+from .utils import parse_address, parse_host_port, parse_timedelta, unparse_host_port
+
+logger = logging.getLogger(__name__)
+
+Key = Hashable
+
+
+class SchedulerPlugin:
+    """Base class for scheduler plugins; override the hooks you need."""
+
+    name: str | None = None
+
+    async def start(self, scheduler) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def update_graph(self, scheduler, client: str, keys: list, **kwargs) -> None: ...
+
+    def transition(self, key: Key, start: str, finish: str, *args, **kwargs) -> None: ...
+
+    def add_worker(self, scheduler, worker: str) -> None: ...
+
+    def remove_worker(self, scheduler, worker: str) -> None: ...
+
+    def add_client(self, scheduler, client: str) -> None: ...
+
+    def remove_client(self, scheduler, client: str) -> None: ...
+
+
+class SchedulerOpsMixin:
+    """Retirement, replication, rebalancing, restart and plugins for the Scheduler."""
+
+    # ------------------------------------------------------------------ retiring
+
+    def workers_to_close(self, memory_ratio: float | None = None, n: int | None = None, key=None,
+                         minimum: int | None = None, target: int | None = None,
+                         attribute: str = "address") -> list:
+        """Workers that are cheap to close (see ``SchedulerState.workers_to_close``)."""
+        if isinstance(key, bytes):
+            key = pickle.loads(key)
+        return self.state.workers_to_close(memory_ratio, n, key, minimum, target, attribute)
+
+    def adaptive_target(self, target_duration: Any = "5s") -> int:
+        """How many workers the current work wants."""
+        return self.state.adaptive_target(parse_timedelta(target_duration))
+
+    async def retire_workers(self, workers: Iterable[str] | None = None, remove: bool = True,
+                             close_workers: bool = False, names: Iterable[Any] | None = None,
+                             timeout: Any = 60, **kwargs) -> dict:
+        """Gracefully retire workers: copy the data only they hold, then remove them.
+
+        Args:
+            workers: addresses to retire (default: ``workers_to_close(**kwargs)``).
+            names: worker names to retire, instead of addresses.
+            remove: forget the workers at once (else wait for them to leave).
+            close_workers: also tell the workers to close.
+            timeout: give up on a worker whose data has not moved by then.
+
+        Returns:
+            ``{address: info}`` for each worker retired.
+        """
+        if names is not None:
+            wanted = set(names)
+            workers = [a for a, ws in self.state.workers.items() if ws.name in wanted or str(ws.name) in wanted]
+        elif workers is None:
+            workers = self.workers_to_close(**kwargs)
+        workers = [w for w in workers if w in self.state.workers]
+        if not workers:
+            return {}
+        stimulus_id = self._stimulus("retire-workers")
+        info = {w: self.state.workers[w].identity() for w in workers}
+        instrs, plan = self.state.retire_plan(workers, stimulus_id)
+        self._send(instrs)
+        if any(r == "" for r in plan.values()):
+            logger.warning("cannot retire %s: no other worker to take its unique data", workers)
+            for w in workers:
+                self._send(self.state.set_worker_status(w, "running", stimulus_id))
+            return {}
+        deadline = time.monotonic() + (parse_timedelta(timeout) or 60.0)
+        while True:
+            pending = [k for k, r in plan.items()
+                       if k in self.state.tasks and self.state.tasks[k].state == "memory"
+                       and not any(ws.address not in workers for ws in self.state.tasks[k].who_has)]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                logger.warning("retiring %s: %d keys did not move in time; keeping the workers",
+                               workers, len(pending))
+                for w in workers:
+                    self._send(self.state.set_worker_status(w, "running", stimulus_id))
+                return {}
+            await asyncio.sleep(0.01)
+        for w in workers:
+            if remove:
+                await self.remove_worker(w, safe=True, close=close_workers, stimulus_id=stimulus_id)
+            elif close_workers:
+                self.close_worker(w)
+        logger.info("retired %s", ", ".join(workers))
+        return info
+
+    # ------------------------------------------------------------------ moving data
+
+    async def _await_replicas(self, wanted: dict[Key, set[str]], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [k for k, ws in wanted.items()
+                       if k in self.state.tasks
+                       and not ws <= {w.address for w in self.state.tasks[k].who_has}]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterTimeoutError(f"{len(missing)} keys did not reach their new workers within {timeout}s")
+            await asyncio.sleep(0.01)
+
+    @staticmethod
+    def _targets_of(instrs) -> dict[Key, set[str]]:
+        wanted: dict[Key, set[str]] = {}
+        for m in instrs:
+            for k in m.who_has:
+                wanted.setdefault(k, set()).add(m.worker)
+        return wanted
+
+    def _drop_replicas(self, drops: dict[str, list[Key]]) -> None:
+        for addr, keys in drops.items():
+            self.worker_send(addr, {"op": "remove-replicas", "keys": list(keys),
+                                    "stimulus_id": self._stimulus("remove-replicas")})
+
+    async def replicate(self, keys: Iterable[Key] = (), n: int | None = None,
+                        workers: Iterable[str] | None = None, branching_factor: int = 2,
+                        delete: bool = True, timeout: Any = 60) -> str:
+        """Keep ``n`` copies of each key (on ``workers``, default all), copying peer to peer.
+
+        Raises:
+            ClusterTimeoutError: the copies did not land within ``timeout``.
+        """
+        instrs, drops = self.state.replicate_plan(list(keys), n, workers, self._stimulus("replicate"))
+        self._send(instrs)
+        await self._await_replicas(self._targets_of(instrs), parse_timedelta(timeout) or 60.0)
+        if delete:
+            self._drop_replicas(drops)
+        return "OK"
+
+    async def rebalance(self, keys: Iterable[Key] | None = None, workers: Iterable[str] | None = None,
+                        timeout: Any = 60) -> dict:
+        """Move data so that each worker holds about the same number of bytes.
+
+        Raises:
+            ClusterTimeoutError: the copies did not land within ``timeout``.
+        """
+        instrs, drops = self.state.rebalance_plan(keys, workers, self._stimulus("rebalance"))
+        self._send(instrs)
+        await self._await_replicas(self._targets_of(instrs), parse_timedelta(timeout) or 60.0)
+        self._drop_replicas(drops)
+        return {"status": "OK", "moved": sum(len(v) for v in drops.values())}
+
+    # ------------------------------------------------------------------ restart
+
+    async def restart(self, client: str | None = None, timeout: Any = 30) -> str:
+        """Restart every worker through its nanny and forget all tasks.
+
+        Workers without a nanny are closed (they cannot come back by themselves).
+
+        Raises:
+            ClusterTimeoutError: the workers did not come back within ``timeout``.
+        """
+        timeout = parse_timedelta(timeout) or 30.0
+        stimulus_id = self._stimulus("restart")
+        self._send(self.state._restart_state(stimulus_id))
+        nannies = {a: ws.nanny for a, ws in self.state.workers.items() if ws.nanny}
+        n_before = len(nannies)
+        for addr in list(self.state.workers):
+            if addr not in nannies:
+                await self.remove_worker(addr, safe=True, close=True, stimulus_id=stimulus_id)
+
+        async def one(nanny: str) -> None:
+            with suppress(CommError, OSError):
+                await self.rpc.call(nanny, "restart", timeout=timeout)
+
+        await asyncio.gather(*(one(n) for n in nannies.values()))
+        deadline = time.monotonic() + timeout
+        while len([ws for ws in self.state.workers.values() if ws.nanny]) < n_before:
+            if time.monotonic() > deadline:
+                raise ClusterTimeoutError(f"only {len(self.state.workers)} of {n_before} workers came back "
+                                          f"within {timeout}s of a restart")
+            await asyncio.sleep(0.02)
+        return "OK"
+
+    # ------------------------------------------------------------------ plugins
+
+    async def add_plugin(self, plugin=None, idempotent: bool = False, name: str | None = None, **kwargs) -> str:
+        """Add a scheduler plugin (an object with any of the ``SchedulerPlugin`` hooks)."""
+        if isinstance(plugin, bytes):
+            plugin = pickle.loads(plugin)
+        name = name or getattr(plugin, "name", None) or f"{type(plugin).__name__}-{id(plugin)}"
+        if name in self.plugins:
+            if idempotent:
+                return "OK"
+        self.plugins[name] = plugin
+        start = getattr(plugin, "start", None)
+        if start is not None:
+            result = start(self)
+            if asyncio.iscoroutine(result):
+                await result
+        return "OK"
+
+    def remove_plugin(self, plugin=None, name: str | None = None) -> str:
+        """Remove a scheduler plugin by object or name.
+
+        Raises:
+            ValueError: no such plugin.
+        """
+        if name is None:
+            name = next((n for n, p in self.plugins.items() if p is plugin), None)
+        if name not in self.plugins:
+            raise ValueError(f"no scheduler plugin named {name!r}; have {sorted(self.plugins)}")
+        del self.plugins[name]
+        return "OK"
+
+    def _plugin_hook(self, hook: str, *args, **kwargs) -> None:
+        for plugin in list(self.plugins.values()):
+            fn = getattr(plugin, hook, None)
+            if fn is None:
+                continue
+            try:
+                fn(*args, **kwargs)
+            except Exception:
+                logger.exception("scheduler plugin %r failed in %s", plugin, hook)
+
+    def _plugin_transitions(self) -> None:
+        """Feed transitions logged since last time to plugins' ``transition`` hooks."""
+        counter = self.state.transition_counter
+        new = counter - self._plugin_seen
+        self._plugin_seen = counter
+        if not new or not any(hasattr(p, "transition") for p in self.plugins.values()):
+            return
+        entries = list(self.state.log.entries)[-new:]
+        for key, start, finish, _recs, stimulus_id, _t in entries:
+            self._plugin_hook("transition", key, start, finish, stimulus_id=stimulus_id)
+
+    async def register_worker_plugin(self, plugin: bytes | Any = None, name: str | None = None) -> dict:
+        """Run ``plugin.setup(worker)`` on every worker now and on every worker that joins."""
+        blob = plugin if isinstance(plugin, bytes) else pickle.dumps(plugin)
+        obj = pickle.loads(blob)
+        name = name or getattr(obj, "name", None) or f"{type(obj).__name__}-{id(obj)}"
+        self.worker_plugins[name] = blob
+        replies = await self.broadcast(msg={"op": "plugin-add", "plugin": blob, "name": name},
+                                       return_exceptions=True)
+        return replies
+
+    # ------------------------------------------------------------------ addresses and proxies
+
+    def coerce_address(self, addr, resolve: bool = True) -> str:
+        """Canonical ``protocol://host:port`` for an address, ``(host, port)`` or worker name.
+
+        Raises:
+            ValueError: nothing matches.
+        """
+        if addr in self.state.aliases:
+            return self.state.aliases[addr]
+        if isinstance(addr, tuple) and len(addr) == 2:
+            addr = unparse_host_port(*addr)
+        if not isinstance(addr, str):
+            raise ValueError(f"cannot make an address of {addr!r}")
+        proto, loc = parse_address(addr)
+        if proto == "inproc":
+            return f"{proto}://{loc}"
+        host, port = parse_host_port(loc)
+        return f"{proto}://{unparse_host_port(host, port)}"
+
+    async def proxy(self, msg: dict | None = None, worker: str | None = None, serializers=None) -> Any:
+        """Forward a request to a worker and return its reply."""
+        msg = dict(msg or {})
+        op = msg.pop("op")
+        return await self.rpc.call(self.coerce_address(worker), op, **msg)
+
+    def get_worker_service_addr(self, worker: str, service_name: str, protocol: bool = False):
+        """``(host, port)`` (or the full address) of a worker's service, e.g. ``"nanny"``.
+
+        Returns ``None`` if the worker has no such service.
+        """
+        ws = self.state.workers.get(worker)
+        if ws is None:
+            return None
+        if service_name == "nanny":
+            if not ws.nanny:
+                return None
+            return ws.nanny if protocol else parse_host_port(parse_address(ws.nanny)[1])
+        port = ws.services.get(service_name)
+        if port is None:
+            return None
+        return f"tcp://{unparse_host_port(ws.host, port)}" if protocol else (ws.host, port)
