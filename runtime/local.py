@@ -221,6 +221,7 @@ class LocalCluster:
         if self.asynchronous:
             return self._close()
         if self.status == "closed":
+            self._release_loop()  # e.g. closed already by Client.shutdown()
             return None
         try:
             sync(self.loop, self._close, timeout=timeout)

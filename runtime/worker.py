@@ -165,7 +165,8 @@ class Worker(Server):
             scheduler_ip = f"tcp://{scheduler_ip}"
         self.scheduler_addr = scheduler_ip
         self.scheduler_file = scheduler_file
-        nthreads = nthreads or ncores or os.cpu_count() or 1
+        if nthreads is None:
+            nthreads = ncores if ncores is not None else (os.cpu_count() or 1)
         if not isinstance(nthreads, int) or nthreads < 1:
             raise ValueError(f"nthreads={nthreads!r}: expected a positive integer")
         self.nthreads = nthreads
