@@ -152,8 +152,18 @@ class LocalCluster:
         return {"nthreads": self.threads_per_worker, "name": name, "memory_limit": self.memory_limit,
                 "validate": self.validate, **self.worker_kwargs}
 
+    async def _prune(self) -> None:
+        """Forget workers that have gone (retired at their lifetime, crashed)."""
+        for name, w in list(self.workers.items()):
+            gone = (not w.is_alive()) if isinstance(w, WorkerProcess) else w.status in ("closing", "closed")
+            if gone:
+                del self.workers[name]
+                await w.close()
+
     async def _scale(self, n: int, timeout: float = 60.0) -> None:
+        await self._prune()
         started = []
+        new_names = set()
         while len(self.workers) < n:
             name = self._next_name
             self._next_name += 1
@@ -165,9 +175,10 @@ class LocalCluster:
                 w = Worker(self.scheduler.address, **opts)
                 started.append(w._start())
             self.workers[name] = w
+            new_names.add(name)
         if started:
             await asyncio.gather(*started)
-            await self._wait_for_names(set(self.workers), timeout)
+            await self._wait_for_names(new_names, timeout)
         if len(self.workers) > n:
             doomed = sorted(self.workers, key=str)[n:]
             await asyncio.gather(*(self._stop_worker(name) for name in doomed))
@@ -178,8 +189,8 @@ class LocalCluster:
             registered = {ws.name for ws in self.scheduler.state.workers.values()}
             if names <= registered:
                 return
-            dead = [nm for nm, w in self.workers.items()
-                    if isinstance(w, WorkerProcess) and not w.is_alive()]
+            dead = [nm for nm in names - registered
+                    if isinstance(self.workers.get(nm), WorkerProcess) and not self.workers[nm].is_alive()]
             if dead:
                 raise RuntimeError(f"worker processes {dead} exited before registering")
             if time.monotonic() > deadline:

@@ -39,6 +39,7 @@ from .execution import TaskThreadPool, get_current_task, get_worker, sizeof  # n
 from .scheduler import get_ip_for
 from .statemachine import Instruction, Msg
 from .utils import (
+    format_bytes,
     get_address_host,
     get_ip_interface,
     parse_address,
@@ -57,11 +58,13 @@ from .worker_state import (
     GatherDepFailureEvent,
     GatherDepNetworkFailureEvent,
     GatherDepSuccessEvent,
+    PauseEvent,
     RefreshWhoHasEvent,
     RemoveReplicasEvent,
     RescheduleEvent,
     SecedeEvent,
     TaskFinishedMsg,
+    UnpauseEvent,
     UpdateDataEvent,
     WorkerState,
 )
@@ -81,6 +84,37 @@ def pickle_small(value: Any) -> bytes | None:
     except Exception:
         return None
     return b if len(b) <= SMALL_RESULT else None
+
+
+def trim_memory() -> bool:
+    """Ask the C allocator to return free memory to the system (glibc only)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if not _malloc_trim:
+        return False
+    return bool(_malloc_trim(0))
+
+
+_malloc_trim: Any = None
+
+
+def _fraction(name: str, value: Any) -> float | None:
+    """A memory fraction in (0, 1], or ``None`` for False/None/0 (disabled).
+
+    Raises:
+        ValueError: naming the option and the accepted values.
+    """
+    if value is None or value is False or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name}={value!r}: expected a fraction in (0, 1], or False/None to disable")
+    return float(value)
 
 
 def parse_memory_limit(memory_limit: Any, nthreads: int, total_cores: int | None = None) -> int:
@@ -149,7 +183,10 @@ class Worker(Server):
                  plugins=(), low_level_profiler: bool = False, validate: bool = False,
                  profile_cycle_interval=None, lifetime=None, lifetime_stagger=None,
                  lifetime_restart=None, heartbeat_interval: Any = "1s",
-                 transfer_incoming_count_limit: int = 4, **kwargs):
+                 transfer_incoming_count_limit: int = 4,
+                 memory_target_fraction: float | bool | None = 0.6,
+                 memory_spill_fraction: float | bool | None = 0.7,
+                 memory_pause_fraction: float | bool | None = 0.8, **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"Worker() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
@@ -172,6 +209,12 @@ class Worker(Server):
         self.nthreads = nthreads
         self.name = name
         self.memory_limit = parse_memory_limit(memory_limit, nthreads)
+        self.memory_target_fraction = _fraction("memory_target_fraction", memory_target_fraction)
+        self.memory_spill_fraction = _fraction("memory_spill_fraction", memory_spill_fraction)
+        self.memory_pause_fraction = _fraction("memory_pause_fraction", memory_pause_fraction)
+        self.memory_monitor_interval = parse_timedelta(memory_monitor_interval) or 0.2
+        self._user_data = data is not None
+        self.paused = False
         self.resources = dict(resources or {})
         self.death_timeout = parse_timedelta(death_timeout)
         self.reconnect = reconnect
@@ -280,12 +323,23 @@ class Worker(Server):
         self._own_local_directory = True
         if self.local_directory not in sys.path:
             sys.path.insert(0, self.local_directory)
+        if not self._user_data and self.memory_limit and (
+            self.memory_target_fraction or self.memory_spill_fraction
+        ):
+            from .spill import SpillBuffer
+
+            target = self.memory_target_fraction or self.memory_spill_fraction
+            self.data = SpillBuffer(os.path.join(self.local_directory, "storage"),
+                                    target=int(self.memory_limit * target))
+            self.state.data = self.data
         self.state.address = self.address
         self.pool = TaskThreadPool(self.nthreads, self._on_results, worker=self,
                                    name=f"worker-{self.name or self.address}",
                                    on_secede=self._on_secede)
         await self._register()
         self.spawn(self._heartbeat_loop())
+        if self.memory_limit and (self.memory_spill_fraction or self.memory_pause_fraction):
+            self.spawn(self._memory_monitor_loop())
         if self.lifetime:
             lifetime = self.lifetime + random.uniform(-self.lifetime_stagger, self.lifetime_stagger)
             self.spawn(self._close_after(max(lifetime, 0.0)))
@@ -322,8 +376,8 @@ class Worker(Server):
             "nanny": self.nanny,
             "local_directory": self.local_directory,
             "services": self.services,
-            "keys": list(self.data),
-            "nbytes": {k: sizeof(v) for k, v in self.data.items()},
+            "keys": [k for k, ts in self.state.tasks.items() if ts.state == "memory"],
+            "nbytes": {k: ts.nbytes for k, ts in self.state.tasks.items() if ts.state == "memory"},
         })
         reply = await comm.read()
         try:
@@ -398,6 +452,65 @@ class Worker(Server):
                     "time": time.time(),
                 }})
 
+    # ------------------------------------------------------------------ memory
+
+    async def _memory_monitor_loop(self) -> None:
+        proc = psutil.Process()
+        while self.status == Status.running:
+            await asyncio.sleep(self.memory_monitor_interval)
+            try:
+                await self.memory_monitor(proc)
+            except Exception:  # pragma: no cover - keep monitoring
+                logger.exception("memory monitor failed")
+
+    async def memory_monitor(self, proc: psutil.Process | None = None) -> None:
+        """Track this process's memory: spill above the spill fraction, pause above the pause fraction."""
+        proc = proc or psutil.Process()
+        limit = self.memory_limit
+        if not limit:
+            return
+        rss = proc.memory_info().rss
+        if self.memory_pause_fraction:
+            if rss > self.memory_pause_fraction * limit and not self.paused:
+                logger.warning("worker %s paused: process memory %s is above %.0f%% of the limit %s",
+                               self.address, format_bytes(rss), self.memory_pause_fraction * 100,
+                               format_bytes(limit))
+                self._set_paused(True)
+            elif rss <= self.memory_pause_fraction * limit and self.paused:
+                logger.info("worker %s resumed: process memory %s", self.address, format_bytes(rss))
+                self._set_paused(False)
+        evict = getattr(self.data, "evict", None)
+        if self.memory_spill_fraction and evict is not None and rss > self.memory_spill_fraction * limit:
+            # Python rarely hands freed memory back at once, so count what we
+            # free instead of re-measuring the process after each value.
+            goal = (self.memory_target_fraction or self.memory_spill_fraction) * limit
+            need = rss - goal
+            freed = 0
+            n = 0
+            while freed < need:
+                got = evict()
+                if got < 0:
+                    break
+                freed += got
+                n += 1
+                if n % 8 == 0:
+                    await asyncio.sleep(0)  # let the worker serve its peers meanwhile
+            if n:
+                logger.info("worker %s spilled %d values (%s) to disk", self.address, n, format_bytes(freed))
+        if rss > (self.memory_target_fraction or self.memory_spill_fraction or 1.0) * limit:
+            # glibc keeps freed heap memory (its mmap threshold grows after a
+            # large free); hand it back, or a paused worker might never resume.
+            trim_memory()
+
+    def _set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        event = PauseEvent("pause") if paused else UnpauseEvent("unpause")
+        self.handle_stimulus(event)
+        bs = self.batched_stream
+        if bs is not None and not bs.closed:
+            with suppress(CommClosedError):
+                bs.send({"op": "worker-status-change", "status": "paused" if paused else "running"})
+
     async def _close_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
         logger.info("worker %s reached its lifetime; retiring gracefully", self.address)
@@ -471,6 +584,9 @@ class Worker(Server):
         if self.pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.pool.shutdown, min(timeout, 2.0))
         await self._close_listeners_and_comms()
+        close_data = getattr(self.data, "close", None)
+        if close_data is not None and not self._user_data:
+            close_data()
         if self._own_local_directory and self.local_directory:
             with suppress(ValueError):
                 sys.path.remove(self.local_directory)

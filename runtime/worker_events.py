@@ -118,6 +118,18 @@ class RefreshWhoHasEvent(StateMachineEvent):
 
 
 @dataclass(slots=True)
+class PauseEvent(StateMachineEvent):
+    """Memory is short: start no new tasks."""
+
+    handler = "_handle_pause"
+
+
+@dataclass(slots=True)
+class UnpauseEvent(StateMachineEvent):
+    handler = "_handle_unpause"
+
+
+@dataclass(slots=True)
 class RemoveReplicasEvent(StateMachineEvent):
     """The scheduler asks us to drop replicas it has elsewhere (rebalance, replicate)."""
 

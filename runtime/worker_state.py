@@ -56,6 +56,7 @@ from .worker_events import (  # noqa: F401  (re-exported)
     GatherDepSuccessEvent,
     LongRunningMsg,
     MissingDataMsg,
+    PauseEvent,
     RefreshWhoHasEvent,
     ReleaseWorkerDataMsg,
     RemoveReplicasEvent,
@@ -65,6 +66,7 @@ from .worker_events import (  # noqa: F401  (re-exported)
     StateMachineEvent,
     TaskErredMsg,
     TaskFinishedMsg,
+    UnpauseEvent,
     UpdateDataEvent,
 )
 
@@ -459,6 +461,14 @@ class WorkerState:
             elif ts.state == "fetch" and not ts.who_has:
                 recs[ts] = "missing"
         return recs, []
+
+    def _handle_pause(self, ev: PauseEvent) -> tuple[dict, list]:
+        self.running = False
+        return {}, []
+
+    def _handle_unpause(self, ev: UnpauseEvent) -> tuple[dict, list]:
+        self.running = True  # handle() then starts ready tasks again
+        return {}, []
 
     def _handle_remove_replicas(self, ev: RemoveReplicasEvent) -> tuple[dict, list]:
         recs: dict = {}

@@ -1,0 +1,149 @@
+"""Losing workers costs time, not results: kill -9, lifetimes, retirement, spilling.
+
+Real worker processes (LocalCluster) or in-process workers on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from cluster import Client, LocalCluster, wait
+from tests.helpers import gen_cluster, gen_test, until, until_sync
+
+
+def slowinc(x, delay=0.005):
+    import time
+
+    time.sleep(delay)  # the work itself, not synchronisation
+    return x + 1
+
+
+def add(a, b):
+    return a + b
+
+
+def pid():
+    return os.getpid()
+
+
+def blob(i, size=10_000_000):
+    return bytes([i % 256]) * size
+
+
+def worker_pids(client):
+    return client.run(pid)
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_worker_during_graph_with_dependencies():
+    """(a) SIGKILL a worker in the middle of a 2,000-task graph: every result is right."""
+    with LocalCluster(n_workers=3, threads_per_worker=1) as cluster, Client(cluster) as c:
+        leaves = c.map(slowinc, range(1000), delay=0.002)
+        layer = leaves
+        while len(layer) > 1:  # a tree of ~1,000 more tasks with dependencies
+            layer = [c.submit(add, layer[i], layer[i + 1]) if i + 1 < len(layer) else layer[i]
+                     for i in range(0, len(layer), 2)]
+        total = layer[0]
+        victim_addr, victim_pid = next(iter(worker_pids(c).items()))
+        # Wait until the victim holds results, then kill it mid-graph.
+        until_sync(lambda: len(c.has_what().get(victim_addr, [])) > 50, timeout=60,
+                   what="the victim to hold results")
+        os.kill(victim_pid, signal.SIGKILL)
+        assert total.result(timeout=120) == sum(range(1, 1001))
+        assert c.gather(leaves) == list(range(1, 1001))
+        assert victim_addr not in c.scheduler_info()["workers"]
+
+
+@gen_test(timeout=60)
+async def test_retire_workers_moves_unique_data_first():
+    """(e) retire_workers copies the data only the retiring worker holds before removing it."""
+    async with gen_cluster(nworkers=3) as (c, s, workers):
+        w0 = workers[0]
+        futures = c.map(blob, range(20), size=100_000, workers=[w0.address])
+        await wait(futures)
+        assert all(s.tasks[f.key].who_has == {s.workers[w0.address]} for f in futures)
+        retired = await c.rpc.call(s.address, "retire_workers", workers=[w0.address], close_workers=True)
+        assert list(retired) == [w0.address]
+        # Every key now lives on a remaining worker, and the retiree is gone.
+        assert w0.address not in s.workers
+        for f in futures:
+            assert s.tasks[f.key].who_has
+            assert all(ws.address != w0.address for ws in s.tasks[f.key].who_has)
+        await until(lambda: w0.status == "closed", timeout=10)
+        results = await c.gather(futures)
+        assert results == [blob(i, 100_000) for i in range(20)]
+        # Nothing was recomputed: each task reached memory exactly once.
+        for f in futures:
+            computed = [e for e in s.story(f.key) if e[0] == f.key and e[1:3] == ("processing", "memory")]
+            assert len(computed) == 1
+
+
+@gen_test(timeout=60)
+async def test_retire_refuses_to_lose_data_when_no_other_worker():
+    async with gen_cluster(nworkers=1) as (c, s, workers):
+        f = c.submit(blob, 1, size=1000)
+        await f
+        retired = await c.rpc.call(s.address, "retire_workers", workers=[workers[0].address])
+        assert retired == {}
+        assert workers[0].address in s.workers
+        assert s.workers[workers[0].address].status == "running"
+        assert await f == blob(1, 1000)
+
+
+@pytest.mark.timeout(180)
+def test_lifetime_with_stagger_under_steady_load():
+    """(d) 3 workers with a short, staggered lifetime retire under a steady stream of tasks;
+    every future completes with the right value."""
+    with LocalCluster(n_workers=3, threads_per_worker=1, lifetime="2s", lifetime_stagger="0.5s") as cluster, \
+            Client(cluster) as c:
+        original = set(c.scheduler_info()["workers"])
+        futures = []
+        # Keep tasks flowing until every original worker has retired at least once,
+        # starting replacements as old workers go (as an adaptive cluster would).
+        while original & set(c.scheduler_info()["workers"]):
+            batch = [c.submit(slowinc, len(futures) + k, delay=0.01, pure=False) for k in range(20)]
+            futures.extend(batch)
+            while not all(f.done() for f in batch):
+                cluster.scale(3)  # replaces retired workers
+                try:
+                    wait(batch, timeout=0.5)
+                except TimeoutError:
+                    pass
+        results = c.gather(futures)
+        assert results == [k + 1 for k in range(len(futures))]
+        assert not original & set(c.scheduler_info()["workers"])
+        assert len(futures) >= 20
+
+
+@pytest.mark.timeout(120)
+def test_spill_holds_five_times_the_limit():
+    """(c) a worker with a 100 MB limit holds 500 MB of results on disk and gives them all back."""
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="100MB") as cluster, \
+            Client(cluster) as c:
+        futures = c.map(blob, range(50))  # 50 x 10 MB
+        wait(futures, timeout=90)
+
+        def spilled():
+            from cluster import get_worker
+
+            data = get_worker().data
+            return len(data.disk), data.disk_total, data.memory_total
+
+        (n_disk, disk_bytes, mem_bytes), = c.run(spilled).values()
+        assert n_disk >= 40
+        assert disk_bytes >= 400_000_000
+        assert mem_bytes <= 100_000_000
+        for i, f in enumerate(futures):  # one at a time: each comes back from disk intact
+            assert f.result(timeout=30) == blob(i)
+        def storage_files():
+            from cluster import get_worker
+
+            return sorted(os.listdir(os.path.join(get_worker().local_directory, "storage")))
+
+        assert list(c.run(storage_files).values())[0]
+        del futures, f
+        until_sync(lambda: list(c.run(storage_files).values())[0] == [], timeout=30,
+                   what="spill files removed when their keys are released")
