@@ -25,6 +25,7 @@ from .futures import (
     wait,
 )
 from .local import LocalCluster
+from .nanny import Nanny
 from .scheduler import Scheduler
 from .scheduler_ops import SchedulerPlugin
 from .worker import Worker
@@ -42,6 +43,7 @@ __all__ = [
     "FutureCancelledError",
     "KilledWorker",
     "LocalCluster",
+    "Nanny",
     "RemoteTraceback",
     "Reschedule",
     "ScatteredDataLost",

@@ -574,7 +574,11 @@ class Client:
 
         async def fetch(addr: str, ks: list) -> None:
             try:
-                reply = await self.rpc.call(addr, "get_data", keys=ks)
+                # A holder that is gone (retired, died) is not worth waiting
+                # for: ask the scheduler where the data is now instead.
+                async with self.rpc.connection(addr, timeout=min(0.5, self.timeout)) as comm:
+                    await comm.write({"op": "get_data", "keys": ks})
+                    reply = unpack_reply(await comm.read(), addr)
             except (CommError, OSError):
                 missing.extend(ks)
                 return

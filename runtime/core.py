@@ -228,7 +228,7 @@ class ConnectionPool:
         self.busy: set[Comm] = set()
         self.closed = False
 
-    async def acquire(self, address: str) -> Comm:
+    async def acquire(self, address: str, timeout: float | None = None) -> Comm:
         if self.closed:
             raise CommClosedError("connection pool is closed")
         idle = self.idle.get(address)
@@ -237,7 +237,7 @@ class ConnectionPool:
             if not comm.closed():
                 self.busy.add(comm)
                 return comm
-        comm = await connect(address, timeout=self.timeout, **self.connect_kwargs)
+        comm = await connect(address, timeout=timeout or self.timeout, **self.connect_kwargs)
         self.busy.add(comm)
         return comm
 
@@ -253,8 +253,8 @@ class ConnectionPool:
             idle.append(comm)
 
     @asynccontextmanager
-    async def connection(self, address: str):
-        comm = await self.acquire(address)
+    async def connection(self, address: str, timeout: float | None = None):
+        comm = await self.acquire(address, timeout)
         ok = False
         try:
             yield comm
@@ -266,7 +266,7 @@ class ConnectionPool:
                 self.busy.discard(comm)
                 comm.abort()
 
-    async def call(self, address: str, op: str, **kwargs) -> Any:
+    async def call(self, address: str, op: str, /, **kwargs) -> Any:
         """Send one request and return its reply's value.
 
         Raises:

@@ -15,8 +15,12 @@ is reported to the scheduler at once with ``unregister`` -- so its tasks are
 rescheduled without waiting for a heartbeat timeout -- and a new worker
 process with the same name is started.  Exits we cause (``kill``,
 ``restart``, ``close``) mark the process ``stopping`` first, so the watcher
-leaves them alone.  After :meth:`Nanny.close_gracefully` the worker is not
-restarted: when it exits the nanny closes too.
+leaves them alone.  A worker that exits with code 0 closed itself on purpose
+(the scheduler told it to, or it gave up on an unreachable scheduler): it is
+not restarted and the nanny closes too.  One that exits with
+:data:`~runtime.process.RESTART_EXIT_CODE` asked for a fresh worker (its
+``lifetime`` ended with ``lifetime_restart=True``) and gets one.  After :meth:`Nanny.close_gracefully` the worker is
+not restarted either: when it exits the nanny closes.
 
 Every ``memory_monitor_interval`` the memory monitor reads the child's RSS;
 above ``memory_terminate_fraction * memory_limit`` the worker is unregistered
@@ -42,9 +46,9 @@ from typing import Any
 
 import psutil
 
-from .core import Server, Status
+from .core import Server, Status, unpack_reply
 from .errors import ClusterTimeoutError, CommError, ConnectionTimeoutError
-from .process import WorkerProcess, WorkerProcessError
+from .process import RESTART_EXIT_CODE, WorkerProcess, WorkerProcessError
 from .scheduler import get_ip_for
 from .utils import (
     format_bytes,
@@ -108,7 +112,7 @@ class Nanny(Server):
             default the local address that routes to the scheduler; port 0 =
             any).  The worker listens on the same host.
         memory_terminate_fraction: restart the worker when its RSS exceeds
-            this fraction of ``memory_limit`` (``None``/``False``: never).
+            this fraction of ``memory_limit`` (``None``/``False``/0: never).
         memory_monitor_interval: how often to check (``"100ms"``).
         **worker_kwargs: more keyword arguments for ``Worker`` (JSON-able).
 
@@ -159,7 +163,7 @@ class Nanny(Server):
         elif (not isinstance(memory_terminate_fraction, (int, float))
               or isinstance(memory_terminate_fraction, bool) or memory_terminate_fraction <= 0):
             raise ValueError(f"memory_terminate_fraction={memory_terminate_fraction!r}: "
-                             "expected a positive number, or None/False to never terminate")
+                             "expected a positive number, or None/False/0 to never terminate")
         interval = parse_timedelta(memory_monitor_interval)
         if interval is None or interval <= 0:
             raise ValueError(f"memory_monitor_interval={memory_monitor_interval!r}: "
@@ -225,7 +229,7 @@ class Nanny(Server):
                 raise ValueError(f"worker_class={worker_class!r}: expected 'module.Class'")
             return worker_class
         if isinstance(worker_class, type) and issubclass(worker_class, Worker):
-            if "<locals>" in worker_class.__qualname__:
+            if "<locals>" in worker_class.__qualname__ or worker_class.__module__ == "__main__":
                 raise ValueError(f"worker_class={worker_class!r}: must be importable by the worker "
                                  "process (defined at module level)")
             return f"{worker_class.__module__}.{worker_class.__qualname__}"
@@ -356,16 +360,32 @@ class Nanny(Server):
         code = await wp.wait()
         if wp.stopping or self.status not in (Status.starting, Status.running) or wp is not self.process:
             return
-        if self._graceful or not self.auto_restart:
-            logger.info("worker %s (name=%r) exited with code %s; not restarting it",
-                        wp.worker_address, self.name, code)
-            if self._graceful:
-                self._close_task = asyncio.ensure_future(self.close(reason="nanny-close-gracefully"))
-            else:
-                await self._unregister(wp.worker_address)
+        if self._graceful:
+            logger.info("worker %s (name=%r) exited with code %s after close_gracefully; "
+                        "closing the nanny", wp.worker_address, self.name, code)
+            self._close_task = asyncio.ensure_future(self.close(reason="nanny-close-gracefully"))
             return
-        logger.warning("worker %s (name=%r, pid=%s) exited unexpectedly with code %s; restarting it",
-                       wp.worker_address, self.name, wp.pid, code)
+        if code == 0 and wp is not self._memory_victim:
+            # The worker closed itself (the scheduler told it to, or it gave up on
+            # the scheduler) and has said goodbye: that is the end of this nanny too.
+            logger.info("worker %s (name=%r) closed itself; closing the nanny",
+                        wp.worker_address, self.name)
+            self._close_task = asyncio.ensure_future(self.close(reason="worker-closed"))
+            return
+        if not self.auto_restart:
+            logger.warning("worker %s (name=%r, pid=%s) exited with code %s; auto_restart is off",
+                           wp.worker_address, self.name, wp.pid, code)
+            await self._unregister(wp.worker_address)
+            return
+        if wp is self._memory_victim:
+            logger.info("worker %s (name=%r) terminated for memory use; restarting it",
+                        wp.worker_address, self.name)
+        elif code == RESTART_EXIT_CODE:
+            logger.info("worker %s (name=%r) closed asking for a fresh worker; restarting it",
+                        wp.worker_address, self.name)
+        else:
+            logger.warning("worker %s (name=%r, pid=%s) exited unexpectedly with code %s; "
+                           "restarting it", wp.worker_address, self.name, wp.pid, code)
         await self._unregister(wp.worker_address)
         delay = 0.1
         for attempt in range(3):
@@ -392,11 +412,19 @@ class Nanny(Server):
         if address is None or self.scheduler_addr is None:
             return
         try:
-            await asyncio.wait_for(
-                self.rpc.call(self.scheduler_addr, "unregister", address=address, safe=safe), timeout)
+            await asyncio.wait_for(self._call_scheduler(
+                {"op": "unregister", "address": address, "safe": safe}), timeout)
         except (CommError, OSError, asyncio.TimeoutError) as e:
             logger.warning("could not tell the scheduler %s that worker %s is gone: %r",
                            self.scheduler_addr, address, e)
+
+    async def _call_scheduler(self, msg: dict) -> Any:
+        # Not ``self.rpc.call``: its own ``address`` parameter would clash with
+        # the ``address`` argument of ``unregister``.
+        async with self.rpc.connection(self.scheduler_addr) as comm:
+            await comm.write(msg)
+            answer = await comm.read()
+        return unpack_reply(answer, self.scheduler_addr)
 
     async def kill(self, timeout: float = 2) -> str:
         """Stop the worker process without restarting it, after telling the scheduler.
@@ -410,8 +438,10 @@ class Nanny(Server):
 
     async def _kill_unlocked(self, timeout: float) -> None:
         wp = self.process
-        if wp is None or not wp.is_alive():
+        if wp is None or (wp.stopping and not wp.is_alive()):
             return
+        # Also for a process that just died and whose watcher has not yet run:
+        # the scheduler must forget it before a worker of the same name registers.
         wp.stopping = True
         await self._unregister(wp.worker_address, safe=True, timeout=max(timeout, 1.0))
         await wp.close(timeout=timeout)
@@ -495,10 +525,11 @@ class Nanny(Server):
             return "OK"
         self._memory_victim = wp
         logger.warning(
-            "Worker %s (name=%r, pid=%s) exceeded %.0f%% of its memory limit: process memory "
-            "%s > %s of memory_limit %s; terminating and restarting it",
-            wp.worker_address, self.name, wp.pid, self.memory_terminate_fraction * 100,
-            format_bytes(rss), format_bytes(threshold), format_bytes(self.memory_limit))
+            "Worker %s (name=%r, pid=%s) exceeded its memory budget: process memory %s is above "
+            "%.0f%% of memory_limit %s (%s); terminating and restarting it",
+            wp.worker_address, self.name, wp.pid, format_bytes(rss),
+            self.memory_terminate_fraction * 100, format_bytes(self.memory_limit),
+            format_bytes(threshold))
         # Unregister first: the scheduler counts the running tasks as suspects
         # (they may be the memory hogs), which a graceful close would not.
         await self._unregister(wp.worker_address, safe=False)

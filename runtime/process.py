@@ -14,6 +14,10 @@ writes one JSON line there -- ``{"status": "running", "address": ..., "pid":
 :meth:`WorkerProcess.wait_ready` reads that line; end-of-file without a line
 means the child died before it got that far.  The child's own stdout and
 stderr are left alone (inherited), so task output is not captured or delayed.
+
+Exit codes: 0 when the worker closed on purpose, :data:`RESTART_EXIT_CODE`
+when it closed asking to be replaced (``lifetime_restart``), anything else
+(or a signal) when it failed or was killed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ from typing import Any
 from .errors import ClusterError, ClusterTimeoutError
 
 logger = logging.getLogger(__name__)
+
+
+#: Exit code of a worker process whose worker asked to be replaced by a fresh
+#: one (``Worker.restart_requested``, e.g. ``lifetime_restart``): EX_TEMPFAIL.
+RESTART_EXIT_CODE = 75
 
 
 class WorkerProcessError(ClusterError):

@@ -285,6 +285,16 @@ class Scheduler(SchedulerOpsMixin, Server):
             await self.finished()
             return
         self.status = Status.closing
+        for plugin in list(self.plugins.values()):
+            close = getattr(plugin, "close", None)
+            if close is None:
+                continue
+            try:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                logger.exception("scheduler plugin %r failed to close", plugin)
         if close_workers:
             for bs in list(self.stream_comms.values()):
                 with suppress(CommClosedError):

@@ -47,7 +47,14 @@ class ElasticMixin:
             return []  # retiring wins over pausing
         ws.status = status
         self.check_idle_saturated(ws)
-        return self.transitions({}, stimulus_id)  # a worker back to running may take queued work
+        recs: dict[Key, str] = {}
+        if status == "running":
+            # Back in service: tasks that had nowhere to run may run here now.
+            for ts in list(self.unrunnable):
+                valid = self.valid_workers(ts)
+                if valid is None or ws in valid or (ts.loose_restrictions and not valid):
+                    recs[ts.key] = "processing"
+        return self.transitions(recs, stimulus_id)  # and the queue fills it
 
     # ------------------------------------------------------------------ choosing workers
 
@@ -89,8 +96,8 @@ class ElasticMixin:
         for group in candidates:
             if n is not None and len(chosen) >= n:
                 break
-            if n is not None and len(chosen) + len(group) > n and key is None:
-                break
+            if n is not None and len(chosen) + len(group) > n:
+                continue  # a group is closed whole or not at all
             if minimum is not None and remaining - len(group) < minimum:
                 break
             group_limit = sum(ws.memory_limit for ws in group)
@@ -182,6 +189,8 @@ class ElasticMixin:
             ``(instructions, {worker: [keys to drop]})``.
         """
         pool = [self.workers[w] for w in (workers if workers is not None else self.workers) if w in self.workers]
+        if n is not None and n < 1:
+            raise ValueError(f"replicate(n={n!r}): n must be at least 1 (replicate never deletes data)")
         pool = [ws for ws in pool if ws.status == "running"]
         n = len(pool) if n is None else min(n, len(pool))
         moves: dict[WorkerState, dict[Key, list[str]]] = defaultdict(dict)

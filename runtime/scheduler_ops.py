@@ -97,12 +97,21 @@ class SchedulerOpsMixin:
                 self._send(self.state.set_worker_status(w, "running", stimulus_id))
             return {}
         deadline = time.monotonic() + (parse_timedelta(timeout) or 60.0)
+        rounds = 0
         while True:
             pending = [k for k, r in plan.items()
                        if k in self.state.tasks and self.state.tasks[k].state == "memory"
                        and not any(ws.address not in workers for ws in self.state.tasks[k].who_has)]
             if not pending:
-                break
+                # Tasks that finished there meanwhile made new unique data: move it too.
+                instrs, more = self.state.retire_plan(workers, stimulus_id)
+                more = {k: r for k, r in more.items() if k not in plan}
+                if not more or rounds >= 5 or any(r == "" for r in more.values()):
+                    break
+                rounds += 1
+                self._send(instrs)
+                plan.update(more)
+                continue
             if time.monotonic() > deadline:
                 logger.warning("retiring %s: %d keys did not move in time; keeping the workers",
                                workers, len(pending))
@@ -215,6 +224,11 @@ class SchedulerOpsMixin:
         if name in self.plugins:
             if idempotent:
                 return "OK"
+        if not self.plugins:
+            # Plugins hear about transitions from now on, not the past.
+            self._plugin_seen = self.state.transition_counter
+        else:
+            self._plugin_transitions()  # flush the others' backlog first
         self.plugins[name] = plugin
         start = getattr(plugin, "start", None)
         if start is not None:

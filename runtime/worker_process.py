@@ -5,11 +5,16 @@ Usage::
     python -m runtime.worker_process '<json Worker options>' [--ready-fd N] [--worker-class M.C]
 
 The worker closes when its standard input reaches end-of-file (the parent
-closed the pipe or died), on SIGTERM/SIGINT, or when the scheduler tells it to.
+closed the pipe or died), or when the scheduler tells it to.  SIGTERM/SIGINT
+make it retire gracefully (its unique data moves to other workers) within
+``GRACEFUL_SIGNAL_TIMEOUT`` seconds; a second signal, or the deadline, closes
+it at once.
 With ``--ready-fd`` the child writes one JSON line to that file descriptor
 once the worker has registered with the scheduler (``{"status": "running",
 "address": ...}``) or failed to start (``{"status": "error", "error": ...}``),
-then closes it; the parent learns the worker's address from it.
+then closes it; the parent learns the worker's address from it.  The exit
+code is 0 after a normal close, ``RESTART_EXIT_CODE`` (75) when the worker asked
+to be replaced by a fresh one (``Worker.restart_requested``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ import threading
 from typing import Any
 
 from .loop import run
+from .process import RESTART_EXIT_CODE
 from .worker import Worker
+
+#: Seconds a worker gets to retire gracefully after SIGTERM before it just closes.
+GRACEFUL_SIGNAL_TIMEOUT = 30.0
 
 logger = logging.getLogger("runtime.worker_process")
 
@@ -73,22 +82,54 @@ async def serve(options: dict, ready_fd: int | None = None, worker_class: str | 
             logger.info("worker %s closing: %s", worker.address, reason)
             asyncio.ensure_future(worker.close(reason=reason))
 
+    retiring: list[asyncio.Task] = []
+
+    def request_retire(signame: str) -> None:
+        """First SIGTERM/SIGINT: retire gracefully (data moved away) within a deadline;
+        a second one: close at once."""
+        if retiring:
+            request_close(f"second {signame}")
+            return
+
+        async def retire() -> None:
+            try:
+                await asyncio.wait_for(worker.close_gracefully(reason=f"signal-{signame}"),
+                                       GRACEFUL_SIGNAL_TIMEOUT)
+            except asyncio.TimeoutError:
+                logger.warning("worker %s could not retire within %ss of %s; closing",
+                               worker.address, GRACEFUL_SIGNAL_TIMEOUT, signame)
+                await worker.close(reason=f"signal-{signame}")
+
+        if worker.status not in ("closing", "closed"):
+            logger.info("worker %s retiring gracefully on %s", worker.address, signame)
+            retiring.append(asyncio.ensure_future(retire()))
+
     def watch_stdin() -> None:
+        # os.read on the raw descriptor, not sys.stdin.buffer: a daemon thread
+        # blocked inside the BufferedReader holds its lock, and the interpreter
+        # aborts (SIGABRT) when it finds that lock taken at shutdown -- which
+        # happens whenever the worker closes while its parent is still there.
         try:
-            while sys.stdin.buffer.read(65536):
+            while os.read(stdin_fd, 65536):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         try:
             loop.call_soon_threadsafe(request_close, "parent-gone")
         except RuntimeError:  # loop already closed
             pass
 
-    if sys.stdin is not None and not sys.stdin.isatty():
+    try:
+        stdin_fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # no stdin at all
+        stdin_fd = -1
+    if stdin_fd >= 0 and not os.isatty(stdin_fd):
         threading.Thread(target=watch_stdin, name="watch-parent", daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_close, signal.Signals(sig).name)
+        loop.add_signal_handler(sig, request_retire, signal.Signals(sig).name)
     await worker.finished()
+    if getattr(worker, "restart_requested", False):
+        return RESTART_EXIT_CODE
     return 0
 
 

@@ -147,3 +147,20 @@ def test_spill_holds_five_times_the_limit():
         del futures, f
         until_sync(lambda: list(c.run(storage_files).values())[0] == [], timeout=30,
                    what="spill files removed when their keys are released")
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_to_worker_process_retires_gracefully():
+    """SIGTERM to a worker process moves its unique data away before it exits: nothing recomputed."""
+    with LocalCluster(n_workers=2, threads_per_worker=1) as cluster, Client(cluster) as c:
+        pids = worker_pids(c)
+        victim_addr, victim_pid = next(iter(pids.items()))
+        futures = c.map(blob, range(10), size=1000, workers=[victim_addr])
+        wait(futures, timeout=30)
+        os.kill(victim_pid, signal.SIGTERM)
+        until_sync(lambda: victim_addr not in c.scheduler_info()["workers"], timeout=30,
+                   what="the worker to retire")
+        assert c.gather(futures) == [blob(i, 1000) for i in range(10)]
+        stories = [c.story(f) for f in futures]
+        for f, story in zip(futures, stories, strict=True):
+            assert len([e for e in story if e[0] == f.key and e[1:3] == ("processing", "memory")]) == 1

@@ -1,0 +1,399 @@
+"""Nanny: a worker in a child process, restarted when it dies or outgrows its memory.
+
+Real processes on 127.0.0.1: a Scheduler runs in the test's event loop, each
+Nanny starts ``python -m runtime.worker_process`` children.  Waiting is done
+by polling with ``until`` (with a deadline), never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+from runtime import Client, KilledWorker, Scheduler, Worker, get_worker
+from runtime.core import ConnectionPool, Status
+from runtime.nanny import Nanny
+from runtime.process import RESTART_EXIT_CODE, WorkerProcessError
+from runtime.utils import format_bytes
+from tests.helpers import gen_test, until
+
+pytestmark = pytest.mark.timeout(60)
+
+MB = 10**6
+
+
+# ----------------------------------------------------------------------------- tasks (imported by reference)
+
+
+def getpid(_=None) -> int:
+    return os.getpid()
+
+
+def getenv(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def die() -> None:
+    os._exit(1)
+
+
+def pid_when_file_exists(path: str, limit: float = 30.0) -> int:
+    """Block (inside the task) until ``path`` exists; return the worker's pid."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def worker_class_name() -> str:
+    return type(get_worker()).__name__
+
+
+class TaggedWorker(Worker):
+    """Defined at module level: the worker process imports it by name."""
+
+
+def hog(nbytes: int, hold: float) -> int:
+    """Allocate ``nbytes`` (touching every page) and hold them for ``hold`` seconds."""
+    buf = bytearray(nbytes)
+    time.sleep(hold)
+    return len(buf)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def our_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if alive(p.pid)]
+
+
+def worker_named(s: Scheduler, name):
+    return next((ws for ws in s.workers.values() if ws.name == name), None)
+
+
+def registered(s: Scheduler, nanny: Nanny, other_than_pid: int | None = None) -> bool:
+    """The nanny's current worker is registered (and is not the process ``other_than_pid``)."""
+    ws = worker_named(s, nanny.name)
+    return (ws is not None and ws.address == nanny.worker_address and ws.pid == nanny.pid
+            and ws.nanny == nanny.address and nanny.pid != other_than_pid)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@gen_test(timeout=30)
+async def test_worker_runs_in_child_process_with_env(tmp_path):
+    sched_file = str(tmp_path / "scheduler.json")
+    async with Scheduler(validate=True, scheduler_file=sched_file) as s:
+        async with Nanny(scheduler_file=sched_file, nthreads=2, name="n0",
+                         env={"MY_VAR": "x"}) as nanny:
+            assert nanny.status == Status.running
+            assert nanny.address.startswith("tcp://127.0.0.1:")
+            assert nanny.worker_address.startswith("tcp://127.0.0.1:")
+            assert nanny.worker_address != nanny.address
+            ws = s.workers[nanny.worker_address]
+            assert ws.name == "n0" and ws.nanny == nanny.address and ws.nthreads == 2
+            pid = nanny.pid
+            assert pid != os.getpid() and ws.pid == pid == nanny.process.pid
+            assert psutil.Process(pid).ppid() == os.getpid()
+            local_dir = nanny.local_directory
+            assert os.path.isdir(local_dir)
+            assert "MY_VAR" not in os.environ
+
+            async with Client(s.address, asynchronous=True) as c:
+                assert await c.submit(getpid) == pid
+                assert await c.submit(getenv, "MY_VAR") == "x"
+                assert await c.submit(inc, 41) == 42
+        assert nanny.status == Status.closed
+        await asyncio.wait_for(nanny.finished(), 1)
+        assert not alive(pid)
+        assert nanny.worker_address is None
+        await until(lambda: not s.workers, timeout=5, what="scheduler to forget the worker")
+        assert not os.path.exists(local_dir)  # the worker cleaned up as it closed
+
+
+@gen_test(timeout=30)
+async def test_close_and_finished():
+    async with Scheduler(validate=True) as s:
+        nanny = await Nanny(s.address, nthreads=1, name="c0")
+        assert await nanny is nanny  # awaiting again is harmless
+        pid = nanny.pid
+        finished = asyncio.ensure_future(nanny.finished())
+        try:
+            async with Client(s.address, asynchronous=True) as c:
+                # A task is still running when we close: the worker is stopped anyway.
+                busy = c.submit(pid_when_file_exists, "/nonexistent/never", 60)
+                await until(lambda: any(ws.processing for ws in s.workers.values()), timeout=5,
+                            what="the task to start")
+                assert not finished.done()
+                t0 = time.monotonic()
+                assert await nanny.close(timeout=1) == "OK"
+                # stdin EOF, then SIGTERM after 1 s, SIGKILL 2 s later at the latest
+                assert time.monotonic() - t0 < 6
+                assert not busy.done()  # back to waiting for a worker, not lost
+        finally:
+            await nanny.close()
+        await asyncio.wait_for(finished, 1)
+        assert nanny.status == Status.closed
+        assert not alive(pid)
+        assert our_children() == []
+        assert await nanny.close() == "OK"  # idempotent
+
+
+@gen_test(timeout=40)
+async def test_sigkill_worker_is_replaced_and_its_task_rescheduled(tmp_path):
+    flag = str(tmp_path / "go")
+    async with Scheduler(validate=True, worker_ttl="60s") as s:
+        async with Nanny(s.address, nthreads=1, name="k0") as nanny, \
+                Client(s.address, asynchronous=True) as c:
+            old_pid, old_addr = nanny.pid, nanny.worker_address
+            fut = c.submit(pid_when_file_exists, flag)
+            await until(lambda: s.workers[old_addr].processing, timeout=5, what="the task to start")
+
+            t0 = time.monotonic()
+            os.kill(old_pid, signal.SIGKILL)
+            # Much faster than the 60 s worker_ttl: the scheduler learns at once.
+            await until(lambda: old_addr not in s.workers, timeout=3, what="the dead worker to go")
+            assert time.monotonic() - t0 < 3
+            await until(lambda: registered(s, nanny, other_than_pid=old_pid), timeout=15,
+                        what="a new worker with the same name")
+            assert nanny.worker_address != old_addr
+            assert [ws.name for ws in s.workers.values()] == ["k0"]
+            assert not alive(old_pid)
+
+            open(flag, "w").close()
+            # The task that was running on the dead worker ran again on the new one.
+            assert await fut == nanny.pid
+            assert await c.submit(getpid, pure=False) == nanny.pid
+            assert await c.submit(inc, 1) == 2
+
+
+@gen_test(timeout=40)
+async def test_task_killing_its_worker_ends_in_killed_worker():
+    # Resources, unlike worker names (resolved to addresses when a task is
+    # submitted), still match the restarted worker at its new address.
+    async with Scheduler(validate=True, allowed_failures=1) as s:
+        a, b = await asyncio.gather(
+            Nanny(s.address, nthreads=1, name="a", resources={"DOOMED": 1}),
+            Nanny(s.address, nthreads=1, name="b", resources={"SAFE": 1}))
+        try:
+            async with Client(s.address, asynchronous=True) as c:
+                first_pid, b_pid = a.pid, b.pid
+                assert await c.submit(getpid, resources={"DOOMED": 1}) == first_pid
+                killer = c.submit(die, resources={"DOOMED": 1})
+                normal = c.submit(pid_when_file_exists, "/", resources={"SAFE": 1})
+                with pytest.raises(KilledWorker) as info:
+                    await killer
+                assert info.value.task == killer.key
+                assert info.value.allowed_failures == 1
+                assert await normal == b_pid
+                # "a" was restarted after each of the two deaths and works again.
+                await until(lambda: registered(s, a, other_than_pid=first_pid), timeout=15,
+                            what="worker 'a' to come back")
+                assert not alive(first_pid)
+                assert await c.submit(getpid, resources={"DOOMED": 1}, pure=False) == a.pid
+                assert b.pid == b_pid
+                assert sorted(ws.name for ws in s.workers.values()) == ["a", "b"]
+        finally:
+            await asyncio.gather(a.close(), b.close())
+
+
+@gen_test(timeout=40)
+async def test_memory_limit_terminates_and_restarts_worker(caplog):
+    caplog.set_level(logging.WARNING, logger="runtime.nanny")
+    async with Scheduler(validate=True, allowed_failures=1) as s:
+        async with Nanny(s.address, nthreads=1, name="mem", memory_limit="200MB",
+                         memory_monitor_interval="50ms") as nanny, \
+                Client(s.address, asynchronous=True) as c:
+            assert nanny.memory_limit == 200 * MB
+            assert s.workers[nanny.worker_address].memory_limit == 200 * MB
+            assert await nanny.memory_monitor() == "OK"  # an idle worker is well below
+            first_pid = nanny.pid
+            pids = {first_pid}
+
+            def note_pid() -> bool:
+                if nanny.pid is not None:
+                    pids.add(nanny.pid)
+                return len(pids) >= 3
+
+            fut = c.submit(hog, 400 * MB, 30)
+            with pytest.raises(KilledWorker):
+                await fut
+            # Killed twice (allowed_failures=1), so the worker was restarted twice.
+            await until(lambda: note_pid() and registered(s, nanny, other_than_pid=first_pid),
+                        timeout=15, what="the worker to be restarted")
+            assert not alive(first_pid)
+            warnings = [r.getMessage() for r in caplog.records
+                        if r.name == "runtime.nanny" and "memory" in r.getMessage()]
+            assert len(warnings) == 2, warnings
+            assert "'mem'" in warnings[0] and format_bytes(200 * MB) in warnings[0], warnings[0]
+            assert await c.submit(inc, 1) == 2
+            assert await c.submit(getpid, pure=False) == nanny.pid
+
+
+@gen_test(timeout=40)
+async def test_restart_kill_instantiate_and_rpc():
+    async with Scheduler(validate=True) as s:
+        async with Nanny(s.address, nthreads=1, name="r") as nanny:
+            pid0, addr0 = nanny.pid, nanny.worker_address
+
+            assert await nanny.restart(timeout=20) == "OK"
+            pid1 = nanny.pid
+            assert pid1 != pid0 and not alive(pid0)
+            assert registered(s, nanny) and addr0 not in s.workers
+
+            killed = nanny.process
+            assert await nanny.kill() == "OK"
+            # kill() returns once the process is gone and the scheduler knows.
+            assert not alive(pid1) and not killed.is_alive()
+            assert nanny.worker_address is None and not s.workers
+            pool = ConnectionPool()
+            try:
+                # A round trip over the network, then: still no worker (not restarted).
+                identity = await pool.call(nanny.address, "identity")
+                assert identity["type"] == "Nanny" and identity["worker"] is None
+                assert nanny.process is killed and our_children() == []
+
+                assert await nanny.instantiate() == "running"
+                pid2 = nanny.pid
+                assert pid2 not in (pid0, pid1) and registered(s, nanny)
+                assert await nanny.instantiate() == "running"  # already running: no-op
+                assert nanny.pid == pid2
+
+                # The scheduler reaches the nanny through ws.nanny.
+                reply = await s.broadcast(msg={"op": "restart", "timeout": 20}, nanny=True)
+                assert list(reply.values()) == ["OK"]
+                assert nanny.pid not in (pid0, pid1, pid2) and not alive(pid2)
+                assert registered(s, nanny)
+                assert await pool.call(nanny.address, "memory_monitor") == "OK"
+            finally:
+                await pool.close()
+            async with Client(s.address, asynchronous=True) as c:
+                assert await c.submit(getpid) == nanny.pid
+        assert our_children() == []
+
+
+@gen_test(timeout=30)
+async def test_worker_class_and_fixed_listen_address():
+    with socket.socket() as sock:  # a free port for the worker
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    async with Scheduler(validate=True) as s:
+        async with Nanny(s.address, nthreads=1, name="t0", worker_class=TaggedWorker,
+                         listen_address=address) as nanny, \
+                Client(s.address, asynchronous=True) as c:
+            assert nanny.worker_address == address and address in s.workers
+            assert await c.submit(worker_class_name) == "TaggedWorker"
+            pid = nanny.pid
+            # Same address after a restart: the old worker is unregistered first.
+            assert await nanny.restart(timeout=20) == "OK"
+            assert nanny.pid != pid and nanny.worker_address == address
+            assert registered(s, nanny)
+            assert await c.submit(getpid, pure=False) == nanny.pid
+
+
+@gen_test(timeout=30)
+async def test_close_gracefully_does_not_restart():
+    async with Scheduler(validate=True) as s:
+        nanny = await Nanny(s.address, nthreads=1, name="g")
+        try:
+            assert nanny.close_gracefully() == "OK"
+            pid, addr = nanny.pid, nanny.worker_address
+            os.kill(pid, signal.SIGKILL)
+            # The worker is not replaced: the nanny closes itself instead.
+            await asyncio.wait_for(nanny.finished(), 10)
+            assert nanny.status == Status.closed
+            assert nanny.pid == pid and not alive(pid)
+            await until(lambda: addr not in s.workers, timeout=5, what="the scheduler to drop it")
+            assert not s.workers and our_children() == []
+        finally:
+            await nanny.close()
+
+
+@gen_test(timeout=30)
+async def test_worker_closed_by_scheduler_closes_its_nanny():
+    s = await Scheduler(validate=True)
+    try:
+        nanny = await Nanny(s.address, nthreads=1, name="s0")
+        pid = nanny.pid
+        # The scheduler shuts the cluster down: the worker exits cleanly and is
+        # not restarted (a restart could not even register); the nanny closes.
+        await s.close(close_workers=True)
+        await asyncio.wait_for(nanny.finished(), 10)
+        assert nanny.status == Status.closed
+        assert nanny.pid == pid and not alive(pid) and our_children() == []
+        assert nanny.process.returncode == 0  # a clean exit, not a crash
+    finally:
+        await s.close()
+        await nanny.close()
+
+
+@gen_test(timeout=30)
+async def test_lifetime_restart_restarts_a_cleanly_closed_worker():
+    async with Scheduler(validate=True) as s:
+        async with Nanny(s.address, nthreads=1, name="l0", lifetime="300ms",
+                         lifetime_restart=True) as nanny:
+            pid, first = nanny.pid, nanny.process
+            await until(lambda: registered(s, nanny, other_than_pid=pid), timeout=15,
+                        what="the worker to be restarted after its lifetime")
+            assert nanny.status == Status.running
+            assert not alive(pid)
+            assert first.returncode == RESTART_EXIT_CODE  # it asked for a fresh worker
+
+
+@gen_test(timeout=30)
+async def test_worker_that_cannot_start_fails_the_nanny(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    async with Scheduler(validate=True) as s:
+        nanny = Nanny(s.address, nthreads=1, name="bad", local_directory=str(not_a_dir),
+                      death_timeout="10s")
+        with pytest.raises(WorkerProcessError, match="failed to start"):
+            await nanny
+        assert nanny.status == Status.closed
+        assert not alive(nanny.pid) and our_children() == []
+        assert not s.workers
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({}, ValueError, "scheduler"),
+    ({"scheduler_ip": "tcp://127.0.0.1:1", "bogus_option": 1}, TypeError, "bogus_option"),
+    ({"scheduler_ip": "tcp://127.0.0.1:1", "nanny": "x"}, TypeError, "nanny"),
+    ({"scheduler_ip": "tcp://127.0.0.1:1", "nthreads": -1}, ValueError, "nthreads"),
+    ({"scheduler_ip": "tcp://127.0.0.1:1", "memory_limit": "lots"}, ValueError, "memory_limit"),
+    ({"scheduler_ip": "tcp://127.0.0.1:1", "memory_terminate_fraction": -0.5}, ValueError,
+     "memory_terminate_fraction"),
+    ({"scheduler_ip": "tcp://127.0.0.1:1", "memory_monitor_interval": 0}, ValueError,
+     "memory_monitor_interval"),
+    ({"scheduler_ip": "tcp://127.0.0.1:1", "protocol": "inproc"}, ValueError, "protocol"),
+    ({"scheduler_ip": "inproc://abc"}, ValueError, "tcp"),
+    ({"scheduler_ip": "tcp://127.0.0.1:1", "security": True}, ValueError, "security"),
+    ({"scheduler_ip": "tcp://127.0.0.1:1", "resources": {"GPU": object()}}, TypeError, "JSON"),
+    ({"scheduler_ip": "tcp://127.0.0.1:1", "worker_class": dict}, ValueError, "worker_class"),
+])
+def test_bad_options_are_rejected_before_anything_starts(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Nanny(**kwargs)

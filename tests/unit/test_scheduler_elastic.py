@@ -1,0 +1,696 @@
+"""Pure tests of the elasticity planning of :class:`SchedulerState`
+(:mod:`runtime.scheduler_elastic`): worker status, graceful retirement,
+choosing workers to close, adaptive sizing, replication, rebalancing,
+occupancy re-evaluation and restart.
+
+No sockets, no event loop: a validating ``SchedulerState`` with a fake clock is
+driven through its stimulus methods, and ``validate_state()`` is called after
+the steps under test.  Run specs are opaque bytes to the scheduler.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.scheduler_state import (
+    DEFAULT_TASK_DURATION,
+    AcquireReplicasMsg,
+    CancelledKeyMsg,
+    ComputeTaskMsg,
+    KeyInMemoryMsg,
+    LostDataMsg,
+    SchedulerState,
+    TaskErredClientMsg,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+A = "tcp://10.0.0.1:1001"
+B = "tcp://10.0.0.2:1002"
+C = "tcp://10.0.0.3:1003"
+D = "tcp://10.0.0.4:1004"
+SPEC = b"spec"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class FakeClock:
+    """A clock that only moves when told to."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_state(**kwargs) -> SchedulerState:
+    return SchedulerState(validate=True, clock=FakeClock(), **kwargs)
+
+
+@pytest.fixture
+def state() -> SchedulerState:
+    return make_state()
+
+
+def of_type(msgs, cls) -> list:
+    return [m for m in msgs if isinstance(m, cls)]
+
+
+def computes(msgs) -> dict:
+    """``{key: worker}`` of the ComputeTaskMsg instructions in ``msgs``."""
+    return {m.key: m.worker for m in of_type(msgs, ComputeTaskMsg)}
+
+
+def acquires(msgs) -> dict:
+    """``{worker: {key: holders}}`` of the AcquireReplicasMsg instructions in ``msgs``."""
+    out: dict = {}
+    for m in of_type(msgs, AcquireReplicasMsg):
+        assert m.worker not in out, f"two AcquireReplicasMsg for {m.worker}"
+        out[m.worker] = {k: sorted(v) for k, v in m.who_has.items()}
+    return out
+
+
+def where(state: SchedulerState, key) -> str:
+    ws = state.tasks[key].processing_on
+    assert ws is not None, f"{key!r} is not processing"
+    return ws.address
+
+
+def holders(state: SchedulerState, key) -> set:
+    return {ws.address for ws in state.tasks[key].who_has}
+
+
+def finish(state: SchedulerState, key, nbytes: int = 1, **kwargs) -> list:
+    return state.stimulus_task_finished(key, where(state, key), nbytes=nbytes, **kwargs)
+
+
+def put(state: SchedulerState, key, workers, nbytes: int, client: str = "c") -> None:
+    """Data that entered from outside, held by ``workers`` and wanted by ``client``."""
+    state.update_data({key: list(workers)}, {key: nbytes}, client=client)
+    assert state.tasks[key].state == "memory"
+
+
+def compute_on(state: SchedulerState, key, worker: str, nbytes: int, client: str = "c") -> None:
+    """A task computed on ``worker`` (so it has a recipe and can be recomputed)."""
+    state.update_graph(client, {key: SPEC}, [key], restrictions={key: [worker]})
+    assert where(state, key) == worker
+    finish(state, key, nbytes=nbytes)
+    assert holders(state, key) == {worker}
+
+
+# ----------------------------------------------------------------------------- set_worker_status
+
+
+def test_set_worker_status_rejects_unknown_status(state):
+    state.add_worker(A)
+    with pytest.raises(ValueError, match="'running', 'paused', 'closing_gracefully'"):
+        state.set_worker_status(A, "sleeping")
+    assert state.workers[A].status == "running"
+    # Checked before looking the worker up.
+    with pytest.raises(ValueError):
+        state.set_worker_status("tcp://nowhere:1", "busy")
+
+
+def test_set_worker_status_on_unknown_worker_or_same_status_is_a_noop(state):
+    state.add_worker(A)
+    assert state.set_worker_status("tcp://nowhere:1", "paused") == []
+    assert state.set_worker_status(A, "running") == []
+    assert state.workers[A].status == "running"
+
+
+def test_paused_worker_gets_no_new_tasks(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    assert state.set_worker_status(A, "paused") == []
+    assert state.workers[A].status == "paused"
+    assert A not in state.idle
+    out = state.update_graph("c", {f"x-{i}": SPEC for i in range(6)}, [f"x-{i}" for i in range(6)])
+    assert set(computes(out).values()) == {B}
+    assert not state.workers[A].processing
+    state.validate_state()
+
+
+def test_paused_worker_back_to_running_takes_from_the_queue(state):
+    state.add_worker(A)
+    state.set_worker_status(A, "paused")
+    keys = [f"x-{i}" for i in range(3)]
+    out = state.update_graph("c", dict.fromkeys(keys, SPEC), keys)
+    assert computes(out) == {}
+    assert {state.tasks[k].state for k in keys} == {"queued"}
+    out = state.set_worker_status(A, "running")
+    placed = computes(out)
+    assert placed and set(placed.values()) == {A}
+    assert A in state.idle or state.workers[A].processing
+    state.validate_state()
+
+
+def test_task_with_dependency_on_paused_worker_runs_elsewhere(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    compute_on(state, "x", A, nbytes=10)
+    state.set_worker_status(A, "paused")
+    out = state.update_graph("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]})
+    assert computes(out) == {"y": B}
+    (msg,) = of_type(out, ComputeTaskMsg)
+    assert msg.who_has == {"x": [A]}  # a paused worker still serves its data
+    state.validate_state()
+
+
+def test_restricted_task_waits_for_paused_worker(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    state.set_worker_status(A, "paused")
+    out = state.update_graph("c", {"r": SPEC}, ["r"], restrictions={"r": [A]})
+    assert computes(out) == {}
+    assert state.tasks["r"].state == "no-worker"
+    state.validate_state()
+
+
+def test_restricted_task_runs_when_paused_worker_resumes(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    state.set_worker_status(A, "paused")
+    state.update_graph("c", {"r": SPEC}, ["r"], restrictions={"r": [A]})
+    assert state.tasks["r"].state == "no-worker"
+    out = state.set_worker_status(A, "running")
+    assert computes(out) == {"r": A}
+
+
+def test_retiring_wins_over_pausing(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    state.retire_plan([A])
+    assert state.set_worker_status(A, "paused") == []
+    assert state.workers[A].status == "closing_gracefully"
+
+
+# ----------------------------------------------------------------------------- retire_plan
+
+
+def test_retire_plan_marks_workers_closing_and_they_get_no_new_tasks(state):
+    for w in (A, B, C):
+        state.add_worker(w)
+    out, plan = state.retire_plan([A])
+    assert (out, plan) == ([], {})
+    assert state.workers[A].status == "closing_gracefully"
+    assert A not in state.idle and state.workers[A] not in state.saturated
+    keys = [f"x-{i}" for i in range(8)]
+    out = state.update_graph("c", dict.fromkeys(keys, SPEC), keys)
+    assert computes(out) and A not in set(computes(out).values())
+    assert not state.workers[A].processing
+    # Strictly restricted to the retiring worker: waits instead of running there.
+    out = state.update_graph("c", {"r": SPEC}, ["r"], restrictions={"r": [A]})
+    assert computes(out) == {}
+    assert state.tasks["r"].state == "no-worker"
+    # Loosely restricted: runs elsewhere.
+    out = state.update_graph("c", {"l": SPEC}, ["l"], restrictions={"l": [A]}, loose_restrictions=["l"])
+    assert computes(out).get("l") in (B, C)
+    state.validate_state()
+
+
+def test_retire_plan_moves_only_keys_held_solely_by_retiring_workers(state):
+    for w in (A, B, C):
+        state.add_worker(w)
+    compute_on(state, "big", B, nbytes=500)  # B holds more data than C
+    compute_on(state, "only-a", A, nbytes=100)
+    compute_on(state, "shared", A, nbytes=100)
+    state.add_keys(B, ["shared"])
+    assert holders(state, "shared") == {A, B}
+    out, plan = state.retire_plan([A], stimulus_id="retire-1")
+    assert plan == {"only-a": C}  # to the running worker with the least data
+    assert acquires(out) == {C: {"only-a": [A]}}
+    (msg,) = of_type(out, AcquireReplicasMsg)
+    assert msg.stimulus_id == "retire-1" and msg.nbytes == {"only-a": 100}
+    state.validate_state()
+
+
+def test_retire_plan_spreads_keys_over_recipients_by_load(state):
+    for w in (A, B, C):
+        state.add_worker(w)
+    compute_on(state, "on-b", B, nbytes=50)
+    compute_on(state, "x", A, nbytes=100)
+    compute_on(state, "y", A, nbytes=100)
+    out, plan = state.retire_plan([A])
+    # x goes to C (0 bytes); then C holds 100 and B only 50, so y goes to B.
+    assert plan == {"x": C, "y": B}
+    assert acquires(out) == {C: {"x": [A]}, B: {"y": [A]}}
+
+
+def test_retire_plan_of_several_workers_moves_keys_they_share(state):
+    for w in (A, B, C):
+        state.add_worker(w)
+    compute_on(state, "ab", A, nbytes=10)
+    state.add_keys(B, ["ab"])
+    compute_on(state, "b", B, nbytes=10)
+    out, plan = state.retire_plan([A, B])
+    assert plan == {"ab": C, "b": C}
+    assert acquires(out) == {C: {"ab": [A, B], "b": [B]}}
+    assert {state.workers[w].status for w in (A, B)} == {"closing_gracefully"}
+
+
+def test_retire_plan_never_sends_data_to_paused_or_retiring_workers(state):
+    for w in (A, B, C):
+        state.add_worker(w)
+    state.set_worker_status(B, "paused")
+    compute_on(state, "x", A, nbytes=10)
+    out, plan = state.retire_plan([A])
+    assert plan == {"x": C}
+    assert set(acquires(out)) == {C}
+
+
+def test_retire_plan_without_recipients_maps_keys_to_empty_string(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    compute_on(state, "x", A, nbytes=10)
+    state.set_worker_status(B, "paused")
+    out, plan = state.retire_plan([A])
+    assert plan == {"x": ""}
+    assert of_type(out, AcquireReplicasMsg) == []
+    # Nothing was lost meanwhile.
+    assert state.tasks["x"].state == "memory" and holders(state, "x") == {A}
+    state.validate_state()
+
+
+def test_retire_then_safe_remove_loses_nothing_and_is_not_suspicious():
+    state = make_state(allowed_failures=0)
+    for w in (A, B, C):
+        state.add_worker(w)
+    compute_on(state, "x", A, nbytes=100)
+    state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [A]}, loose_restrictions=["busy"])
+    assert where(state, "busy") == A
+    out, plan = state.retire_plan([A])
+    recipient = plan["x"]
+    assert recipient in (B, C)
+    # The recipient fetched it.
+    assert state.add_keys(recipient, ["x"]) == []
+    assert holders(state, "x") == {A, recipient}
+    out = state.remove_worker(A, safe=True)
+    assert of_type(out, LostDataMsg) == []
+    assert of_type(out, TaskErredClientMsg) == []  # no KilledWorker, though allowed_failures=0
+    assert "x" not in computes(out)  # not recomputed
+    assert state.tasks["x"].state == "memory" and holders(state, "x") == {recipient}
+    # The task that was running there is placed again without counting against it.
+    ts = state.tasks["busy"]
+    assert ts.suspicious == 0 and ts.erred_on == set()
+    assert computes(out) == {"busy": where(state, "busy")}
+    assert where(state, "busy") in (B, C)
+    state.validate_state()
+
+
+def test_unsafe_remove_of_retiring_worker_still_counts():
+    """Contrast: a worker dying while retiring is an ordinary death."""
+    state = make_state(allowed_failures=0)
+    state.add_worker(A)
+    state.add_worker(B)
+    state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [A]}, loose_restrictions=["busy"])
+    state.retire_plan([A])
+    out = state.remove_worker(A)
+    (msg,) = of_type(out, TaskErredClientMsg)
+    assert msg.key == "busy"
+
+
+def test_dependent_of_data_on_retiring_worker_runs_elsewhere(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    compute_on(state, "x", A, nbytes=10)
+    state.retire_plan([A])
+    out = state.update_graph("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]})
+    assert computes(out) == {"y": B}
+
+
+def test_retired_worker_can_be_set_running_again(state):
+    state.add_worker(A)
+    state.retire_plan([A])
+    out = state.update_graph("c", {"q": SPEC}, ["q"])
+    assert state.tasks["q"].state == "queued" and computes(out) == {}
+    out = state.set_worker_status(A, "running")
+    assert computes(out) == {"q": A}
+
+
+# ----------------------------------------------------------------------------- workers_to_close
+
+
+def test_workers_to_close_idle_and_least_data_first(state):
+    for w in (A, B, C, D):
+        state.add_worker(w)
+    put(state, "b", [B], 300)
+    put(state, "c", [C], 100)
+    state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [D]})
+    assert state.workers_to_close(memory_ratio=0) == [A, C, B]  # D is busy
+    assert state.workers_to_close(memory_ratio=0, n=1) == [A]
+    assert state.workers_to_close(memory_ratio=0, n=2) == [A, C]
+    assert state.workers_to_close(memory_ratio=0, n=0) == []
+    assert state.workers_to_close(memory_ratio=0, attribute="name") == [A, C, B]
+
+
+def test_workers_to_close_idle_before_busy(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    put(state, "a", [A], 10_000)  # A holds a lot, but B is busy
+    state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [B]})
+    assert state.workers_to_close(memory_ratio=0, n=1) == [A]
+
+
+def test_workers_to_close_target_and_minimum(state):
+    for w in (A, B, C, D):
+        state.add_worker(w)
+    assert len(state.workers_to_close(target=3)) == 1
+    assert len(state.workers_to_close(target=1)) == 3
+    assert state.workers_to_close(target=4) == []
+    assert state.workers_to_close(target=10) == []
+    assert len(state.workers_to_close(minimum=3)) == 1
+    assert len(state.workers_to_close(n=3, minimum=2)) == 2
+    # Retiring workers are not counted nor proposed again.
+    state.retire_plan([A])
+    assert A not in state.workers_to_close()
+    assert len(state.workers_to_close(target=2)) == 1
+
+
+def test_workers_to_close_attribute_name(state):
+    state.add_worker(A, name="alice")
+    state.add_worker(B, name="bob")
+    put(state, "b", [B], 10)
+    assert state.workers_to_close(memory_ratio=0, n=1, attribute="name") == ["alice"]
+
+
+def test_workers_to_close_keeps_enough_memory(state):
+    for w in (A, B, C):
+        state.add_worker(w, memory_limit=100)
+    put(state, "x", [C], 60)
+    # 300 bytes of limits for 60 bytes: closing A leaves 200 >= 2 * 60, closing
+    # B as well would leave 100 < 120.
+    assert state.workers_to_close() == [A]
+    assert state.workers_to_close(memory_ratio=1) == [A, B]
+    assert state.workers_to_close(memory_ratio=4) == []
+
+
+def test_workers_to_close_groups_closed_whole(state):
+    state.add_worker(A, host="h1")
+    state.add_worker(B, host="h1")
+    state.add_worker(C, host="h2")
+    state.add_worker(D, host="h2")
+    put(state, "c", [C], 10)
+    state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [D]})
+
+    def by_host(ws):
+        return ws.host
+
+    # h2 has a busy worker: the whole group stays.
+    assert sorted(state.workers_to_close(memory_ratio=0, key=by_host)) == [A, B]
+    assert state.workers_to_close(memory_ratio=0, key=by_host, minimum=3) == []
+
+
+def test_workers_to_close_groups_respect_n_and_target(state):
+    for w, h in ((A, "h1"), (B, "h1"), (C, "h2"), (D, "h2")):
+        state.add_worker(w, host=h)
+
+    def by_host(ws):
+        return ws.host
+
+    # "at most n workers" / "down to target workers": no 2-worker group fits.
+    assert state.workers_to_close(memory_ratio=0, key=by_host, n=1) == []
+    assert state.workers_to_close(memory_ratio=0, key=by_host, target=3) == []
+
+
+# ----------------------------------------------------------------------------- adaptive_target
+
+
+def test_adaptive_target_zero_without_work(state):
+    assert state.adaptive_target() == 0
+    state.add_worker(A)
+    state.add_worker(B)
+    assert state.adaptive_target() == 0
+
+
+def test_adaptive_target_grows_with_queued_work():
+    state = make_state()
+    keys = [f"x-{i}" for i in range(10)]
+    state.update_graph("c", dict.fromkeys(keys, SPEC), keys)
+    assert {ts.state for ts in state.tasks.values()} == {"queued"}
+    # 10 tasks of 0.5 s expected each: 5 s of work.
+    assert state.adaptive_target(target_duration=5) == 1
+    assert state.adaptive_target(target_duration=1) == 5
+    # Never more workers than tasks.
+    assert state.adaptive_target(target_duration=0.01) == 10
+    state.add_worker(A)
+    assert len(state.workers[A].processing) == 2  # the rest stays queued
+    assert state.adaptive_target(target_duration=1) == 5
+
+
+def test_adaptive_target_grows_with_task_durations():
+    state = make_state()
+    state.add_worker(A)
+    first = ("slow", 0)
+    state.update_graph("c", {first: SPEC}, [first])
+    state.stimulus_task_finished(first, A, nbytes=1, startstops=[("compute", 0.0, 4.0)])
+    assert state.task_duration["slow"] == 4.0
+    state.client_releases_keys([first], "c")
+    assert not state.workers[A].has_what and state.tasks == {}
+    keys = [("slow", i) for i in range(1, 5)]
+    state.update_graph("c", dict.fromkeys(keys, SPEC), keys)
+    # 4 tasks of 4 s: 16 s of work; in 5 s that needs 4 workers.
+    assert state.adaptive_target(target_duration=5) == 4
+    # The same number of quick tasks needs fewer workers.
+    state.task_duration["slow"] = 0.1
+    state.reevaluate_occupancy()
+    assert state.adaptive_target(target_duration=5) == 1
+
+
+def test_adaptive_target_doubles_under_memory_pressure(state):
+    state.add_worker(A, memory_limit=100)
+    state.add_worker(B, memory_limit=100)
+    put(state, "x", [A], 100)
+    assert state.adaptive_target() == 1  # no work: just the worker holding data
+    put(state, "y", [B], 30)  # 130 > 60% of 200
+    assert state.adaptive_target() == 4
+
+
+def test_adaptive_target_never_below_busy_workers(state):
+    for w in (A, B, C):
+        state.add_worker(w)
+    put(state, "a", [A], 1)
+    put(state, "b", [B], 1)
+    assert state.adaptive_target() == 2  # C may go, A and B hold data
+    state.update_graph("c", {"t": SPEC}, ["t"], restrictions={"t": [C]})
+    assert state.adaptive_target() == 3
+
+
+def test_adaptive_target_ignores_retiring_workers(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    put(state, "a", [A], 1)
+    state.retire_plan([A])
+    assert state.adaptive_target() == 0
+
+
+# ----------------------------------------------------------------------------- replicate_plan
+
+
+def test_replicate_plan_makes_n_copies_on_least_loaded_workers(state):
+    for w in (A, B, C):
+        state.add_worker(w)
+    put(state, "x", [A], 10)
+    put(state, "load", [B], 1000)
+    out, drops = state.replicate_plan(["x"], n=2, stimulus_id="rep")
+    assert drops == {}
+    assert acquires(out) == {C: {"x": [A]}}
+    assert of_type(out, AcquireReplicasMsg)[0].nbytes == {"x": 10}
+    out, drops = state.replicate_plan(["x"])  # n=None: every worker
+    assert drops == {} and acquires(out) == {B: {"x": [A]}, C: {"x": [A]}}
+    # Plans do not change the state until the workers report.
+    assert holders(state, "x") == {A}
+    state.validate_state()
+
+
+def test_replicate_plan_n_larger_than_cluster_is_capped(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    put(state, "x", [A], 10)
+    out, drops = state.replicate_plan(["x"], n=10)
+    assert acquires(out) == {B: {"x": [A]}} and drops == {}
+
+
+def test_replicate_plan_drops_extra_replicas_from_most_loaded(state):
+    for w in (A, B, C):
+        state.add_worker(w)
+    put(state, "x", [A, B, C], 10)
+    put(state, "heavy", [C], 1000)
+    put(state, "medium", [B], 500)
+    out, drops = state.replicate_plan(["x"], n=1)
+    assert out == []
+    assert drops == {C: ["x"], B: ["x"]}
+    out, drops = state.replicate_plan(["x"], n=2)
+    assert out == [] and drops == {C: ["x"]}
+    out, drops = state.replicate_plan(["x"], n=3)
+    assert out == [] and drops == {}
+
+
+def test_replicate_plan_only_uses_running_workers(state):
+    for w in (A, B, C, D):
+        state.add_worker(w)
+    put(state, "x", [A], 10)
+    state.set_worker_status(B, "paused")
+    state.retire_plan([C])
+    out, drops = state.replicate_plan(["x"], n=4)
+    assert acquires(out) == {D: {"x": [A]}} and drops == {}
+
+
+def test_replicate_plan_restricted_to_workers_and_skips_unknown_keys(state):
+    for w in (A, B, C):
+        state.add_worker(w)
+    put(state, "x", [A, B], 10)
+    state.update_graph("c", {"pending": SPEC}, ["pending"], restrictions={"pending": [A]})
+    out, drops = state.replicate_plan(["x", "pending", "unknown"], n=1, workers=[C])
+    # Replicas outside the pool are not dropped; keys not in memory are skipped.
+    assert acquires(out) == {C: {"x": [A, B]}} and drops == {}
+
+
+def test_replicate_plan_never_drops_the_last_replica(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    put(state, "x", [A, B], 10)
+    try:
+        _, drops = state.replicate_plan(["x"], n=0)
+    except ValueError:
+        return
+    dropped = {w for w, keys in drops.items() if "x" in keys}
+    assert dropped != {A, B}, "every replica of x would be dropped"
+
+
+# ----------------------------------------------------------------------------- rebalance_plan
+
+
+def test_rebalance_plan_moves_largest_keys_to_the_emptiest_worker(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    for key, nbytes in (("k40", 40), ("k30", 30), ("k20", 20), ("k10", 10)):
+        put(state, key, [A], nbytes)
+    out, drops = state.rebalance_plan(stimulus_id="rb")
+    # Mean 50: k40 fits on B, k30 and k20 would overshoot, k10 fills it up.
+    assert acquires(out) == {B: {"k40": [A], "k10": [A]}}
+    assert of_type(out, AcquireReplicasMsg)[0].nbytes == {"k40": 40, "k10": 10}
+    assert {w: sorted(ks) for w, ks in drops.items()} == {A: ["k10", "k40"]}
+    state.validate_state()
+
+
+def test_rebalance_plan_many_senders_and_receivers(state):
+    for w in (A, B, C, D):
+        state.add_worker(w)
+    for i in range(4):
+        put(state, f"a{i}", [A], 10)
+        put(state, f"b{i}", [B], 10)
+    out, drops = state.rebalance_plan()
+    moved_to = acquires(out)
+    assert set(moved_to) == {C, D}
+    assert {w: len(ks) for w, ks in moved_to.items()} == {C: 2, D: 2}
+    assert {w: len(ks) for w, ks in drops.items()} == {A: 2, B: 2}
+    # Every drop has a copy planned elsewhere.
+    copied = {k for ks in moved_to.values() for k in ks}
+    assert copied == {k for ks in drops.values() for k in ks}
+
+
+def test_rebalance_plan_no_move_when_balanced(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    put(state, "a", [A], 50)
+    put(state, "b", [B], 50)
+    assert state.rebalance_plan() == ([], {})
+
+
+def test_rebalance_plan_does_not_overshoot_the_mean(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    put(state, "huge", [A], 1000)  # cannot be split: moving it only swaps the imbalance
+    assert state.rebalance_plan() == ([], {})
+
+
+def test_rebalance_plan_needs_two_running_workers(state):
+    state.add_worker(A)
+    put(state, "a", [A], 50)
+    assert state.rebalance_plan() == ([], {})
+    state.add_worker(B)
+    state.set_worker_status(B, "paused")
+    assert state.rebalance_plan() == ([], {})
+
+
+def test_rebalance_plan_only_given_keys(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    put(state, "x1", [A], 10)
+    put(state, "x2", [A], 10)
+    put(state, "other", [A], 1000)
+    out, drops = state.rebalance_plan(keys=["x1", "x2"])
+    assert len(acquires(out)[B]) == 1
+    assert "other" not in acquires(out)[B]
+    assert len(drops[A]) == 1
+
+
+# ----------------------------------------------------------------------------- reevaluate_occupancy
+
+
+def test_reevaluate_occupancy_uses_current_task_durations(state):
+    state.add_worker(A, nthreads=2)
+    f1, f2 = ("f", 1), ("f", 2)
+    state.update_graph("c", {f1: SPEC, f2: SPEC}, [f1, f2])
+    ws = state.workers[A]
+    assert ws.occupancy == pytest.approx(2 * DEFAULT_TASK_DURATION)
+    state.task_duration["f"] = 3.0
+    state.reevaluate_occupancy()
+    assert ws.occupancy == pytest.approx(6.0)
+    assert set(ws.processing.values()) == {3.0}
+    state.validate_state()
+    # A seceded (long-running) task no longer counts.
+    state.handle_long_running(f1, A)
+    state.reevaluate_occupancy()
+    assert ws.processing[state.tasks[f1]] == 0.0
+    assert ws.occupancy == pytest.approx(3.0)
+    state.validate_state()
+
+
+def test_reevaluate_occupancy_includes_transfer_cost(state):
+    from runtime.scheduler_state import BANDWIDTH
+
+    state.add_worker(A)
+    state.add_worker(B)
+    compute_on(state, "x", A, nbytes=int(BANDWIDTH))  # one second to move
+    state.update_graph("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]}, restrictions={"y": [B]})
+    state.task_duration["y"] = 2.0
+    state.reevaluate_occupancy()
+    assert state.workers[B].occupancy == pytest.approx(3.0)
+    state.validate_state()
+
+
+# ----------------------------------------------------------------------------- _restart_state
+
+
+def test_restart_state_forgets_everything_and_cancels_client_keys(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    state.update_graph("c1", {"x": SPEC, "y": SPEC}, ["y"], dependencies={"y": ["x"]})
+    state.update_graph("c2", {"y": SPEC, "q-1": SPEC, "q-2": SPEC, "q-3": SPEC, "q-4": SPEC, "q-5": SPEC},
+                       ["y", "q-1", "q-2", "q-3", "q-4", "q-5"])
+    state.update_graph("c2", {"r": SPEC}, ["r"], restrictions={"r": ["tcp://gone:1"]})
+    finish(state, "x")
+    put(state, "s", [B], 5, client="c1")
+    states_before = {ts.state for ts in state.tasks.values()}
+    assert {"memory", "processing", "queued", "no-worker"} <= states_before
+    out = state._restart_state("restart-1")
+    assert all(isinstance(m, CancelledKeyMsg) for m in out)
+    assert {(m.client, m.key) for m in out} == {
+        ("c1", "y"), ("c1", "s"), ("c2", "y"), ("c2", "r"),
+        ("c2", "q-1"), ("c2", "q-2"), ("c2", "q-3"), ("c2", "q-4"), ("c2", "q-5"),
+    }
+    assert {m.stimulus_id for m in out} == {"restart-1"} and {m.reason for m in out} == {"restart"}
+    assert state.tasks == {} and state.queued == [] and state.unrunnable == set()
+    for ws in state.workers.values():
+        assert not ws.processing and not ws.has_what and ws.nbytes == 0 and ws.occupancy == 0
+        assert ws.address in state.idle
+    assert all(not cs.wants_what for cs in state.clients.values())
+    state.validate_state()
+    # The machine works normally afterwards.
+    out = state.update_graph("c1", {"x": SPEC}, ["x"])
+    assert set(computes(out)) == {"x"}
+    out = finish(state, "x")
+    assert [m.key for m in of_type(out, KeyInMemoryMsg)] == ["x"]
