@@ -379,13 +379,21 @@ class Scheduler(SchedulerOpsMixin, Server):
             return
         stimulus_id = self._stimulus("add-worker")
         try:
-            instrs = self.state.add_worker(address, nthreads, name, memory_limit, resources, host,
-                                           pid, nanny, local_directory, services, keys, nbytes,
-                                           stimulus_id=stimulus_id)
+            self.state.check_new_worker(address, name)
         except ValueError as e:
             await comm.write(("error", e, ""))
             return
         await comm.write(("OK", {"status": "OK", "scheduler": self.id, "time": time.time()}))
+        # From here on no await until the stream is in place: work placed on the
+        # new worker must find its stream.
+        try:
+            instrs = self.state.add_worker(address, nthreads, name, memory_limit, resources, host,
+                                           pid, nanny, local_directory, services, keys, nbytes,
+                                           stimulus_id=stimulus_id)
+        except ValueError as e:  # a twin registered while we answered
+            logger.warning("refusing worker %s: %s", address, e)
+            comm.abort()
+            return
         bs = BatchedSend(comm, name=f"Scheduler->Worker {address}")
         self.stream_comms[address] = bs
         logger.info("register worker %s (name=%r, nthreads=%d)", address, name, nthreads)
@@ -438,15 +446,16 @@ class Scheduler(SchedulerOpsMixin, Server):
             return "already-removed"
         logger.info("remove worker %s", address)
         instrs = self.state.remove_worker(address, stimulus_id or self._stimulus("remove-worker"), safe=safe)
-        self._plugin_hook("remove_worker", scheduler=self, worker=address)
         bs = self.stream_comms.pop(address, None)
+        # Send before any await: messages of later stimuli must not overtake these.
+        self._send(instrs)
+        self._plugin_hook("remove_worker", scheduler=self, worker=address)
         if bs is not None:
             if close:
                 with suppress(CommClosedError):
                     bs.send({"op": "close", "reason": "scheduler-remove-worker"})
                 await bs.flush(1.0)
             bs.abort()
-        self._send(instrs)
         return "OK"
 
     def close_worker(self, worker: str, stimulus_id: str | None = None) -> str:

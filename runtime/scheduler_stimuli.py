@@ -78,10 +78,7 @@ class StimuliMixin:
         Raises:
             ValueError: the address or name is already taken.
         """
-        if address in self.workers:
-            raise ValueError(f"worker {address} is already registered")
-        if name is not None and name in self.aliases and self.aliases[name] != address:
-            raise ValueError(f"a worker named {name!r} is already registered at {self.aliases[name]}")
+        self.check_new_worker(address, name)
         ws = WorkerState(address, nthreads, name, memory_limit, resources, host, pid, nanny,
                          local_directory, services)
         ws.last_seen = self.clock()
@@ -149,6 +146,13 @@ class StimuliMixin:
                     recs[ts.key] = "erred"
         out.extend(self.transitions(recs, stimulus_id))
         return out
+
+    def check_new_worker(self, address: str, name: Any = None) -> None:
+        """Raise ValueError if a worker with this address or name is already registered."""
+        if address in self.workers:
+            raise ValueError(f"worker {address} is already registered")
+        if name is not None and name in self.aliases and self.aliases[name] != address:
+            raise ValueError(f"a worker named {name!r} is already registered at {self.aliases[name]}")
 
     def worker_heartbeat(self, address: str, metrics: dict | None = None) -> bool:
         ws = self.workers.get(address)

@@ -197,6 +197,7 @@ class WorkerState:
             ("flight", "memory"): self._flight_memory,
             ("flight", "fetch"): self._flight_fetch,
             ("flight", "missing"): self._flight_missing,
+            ("flight", "waiting"): self._flight_waiting,
             ("flight", "released"): self._flight_cancelled,
             ("flight", "error"): self._flight_error,
             ("cancelled", "released"): self._cancelled_released,
@@ -391,8 +392,16 @@ class WorkerState:
                 # The peer did not have it after all: tell the scheduler.
                 ts.who_has.discard(ev.worker)
                 instrs.append(MissingDataMsg(ev.stimulus_id, ts.key, ev.worker))
-                recs[ts] = "fetch" if ts.who_has else "missing"
+                recs[ts] = self._not_fetched(ts)
         return recs, instrs
+
+    def _not_fetched(self, ts: TaskState) -> str:
+        """Where a key goes when a transfer did not bring it."""
+        if ts.state == "cancelled":
+            return "released"
+        if ts.run_spec is not None:
+            return "waiting"  # we were asked to compute it meanwhile: do so
+        return "fetch" if ts.who_has else "missing"
 
     def _handle_gather_dep_network_failure(self, ev: GatherDepNetworkFailureEvent) -> tuple[dict, list]:
         recs: dict = {}
@@ -407,10 +416,7 @@ class WorkerState:
             self.comm_nbytes -= self._flight_nbytes.pop(ts, 0)
             ts.coming_from = None
             instrs.append(MissingDataMsg(ev.stimulus_id, ts.key, ev.worker))
-            if ts.state == "cancelled":
-                recs[ts] = "released"
-            else:
-                recs[ts] = "fetch" if ts.who_has else "missing"
+            recs[ts] = self._not_fetched(ts)
         for ts in self.tasks.values():
             if ts.state == "fetch" and not ts.who_has:
                 recs[ts] = "missing"
@@ -598,6 +604,11 @@ class WorkerState:
     def _flight_missing(self, ts: TaskState, stimulus_id: str) -> tuple[dict, list]:
         ts.state = "missing"
         return {}, []
+
+    def _flight_waiting(self, ts: TaskState, stimulus_id: str) -> tuple[dict, list]:
+        # The transfer failed, but the scheduler asked us to compute the key.
+        ts.state = "released"
+        return self._released_waiting(ts, stimulus_id)
 
     def _flight_fetch(self, ts: TaskState, stimulus_id: str) -> tuple[dict, list]:
         ts.state = "released"

@@ -557,6 +557,23 @@ def scenario_compute_key_in_flight_reports_on_arrival(make: Factory) -> WorkerSt
 
 
 @scenario
+def scenario_compute_key_whose_transfer_fails_computes_it(make: Factory) -> WorkerState:
+    """A key asked for while in flight, whose holder then dies, is computed here instead
+    (found by killing a worker mid-graph: the key used to stay 'missing' for ever)."""
+    state = make()
+    state.handle(AcquireReplicasEvent("acquire", {"r": [A]}, {}))
+    assert st(state, "r") == "flight"
+    assert state.handle(compute("r")) == []
+    instrs = state.handle(GatherDepNetworkFailureEvent("dead", A, ["r"]))
+    assert keys_of(instrs, Execute) == ["r"]
+    assert st(state, "r") == "executing"
+    assert ("flight", "waiting") in story_pairs(state, "r")
+    instrs = state.handle(success("r", 4))
+    assert keys_of(instrs, TaskFinishedMsg) == ["r"]
+    return state
+
+
+@scenario
 def scenario_free_waiting_task_releases_its_fetches(make: Factory) -> WorkerState:
     state = make(transfer_incoming_count_limit=1)
     instrs = state.handle(compute("z", who_has={"m": [], "p": [A], "q": [B]}))
