@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import ClusterTimeoutError
 from .loop import loop_runner, sync
+from .nanny import Nanny
 from .process import WorkerProcess
 from .scheduler import Scheduler
 from .worker import Worker
@@ -34,6 +35,9 @@ class LocalCluster:
             else one).
         threads_per_worker: threads per worker (default: cores / workers).
         processes: workers in child processes (True) or in this process.
+        nanny: supervise each worker process with a :class:`Nanny` (default:
+            ``processes``); it restarts crashed workers and makes
+            ``Client.restart()`` work.
         host: where the scheduler listens (default ``127.0.0.1``).
         scheduler_port: port of the scheduler (0: any free port).
         interface: listen on this network interface's address instead.
@@ -56,7 +60,8 @@ class LocalCluster:
                  asynchronous: bool = False, security=None, protocol: str | None = None,
                  blocked_handlers=None, interface: str | None = None, worker_class=None,
                  scheduler_kwargs: dict | None = None, scheduler_sync_interval=1,
-                 memory_limit: Any = "auto", validate: bool = False, **worker_kwargs):
+                 memory_limit: Any = "auto", validate: bool = False, nanny: bool | None = None,
+                 **worker_kwargs):
         if security not in (None, False):
             raise ValueError("security: TLS is not supported by this version; pass security=None")
         if protocol not in (None, "tcp", "inproc"):
@@ -81,6 +86,11 @@ class LocalCluster:
         self.n_workers = n_workers
         self.threads_per_worker = threads_per_worker
         self.processes = processes
+        if nanny and not processes:
+            raise ValueError("nanny=True needs processes=True (a nanny supervises a worker process)")
+        # As in dask.distributed: worker processes are supervised by nannies, so
+        # that a crashed worker comes back and Client.restart() works.
+        self.nanny = processes if nanny is None else bool(nanny)
         self.asynchronous = asynchronous
         self.validate = validate
         self.host = host or ip
@@ -168,7 +178,10 @@ class LocalCluster:
             name = self._next_name
             self._next_name += 1
             opts = self._worker_options(name)
-            if self.processes:
+            if self.processes and self.nanny:
+                w = Nanny(self.scheduler.address, **opts)
+                started.append(w._start())
+            elif self.processes:
                 w = WorkerProcess(self.scheduler.address, opts)
                 started.append(w.start())
             else:
