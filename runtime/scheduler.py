@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 Key = Hashable
 
+#: Seconds between re-estimates of every worker's expected load.
+REEVALUATE_OCCUPANCY_INTERVAL = 5.0
+
 
 class Scheduler(SchedulerOpsMixin, Server):
     """Dynamic distributed task scheduler.
@@ -204,6 +207,11 @@ class Scheduler(SchedulerOpsMixin, Server):
     def get_comm_cost(self, ts: TaskState, ws: WorkerState) -> float:
         return self.state.get_comm_cost(ts, ws)
 
+    def reevaluate_occupancy(self, worker_index: int = 0) -> None:
+        """Re-estimate every worker's expected load from current task durations (also periodic)."""
+        self.state.reevaluate_occupancy(worker_index)
+        self._send(self.state.transitions({}, self._stimulus("reevaluate-occupancy")))
+
     def check_idle_saturated(self, ws: WorkerState, occ: float | None = None) -> None:
         self.state.check_idle_saturated(ws)
 
@@ -260,9 +268,16 @@ class Scheduler(SchedulerOpsMixin, Server):
         interval = 0.5
         if self.worker_ttl:
             interval = min(interval, self.worker_ttl / 4)
+        last_reevaluation = time.monotonic()
         while self.status == Status.running:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            if now - last_reevaluation > REEVALUATE_OCCUPANCY_INTERVAL:
+                # Task durations drift as they are learned; re-align the
+                # workers' expected load now and then rather than per task.
+                last_reevaluation = now
+                self.state.reevaluate_occupancy()
+                self._send(self.state.transitions({}, self._stimulus("reevaluate-occupancy")))
             if self.worker_ttl:
                 for ws in list(self.state.workers.values()):
                     if now - ws.last_seen > self.worker_ttl:
