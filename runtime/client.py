@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -42,7 +41,11 @@ from .execution import dumps_args
 from .futures import Future, FutureState
 from .graph import collect_futures, graph_msg, substitute_results, task_piece
 from .loop import loop_runner, sync
-from .utils import parse_timedelta, validate_key
+from .utils import (
+    parse_timedelta,
+    read_scheduler_file,
+    validate_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -232,17 +235,7 @@ class Client:
         return self
 
     async def _read_scheduler_file(self) -> str:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                with open(self.scheduler_file) as f:
-                    return json.load(f)["address"]
-            except (FileNotFoundError, ValueError, KeyError):
-                if time.monotonic() > deadline:
-                    raise FileNotFoundError(
-                        f"scheduler file {self.scheduler_file} not found (or incomplete) after {self.timeout}s"
-                    ) from None
-                await asyncio.sleep(0.05)
+        return await read_scheduler_file(self.scheduler_file, self.timeout)
 
     async def _handle_report(self, comm) -> None:
         ops = {

@@ -47,16 +47,15 @@ from typing import Any
 import psutil
 
 from .core import Server, Status, unpack_reply
-from .errors import ClusterTimeoutError, CommError, ConnectionTimeoutError
+from .errors import ClusterTimeoutError, CommError
 from .process import RESTART_EXIT_CODE, WorkerProcess, WorkerProcessError
-from .scheduler import get_ip_for
 from .utils import (
     format_bytes,
-    get_address_host,
-    get_ip_interface,
+    listen_host,
     parse_address,
     parse_host_port,
     parse_timedelta,
+    read_scheduler_file,
     unparse_host_port,
 )
 from .worker import Worker, parse_memory_limit
@@ -279,11 +278,7 @@ class Nanny(Server):
             if parse_address(self.scheduler_addr)[0] != "tcp":
                 raise ValueError(f"scheduler address {self.scheduler_addr!r} from "
                                  f"{self.scheduler_file}: a Nanny needs a tcp:// scheduler")
-        host = self.host
-        if self.interface:
-            host = get_ip_interface(self.interface)
-        if host is None:
-            host = get_ip_for(get_address_host(self.scheduler_addr))
+        host = listen_host(self.host, self.interface, self.scheduler_addr)
         self._listen_host = host
         await self.listen(f"tcp://{unparse_host_port(host, self.port)}")
         if self.name is None:
@@ -295,17 +290,7 @@ class Nanny(Server):
                     self.worker_address, self.name, self.pid)
 
     async def _read_scheduler_file(self) -> str:
-        timeout = self.death_timeout or 60.0
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with open(self.scheduler_file) as f:
-                    return json.load(f)["address"]
-            except (FileNotFoundError, ValueError, KeyError):
-                if time.monotonic() > deadline:
-                    raise ConnectionTimeoutError(f"scheduler file {self.scheduler_file}",
-                                                 timeout) from None
-                await asyncio.sleep(0.1)
+        return await read_scheduler_file(self.scheduler_file, self.death_timeout or 60.0)
 
     def _child_options(self) -> dict[str, Any]:
         if self.listen_address_for_worker is not None:

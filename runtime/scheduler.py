@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import pickle
-import socket
 import time
 import uuid
 from collections import defaultdict
@@ -33,7 +32,7 @@ from .errors import CommClosedError, CommError
 from .scheduler_ops import SchedulerOpsMixin
 from .scheduler_state import SchedulerState, TaskState, WorkerState
 from .statemachine import Msg
-from .utils import get_ip_interface, parse_timedelta, unparse_host_port
+from .utils import get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -804,17 +803,3 @@ async def scatter_to_workers(rpc, workers: list[str], data: dict, broadcast: boo
 
     await asyncio.gather(*(send(a, c) for a, c in assignment.items()))
     return dict(who_has), nbytes, types
-
-
-def get_ip_for(host: str) -> str:
-    """The local IP address that routes to ``host`` (no packet is sent)."""
-    if host in ("127.0.0.1", "localhost", "::1", ""):
-        return "127.0.0.1"
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.connect((host, 9))  # UDP connect sends nothing; it only picks a route
-        return sock.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-    finally:
-        sock.close()

@@ -219,6 +219,58 @@ def get_ip_interface(ifname: str) -> str:
     raise ValueError(f"interface {ifname!r} has no IPv4 address")
 
 
+def get_ip_for(host: str) -> str:
+    """The local IP address that routes to ``host`` (no packet is sent)."""
+    if host in ("127.0.0.1", "localhost", "::1", ""):
+        return "127.0.0.1"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect((host, 9))  # UDP connect sends nothing; it only picks a route
+        return sock.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        sock.close()
+
+
+def listen_host(host: str | None, interface: str | None, scheduler_address: str) -> str:
+    """Where a worker or nanny listens: ``interface``'s address, else ``host``, else the
+    local address that routes to the scheduler (loopback for a loopback scheduler).
+
+    Raises:
+        ValueError: the interface does not exist (naming the ones that do).
+    """
+    if interface:
+        return get_ip_interface(interface)
+    if host is not None:
+        return host
+    return get_ip_for(get_address_host(scheduler_address))
+
+
+async def read_scheduler_file(path: str, timeout: float) -> str:
+    """The scheduler address from a scheduler file, waiting up to ``timeout`` for it to appear.
+
+    Raises:
+        ConnectionTimeoutError: naming the file, when it is still missing or incomplete.
+    """
+    import asyncio
+    import json
+    import time
+
+    from .errors import ConnectionTimeoutError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                return json.load(f)["address"]
+        except (FileNotFoundError, ValueError, KeyError):
+            if time.monotonic() > deadline:
+                raise ConnectionTimeoutError(f"scheduler file {path}", timeout,
+                                             "missing or incomplete") from None
+            await asyncio.sleep(0.05)
+
+
 # --- keys ------------------------------------------------------------------------
 
 _HEX_SUFFIX = re.compile(r"-[0-9a-f]{8,}$")

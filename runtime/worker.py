@@ -34,17 +34,17 @@ import psutil
 
 from .comm.serialize import box_large
 from .core import BatchedSend, Server, Status, unpack_reply
-from .errors import ClusterError, CommClosedError, CommError, ConnectionTimeoutError
+from .errors import ClusterError, CommClosedError, CommError
 from .execution import TaskThreadPool, get_current_task, get_worker, sizeof  # noqa: F401
-from .scheduler import get_ip_for
 from .statemachine import Instruction, Msg
 from .utils import (
     format_bytes,
     get_address_host,
-    get_ip_interface,
+    listen_host,
     parse_address,
     parse_bytes,
     parse_timedelta,
+    read_scheduler_file,
     unparse_host_port,
 )
 from .worker_state import (
@@ -307,11 +307,7 @@ class Worker(Server):
         if protocol == "inproc":
             listen_at = "inproc://"
         else:
-            host = self.host
-            if self.interface:
-                host = get_ip_interface(self.interface)
-            if host is None:
-                host = get_ip_for(get_address_host(self.scheduler_addr))
+            host = listen_host(self.host, self.interface, self.scheduler_addr)
             listen_at = f"{protocol}://{unparse_host_port(host, self.port)}"
         await self.listen(listen_at)
         if self._local_directory_root is None:
@@ -346,18 +342,7 @@ class Worker(Server):
         logger.info("Worker %s (name=%r) registered with %s", self.address, self.name, self.scheduler_addr)
 
     async def _read_scheduler_file(self) -> str:
-        import json
-
-        deadline = time.monotonic() + (self.death_timeout or 60.0)
-        while True:
-            try:
-                with open(self.scheduler_file) as f:
-                    return json.load(f)["address"]
-            except (FileNotFoundError, ValueError, KeyError):
-                if time.monotonic() > deadline:
-                    raise ConnectionTimeoutError(f"scheduler file {self.scheduler_file}",
-                                                 self.death_timeout or 60.0) from None
-                await asyncio.sleep(0.1)
+        return await read_scheduler_file(self.scheduler_file, self.death_timeout or 60.0)
 
     async def _register(self) -> None:
         from .comm import connect
