@@ -54,7 +54,7 @@ def pid_when_file_exists(path: str, limit: float = 30.0) -> int:
     while not os.path.exists(path):
         if time.monotonic() > deadline:
             raise TimeoutError(path)
-        time.sleep(0.01)
+        time.sleep(0.01)  # polling a file with a deadline, inside the task
     return os.getpid()
 
 
@@ -69,7 +69,7 @@ class TaggedWorker(Worker):
 def hog(nbytes: int, hold: float) -> int:
     """Allocate ``nbytes`` (touching every page) and hold them for ``hold`` seconds."""
     buf = bytearray(nbytes)
-    time.sleep(hold)
+    time.sleep(hold)  # the task's work: hold the memory while the nanny watches
     return len(buf)
 
 
