@@ -1,0 +1,78 @@
+"""``python -m cluster`` (also installed as ``hpc-cluster``): the command line.
+
+Usage::
+
+    python -m cluster scheduler [options]            # start a scheduler
+    python -m cluster worker ADDRESS [options]       # start workers (or --scheduler-file F)
+    python -m cluster submit ...                     # batch submission (not implemented yet)
+    python -m cluster [launcher options] script ...  # anything else: the MPI launcher
+
+``scheduler`` and ``worker`` are implemented in :mod:`cluster.cli`; every other
+command line is handed unchanged to :func:`hpc.launcher.main`, imported only
+then (so the subcommands work without MPI).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+#: Subcommands implemented by :mod:`cluster.cli`.
+SUBCOMMANDS = ("scheduler", "worker")
+
+#: Name of the console script declared in ``pyproject.toml``.
+CONSOLE_SCRIPT = "hpc-cluster"
+
+
+def _prog() -> str:
+    """How the user called us, for usage and error messages."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return CONSOLE_SCRIPT if name == CONSOLE_SCRIPT else "python -m cluster"
+
+
+def _error(prog: str, message: str) -> None:
+    sys.stderr.write(f"{prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command line and return its exit status.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 for a command line we cannot run
+        (including ``submit``, not implemented yet, and the launcher not being
+        installed), otherwise what the subcommand or launcher returned.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = _prog()
+    if argv and argv[0] in SUBCOMMANDS:
+        from . import cli
+
+        return cli.main(argv, prog=prog)
+    if argv and argv[0] == "submit":
+        _error(f"{prog} submit", "batch submission is not implemented yet; start a scheduler and "
+               f"workers in your batch script with '{prog} scheduler' and '{prog} worker'")
+        return 2
+    try:
+        launcher = importlib.import_module("hpc.launcher")
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name in ("hpc", "hpc.launcher"):
+            reason = "the MPI launcher (hpc.launcher) is not available in this installation"
+        else:
+            reason = f"the MPI launcher (hpc.launcher) could not be imported: {e}"
+        _error(prog, f"{reason}. Available commands: {', '.join(SUBCOMMANDS)} "
+               f"(see '{prog} scheduler --help' and '{prog} worker --help')")
+        return 2
+    launch = getattr(launcher, "main", None)
+    if not callable(launch):
+        _error(prog, "the MPI launcher (hpc.launcher) has no main(argv) function")
+        return 2
+    status = launch(argv)
+    return 0 if status is None else int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
