@@ -126,6 +126,10 @@ class WorkerProcess:
             self.process = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.PIPE, env=child_environment(self.env),
                 pass_fds=(write_fd,) if write_fd is not None else (),
+                # Its own session: a Ctrl-C at the terminal interrupts the user's
+                # program, not the workers; they stop when we tell them (or when
+                # their stdin closes because we are gone).
+                start_new_session=True,
             )
         except BaseException:
             if read_fd is not None:
