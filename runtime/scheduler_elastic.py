@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
 
 from .scheduler_records import AcquireReplicasMsg, TaskState, WorkerState
 from .statemachine import Msg
@@ -289,6 +288,3 @@ class ElasticMixin:
         self.queued.clear()
         self.unrunnable.clear()
         return out
-
-    def _elastic_info(self) -> dict[str, Any]:  # pragma: no cover - debugging aid
-        return {ws.address: (ws.status, len(ws.has_what), ws.nbytes) for ws in self.workers.values()}

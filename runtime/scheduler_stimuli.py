@@ -7,7 +7,6 @@ one event into recommendations, runs them through the transition table
 
 from __future__ import annotations
 
-import itertools  # noqa: F401
 from collections.abc import Hashable, Iterable
 from typing import Any
 
