@@ -66,10 +66,33 @@ def load_worker_class(path: str | None) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def _exit_if_parent_gone_during_startup(stdin_fd: int, started: threading.Event) -> None:
+    """Until the worker has started, a parent that goes away ends this process at once
+    (otherwise an orphan would keep trying to reach its scheduler for death_timeout)."""
+    try:
+        while not started.is_set():
+            if not os.read(stdin_fd, 65536):
+                if not started.is_set():
+                    os._exit(1)
+                return
+    except OSError:
+        return
+
+
 async def serve(options: dict, ready_fd: int | None = None, worker_class: str | None = None) -> int:
+    started = threading.Event()
+    try:
+        early_fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        early_fd = -1
+    if early_fd >= 0 and not os.isatty(early_fd):
+        # The parent never writes to our stdin, so this read returns only at EOF.
+        threading.Thread(target=_exit_if_parent_gone_during_startup, args=(early_fd, started),
+                         name="watch-parent-startup", daemon=True).start()
     try:
         worker = load_worker_class(worker_class)(**options)
         await worker
+        started.set()
     except BaseException as e:
         report_ready(ready_fd, {"status": "error", "error": f"{type(e).__name__}: {e}"})
         raise

@@ -56,3 +56,24 @@ def check_leaks(request):
                 f"listening={sorted(new_listening)} connections={len(new_established)}"
             )
         time.sleep(0.05)  # polling interval of the deadline loop above, not synchronisation
+
+
+_PYTEST_MPI_SKIP_REASON = "need --with-mpi option to run"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Run tests/mpi/ in a plain pytest run.
+
+    Those tests start ``mpiexec`` themselves (or need no MPI), but pytest-mpi,
+    without ``--with-mpi``, skips every test with ``mpi`` among its keywords,
+    and a test's keywords include its directory names.  Take exactly that skip
+    off again for tests that do not carry the ``mpi`` marker themselves.
+    """
+    for item in items:
+        if "mpi" not in item.nodeid.split("/")[:-1] or any(m.name == "mpi" for m in item.iter_markers()):
+            continue
+        item.own_markers[:] = [
+            m for m in item.own_markers
+            if not (m.name == "skip" and m.kwargs.get("reason") == _PYTEST_MPI_SKIP_REASON)
+        ]

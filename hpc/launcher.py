@@ -1,0 +1,462 @@
+"""The MPI launcher: ``mpiexec -n N python -m cluster [options] [script.py args...]``.
+
+Theory of operation
+-------------------
+Every rank parses the same command line (options also come from
+``CLUSTER_<OPTION>`` environment variables; the command line wins), so a bad
+option fails on every rank alike, before any MPI communication.  Then:
+
+* **Without MPI** (no MPI launcher in the environment, mpi4py missing, or a
+  world of one rank) the launcher starts a
+  :class:`~runtime.local.LocalCluster` on this machine.  With a script it
+  runs the script against it (``CLUSTER_SCHEDULER_ADDRESS`` tells the
+  script's ``Client()`` where it is) and returns the script's exit status;
+  without one it serves until the scheduler closes or a signal arrives.
+  (Started by an MPI launcher without mpi4py, only rank 0 does this; the
+  other ranks log a warning and return 0 at once.)
+* **Under MPI** each rank takes its role (:func:`hpc.roles.role`): rank 0
+  starts the scheduler -- on ``--interface``, ``--host``, loopback when all
+  ranks share this node, or this node's routable address -- and broadcasts
+  its address over MPI; every other rank starts a nanny (or, with
+  ``--no-nanny``, a worker) named after its rank.  In script mode rank 0
+  waits for the workers, runs the script in its own process as the client
+  and then shuts the cluster down (``close(close_workers=True)``); in
+  service mode the cluster runs until a client's ``shutdown()``,
+  ``--idle-timeout`` or SIGTERM/SIGINT, and ``--scheduler-file`` (or the
+  printed address) tells clients where it is.  :mod:`hpc.ranks` describes how
+  each rank ends and :mod:`hpc.mpi` why no rank can hang at the end.
+
+Exit status: the script's status (script mode), 0 after a clean shutdown
+(service mode), 128 + signal number after SIGTERM/SIGINT, 1 when the cluster
+failed (a worker rank that lost its scheduler, a scheduler that did not
+start), 2 for a bad command line or a missing script.  Under MPI, rank 0
+calls ``MPI_Abort`` with a non-zero status after a short grace period, so
+``mpiexec`` returns it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from runtime.client import ENV_ADDRESS
+from runtime.local import LocalCluster
+from runtime.utils import parse_bytes, parse_timedelta
+
+from .mpi import Job, MPITimeout, env_rank, get_world, launched_by_mpi, scrub_rank_environment
+from .ranks import (
+    EXIT_FAILURE,
+    EXIT_NO_SCRIPT,
+    FINISH_MARGIN,
+    FINISH_TIMEOUT,
+    ClusterOptions,
+    SignalCatcher,
+    default_nthreads,
+    run_script,
+    serve_scheduler,
+    serve_worker,
+)
+from .roles import RoleOptions, expected_workers, role
+
+logger = logging.getLogger("hpc.launcher")
+
+#: Prefix of the environment variables that set options: ``--foo-bar`` is ``CLUSTER_FOO_BAR``.
+ENV_PREFIX = "CLUSTER_"
+
+EXIT_USAGE = 2
+
+_TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
+_FALSE = frozenset({"0", "false", "no", "off", "n", "f"})
+
+
+# ----------------------------------------------------------------------------- option types
+
+
+def env_var(option: str) -> str:
+    """The environment variable of a long option: ``"--foo-bar"`` -> ``"CLUSTER_FOO_BAR"``."""
+    return ENV_PREFIX + option.lstrip("-").replace("-", "_").upper()
+
+
+def duration(text: str) -> float:
+    """Seconds from ``"30s"``, ``"5m"``, ``"1h"``, ``"01:00:00"`` or a number.
+
+    Raises:
+        argparse.ArgumentTypeError: naming the value and the accepted forms.
+    """
+    try:
+        seconds = parse_timedelta(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: expected a non-negative duration like 30s, 5m or 01:00:00")
+    return seconds
+
+
+def positive_duration(text: str) -> float:
+    """A duration above zero.
+
+    Raises:
+        argparse.ArgumentTypeError: naming the value.
+    """
+    seconds = duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be above zero")
+    return seconds
+
+
+def memory_limit(text: str) -> str | int | float:
+    """``"auto"``, a number of bytes (``"4GB"``, ``"3.5GiB"``, ``5e9``), a fraction up to 1, or 0.
+
+    Raises:
+        argparse.ArgumentTypeError: naming the value and the accepted forms.
+    """
+    value = text.strip()
+    if value.lower() == "auto":
+        return "auto"
+    if value.lower() in ("0", "none"):
+        return 0
+    bad = argparse.ArgumentTypeError(
+        f"invalid memory limit {text!r}: expected 'auto', a size like 4GB or 3.5GiB, a number of "
+        "bytes, a fraction of the machine's memory in (0, 1], or 0 for no limit")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is not None:
+        if not math.isfinite(number) or number < 0:
+            raise bad
+        return number if number <= 1 else int(number)
+    try:
+        return parse_bytes(value)
+    except ValueError:
+        raise bad from None
+
+
+def resources(text: str) -> dict[str, float]:
+    """``{"GPU": 2.0, "MEM": 1e10}`` from ``"GPU=2,MEM=10e9"`` (commas or spaces between pairs).
+
+    Raises:
+        argparse.ArgumentTypeError: naming the value and the expected form.
+    """
+    out: dict[str, float] = {}
+    for item in text.replace(",", " ").split():
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount) if sep and name.strip() else None
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < 0 or name in out:
+            raise argparse.ArgumentTypeError(
+                f"invalid resources {text!r} (at {item!r}): expected NAME=AMOUNT pairs separated "
+                "by commas, with non-negative amounts, e.g. 'GPU=2,MEM=10e9'")
+        out[name] = value
+    return out
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1.
+
+    Raises:
+        argparse.ArgumentTypeError: naming the value.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive integer")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port number (0: any free port).
+
+    Raises:
+        argparse.ArgumentTypeError: naming the value.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"invalid port {text!r}: expected a number from 0 to 65535 (0: any free port)")
+    return value
+
+
+def boolean(text: str) -> bool:
+    """True from ``1/true/yes/on``, False from ``0/false/no/off`` (any case).
+
+    Raises:
+        argparse.ArgumentTypeError: naming the value.
+    """
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected 1/0, true/false, yes/no or on/off")
+
+
+# ----------------------------------------------------------------------------- command line
+
+#: The default of every option (the parser's own default, ``None``, means "not given", so
+#: that a ``CLUSTER_<OPTION>`` variable can fill it in).
+_DEFAULTS: dict[str, Any] = {
+    "nthreads": None,
+    "memory_limit": "auto",
+    "local_directory": None,
+    "interface": None,
+    "host": None,
+    "protocol": None,
+    "scheduler_port": 0,
+    "scheduler_file": None,
+    "name": None,
+    "nanny": True,
+    "lifetime": None,
+    "lifetime_stagger": None,
+    "lifetime_restart": False,
+    "resources": {},
+    "death_timeout": 20.0,
+    "idle_timeout": None,
+    "startup_timeout": 120.0,
+    "nworkers": None,
+}
+
+
+def build_parser(prog: str = "python -m cluster") -> argparse.ArgumentParser:
+    """The launcher's argument parser (options default to ``None``: not given)."""
+    p = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"mpiexec -n N {prog} [options] [script.py [args ...]]",
+        description=(
+            "Start a cluster in an MPI job: rank 0 runs the scheduler, every other rank a "
+            "worker named after its rank.\nWith a script, rank 0 runs it as the client "
+            "(Client() finds the cluster) and the job\nends with the script's exit status; "
+            "without one, the cluster serves until a client's\nshutdown(), --idle-timeout or "
+            "SIGTERM. Outside MPI, a LocalCluster on this machine."))
+    add = p.add_argument
+    add("--nthreads", type=positive_int, metavar="N",
+        help="threads per worker (default: the node's cores shared among its worker ranks)")
+    add("--memory-limit", type=memory_limit, metavar="LIMIT",
+        help="memory limit per worker: auto (default), 4GB, a fraction like 0.5, or 0 for none")
+    add("--local-directory", metavar="DIR", help="where workers put their files (default: temp dir)")
+    add("--interface", metavar="IFACE",
+        help="network interface every server listens on, e.g. ib0 (default: loopback when "
+             "every rank is on this node, else this node's routable address)")
+    add("--host", help="host the scheduler listens on (when --interface is not given)")
+    add("--protocol", choices=["tcp"], help="transport (default: tcp)")
+    add("--scheduler-port", type=port, metavar="PORT", help="the scheduler's port (default: 0, any free port)")
+    add("--scheduler-file", metavar="FILE",
+        help="the scheduler writes its address to this JSON file, for Client(scheduler_file=FILE)")
+    add("--name", metavar="PREFIX", help="prefix of the workers' names (default: the bare rank)")
+    add("--nanny", action=argparse.BooleanOptionalAction,
+        help="supervise each worker with a nanny that restarts it when it dies (default: on)")
+    add("--lifetime", type=duration, metavar="DURATION", help="workers retire after this long")
+    add("--lifetime-stagger", type=duration, metavar="DURATION",
+        help="random +/- spread of --lifetime, so workers do not all retire at once")
+    add("--lifetime-restart", action=argparse.BooleanOptionalAction,
+        help="a nanny starts a fresh worker when its worker reaches --lifetime (default: off)")
+    add("--resources", type=resources, metavar="SPEC",
+        help="abstract resources of every worker, e.g. 'GPU=2,MEM=10e9'")
+    add("--death-timeout", type=positive_duration, metavar="DURATION",
+        help="a worker rank whose scheduler is unreachable this long exits with status 1 "
+             "(default: 20s)")
+    add("--idle-timeout", type=positive_duration, metavar="DURATION",
+        help="the scheduler closes after this long without work (service mode)")
+    add("--startup-timeout", type=positive_duration, metavar="DURATION",
+        help="how long every rank may take to start, and the workers to register before the "
+             "script runs anyway (default: 120s)")
+    add("--nworkers", type=positive_int, metavar="N",
+        help="number of workers without MPI (default: one per core); ignored under MPI")
+    add("script", nargs="?", help="the Python script to run as the client (script mode)")
+    add("args", nargs=argparse.REMAINDER, help="the script's arguments")
+    names = ", ".join(env_var(a.option_strings[0]) for a in p._actions if a.dest in _DEFAULTS)
+    p.epilog = "environment:\n" + textwrap.fill(
+        "Every option --foo-bar can also be set with the environment variable CLUSTER_FOO_BAR; "
+        "the command line wins. On/off options take 1/0, true/false, yes/no or on/off. "
+        f"Here: {names}. The script's Client() finds the cluster through "
+        f"{ENV_ADDRESS}, which the launcher sets.", width=78, initial_indent="  ",
+        subsequent_indent="  ")
+    return p
+
+
+def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None,
+               prog: str = "python -m cluster") -> tuple[ClusterOptions, str | None, list[str]]:
+    """Parse the command line, filling options not given from ``CLUSTER_<OPTION>`` variables.
+
+    Returns:
+        ``(options, script or None, script arguments)``.
+
+    Raises:
+        SystemExit: status 2 for a bad option or variable (argparse's message),
+            0 after ``--help``.
+    """
+    environ = os.environ if environ is None else environ
+    parser = build_parser(prog)
+    ns = parser.parse_args(list(argv))
+    values: dict[str, Any] = {}
+    for action in parser._actions:
+        dest = action.dest
+        if dest not in _DEFAULTS:
+            continue
+        value = getattr(ns, dest)
+        if value is None:
+            long = action.option_strings[0]
+            name = env_var(long)
+            raw = environ.get(name, "")
+            if raw.strip():
+                convert = boolean if isinstance(action, argparse.BooleanOptionalAction) else action.type
+                try:
+                    value = convert(raw) if convert is not None else raw
+                except (argparse.ArgumentTypeError, ValueError) as e:
+                    parser.error(f"environment variable {name} (for {long}): {e}")
+                if action.choices is not None and value not in action.choices:
+                    parser.error(f"environment variable {name} (for {long}): invalid choice {raw!r} "
+                                 f"(choose from {', '.join(map(repr, action.choices))})")
+        values[dest] = _DEFAULTS[dest] if value is None else value
+    if ns.script is None and ns.args:
+        parser.error(f"unexpected arguments {ns.args!r} without a script")
+    return ClusterOptions(**values), ns.script, list(ns.args or [])
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _configure_logging(rank: int | None) -> None:
+    """Log warnings to stderr, tagged with the rank, unless the application configured logging."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    where = f"rank {rank} " if rank is not None else ""
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"%(asctime)s {where}%(name)s %(levelname)s %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the launcher (``python -m cluster [options] [script.py args...]``); return the exit status.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status (see the module documentation).  Under MPI, rank 0
+        aborts the job with a non-zero status instead of returning it.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        opts, script, script_args = parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    world = get_world()
+    if world is None and launched_by_mpi() and (env_rank() or 0) > 0:
+        # An MPI launcher started us, but without mpi4py the ranks cannot
+        # cooperate: rank 0 alone runs a local cluster, the others step aside.
+        _configure_logging(env_rank())
+        logger.warning("mpi4py is not available: rank 0 runs a local cluster on its own; "
+                       "this rank has nothing to do")
+        return 0
+    if world is None or world.Get_size() == 1:
+        _configure_logging(None)
+        if world is not None:
+            scrub_rank_environment()  # MPI has read them; our worker processes must not
+        return run_local(opts, script, script_args)
+    _configure_logging(world.Get_rank())
+    return run_mpi(world, opts, script, script_args)
+
+
+def run_mpi(world: Any, opts: ClusterOptions, script: str | None, script_args: Sequence[str]) -> int:
+    """Run this rank's part of the cluster under MPI; return its status (or abort the job).
+
+    Args:
+        world: ``MPI.COMM_WORLD``.
+        opts: the launch options.
+        script: the script rank 0 runs (``None``: service mode).
+        script_args: its arguments.
+    """
+    signals = SignalCatcher().install()
+    job: Job | None = None
+    try:
+        job = Job.start(world, opts.startup_timeout)
+        names = job.allgather_names(opts.startup_timeout)
+        role_options = RoleOptions(script=script is not None, name=opts.name)
+        me = role(job.rank, job.size, role_options)
+        workers = expected_workers(job.size, role_options)
+        if me.is_scheduler:
+            return serve_scheduler(job, opts, names, set(workers.values()), signals,
+                                   script=script, script_args=script_args)
+        info = job.bcast(None, opts.startup_timeout)
+        if "address" not in info:  # rank 0 failed to start and says why
+            return job.finish(0, FINISH_TIMEOUT + FINISH_MARGIN)
+        scrub_rank_environment()
+        local = sum(1 for r in workers if names[r] == names[job.rank])
+        nthreads = opts.nthreads or default_nthreads(local)
+        return serve_worker(job, info["address"], me.name, nthreads, opts, signals)
+    except MPITimeout as e:
+        logger.error("%s; aborting the MPI job", e)
+        if job is not None:
+            job.abort(EXIT_FAILURE)
+        world.Abort(EXIT_FAILURE)
+        return EXIT_FAILURE  # pragma: no cover - MPI_Abort does not return
+    finally:
+        signals.restore()
+
+
+def run_local(opts: ClusterOptions, script: str | None, script_args: Sequence[str]) -> int:
+    """Without MPI: a LocalCluster, and the script run against it (or served until closed).
+
+    Returns:
+        The script's exit status; in service mode 0 once the scheduler closed,
+        128 + signal number after SIGTERM/SIGINT; 1 if the cluster did not
+        start, 2 if the script cannot be opened.
+    """
+    if script is not None and not os.path.isfile(script):
+        sys.stderr.write(f"error: cannot open the script {script!r}: no such file\n")
+        return EXIT_NO_SCRIPT
+    signals = SignalCatcher().install()
+    try:
+        scheduler_kwargs = opts.scheduler_kwargs()
+        port = scheduler_kwargs.pop("port")
+        protocol = scheduler_kwargs.pop("protocol", None)
+        worker_kwargs = opts.worker_kwargs()
+        worker_kwargs.pop("interface", None)
+        worker_kwargs.pop("protocol", None)
+        mem = worker_kwargs.pop("memory_limit")
+        try:
+            cluster = LocalCluster(n_workers=opts.nworkers, threads_per_worker=opts.nthreads,
+                                   processes=True, nanny=opts.nanny, host=opts.host,
+                                   interface=opts.interface, protocol=protocol, scheduler_port=port,
+                                   memory_limit=mem, scheduler_kwargs=scheduler_kwargs, **worker_kwargs)
+        except Exception as e:
+            logger.error("the local cluster did not start: %s", e)
+            return EXIT_FAILURE
+        try:
+            address = cluster.scheduler_address
+            if signals.signum is not None:  # while the cluster started
+                return signals.status
+            if script is not None:
+                return run_script(script, script_args, signals, {ENV_ADDRESS: address})
+            if not opts.scheduler_file:
+                sys.stdout.write(f"Scheduler at {address}\n")
+                sys.stdout.flush()
+            while cluster.scheduler.status not in ("closed", "failed") and signals.signum is None:
+                signals.wait(0.1)
+            return signals.status or 0
+        finally:
+            try:
+                cluster.close(timeout=60)
+            except Exception as e:
+                logger.error("the local cluster did not close cleanly: %r", e)
+    finally:
+        signals.restore()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
