@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import os
 import sys
 import textwrap
@@ -42,15 +41,25 @@ from typing import Any
 from runtime.errors import ClusterError
 from runtime.loop import run
 from runtime.nanny import Nanny
+from runtime.options import (
+    ENV_PREFIX,
+    boolean,
+    duration,
+    env_var,
+    memory_limit,
+    non_negative_int,
+    port,
+    port_range,
+    positive_int,
+    resources,
+)
 from runtime.scheduler import Scheduler
-from runtime.utils import parse_bytes, parse_timedelta
 from runtime.worker import Worker
 from runtime.worker_process import GRACEFUL_SIGNAL_TIMEOUT
 
 logger = logging.getLogger("cluster.cli")
 
 #: Prefix of the environment variables that set options: ``--foo-bar`` is ``CLUSTER_FOO_BAR``.
-ENV_PREFIX = "CLUSTER_"
 
 #: Environment variable for the worker command's ADDRESS (the name ``Client()`` reads too).
 ENV_SCHEDULER_ADDRESS = "CLUSTER_SCHEDULER_ADDRESS"
@@ -67,8 +76,6 @@ CLOSE_MARGIN = 10.0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-_TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
-_FALSE = frozenset({"0", "false", "no", "off", "n", "f"})
 
 _DURATION_HELP = "like 30s, 5m, 1h or 01:00:00 (a bare number is seconds)"
 
@@ -80,123 +87,24 @@ class CommandError(Exception):
 # ----------------------------------------------------------------------------- option types
 
 
-def env_var(option: str) -> str:
-    """The environment variable of a long option: ``"--foo-bar"`` -> ``"CLUSTER_FOO_BAR"``."""
-    return ENV_PREFIX + option.lstrip("-").replace("-", "_").upper()
 
 
-def duration(text: str) -> float:
-    """Seconds from ``"30s"``, ``"5m"``, ``"1h"``, ``"01:00:00"`` or a number of seconds.
-
-    Raises:
-        argparse.ArgumentTypeError: naming the value and the accepted forms.
-    """
-    try:
-        seconds = parse_timedelta(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected a non-negative duration {_DURATION_HELP}")
-    return seconds
 
 
-def memory_limit(text: str) -> str | int | float:
-    """``"auto"``, a byte count (from ``"4GB"``, ``"3.5GiB"``, ``"5e9"``), a fraction, or 0.
-
-    A number up to 1 is a fraction of the machine's memory; 0 (or ``none``)
-    means no limit.
-
-    Raises:
-        argparse.ArgumentTypeError: naming the value and the accepted forms.
-    """
-    value = text.strip()
-    if value.lower() == "auto":
-        return "auto"
-    if value.lower() in ("0", "none"):
-        return 0
-    bad = argparse.ArgumentTypeError(
-        f"invalid memory limit {text!r}: expected 'auto', a size like 4GB or 3.5GiB, a number "
-        "of bytes, a fraction of the machine's memory in (0, 1], or 0 for no limit")
-    try:
-        number = float(value)
-    except ValueError:
-        number = None
-    if number is not None:
-        if not math.isfinite(number) or number < 0:
-            raise bad
-        return number if number <= 1 else int(number)
-    try:
-        return parse_bytes(value)
-    except ValueError:
-        raise bad from None
 
 
-def resources(text: str) -> dict[str, float]:
-    """``{"GPU": 2.0, "MEM": 1e10}`` from ``"GPU=2,MEM=10e9"`` (commas or spaces between pairs).
-
-    Raises:
-        argparse.ArgumentTypeError: naming the value and the expected form.
-    """
-    out: dict[str, float] = {}
-    for item in text.replace(",", " ").split():
-        name, sep, amount = item.partition("=")
-        try:
-            value = float(amount) if sep and name.strip() else None
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or value < 0 or name in out:
-            problem = f"duplicate resource {name!r}" if name in out else f"bad item {item!r}"
-            raise argparse.ArgumentTypeError(
-                f"invalid resources {text!r} ({problem}): expected NAME=AMOUNT pairs separated by "
-                "commas, with non-negative amounts, e.g. 'GPU=2,MEM=10e9'")
-        out[name] = value
-    return out
 
 
-def _integer(text: str, what: str, low: int, high: int | None = None) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < low or (high is not None and value > high):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what}")
-    return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    return _integer(text, "a positive integer", 1)
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    return _integer(text, "a non-negative integer", 0)
 
 
-def port(text: str) -> int:
-    """A TCP port number (0: any free port)."""
-    return _integer(text, "a port number from 0 to 65535 (0: any free port)", 0, 65535)
 
 
-def port_range(text: str) -> tuple[int, int]:
-    """``(low, high)`` from ``"9000"`` or ``"9000:9010"`` (``"0"``: any free port)."""
-    low, sep, high = text.partition(":")
-    what = "a port number, or a range LOW:HIGH, from 0 to 65535 (0: any free port)"
-    a = _integer(low, what, 0, 65535)
-    b = _integer(high, what, 0, 65535) if sep else a
-    if b < a:
-        raise argparse.ArgumentTypeError(f"invalid port range {text!r}: {b} is below {a}")
-    return a, b
 
 
-def boolean(text: str) -> bool:
-    """True from ``1/true/yes/on``, False from ``0/false/no/off`` (any case)."""
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected 1/0, true/false, yes/no or on/off")
 
 
 # ----------------------------------------------------------------------------- parsers
