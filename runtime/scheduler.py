@@ -26,9 +26,9 @@ from collections.abc import Hashable, Iterable
 from contextlib import suppress
 from typing import Any
 
-from .comm.serialize import box_large
 from .core import BatchedSend, Server, Status
 from .errors import CommClosedError, CommError
+from .scheduler_data import SchedulerDataMixin, scatter_to_workers  # noqa: F401  (re-exported)
 from .scheduler_ops import SchedulerOpsMixin
 from .scheduler_state import SchedulerState, TaskState, WorkerState
 from .statemachine import Msg
@@ -42,7 +42,7 @@ Key = Hashable
 REEVALUATE_OCCUPANCY_INTERVAL = 5.0
 
 
-class Scheduler(SchedulerOpsMixin, Server):
+class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
     """Dynamic distributed task scheduler.
 
     Args:
@@ -612,84 +612,6 @@ class Scheduler(SchedulerOpsMixin, Server):
         """Cancel one key and everything that depends on it."""
         self._send(self.state.cancel_key(key, client, force, self._stimulus("cancel")))
 
-    # ------------------------------------------------------------------ data
-
-    def get_who_has(self, keys: Iterable[Key] | None = None) -> dict:
-        tasks = self.state.tasks
-        if keys is None:
-            keys = list(tasks)
-        return {k: [ws.address for ws in tasks[k].who_has] if k in tasks else [] for k in keys}
-
-    def get_has_what(self, workers: Iterable[str] | None = None) -> dict:
-        wss = self.state.workers
-        if workers is None:
-            workers = list(wss)
-        return {w: [ts.key for ts in wss[w].has_what] if w in wss else [] for w in workers}
-
-    def get_nthreads(self, workers: Iterable[str] | None = None) -> dict:
-        wss = self.state.workers
-        if workers is None:
-            return {a: ws.nthreads for a, ws in wss.items()}
-        return {w: wss[w].nthreads for w in workers if w in wss}
-
-    async def gather(self, keys: Iterable[Key] = (), serializers=None) -> dict:
-        """Collect data for ``keys`` from the workers that hold them (through us)."""
-        keys = list(keys)
-        who_has = self.get_who_has(keys)
-        by_worker: dict[str, list] = defaultdict(list)
-        missing = []
-        for k in keys:
-            if who_has[k]:
-                by_worker[who_has[k][0]].append(k)
-            else:
-                missing.append(k)
-        data: dict = {}
-
-        async def fetch(addr: str, ks: list) -> None:
-            try:
-                reply = await self.rpc.call(addr, "get_data", keys=ks)
-                data.update(reply["data"])
-                missing.extend(k for k in ks if k not in reply["data"])
-            except (CommError, OSError):
-                missing.extend(ks)
-
-        await asyncio.gather(*(fetch(a, ks) for a, ks in by_worker.items()))
-        if missing:
-            return {"status": "error", "keys": missing}
-        return {"status": "OK", "data": {k: box_large(v) for k, v in data.items()}}
-
-    async def scatter(self, data: dict | None = None, workers: Iterable[str] | None = None,
-                      client: str | None = None, broadcast: bool = False, timeout: float = 2) -> list:
-        """Send data out to workers and register it for ``client``.
-
-        Raises:
-            ClusterTimeoutError: no worker arrived within ``timeout`` seconds.
-        """
-        from .errors import ClusterTimeoutError
-
-        data = data or {}
-        deadline = time.monotonic() + (parse_timedelta(timeout) or 0)
-        while True:
-            candidates = [a for a, ws in self.state.workers.items() if ws.status == "running"]
-            if workers is not None:
-                wanted = set(workers)
-                candidates = [a for a in candidates if a in wanted or self.state.workers[a].name in wanted
-                              or self.state.workers[a].host in wanted]
-            if candidates:
-                break
-            if time.monotonic() > deadline:
-                raise ClusterTimeoutError(f"no workers to scatter to within {timeout}s")
-            await asyncio.sleep(0.05)
-        who_has, nbytes, types = await scatter_to_workers(self.rpc, candidates, data, broadcast)
-        self._send(self.state.update_data(who_has, nbytes, client, types, self._stimulus("scatter")))
-        return list(data)
-
-    def update_data(self, who_has: dict | None = None, nbytes: dict | None = None,
-                    client: str | None = None, types: dict | None = None, serializers=None) -> str:
-        """Learn that new data has entered the cluster from outside."""
-        self._send(self.state.update_data(who_has or {}, nbytes, client, types, self._stimulus("update-data")))
-        return "OK"
-
     # ------------------------------------------------------------------ cluster-wide operations
 
     def identity(self, n_workers: int = -1) -> dict:
@@ -775,31 +697,3 @@ class Scheduler(SchedulerOpsMixin, Server):
         n = len(self.state.workers) if hasattr(self, "state") else 0
         addr = self.listeners[0].contact_address if self.listeners else "not started"
         return f"<Scheduler {addr!r} workers: {n} status: {self.status}>"
-
-
-async def scatter_to_workers(rpc, workers: list[str], data: dict, broadcast: bool = False):
-    """Put ``data`` on ``workers`` (round robin, or all of them) with ``update_data``.
-
-    Returns ``(who_has, nbytes, types)``.
-    """
-    assignment: dict[str, dict] = defaultdict(dict)
-    keys = list(data)
-    for i, k in enumerate(keys):
-        if broadcast:
-            for w in workers:
-                assignment[w][k] = data[k]
-        else:
-            assignment[workers[i % len(workers)]][k] = data[k]
-    who_has: dict = defaultdict(list)
-    nbytes: dict = {}
-    types: dict = {}
-
-    async def send(addr: str, chunk: dict) -> None:
-        reply = await rpc.call(addr, "update_data", data={k: box_large(v) for k, v in chunk.items()}, report=False)
-        for k in chunk:
-            who_has[k].append(addr)
-        nbytes.update(reply["nbytes"])
-        types.update(reply.get("types", {}))
-
-    await asyncio.gather(*(send(a, c) for a, c in assignment.items()))
-    return dict(who_has), nbytes, types

@@ -1,0 +1,156 @@
+"""Client methods that ask the scheduler about, or act on, the cluster as a whole.
+
+A mixin of :class:`runtime.client.Client`: information (``who_has``,
+``scheduler_info``, ``story``), running code everywhere (``run``,
+``run_on_scheduler``, ``upload_file``) and cluster operations (``retire_workers``,
+``rebalance``, ``replicate``, ``restart``, plugins).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .comm.serialize import dumps_function
+from .execution import dumps_args
+from .futures import Future
+
+
+def _unpack(futures) -> list:
+    if isinstance(futures, Future):
+        return [futures]
+    return list(futures)
+
+
+class ClientOpsMixin:
+    """Cluster-wide queries and operations of :class:`Client`."""
+
+    def _scheduler_call(self, op: str, **kwargs):
+        async def call():
+            return await self.rpc.call(self._address, op, **kwargs)
+
+        return self.sync(call)
+
+    def who_has(self, futures=None):
+        """``{key: [worker addresses]}`` for the given futures (or all keys)."""
+        keys = None if futures is None else [f.key for f in _unpack(futures)]
+        return self._scheduler_call("who_has", keys=keys)
+
+    def has_what(self, workers=None):
+        """``{worker address: [keys]}``."""
+        return self._scheduler_call("has_what", workers=workers)
+
+    def nthreads(self, workers=None):
+        """``{worker address: threads}``."""
+        return self._scheduler_call("nthreads", workers=workers)
+
+    ncores = nthreads
+
+    def scheduler_info(self):
+        """The scheduler's identity, with ``"workers"``: ``{address: info}``."""
+        return self._scheduler_call("identity")
+
+    def story(self, *keys):
+        """The scheduler's transition log for ``keys``."""
+        return self._scheduler_call("story", keys_list=[getattr(k, "key", k) for k in keys])
+
+    def run(self, function: Callable, *args, workers=None, wait: bool = True, nanny: bool = False,
+            on_error: str = "raise", **kwargs):
+        """Run ``function(*args, **kwargs)`` in every (or the given) worker process.
+
+        Returns:
+            ``{worker_address: result}``.
+        """
+        if on_error not in ("raise", "return", "ignore"):
+            raise ValueError(f"on_error={on_error!r}: accepted values are 'raise', 'return', 'ignore'")
+        msg = {"op": "run", "function": dumps_function(function), "args": dumps_args(args, kwargs),
+               "wait": wait}
+
+        async def call():
+            results = await self.rpc.call(self._address, "broadcast", msg=msg, workers=workers,
+                                          nanny=nanny, return_exceptions=True)
+            out = {}
+            for addr, r in results.items():
+                if isinstance(r, BaseException):
+                    if on_error == "raise":
+                        raise r
+                    if on_error == "ignore":
+                        continue
+                out[addr] = r
+            return out
+
+        return self.sync(call)
+
+    def run_on_scheduler(self, function: Callable, *args, **kwargs):
+        """Run ``function(*args, **kwargs)`` in the scheduler's process and return its result."""
+        return self._scheduler_call("run_function", function=dumps_function(function),
+                                    args=dumps_args(args, kwargs))
+
+    def upload_file(self, filename: str, load: bool = True):
+        """Send a local file to every worker (``.py``/``.zip``/``.egg`` are imported there)."""
+        with open(filename, "rb") as f:
+            data = f.read()
+        msg = {"op": "upload_file", "filename": os.path.basename(filename), "data": data, "load": load}
+        return self._scheduler_call("broadcast", msg=msg)
+
+    # ------------------------------------------------------------------ cluster operations
+
+    def retire_workers(self, workers: list[str] | None = None, close_workers: bool = True, **kwargs):
+        """Gracefully retire workers: their unique data moves to others first.
+
+        Returns:
+            ``{address: info}`` of the workers retired.
+        """
+        return self._scheduler_call("retire_workers", workers=workers, close_workers=close_workers, **kwargs)
+
+    def rebalance(self, futures=None, workers: list[str] | None = None):
+        """Even out the bytes held by each worker (for ``futures``' keys, or all)."""
+        keys = None if futures is None else [f.key for f in _unpack(futures)]
+        return self._scheduler_call("rebalance", keys=keys, workers=workers)
+
+    def replicate(self, futures, n: int | None = None, workers: list[str] | None = None,
+                  branching_factor: int = 2):
+        """Keep ``n`` copies (default: one per worker) of each future's data."""
+        keys = [f.key for f in _unpack(futures)]
+        return self._scheduler_call("replicate", keys=keys, n=n, workers=workers,
+                                    branching_factor=branching_factor)
+
+    def restart(self, timeout: Any = 30):
+        """Restart every worker through its nanny and forget all tasks (futures are cancelled)."""
+        return self._scheduler_call("restart", client=self.id, timeout=timeout)
+
+    def register_worker_plugin(self, plugin: Any, name: str | None = None):
+        """Run ``plugin.setup(worker)`` on every worker, present and future.
+
+        Returns:
+            ``{worker_address: reply}`` for the present workers.
+        """
+        return self._scheduler_call("register_worker_plugin", plugin=dumps_function(plugin), name=name)
+
+    def register_scheduler_plugin(self, plugin: Any, name: str | None = None, idempotent: bool = False):
+        """Add a plugin to the scheduler (see ``runtime.scheduler_ops.SchedulerPlugin``)."""
+        return self._scheduler_call("add_plugin", plugin=dumps_function(plugin), name=name,
+                                    idempotent=idempotent)
+
+    def wait_for_workers(self, n_workers: int = 1, timeout: float | None = None):
+        """Block until at least ``n_workers`` workers are connected.
+
+        Raises:
+            TimeoutError: after ``timeout`` seconds.
+        """
+        async def waiter():
+            from .errors import ClusterTimeoutError
+
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                info = await self.rpc.call(self._address, "identity")
+                if len(info["workers"]) >= n_workers:
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ClusterTimeoutError(f"only {len(info['workers'])} of {n_workers} workers after {timeout}s")
+                await asyncio.sleep(0.05)
+
+        return self.sync(waiter)

@@ -1,0 +1,130 @@
+"""Data entering and leaving the cluster through the scheduler: gather, scatter,
+update_data, and where keys live.
+
+A mixin of :class:`runtime.scheduler.Scheduler`.  Clients normally gather
+straight from workers; these are the routes through the scheduler
+(``direct=False``) and the bookkeeping that scatter needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Hashable, Iterable
+
+from .comm.serialize import box_large
+from .errors import CommError
+from .utils import parse_timedelta
+
+Key = Hashable
+
+
+class SchedulerDataMixin:
+    """Gather, scatter and who-has queries of the Scheduler."""
+
+    # ------------------------------------------------------------------ data
+
+    def get_who_has(self, keys: Iterable[Key] | None = None) -> dict:
+        tasks = self.state.tasks
+        if keys is None:
+            keys = list(tasks)
+        return {k: [ws.address for ws in tasks[k].who_has] if k in tasks else [] for k in keys}
+
+    def get_has_what(self, workers: Iterable[str] | None = None) -> dict:
+        wss = self.state.workers
+        if workers is None:
+            workers = list(wss)
+        return {w: [ts.key for ts in wss[w].has_what] if w in wss else [] for w in workers}
+
+    def get_nthreads(self, workers: Iterable[str] | None = None) -> dict:
+        wss = self.state.workers
+        if workers is None:
+            return {a: ws.nthreads for a, ws in wss.items()}
+        return {w: wss[w].nthreads for w in workers if w in wss}
+
+    async def gather(self, keys: Iterable[Key] = (), serializers=None) -> dict:
+        """Collect data for ``keys`` from the workers that hold them (through us)."""
+        keys = list(keys)
+        who_has = self.get_who_has(keys)
+        by_worker: dict[str, list] = defaultdict(list)
+        missing = []
+        for k in keys:
+            if who_has[k]:
+                by_worker[who_has[k][0]].append(k)
+            else:
+                missing.append(k)
+        data: dict = {}
+
+        async def fetch(addr: str, ks: list) -> None:
+            try:
+                reply = await self.rpc.call(addr, "get_data", keys=ks)
+                data.update(reply["data"])
+                missing.extend(k for k in ks if k not in reply["data"])
+            except (CommError, OSError):
+                missing.extend(ks)
+
+        await asyncio.gather(*(fetch(a, ks) for a, ks in by_worker.items()))
+        if missing:
+            return {"status": "error", "keys": missing}
+        return {"status": "OK", "data": {k: box_large(v) for k, v in data.items()}}
+
+    async def scatter(self, data: dict | None = None, workers: Iterable[str] | None = None,
+                      client: str | None = None, broadcast: bool = False, timeout: float = 2) -> list:
+        """Send data out to workers and register it for ``client``.
+
+        Raises:
+            ClusterTimeoutError: no worker arrived within ``timeout`` seconds.
+        """
+        from .errors import ClusterTimeoutError
+
+        data = data or {}
+        deadline = time.monotonic() + (parse_timedelta(timeout) or 0)
+        while True:
+            candidates = [a for a, ws in self.state.workers.items() if ws.status == "running"]
+            if workers is not None:
+                wanted = set(workers)
+                candidates = [a for a in candidates if a in wanted or self.state.workers[a].name in wanted
+                              or self.state.workers[a].host in wanted]
+            if candidates:
+                break
+            if time.monotonic() > deadline:
+                raise ClusterTimeoutError(f"no workers to scatter to within {timeout}s")
+            await asyncio.sleep(0.05)
+        who_has, nbytes, types = await scatter_to_workers(self.rpc, candidates, data, broadcast)
+        self._send(self.state.update_data(who_has, nbytes, client, types, self._stimulus("scatter")))
+        return list(data)
+
+    def update_data(self, who_has: dict | None = None, nbytes: dict | None = None,
+                    client: str | None = None, types: dict | None = None, serializers=None) -> str:
+        """Learn that new data has entered the cluster from outside."""
+        self._send(self.state.update_data(who_has or {}, nbytes, client, types, self._stimulus("update-data")))
+        return "OK"
+
+
+async def scatter_to_workers(rpc, workers: list[str], data: dict, broadcast: bool = False):
+    """Put ``data`` on ``workers`` (round robin, or all of them) with ``update_data``.
+
+    Returns ``(who_has, nbytes, types)``.
+    """
+    assignment: dict[str, dict] = defaultdict(dict)
+    keys = list(data)
+    for i, k in enumerate(keys):
+        if broadcast:
+            for w in workers:
+                assignment[w][k] = data[k]
+        else:
+            assignment[workers[i % len(workers)]][k] = data[k]
+    who_has: dict = defaultdict(list)
+    nbytes: dict = {}
+    types: dict = {}
+
+    async def send(addr: str, chunk: dict) -> None:
+        reply = await rpc.call(addr, "update_data", data={k: box_large(v) for k, v in chunk.items()}, report=False)
+        for k in chunk:
+            who_has[k].append(addr)
+        nbytes.update(reply["nbytes"])
+        types.update(reply.get("types", {}))
+
+    await asyncio.gather(*(send(a, c) for a, c in assignment.items()))
+    return dict(who_has), nbytes, types
