@@ -14,6 +14,7 @@ is stripped by :meth:`Msg.to_wire`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, ClassVar
@@ -38,11 +39,15 @@ class Msg(Instruction):
 
     def to_wire(self) -> dict[str, Any]:
         d = {"op": self.op}
-        route = self.route
-        for f in dataclasses.fields(self):
-            if f.name != route:
-                d[f.name] = getattr(self, f.name)
+        for name in _wire_fields(type(self)):
+            d[name] = getattr(self, name)
         return d
+
+
+@functools.cache
+def _wire_fields(cls: type) -> tuple[str, ...]:
+    # Computed once per message class: to_wire runs for every task.
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name != cls.route)
 
 
 class TransitionLog:

@@ -39,7 +39,7 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, MutableMapping
 from typing import Any
 
-from .errors import InvalidStateError, InvalidTransition
+from .errors import InvalidTransition
 from .statemachine import Instruction, TransitionLog
 from .utils import key_split
 from .worker_events import (  # noqa: F401  (re-exported)
@@ -69,6 +69,7 @@ from .worker_events import (  # noqa: F401  (re-exported)
     UnpauseEvent,
     UpdateDataEvent,
 )
+from .worker_validation import WorkerValidationMixin
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class TaskState:
         return self.run_spec is not None
 
 
-class WorkerState:
+class WorkerState(WorkerValidationMixin):
     """The worker's state and its transition table (no IO).
 
     Args:
@@ -377,11 +378,7 @@ class WorkerState:
     def _handle_gather_dep_success(self, ev: GatherDepSuccessEvent) -> tuple[dict, list]:
         recs: dict = {}
         instrs: list = []
-        keys = self.in_flight_workers.pop(ev.worker, set())
-        for ts in keys:
-            self.in_flight_tasks.discard(ts)
-            self.comm_nbytes -= self._flight_nbytes.pop(ts, 0)
-            ts.coming_from = None
+        for ts in self._landed(ev.worker):
             if ts.state == "cancelled":
                 recs[ts] = "released"
             elif ts.key in ev.data:
@@ -395,6 +392,15 @@ class WorkerState:
                 recs[ts] = self._not_fetched(ts)
         return recs, instrs
 
+    def _landed(self, worker: str) -> set[TaskState]:
+        """The keys of the transfer from ``worker`` that just ended, no longer in flight."""
+        keys = self.in_flight_workers.pop(worker, set())
+        for ts in keys:
+            self.in_flight_tasks.discard(ts)
+            self.comm_nbytes -= self._flight_nbytes.pop(ts, 0)
+            ts.coming_from = None
+        return keys
+
     def _not_fetched(self, ts: TaskState) -> str:
         """Where a key goes when a transfer did not bring it."""
         if ts.state == "cancelled":
@@ -406,15 +412,12 @@ class WorkerState:
     def _handle_gather_dep_network_failure(self, ev: GatherDepNetworkFailureEvent) -> tuple[dict, list]:
         recs: dict = {}
         instrs: list = []
-        keys = self.in_flight_workers.pop(ev.worker, set())
+        keys = self._landed(ev.worker)
         # The peer is unreachable: forget it as a holder of everything.
         for ts in self.tasks.values():
             ts.who_has.discard(ev.worker)
         self.data_needed.pop(ev.worker, None)
         for ts in keys:
-            self.in_flight_tasks.discard(ts)
-            self.comm_nbytes -= self._flight_nbytes.pop(ts, 0)
-            ts.coming_from = None
             instrs.append(MissingDataMsg(ev.stimulus_id, ts.key, ev.worker))
             recs[ts] = self._not_fetched(ts)
         for ts in self.tasks.values():
@@ -424,11 +427,7 @@ class WorkerState:
 
     def _handle_gather_dep_failure(self, ev: GatherDepFailureEvent) -> tuple[dict, list]:
         recs: dict = {}
-        keys = self.in_flight_workers.pop(ev.worker, set())
-        for ts in keys:
-            self.in_flight_tasks.discard(ts)
-            self.comm_nbytes -= self._flight_nbytes.pop(ts, 0)
-            ts.coming_from = None
+        for ts in self._landed(ev.worker):
             ts.exception = ev.exception
             ts.traceback = ev.traceback
             recs[ts] = "released" if ts.state == "cancelled" else "error"
@@ -787,31 +786,3 @@ class WorkerState:
             dts.waiting_for_data.discard(ts)
         ts.dependencies.clear()
         return recs, []
-
-    # ------------------------------------------------------------------ validation
-
-    def validate_state(self) -> None:
-        """Check the invariants of every task.
-
-        Raises:
-            InvalidStateError: naming the task and the broken invariant.
-        """
-        for ts in self.tasks.values():
-            s = ts.state
-            if s == "memory" and ts.key not in self.data:
-                raise InvalidStateError(f"{ts!r} in memory but not in data")
-            if s in ("ready", "constrained", "executing") and any(d.state != "memory" for d in ts.dependencies):
-                raise InvalidStateError(f"{ts!r} {s} with a dependency not in memory")
-            if s == "executing" and ts not in self.executing:
-                raise InvalidStateError(f"{ts!r} executing but not in executing")
-            if s == "flight" and ts not in self.in_flight_tasks:
-                raise InvalidStateError(f"{ts!r} in flight but not in in_flight_tasks")
-            if s == "waiting" and not ts.waiting_for_data and not ts.dependencies:
-                raise InvalidStateError(f"{ts!r} waiting for nothing")
-            if s != "memory" and ts.key in self.data:
-                raise InvalidStateError(f"{ts!r} has data but is {s}")
-        for ts in self.executing:
-            if ts.state not in ("executing",) and not (ts.state == "cancelled"):
-                raise InvalidStateError(f"{ts!r} in executing set")
-        if len(self.executing) > self.nthreads:
-            raise InvalidStateError(f"{len(self.executing)} tasks executing on {self.nthreads} threads")

@@ -283,7 +283,7 @@ async def test_write_and_read_after_own_close_raise(address):
 async def test_pending_read_fails_when_own_side_closes(address):
     async with comm_pair(address) as (client, server, _):
         pending = asyncio.ensure_future(client.read())
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # let the read start waiting (not synchronisation of a result)
         client.abort()
         with pytest.raises(CommClosedError):
             await asyncio.wait_for(pending, 5)
