@@ -66,7 +66,7 @@ class SchedulerOpsMixin:
 
     async def retire_workers(self, workers: Iterable[str] | None = None, remove: bool = True,
                              close_workers: bool = False, names: Iterable[Any] | None = None,
-                             timeout: Any = 60, **kwargs) -> dict:
+                             timeout: Any = 60, wait_for_recipient: Any = 0, **kwargs) -> dict:
         """Gracefully retire workers: copy the data only they hold, then remove them.
 
         Args:
@@ -75,6 +75,11 @@ class SchedulerOpsMixin:
             remove: forget the workers at once (else wait for them to leave).
             close_workers: also tell the workers to close.
             timeout: give up on a worker whose data has not moved by then.
+            wait_for_recipient: when no other running worker can take the data
+                only these workers hold, wait up to this long for one to join
+                (a worker whose ``lifetime`` ended waits for its own
+                replacement) instead of refusing at once.  Meanwhile the
+                workers get no new tasks.
 
         Returns:
             ``{address: info}`` for each worker retired.
@@ -91,6 +96,9 @@ class SchedulerOpsMixin:
         info = {w: self.state.workers[w].identity() for w in workers}
         instrs, plan = self.state.retire_plan(workers, stimulus_id)
         self._send(instrs)
+        if any(r == "" for r in plan.values()) and await self._recipient_joined(workers, wait_for_recipient):
+            instrs, plan = self.state.retire_plan(workers, stimulus_id)
+            self._send(instrs)
         if any(r == "" for r in plan.values()):
             logger.warning("cannot retire %s: no other worker to take its unique data", workers)
             for w in workers:
@@ -126,6 +134,17 @@ class SchedulerOpsMixin:
                 self.close_worker(w)
         logger.info("retired %s", ", ".join(workers))
         return info
+
+    async def _recipient_joined(self, retiring: list[str], wait: Any) -> bool:
+        """Wait up to ``wait`` for a running worker outside ``retiring``; ``True`` if one came."""
+        deadline = time.monotonic() + (parse_timedelta(wait) or 0.0)
+        while time.monotonic() < deadline:
+            if not all(w in self.state.workers for w in retiring):
+                return False  # one of them left meanwhile: nothing more to plan for it
+            if any(ws.status == "running" and a not in retiring for a, ws in self.state.workers.items()):
+                return True
+            await asyncio.sleep(0.05)  # polling interval while waiting for a worker to register
+        return False
 
     # ------------------------------------------------------------------ moving data
 

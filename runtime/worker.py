@@ -76,6 +76,12 @@ Key = Hashable
 #: Results at most this big travel with ``task-finished`` to the waiting client.
 SMALL_RESULT = 16 * 1024
 
+#: How long a retiring worker (lifetime, close_gracefully) keeps its data while
+#: no other worker can take it, waiting for one to join -- typically its own
+#: replacement (``lifetime_restart``, or the next batch job).  Walltime margins
+#: must leave room for this plus the data transfer.
+RECIPIENT_WAIT = 10.0
+
 
 def pickle_small(value: Any) -> bytes | None:
     """Pickle a small result for the client, or ``None`` if it does not pickle small."""
@@ -514,7 +520,8 @@ class Worker(Server):
         try:
             await asyncio.wait_for(
                 self.rpc.call(self.scheduler_addr, "retire_workers", workers=[self.address],
-                              close_workers=False, remove=True),
+                              close_workers=False, remove=True,
+                              wait_for_recipient=min(RECIPIENT_WAIT, timeout / 2)),
                 timeout,
             )
         except (CommError, OSError, asyncio.TimeoutError, ClusterError) as e:

@@ -397,3 +397,36 @@ async def test_worker_that_cannot_start_fails_the_nanny(tmp_path):
 def test_bad_options_are_rejected_before_anything_starts(kwargs, error, match):
     with pytest.raises(error, match=match):
         Nanny(**kwargs)
+
+
+def _slow_inc(x):
+    time.sleep(0.01)
+    return x + 1
+
+
+@gen_test(timeout=90)
+async def test_lifetime_restart_churn_loses_no_results():
+    """Workers that keep reaching their lifetime under a steady stream of tasks: every
+    result is computed once -- a retiring worker hands its data to the others or to its
+    own replacement, even when it is the only worker left running."""
+    async with Scheduler(validate=True) as s:
+        async with Nanny(s.address, nthreads=1, name="c0", lifetime="1.5s", lifetime_stagger="0.5s",
+                         lifetime_restart=True), \
+                Nanny(s.address, nthreads=1, name="c1", lifetime="1.5s", lifetime_stagger="0.5s",
+                      lifetime_restart=True):
+            async with Client(s.address, asynchronous=True) as c:
+                futures = []
+                for i in range(40):
+                    futures.append(c.submit(_slow_inc, i, key=f"churn-{i}"))
+                    if i % 10 == 9:
+                        # Let every worker that holds results so far reach its lifetime.
+                        await until(lambda: all(f.done() for f in futures), timeout=20,
+                                    what="a batch to finish")
+                        holders = set(s.workers)
+                        await until(lambda held=holders: not held & set(s.workers) and len(s.workers) == 2,
+                                    timeout=30, what="both workers to be replaced")
+                total = await asyncio.wait_for(c.submit(sum, futures), 60)
+                assert total == sum(range(1, 41))
+                for f in futures:
+                    computed = [e for e in s.story(f.key) if e[0] == f.key and e[1:3] == ("processing", "memory")]
+                    assert len(computed) == 1, (f.key, computed)

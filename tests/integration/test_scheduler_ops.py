@@ -374,6 +374,46 @@ async def test_worker_lifetime_retires_and_moves_data():
             await short.close()
 
 
+@gen_test(timeout=30)
+async def test_sole_worker_at_its_lifetime_waits_for_a_replacement_and_hands_over_its_data():
+    async with gen_cluster(nworkers=0) as (c, s, _):
+        old = Worker(s.address, nthreads=1, validate=True, name="old", lifetime="0.5s")
+        new = None
+        try:
+            await old
+            f = c.submit(counted_blob, "handover", 3, workers=[old.address])
+            await f
+            # Its lifetime ends with nobody to take the data: it stops taking tasks and waits.
+            await until(lambda: s.workers[old.address].status == "closing_gracefully", timeout=5,
+                        what="the worker to start retiring")
+            assert old.status != "closed" and holders_of(s, f.key) == {old.address}
+            new = await Worker(s.address, nthreads=1, validate=True, name="new")
+            await until(lambda: old.status == "closed", timeout=10, what="the old worker to hand over and close")
+            assert holders_of(s, f.key) == {new.address} and f.key in new.data
+            assert await c.gather(f, direct=False) == bytes([3]) * 20_000
+            assert CALLS[("handover", 3)] == 1
+        finally:
+            await old.close()
+            if new is not None:
+                await new.close()
+
+
+@gen_test(timeout=20)
+async def test_retire_without_recipient_refuses_at_once_by_default():
+    async with gen_cluster(nworkers=1) as (c, s, (a,)):
+        f = c.submit(counted_blob, "refuse", 1)
+        await f
+        start = time.monotonic()
+        assert await c.retire_workers(workers=[a.address]) == {}
+        assert time.monotonic() - start < 5
+        assert s.workers[a.address].status == "running" and holders_of(s, f.key) == {a.address}
+        # With a wait and still nobody joining: refused when the wait is over, the worker kept.
+        assert await c.rpc.call(s.address, "retire_workers", workers=[a.address],
+                                wait_for_recipient=0.3) == {}
+        assert s.workers[a.address].status == "running"
+        assert await c.submit(inc, 1) == 2
+
+
 # ----------------------------------------------------------------------------- memory pause
 
 
