@@ -1,11 +1,13 @@
 """hpc-cluster: run Python work on HPC machines.
 
 ``from cluster import Client, LocalCluster, Scheduler, Worker`` gives the
-distributed runtime; ``python -m cluster`` is the command line.
+distributed runtime, ``SLURMCluster`` and ``PBSCluster`` workers in batch
+jobs; ``python -m cluster`` is the command line.
 """
 
 from concurrent.futures import CancelledError
 
+from jobqueue import JobQueueCluster, PBSCluster, SLURMCluster
 from runtime import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -40,9 +42,12 @@ __all__ = [
     "ClusterError",
     "Future",
     "KilledWorker",
+    "JobQueueCluster",
     "LocalCluster",
     "Nanny",
+    "PBSCluster",
     "Reschedule",
+    "SLURMCluster",
     "Scheduler",
     "SchedulerPlugin",
     "Worker",

@@ -1,0 +1,189 @@
+"""How many jobs to submit and which to close: a pure function of what was observed.
+
+Theory of operation
+-------------------
+The cluster's IO shell (:mod:`jobqueue.core`) observes, at each step, the
+number of workers the work wants (the scheduler's ``adaptive_target``, or the
+``n`` of ``scale(n)``), every active job of the cluster (pending or running,
+how many workers it has, whether it is already closing or *ending* -- its
+workers are about to retire at their lifetime) and which running jobs the
+scheduler would close cheaply (``workers_to_close`` grouped by job: all of a
+job's workers idle, least data first).  :class:`ScalingPolicy` turns that
+:class:`Observation` into a :class:`Decision`: submit ``n`` jobs, close these
+jobs.  It touches no socket, subprocess or clock, so it is tested with plain
+values.
+
+Rules:
+
+- Workers come in jobs of ``processes``: ``ceil(target / processes)`` jobs
+  are wanted, within ``[minimum_jobs, maximum_jobs]``.
+- Pending jobs count as capacity (no over-submission while the queue is
+  slow); closing and ending jobs do not (an ending job is replaced *before*
+  it leaves, so its workers' data has somewhere to go).
+- Jobs are closed whole, never half a job: pending jobs first (newest first),
+  then running jobs the scheduler marked closable, in its order.  ``scale``
+  also closes starting jobs (running, no worker yet) and, if still over
+  target, busy jobs (newest first: their data moves before they go).
+  ``adapt`` closes only idle jobs, and only after the same job was chosen
+  ``wait_count`` times in a row (a short lull does not throw jobs away).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .states import JobState
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """One active job as the policy sees it.
+
+    Attributes:
+        id: the batch system's job id.
+        state: ``PENDING``, ``RUNNING`` (or ``COMPLETING``: not counted).
+        workers: its workers registered with the scheduler now.
+        ending: its workers will retire at their lifetime soon (or already left).
+        closing: we are already retiring or cancelling it.
+    """
+
+    id: str
+    state: JobState
+    workers: int = 0
+    ending: bool = False
+    closing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What the cluster saw at one step.
+
+    Attributes:
+        target_workers: workers the work wants (``adaptive_target`` or ``scale``'s ``n``).
+        jobs: the cluster's active jobs, oldest first.
+        closable: ids of running jobs the scheduler would close cheaply, best first.
+    """
+
+    target_workers: int
+    jobs: Sequence[JobView] = ()
+    closable: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do: submit ``submit`` jobs; retire then cancel the jobs in ``close``."""
+
+    submit: int = 0
+    close: tuple[str, ...] = ()
+
+
+@dataclass
+class ScalingPolicy:
+    """Jobs wanted for a target number of workers, and which jobs to close.
+
+    Args:
+        processes: workers per job.
+        minimum_jobs: never fewer jobs.
+        maximum_jobs: never more jobs (``None``: no limit).
+        wait_count: times in a row a job must be chosen before it is closed.
+        mode: ``"scale"`` (a fixed target: close busy jobs too) or ``"adapt"``
+            (close idle jobs only).
+
+    Raises:
+        ValueError: a value out of range, named in the message.
+    """
+
+    processes: int = 1
+    minimum_jobs: int = 0
+    maximum_jobs: int | None = None
+    wait_count: int = 1
+    mode: str = "scale"
+    _chosen: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("scale", "adapt"):
+            raise ValueError(f"mode={self.mode!r}: accepted values are 'scale' and 'adapt'")
+        if not isinstance(self.processes, int) or self.processes < 1:
+            raise ValueError(f"processes={self.processes!r}: expected a positive integer")
+        if not isinstance(self.minimum_jobs, int) or self.minimum_jobs < 0:
+            raise ValueError(f"minimum_jobs={self.minimum_jobs!r}: expected a non-negative integer")
+        if self.maximum_jobs is not None and (not isinstance(self.maximum_jobs, int)
+                                              or self.maximum_jobs < self.minimum_jobs):
+            raise ValueError(f"maximum_jobs={self.maximum_jobs!r}: expected an integer >= "
+                             f"minimum_jobs={self.minimum_jobs}")
+        if not isinstance(self.wait_count, int) or self.wait_count < 1:
+            raise ValueError(f"wait_count={self.wait_count!r}: expected a positive integer")
+
+    def jobs_wanted(self, target_workers: int) -> int:
+        """``ceil(target_workers / processes)`` within the job limits."""
+        wanted = math.ceil(max(0, target_workers) / self.processes)
+        if self.maximum_jobs is not None:
+            wanted = min(wanted, self.maximum_jobs)
+        return max(wanted, self.minimum_jobs)
+
+    def decide(self, obs: Observation) -> Decision:
+        """The decision for one observation (updates the ``wait_count`` memory)."""
+        wanted = self.jobs_wanted(obs.target_workers)
+        counted = [j for j in obs.jobs
+                   if j.state in (JobState.PENDING, JobState.RUNNING)
+                   and not j.closing and not j.ending]
+        if wanted >= len(counted):
+            self._chosen.clear()
+            return Decision(submit=wanted - len(counted))
+        surplus = len(counted) - wanted
+        chosen = self._candidates(counted, obs.closable)[:surplus]
+        self._chosen = {jid: self._chosen.get(jid, 0) + 1 for jid in chosen}
+        ready = tuple(jid for jid in chosen if self._chosen[jid] >= self.wait_count)
+        for jid in ready:
+            del self._chosen[jid]
+        return Decision(close=ready)
+
+    def _candidates(self, counted: list[JobView], closable: Sequence[str]) -> list[str]:
+        pending = [j.id for j in reversed(counted) if j.state == JobState.PENDING]
+        running = {j.id: j for j in counted if j.state == JobState.RUNNING}
+        idle = [jid for jid in closable if jid in running]
+        if self.mode == "adapt":
+            return pending + idle
+        starting = [j.id for j in reversed(counted)
+                    if j.state == JobState.RUNNING and j.workers == 0 and j.id not in idle]
+        taken = set(pending) | set(idle) | set(starting)
+        busy = [j.id for j in reversed(counted) if j.id in running and j.id not in taken]
+        return pending + starting + idle + busy
+
+
+def adapt_limits(processes: int, minimum: int | None, maximum: int | None,
+                 minimum_jobs: int | None, maximum_jobs: int | None) -> tuple[int, int | None]:
+    """Job limits from ``adapt``'s worker and job limits (workers are counted in whole jobs).
+
+    ``minimum`` workers need ``ceil(minimum / processes)`` jobs; ``maximum``
+    workers allow ``maximum // processes`` jobs (at least one when
+    ``maximum > 0``), so that ``maximum`` is not exceeded by more than one
+    job's worth when it is smaller than a job.  Where both a worker and a job
+    limit are given, the stricter one wins.
+
+    Raises:
+        ValueError: a negative value, or a minimum above the maximum.
+    """
+    for name, value in (("minimum", minimum), ("maximum", maximum),
+                        ("minimum_jobs", minimum_jobs), ("maximum_jobs", maximum_jobs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name}={value!r}: expected a non-negative integer or None")
+    low = 0
+    if minimum is not None:
+        low = math.ceil(minimum / processes)
+    if minimum_jobs is not None:
+        low = max(low, minimum_jobs)
+    high: int | None = None
+    if maximum is not None:
+        high = max(1, maximum // processes) if maximum > 0 else 0
+    if maximum_jobs is not None:
+        high = maximum_jobs if high is None else min(high, maximum_jobs)
+    if high is not None and low > high:
+        raise ValueError(f"adapt: the minimum ({minimum=}, {minimum_jobs=}) is above the maximum "
+                         f"({maximum=}, {maximum_jobs=}) with processes={processes}")
+    return low, high
+
+
+__all__ = ["Decision", "JobView", "Observation", "ScalingPolicy", "adapt_limits"]

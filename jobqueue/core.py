@@ -1,0 +1,737 @@
+"""JobQueueCluster: a scheduler in this process, workers in batch jobs.
+
+Theory of operation
+-------------------
+The cluster starts a :class:`~runtime.scheduler.Scheduler` on its event loop
+(the shared background loop for a synchronous cluster, the caller's for
+``asynchronous=True``).  Each batch job runs the rendered job script, which
+starts ``processes`` nanny-managed workers with ``python -m cluster worker``;
+they connect to the scheduler and register under names that carry their job
+id (:mod:`jobqueue.job`).
+
+One watcher task drives everything, one *step* at a time (a lock keeps steps
+and explicit ``scale()`` calls from interleaving):
+
+1. every ``status_interval``, one batched status call (``squeue``/``qstat``)
+   for all the cluster's active jobs, mapped to :class:`JobState`;
+2. the scheduler's workers are assigned to jobs by name (:mod:`jobqueue.tracking`);
+3. the :class:`~jobqueue.adaptive.ScalingPolicy` turns the target (``scale``'s,
+   or the scheduler's ``adaptive_target`` under ``adapt``) and the jobs into a
+   decision: submit jobs, close jobs.  Closing a running job retires all its
+   workers through the scheduler (their unique data moves to other workers
+   first, ``retire_workers``) and only then cancels the job; a pending job
+   is just cancelled.
+
+Jobs that end by themselves -- workers retired at their walltime-derived
+lifetime -- drop out of the count, so the next step submits a replacement
+(even before they end: see ``Lifetime.ending_after``).  Jobs that keep
+ending without ever starting a worker (a broken prologue, a wrong python)
+pause submission with a growing back-off, logged as an error, instead of
+filling the queue.
+
+Every subprocess call goes through ``runner`` (:mod:`jobqueue.commands`).
+``close()`` closes the scheduler, cancels every job the cluster submitted that
+is still queued or running, and waits until the batch system lists none of
+them as active.  If the cluster is never closed, a ``weakref.finalize`` (run
+at garbage collection or interpreter exit) cancels them: no job is orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from runtime.errors import ClusterTimeoutError
+from runtime.loop import loop_runner, sync
+from runtime.scheduler import Scheduler
+
+from .adaptive import Observation, ScalingPolicy, adapt_limits
+from .commands import CommandResult, Runner, check, run_blocking, run_command
+from .errors import CancelError, CommandError, JobIdNotFoundError, SubmitError
+from .job import (
+    DEFAULT_JOB_NAME,
+    DEFAULT_WALLTIME,
+    common_values,
+    make_spec,
+    render_script,
+    worker_command,
+)
+from .states import JobState
+from .tracking import JobInfo, JobTable
+from .units import parse_duration, parse_memory
+
+logger = logging.getLogger(__name__)
+
+#: Jobs in a row that end without starting a worker before submission pauses.
+FAILURES_BEFORE_BACKOFF = 3
+
+#: Longest pause of submission after repeated failures (seconds).
+MAX_BACKOFF = 300.0
+
+
+class Adaptive:
+    """The adaptive-scaling settings in force (returned by ``cluster.adapt()``).
+
+    Attributes:
+        interval: seconds between two decisions.
+        target_duration: the work should take about this long (seconds) with the workers wanted.
+        policy: the pure decision maker (limits in jobs, ``wait_count``).
+    """
+
+    def __init__(self, cluster: JobQueueCluster, interval: float, target_duration: float,
+                 policy: ScalingPolicy):
+        self._cluster = weakref.ref(cluster)
+        self.interval = interval
+        self.target_duration = target_duration
+        self.policy = policy
+
+    def stop(self) -> None:
+        """Stop adapting; the jobs running now stay (call ``scale`` to change them)."""
+        cluster = self._cluster()
+        if cluster is not None and cluster._adaptive is self:
+            cluster._adaptive = None
+            cluster._target_workers = sum(
+                len(j.workers) for j in cluster._table.active()) or cluster._target_workers
+
+    def __repr__(self) -> str:
+        p = self.policy
+        return (f"<Adaptive jobs=[{p.minimum_jobs}, {p.maximum_jobs}] interval={self.interval:g}s "
+                f"wait_count={p.wait_count} target_duration={self.target_duration:g}s>")
+
+
+def _cancel_leftovers(runner: Runner, cancel_argv: tuple[str, ...], ids: set[str],
+                      system: str, timeout: float) -> None:
+    """Finalizer: cancel the jobs a cluster left (garbage collection, interpreter exit)."""
+    if not ids:
+        return
+    argv = [*cancel_argv, *sorted(ids)]
+    try:
+        result = run_blocking(runner, argv, timeout)
+    except Exception as e:  # nothing to raise to at exit
+        logger.error("could not cancel %s jobs %s left by a cluster: %s", system, sorted(ids), e)
+        return
+    if result.returncode != 0:
+        logger.warning("cancelling %s jobs %s left by a cluster: %s", system, sorted(ids),
+                       CancelError(result.argv, result.returncode, result.stdout, result.stderr))
+    else:
+        logger.info("cancelled %s jobs %s left by a cluster that was not closed", system, sorted(ids))
+    ids.clear()
+
+
+class JobQueueCluster:
+    """A scheduler in this process and workers in batch jobs (base of SLURMCluster, PBSCluster).
+
+    Args:
+        cores: cores of one job (required). Its workers share them: each gets
+            ``cores // processes`` threads.
+        memory: memory of one job (required), like ``"16GB"`` or ``"8GiB"``;
+            each worker's limit is ``memory // processes``.
+        processes: workers per job (default: about ``sqrt(cores)``, dividing ``cores``).
+        queue: the queue (SLURM partition) to submit to.
+        account: the account (project) charged for the jobs.
+        walltime: time limit of each job, like ``"01:00:00"``, ``"1-00:00:00"``,
+            ``"90m"`` (default ``"00:30:00"``; ``None``: the queue's default, and no
+            walltime-derived lifetime).
+        job_name: name of the jobs; workers are named ``<job_name>-<job id>[-<i>]``.
+        job_extra_directives: more directive lines (the ``#SBATCH``/``#PBS`` prefix is added
+            when missing).
+        job_directives_skip: drop the template's directive lines that contain any of these strings.
+        job_script_prologue: shell lines run before the workers start (``module load``, ...).
+        job_script_epilogue: shell lines run after the workers exit.
+        interface: network interface of the workers (e.g. ``"ib0"``); also the
+            scheduler's, unless ``scheduler_options`` gives a host or interface.
+        local_directory: the workers' directory for files and spilled data.
+        log_directory: directory for the jobs' output files (created if missing).
+        worker_extra_args: more arguments for ``python -m cluster worker``.
+        python: the Python that runs the workers (default: this one).
+        shebang: first line of the job script.
+        env: environment variables exported by the job script.
+        nanny: run each worker under a nanny (restarts on crash; default True).
+        death_timeout: workers give up on an unreachable scheduler after this long.
+        lifetime: ``"auto"`` (walltime-derived, see :mod:`jobqueue.job`), a duration, or
+            ``None`` for none.
+        lifetime_stagger: ``"auto"`` or a duration: lifetimes vary by up to this much.
+        lifetime_margin: ``"auto"`` or a duration kept free before the walltime.
+        template: path of a jinja2 template to use instead of ours (it may
+            ``{% extends "slurm.sh.j2" %}``).
+        scheduler_options: keyword arguments of the in-process ``Scheduler``
+            (``host``, ``port``, ``interface``, ...). Default: loopback only,
+            which suits a single machine; on a cluster give ``interface=`` (or
+            ``scheduler_options={"host": ...}``) so that compute nodes can connect.
+        n_workers: workers to start with (``scale(n_workers)``).
+        asynchronous: use the running event loop (``await cluster``, ``async with``).
+        status_interval: seconds between two status calls (one for all jobs).
+        command_timeout: seconds a batch command may take.
+        close_timeout: seconds ``close()`` waits for the cancelled jobs to leave the queue.
+        runner: the command seam (default :func:`jobqueue.commands.run_command`).
+
+    Raises:
+        ValueError: an option is missing or has a bad value (named in the message).
+        TypeError: an option has the wrong type (named in the message).
+    """
+
+    #: Name of the batch system, for messages.
+    system: ClassVar[str] = "batch"
+    #: Our template for this system (in :mod:`templates`).
+    template_name: ClassVar[str] = ""
+    #: What starts a directive line.
+    directive_prefix: ClassVar[str] = "#"
+    #: The environment variable holding the job id inside a running job.
+    job_id_variable: ClassVar[str] = ""
+    #: Submits a job script (its path is appended).
+    submit_command: ClassVar[tuple[str, ...]] = ()
+    #: Cancels jobs (their ids are appended).
+    cancel_command: ClassVar[tuple[str, ...]] = ()
+    #: Reports job states (see :meth:`status_argv`).
+    status_command: ClassVar[tuple[str, ...]] = ()
+    #: Finds the job id in the submit command's output.
+    job_id_regexp: ClassVar[str] = r"(?P<job_id>\d+)"
+    #: Native job state -> JobState.
+    state_table: ClassVar[Mapping[str, JobState]] = {}
+
+    def __init__(self, cores: int | None = None, memory: str | int | None = None,
+                 processes: int | None = None, queue: str | None = None,
+                 account: str | None = None, walltime: str | None = DEFAULT_WALLTIME,
+                 job_name: str = DEFAULT_JOB_NAME, job_extra_directives: Sequence[str] | None = None,
+                 job_directives_skip: Sequence[str] | None = None,
+                 job_script_prologue: Sequence[str] | None = None,
+                 job_script_epilogue: Sequence[str] | None = None, interface: str | None = None,
+                 local_directory: str | None = None, log_directory: str | None = None,
+                 worker_extra_args: Sequence[str] | None = None, python: str | None = None,
+                 shebang: str = "#!/usr/bin/env bash", env: Mapping[str, str] | None = None,
+                 nanny: bool = True, death_timeout: Any = "60s", lifetime: Any = "auto",
+                 lifetime_stagger: Any = "auto", lifetime_margin: Any = "auto",
+                 template: str | os.PathLike | None = None,
+                 scheduler_options: Mapping[str, Any] | None = None, n_workers: int = 0,
+                 asynchronous: bool = False, status_interval: Any = "5s",
+                 command_timeout: Any = "60s", close_timeout: Any = "30s",
+                 runner: Runner | None = None):
+        self.spec = make_spec(
+            cores=cores, memory=memory, processes=processes, queue=queue, account=account,
+            walltime=walltime, job_name=job_name, job_extra_directives=job_extra_directives,
+            job_directives_skip=job_directives_skip, job_script_prologue=job_script_prologue,
+            job_script_epilogue=job_script_epilogue, interface=interface,
+            local_directory=local_directory, log_directory=log_directory,
+            worker_extra_args=worker_extra_args, python=python, shebang=shebang, env=env,
+            nanny=nanny, death_timeout=death_timeout, lifetime=lifetime,
+            lifetime_stagger=lifetime_stagger, lifetime_margin=lifetime_margin,
+            template=template, directive_prefix=self.directive_prefix)
+        if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 0:
+            raise ValueError(f"n_workers={n_workers!r}: expected a non-negative integer")
+        self.scheduler_options = self._scheduler_options(scheduler_options, interface)
+        self.status_interval = self._positive(status_interval, "status_interval")
+        self.command_timeout = self._positive(command_timeout, "command_timeout")
+        self.close_timeout = parse_duration(close_timeout, "close_timeout")
+        self.runner: Runner = runner or run_command
+        self.asynchronous = asynchronous
+        self.scheduler: Scheduler | None = None
+        self.status = "created"
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._table = JobTable(self.spec.worker_names, self.normalize_job_id,
+                               f"{self.spec.job_name}-")
+        self._policy = ScalingPolicy(self.spec.processes, mode="scale")
+        self._target_workers = n_workers
+        self._adaptive: Adaptive | None = None
+        self._live_ids: set[str] = set()  # shared with the finalizer: never rebind
+        self._finalizer: weakref.finalize | None = None
+        self._watcher: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._next_status = 0.0
+        self._paused_until = 0.0
+        self._uses_runner = False
+        if not asynchronous:
+            self.loop = loop_runner.acquire()
+            self._uses_runner = True
+            try:
+                sync(self.loop, self._start)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    sync(self.loop, self._close)
+                self._release_loop()
+                raise
+
+    # ------------------------------------------------------------------ per batch system
+
+    def system_values(self) -> dict[str, Any]:
+        """Template values of this batch system (``walltime`` and its own options)."""
+        raise NotImplementedError
+
+    def status_argv(self, job_ids: Sequence[str]) -> list[str]:
+        """The one status command for all of ``job_ids``."""
+        raise NotImplementedError
+
+    def parse_status(self, result: CommandResult,
+                     job_ids: Sequence[str]) -> dict[str, tuple[str, JobState]]:
+        """``{job id: (native state, JobState)}`` of the listed jobs among ``job_ids``.
+
+        Jobs the batch system no longer knows are left out.
+
+        Raises:
+            StatusError: the output says nothing usable (e.g. the server is down).
+        """
+        raise NotImplementedError
+
+    def submit_argv(self, script_path: str) -> list[str]:
+        """The submit command for the job script at ``script_path``."""
+        return [*self.submit_command, script_path]
+
+    def cancel_argv(self, job_ids: Sequence[str]) -> list[str]:
+        """The cancel command for all of ``job_ids``."""
+        return [*self.cancel_command, *job_ids]
+
+    def parse_job_id(self, result: CommandResult) -> str:
+        """The job id in the submit command's output.
+
+        Raises:
+            JobIdNotFoundError: no match of ``job_id_regexp``.
+        """
+        m = re.search(self.job_id_regexp, result.stdout)
+        if m is None:
+            raise JobIdNotFoundError(result.argv, result.stdout, self.job_id_regexp)
+        return m.group("job_id")
+
+    @staticmethod
+    def normalize_job_id(job_id: str) -> str:
+        """A job id's comparable form (workers' names may carry a longer form)."""
+        return job_id
+
+    # ------------------------------------------------------------------ options
+
+    @staticmethod
+    def _positive(value: Any, option: str) -> float:
+        seconds = parse_duration(value, option)
+        if seconds <= 0:
+            raise ValueError(f"{option}={value!r}: must be above zero")
+        return seconds
+
+    @staticmethod
+    def _scheduler_options(options: Mapping[str, Any] | None, interface: str | None) -> dict:
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"scheduler_options={options!r}: expected a dict of Scheduler options")
+        opts = {"port": 0, **(options or {})}
+        if interface is not None and "host" not in opts and "interface" not in opts:
+            opts["interface"] = interface  # as dask-jobqueue: the workers' network
+        return opts
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def scheduler_address(self) -> str | None:
+        """The address workers and clients connect to (``None`` before the start)."""
+        s = self.scheduler
+        return s.address if s is not None and s.listeners else None
+
+    @property
+    def jobs(self) -> dict[str, JobInfo]:
+        """``{job id: JobInfo}`` of the jobs this cluster submitted (id, state, workers), oldest first."""
+        return self._table.info()
+
+    @property
+    def workers(self) -> dict[str, str]:
+        """``{worker name: job id}`` of the workers of this cluster's jobs registered now."""
+        return self._table.workers()
+
+    def job_script(self, scheduler_address: str | None = None) -> str:
+        """The job script this cluster submits.
+
+        Args:
+            scheduler_address: render for this address instead of the running
+                scheduler's (lets an unstarted cluster show its script).
+
+        Raises:
+            TemplateError: the template uses a value nobody set (named).
+            RuntimeError: no scheduler address is known yet.
+        """
+        address = scheduler_address or self.scheduler_address
+        if address is None:
+            raise RuntimeError("the cluster has no scheduler yet: start it (await it) or pass "
+                               "scheduler_address=")
+        line = worker_command(self.spec, address, self.job_id_variable)
+        values = {**common_values(self.spec, line), **self.system_values()}
+        return render_script(self.template_name, values, user_template=self.spec.template,
+                             prefix=self.directive_prefix, skip=self.spec.job_directives_skip)
+
+    def scale(self, n: int | None = None, jobs: int | None = None, memory: Any = None,
+              cores: int | None = None):
+        """Run ``n`` workers (in ``ceil(n / processes)`` jobs), or enough for ``jobs``/``memory``/``cores``.
+
+        Stops adaptive scaling.  Extra jobs are closed whole: pending ones
+        cancelled, running ones retired (their data moves) and then cancelled.
+
+        Returns:
+            ``None``, or an awaitable with ``asynchronous=True``.
+
+        Raises:
+            ValueError: not exactly one of the arguments, or a bad value.
+            SubmitError: submitting a job failed (with the command's output).
+        """
+        given = [name for name, v in (("n", n), ("jobs", jobs), ("memory", memory),
+                                      ("cores", cores)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"scale: give one of n, jobs, memory, cores, not {', '.join(given)}")
+        p = self.spec.processes
+        if jobs is not None:
+            n = self._count(jobs, "jobs") * p
+        elif cores is not None:
+            n = math.ceil(self._count(cores, "cores") / self.spec.cores) * p
+        elif memory is not None:
+            n = math.ceil(parse_memory(memory, "memory") / self.spec.memory) * p
+        n = self._count(0 if n is None else n, "n")
+        if self._adaptive is not None:
+            logger.info("scale(%d) stops adaptive scaling", n)
+        self._adaptive = None
+        self._target_workers = n
+        self._table.failures_in_a_row = 0
+        return self._run(self._scale_now)
+
+    @staticmethod
+    def _count(value: Any, name: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"scale({name}={value!r}): expected a non-negative integer")
+        return value
+
+    def adapt(self, minimum: int | None = None, maximum: int | None = None,
+              minimum_jobs: int | None = None, maximum_jobs: int | None = None,
+              interval: Any = "1s", wait_count: int = 3, target_duration: Any = "5s") -> Adaptive:
+        """Scale with the load: the scheduler's ``adaptive_target`` workers, in whole jobs.
+
+        Args:
+            minimum: fewest workers (rounded up to whole jobs).
+            maximum: most workers (rounded down to whole jobs, at least one job).
+            minimum_jobs: fewest jobs.
+            maximum_jobs: most jobs.
+            interval: seconds between decisions.
+            wait_count: a job is closed only after being chosen this many times in a row.
+            target_duration: aim to finish the current work in about this long.
+
+        Returns:
+            The :class:`Adaptive` settings (``.stop()`` stops adapting).
+
+        Raises:
+            ValueError: a bad value, named in the message.
+        """
+        low, high = adapt_limits(self.spec.processes, minimum, maximum, minimum_jobs, maximum_jobs)
+        policy = ScalingPolicy(self.spec.processes, low, high, wait_count, mode="adapt")
+        self._adaptive = Adaptive(self, self._positive(interval, "interval"),
+                                  self._positive(target_duration, "target_duration"), policy)
+        self._table.failures_in_a_row = 0
+        self._poke()
+        return self._adaptive
+
+    def wait_for_workers(self, n_workers: int, timeout: Any = None):
+        """Wait until ``n_workers`` workers of this cluster are registered.
+
+        Raises:
+            ClusterTimeoutError: not there after ``timeout`` seconds.
+        """
+        limit = None if timeout is None else parse_duration(timeout, "timeout")
+
+        async def waiter() -> None:
+            deadline = None if limit is None else time.monotonic() + limit
+            while len(self._registered()) < n_workers:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ClusterTimeoutError(
+                        f"{n_workers} workers not there after {limit:g}s; jobs: "
+                        + ", ".join(f"{j.id} {j.state}" for j in self.jobs.values()))
+                await asyncio.sleep(0.1)
+
+        return self._run(waiter)
+
+    def close(self, timeout: float | None = None):
+        """Close the scheduler, cancel every job of the cluster, wait until they left the queue."""
+        if self.asynchronous:
+            return self._close()
+        if self.status == "closed":
+            self._release_loop()
+            return None
+        try:
+            if self.loop is not None:
+                sync(self.loop, self._close, timeout=timeout)
+        finally:
+            self._release_loop()
+        return None
+
+    def __repr__(self) -> str:
+        active = self._table.active()
+        return (f"{type(self).__name__}({self.scheduler_address!r}, jobs={len(active)}, "
+                f"workers={len(self._registered())}, status={self.status})")
+
+    def __await__(self):
+        return self._start().__await__()
+
+    async def __aenter__(self):
+        await self._start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _run(self, func: Callable[[], Any]):
+        if self.asynchronous:
+            return asyncio.ensure_future(func())
+        return sync(self.loop, func)
+
+    def _release_loop(self) -> None:
+        if self._uses_runner:
+            self._uses_runner = False
+            loop_runner.release()
+
+    def _registered(self) -> dict[str, str]:
+        return self._table.workers()
+
+    def _poke(self) -> None:
+        if self.loop is None or self._wake is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self._wake.set()
+        else:
+            self.loop.call_soon_threadsafe(self._wake.set)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ start and close
+
+    async def _start(self):
+        if self.status in ("running", "starting"):
+            return self
+        if self.status != "created":
+            raise RuntimeError(f"cluster is {self.status}; it cannot start again")
+        self.status = "starting"
+        self.loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        if self.spec.log_directory is not None:
+            os.makedirs(self.spec.log_directory, exist_ok=True)
+        self.scheduler = await Scheduler(**self.scheduler_options)
+        host = self.scheduler.address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+        if host.startswith("127.") or host in ("localhost", "::1"):
+            logger.warning("%s: the scheduler listens on %s, so only workers on this machine "
+                           "can connect; on a cluster pass interface='ib0' (or "
+                           "scheduler_options={'host': ...})", type(self).__name__,
+                           self.scheduler.address)
+        self._finalizer = weakref.finalize(self, _cancel_leftovers, self.runner,
+                                           tuple(self.cancel_command), self._live_ids,
+                                           self.system, self.command_timeout)
+        self.status = "running"
+        self._watcher = asyncio.ensure_future(self._watch())
+        if self._target_workers:
+            await self._scale_now()
+        return self
+
+    async def _close(self) -> None:
+        if self.status in ("closed", "closing", "created"):
+            self.status = "closed" if self.status == "created" else self.status
+            return
+        self.status = "closing"
+        # Under the lock: a step never stops between a submission and recording
+        # its job id (that job would be orphaned).
+        async with self._lock:
+            tasks = [t for t in (self._watcher, *self._tasks) if t is not None]
+            for t in tasks:
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        ids = self._table.active_ids()
+        if ids:
+            await self._cancel(ids)
+            await self._wait_until_gone(self.close_timeout)
+        if self._finalizer is not None:
+            left = set(self._live_ids)
+            if left:
+                logger.warning("%s jobs %s still listed after close(); cancelling them again "
+                               "at exit", self.system, sorted(left))
+            else:
+                self._finalizer.detach()
+        self.status = "closed"
+
+    async def _wait_until_gone(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._table.active_ids():
+            await self._poll_status(grace=0.0)
+            if not self._table.active_ids() or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)  # polling interval of the deadline loop
+
+    # ------------------------------------------------------------------ the watcher
+
+    async def _watch(self) -> None:
+        while True:
+            interval = self.status_interval
+            if self._adaptive is not None:
+                interval = min(interval, self._adaptive.interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            try:
+                async with self._lock:
+                    await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("%s cluster step failed; retrying in %gs", self.system, interval)
+
+    async def _scale_now(self) -> None:
+        async with self._lock:
+            await self._step(poll=bool(self._table.active_ids()))
+
+    async def _step(self, poll: bool | None = None) -> None:
+        if self.status != "running":
+            return
+        now = time.monotonic()
+        if poll or (poll is None and now >= self._next_status):
+            self._next_status = now + self.status_interval
+            try:
+                await self._poll_status(grace=2 * self.status_interval + 10)
+            except CommandError as e:
+                logger.warning("%s status call failed (job states unchanged): %s", self.system, e)
+        self._table.apply_workers({str(ws.name): (addr, ws.status)
+                                   for addr, ws in self.scheduler.state.workers.items()})
+        await self._reconcile()
+
+    async def _poll_status(self, grace: float) -> None:
+        ids = self._table.active_ids()
+        if not ids:
+            return
+        result = await self.runner(self.status_argv(ids), timeout=self.command_timeout)
+        states = self.parse_status(result, ids)
+        for job in self._table.apply_status(states, ids, grace):
+            self._live_ids.discard(job.id)
+            if job.state == JobState.DONE or job.cancel_requested:
+                logger.info("%s job %s ended: %s (%s)", self.system, job.id, job.state,
+                            job.native_state)
+            else:
+                logger.warning("%s job %s ended %s (%s) %s", self.system, job.id, job.state,
+                               job.native_state, "without starting a worker"
+                               if not job.ever_workers else "")
+
+    async def _reconcile(self) -> None:
+        if self._adaptive is not None:
+            target = self.scheduler.adaptive_target(self._adaptive.target_duration)
+            policy = self._adaptive.policy
+        else:
+            target, policy = self._target_workers, self._policy
+        obs = Observation(target, self._table.views(self.spec.lifetime.ending_after),
+                          self._closable_jobs())
+        decision = policy.decide(obs)
+        if decision.submit and self._submission_allowed():
+            await self._submit(decision.submit)
+        for jid in decision.close:
+            self._table[jid].closing = True
+            self._spawn(self._close_job(jid))
+
+    def _submission_allowed(self) -> bool:
+        failures = self._table.failures_in_a_row
+        if failures < FAILURES_BEFORE_BACKOFF:
+            self._paused_until = 0.0
+            return True
+        now = time.monotonic()
+        if self._paused_until == 0.0:
+            pause = min(MAX_BACKOFF, 30.0 * 2 ** (failures - FAILURES_BEFORE_BACKOFF))
+            self._paused_until = now + pause
+            where = (f"; see the job output in {self.spec.log_directory}"
+                     if self.spec.log_directory else "")
+            logger.error("%d %s jobs in a row ended without starting a worker; pausing "
+                         "submission for %gs (check the job script: cluster.job_script())%s",
+                         failures, self.system, pause, where)
+            return False
+        if now < self._paused_until:
+            return False
+        self._paused_until = 0.0
+        self._table.failures_in_a_row = FAILURES_BEFORE_BACKOFF - 1  # one more try, then pause longer
+        return True
+
+    def _closable_jobs(self) -> list[str]:
+        state = self.scheduler.state
+        table = self._table
+
+        def key(ws):
+            return table.job_of(ws.name) or ws.address
+
+        order: list[str] = []
+        for address in self.scheduler.workers_to_close(key=key):
+            ws = state.workers.get(address)
+            jid = table.job_of(ws.name) if ws is not None else None
+            if jid is not None and jid not in order:
+                order.append(jid)
+        return order
+
+    # ------------------------------------------------------------------ submitting and cancelling
+
+    async def _submit(self, n: int) -> list[str]:
+        script = self.job_script()
+        ids: list[str] = []
+        with tempfile.TemporaryDirectory(prefix="jobqueue-") as tmp:
+            path = os.path.join(tmp, f"{self.spec.job_name}.sh")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(script)
+            for _ in range(n):
+                result = await self.runner(self.submit_argv(path), timeout=self.command_timeout)
+                check(result, SubmitError)
+                jid = self.parse_job_id(result)
+                self._table.add(jid)
+                self._live_ids.add(jid)
+                ids.append(jid)
+                logger.info("submitted %s job %s", self.system, jid)
+        return ids
+
+    async def _cancel(self, ids: Sequence[str]) -> bool:
+        for jid in ids:
+            if jid in self._table:
+                self._table[jid].cancel_requested = True
+        try:
+            result = await self.runner(self.cancel_argv(list(ids)), timeout=self.command_timeout)
+        except CommandError as e:
+            logger.error("cancelling %s jobs %s failed: %s", self.system, list(ids), e)
+            return False
+        if result.returncode != 0:
+            # Often a job that ended just before: the next status call tells.
+            logger.warning("cancelling %s jobs %s: %s", self.system, list(ids),
+                           CancelError(result.argv, result.returncode, result.stdout, result.stderr))
+            return False
+        logger.info("cancelled %s jobs %s", self.system, ", ".join(ids))
+        return True
+
+    async def _close_job(self, jid: str) -> None:
+        """Retire the job's workers (their data moves first), then cancel the job."""
+        job = self._table[jid]
+        addresses = list(job.workers.values())
+        if addresses:
+            retired = await self.scheduler.retire_workers(workers=addresses, close_workers=True,
+                                                          remove=True)
+            still = [a for a in addresses if a in self.scheduler.state.workers]
+            if not retired and still:
+                logger.warning("%s job %s: its workers could not retire (no other worker could "
+                               "take their data); keeping the job", self.system, jid)
+                job.closing = False
+                return
+        await self._cancel([jid])
+
+
+__all__ = ["Adaptive", "JobQueueCluster"]
