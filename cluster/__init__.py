@@ -7,7 +7,6 @@ jobs; ``python -m cluster`` is the command line.
 
 from concurrent.futures import CancelledError
 
-from jobqueue import JobQueueCluster, PBSCluster, SLURMCluster
 from runtime import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -32,6 +31,19 @@ from runtime import (
 )
 
 __version__ = "0.1.0"
+
+#: Imported on first use, so that ``python -m cluster worker`` (what every batch
+#: job runs) does not load jinja2 and the job-queue layer.
+_JOBQUEUE = ("JobQueueCluster", "PBSCluster", "SLURMCluster")
+
+
+def __getattr__(name: str):
+    if name in _JOBQUEUE:
+        import jobqueue
+
+        return getattr(jobqueue, name)
+    raise AttributeError(f"module 'cluster' has no attribute {name!r}")
+
 
 __all__ = [
     "ALL_COMPLETED",
