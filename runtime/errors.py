@@ -7,8 +7,10 @@ Tree::
     │   ├── CommClosedError          the peer or we closed the connection
     │   ├── ConnectionTimeoutError   connect() gave up after retrying (names the address)
     │   ├── ProtocolError            malformed frame, oversized length, undecodable payload
+    │   ├── TLSError                 a TLS handshake failed (certificate refused, peer not TLS)
     │   └── UnknownOperationError    a message named an operation nobody handles
     ├── AddressError                 an address string we cannot parse
+    ├── EncryptionRequiredError      a plain tcp:// address where security requires encryption
     ├── InvalidTransition            a state machine was asked for a move its table lacks
     ├── InvalidStateError            validate=True found a broken invariant
     ├── KilledWorker                 a task took down too many workers (allowed_failures)
@@ -74,12 +76,23 @@ class ProtocolError(CommError):
     """A frame or message that does not follow the wire protocol."""
 
 
+class TLSError(CommError):
+    """A TLS handshake failed: a certificate was refused, or the peer does not speak TLS.
+
+    Not retried by ``connect``: trying again would fail the same way.
+    """
+
+
 class UnknownOperationError(CommError):
     """A message named an operation the receiver does not handle."""
 
 
 class AddressError(ClusterError, ValueError):
     """An address string that cannot be parsed or has an unknown protocol."""
+
+
+class EncryptionRequiredError(ClusterError, ValueError):
+    """A plain ``tcp://`` address was given where ``Security.require_encryption`` is set."""
 
 
 class InvalidTransition(ClusterError):
@@ -206,6 +219,7 @@ __all__ = [
     "CommClosedError",
     "CommError",
     "ConnectionTimeoutError",
+    "EncryptionRequiredError",
     "FutureCancelledError",
     "InvalidStateError",
     "InvalidTransition",
@@ -213,6 +227,7 @@ __all__ = [
     "ProtocolError",
     "RemoteTraceback",
     "ScatteredDataLost",
+    "TLSError",
     "TaskError",
     "TaskSerializationError",
     "UnknownOperationError",

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import AddressError, CommClosedError, ConnectionTimeoutError
+from ..errors import AddressError, CommClosedError, ConnectionTimeoutError, EncryptionRequiredError
 from ..utils import parse_address
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ HEADER = struct.Struct("<4sI")
 MAX_FRAMES = 1 << 16
 #: Nor more bytes than this in all (checked before allocation).
 MAX_MESSAGE_SIZE = 4 << 30
+#: Protocols that ``require_encryption`` accepts: ``tls``, and ``inproc``, which
+#: never leaves the process.
+SECURE_PROTOCOLS = frozenset({"tls", "inproc"})
 
 
 class Comm(ABC):
@@ -135,15 +138,38 @@ def get_backend(protocol: str) -> Backend:
         ) from None
 
 
-async def connect(address: str, timeout: float = 10.0, **kwargs) -> Comm:
+def check_encryption(address: str, protocol: str, require_encryption: bool) -> None:
+    """Refuse an unencrypted protocol when encryption is required.
+
+    Raises:
+        EncryptionRequiredError: naming the address.
+    """
+    if require_encryption and protocol not in SECURE_PROTOCOLS:
+        raise EncryptionRequiredError(
+            f"{address}: encryption is required (Security.require_encryption), so plain "
+            f"{protocol}:// is refused; use a tls:// address")
+
+
+async def connect(address: str, timeout: float = 10.0, require_encryption: bool = False,
+                  extra_conn_args: dict | None = None, **kwargs) -> Comm:
     """Connect to ``address``, retrying with jittered exponential backoff.
+
+    Args:
+        address: ``protocol://location``.
+        timeout: give up after this many seconds.
+        require_encryption: refuse protocols that do not encrypt.
+        extra_conn_args: accepted for compatibility (unused).
+        **kwargs: for the transport (``ssl_context`` for ``tls://``).
 
     Raises:
         ConnectionTimeoutError: naming the address, once ``timeout`` seconds passed.
         AddressError: the address or its protocol is invalid.
+        EncryptionRequiredError: ``require_encryption`` and a plain address.
+        TLSError: a TLS handshake failed for a reason retrying will not change.
     """
     protocol, location = parse_address(address)
     backend = get_backend(protocol)
+    check_encryption(address, protocol, require_encryption)
     deadline = time.monotonic() + timeout
     backoff = 0.01
     last: Exception | None = None
@@ -163,11 +189,24 @@ async def connect(address: str, timeout: float = 10.0, **kwargs) -> Comm:
     raise ConnectionTimeoutError(address, timeout, repr(last) if last else "") from last
 
 
-def listen(address: str, handler: Callable[[Comm], Awaitable[None]], **kwargs) -> Listener:
+def listen(address: str, handler: Callable[[Comm], Awaitable[None]],
+           require_encryption: bool = False, extra_conn_args: dict | None = None,
+           **kwargs) -> Listener:
     """Create (not yet start) a listener on ``address``.
+
+    Args:
+        address: ``protocol://location``.
+        handler: coroutine function called with each accepted ``Comm``.
+        require_encryption: refuse protocols that do not encrypt.
+        extra_conn_args: accepted for compatibility (unused).
+        **kwargs: for the transport (``ssl_context`` for ``tls://``).
 
     Raises:
         AddressError: the address or its protocol is invalid.
+        EncryptionRequiredError: ``require_encryption`` and a plain address.
+        TLSError: ``tls://`` without an ``ssl_context``.
     """
     protocol, location = parse_address(address)
-    return get_backend(protocol).listener(location, handler, **kwargs)
+    backend = get_backend(protocol)
+    check_encryption(address, protocol, require_encryption)
+    return backend.listener(location, handler, **kwargs)

@@ -16,6 +16,16 @@ buffer in one call, and hands large frames the memory to receive into:
 
 The header is checked before anything is allocated; a malformed stream makes
 the next ``read`` raise :class:`ProtocolError` and the connection is aborted.
+
+``tls://`` is the same protocol behind asyncio's (or uvloop's) TLS transport,
+which hands it the decrypted bytes through the same ``get_buffer`` /
+``buffer_updated`` calls.  A TLS listener accepts a plain TCP connection with
+reading paused and runs the handshake itself (``loop.start_tls``) with a
+deadline of :data:`TLS_HANDSHAKE_TIMEOUT`; only once it has succeeded -- the
+peer's certificate verified against the cluster's CA -- does a framing
+protocol see a byte.  A peer that fails it (plain TCP, no certificate, one
+from another CA, too slow) is closed and logged with its address; nothing it
+sent is parsed, let alone unpickled.
 """
 
 from __future__ import annotations
@@ -24,12 +34,13 @@ import asyncio
 import logging
 import mmap
 import socket
+import ssl
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import CommClosedError, ProtocolError
+from ..errors import CommClosedError, ProtocolError, TLSError
 from ..utils import parse_host_port, unparse_host_port
 from . import core
 from .core import HEADER, MAGIC, Backend, Comm, Listener
@@ -43,6 +54,8 @@ SMALL_FRAME = 64 * 1024
 LARGE_FRAME = 1 << 20
 #: Stop reading from a peer while this many bytes of its messages wait unread.
 READ_PAUSE_BYTES = 64 << 20
+#: Seconds a peer gets to complete the TLS handshake before it is disconnected.
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 def receive_buffer(length: int):
@@ -92,6 +105,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         self.closed = False
         self.writing_paused = False
         self.drain_waiters: list[asyncio.Future] = []
+        self.lost_reason: BaseException | None = None
 
     # ------------------------------------------------------------------ connection
 
@@ -108,6 +122,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self.lost_reason = exc
         self._wake()
         for w in self.drain_waiters:
             if not w.done():
@@ -247,7 +262,8 @@ class _FramedProtocol(asyncio.BufferedProtocol):
             if self.error is not None:
                 raise self.error
             if self.closed:
-                raise CommClosedError(f"{self._peer()}: connection closed")
+                why = f": {self.lost_reason}" if self.lost_reason is not None else ""
+                raise CommClosedError(f"{self._peer()}: connection closed{why}")
             self.waiter = asyncio.get_running_loop().create_future()
             await self.waiter
             self.waiter = None
@@ -345,6 +361,13 @@ def _addresses(transport) -> tuple[str, str]:
     return unparse_host_port(*local[:2]), unparse_host_port(*peer[:2])
 
 
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"{type(exc).__name__}: {exc.reason}"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class TCPListener(Listener):
     """Listens on ``host:port`` (port 0 = any free port)."""
 
@@ -357,6 +380,9 @@ class TCPListener(Listener):
         self._bound: tuple[str, int] | None = None
         self._tasks: set[asyncio.Task] = set()
 
+    def _protocol_factory(self) -> Callable[[], asyncio.BaseProtocol]:
+        return lambda: _FramedProtocol(self._accept)
+
     def _accept(self, protocol: _FramedProtocol) -> None:
         try:
             local, peer = _addresses(protocol.transport)
@@ -364,14 +390,18 @@ class TCPListener(Listener):
             protocol.transport.abort()
             return
         comm = TCPComm(protocol, local, peer, self.prefix)
-        task = asyncio.ensure_future(self.handler(comm))
+        self._spawn(self.handler(comm))
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: _FramedProtocol(self._accept), self.host or None, self.port,
+            self._protocol_factory(), self.host or None, self.port,
             backlog=2048, reuse_address=True,
         )
         self._bound = self.server.sockets[0].getsockname()[:2]
@@ -395,6 +425,118 @@ class TCPListener(Listener):
         return self.prefix + unparse_host_port(host, port)
 
 
+class TLSListener(TCPListener):
+    """A listener whose connections pass a TLS handshake before anything is read from them.
+
+    It accepts connections itself (the listening socket's readiness, then
+    ``accept``) and hands each socket to ``loop.connect_accepted_socket`` with
+    the TLS context: the framing protocol's ``connection_made`` -- and so any
+    parsing -- happens only after a successful handshake, and a failed one
+    raises here, where the peer's address is known and logged.  (Accepting
+    through ``create_server(ssl=...)`` would drop failures silently, and
+    uvloop reads the first bytes of a connection even when its protocol
+    pauses reading in ``connection_made``, so ``start_tls`` after accepting is
+    not an option either.)
+
+    Args:
+        ssl_context: a server context that requires client certificates.
+
+    Raises:
+        TLSError: no ``ssl_context``.
+    """
+
+    prefix = "tls://"
+    #: Connections taken per wake-up of the listening socket.
+    accept_batch = 64
+
+    def __init__(self, location: str, handler: Callable[[Comm], Awaitable[None]],
+                 ssl_context: ssl.SSLContext | None = None, **kwargs):
+        if ssl_context is None:
+            raise TLSError(f"listening on tls://{location} needs TLS credentials: pass "
+                           "security= with a CA and this server's certificate and key "
+                           "(e.g. Security.temporary())")
+        super().__init__(location, handler, **kwargs)
+        self.ssl_context = ssl_context
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handshakes: set[asyncio.Task] = set()
+        self._resume: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        if not infos:  # pragma: no cover - getaddrinfo raises instead
+            raise OSError(f"cannot resolve {self.host!r}")
+        family, type_, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(2048)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock, self._loop = sock, loop
+        self._bound = sock.getsockname()[:2]
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(self.accept_batch):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # out of file descriptors or memory: back off for a second
+                logger.error("%s: accepting connections failed (%s); trying again in 1 s",
+                             self.listen_address, _describe(e))
+                self._loop.remove_reader(sock.fileno())
+                self._resume = self._loop.call_later(1.0, self._resume_accepting)
+                return
+            conn.setblocking(False)
+            task = asyncio.ensure_future(self._handshake(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if self._sock is not None:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        try:
+            peer = unparse_host_port(*conn.getpeername()[:2])
+        except OSError:
+            peer = "a peer that already left"
+        loop = asyncio.get_running_loop()
+        try:
+            # The transport owns the socket from here on, and closes it on failure.
+            await loop.connect_accepted_socket(lambda: _FramedProtocol(self._accept), conn,
+                                               ssl=self.ssl_context,
+                                               ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.warning("%s: TLS handshake with %s failed; connection closed unread: %s",
+                           self.listen_address, peer, _describe(e))
+
+    def stop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._resume is not None:
+                self._resume.cancel()
+                self._resume = None
+            else:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        for task in list(self._handshakes):
+            task.cancel()
+
+
 class TCPBackend(Backend):
     prefix = "tcp://"
 
@@ -409,6 +551,43 @@ class TCPBackend(Backend):
         return TCPListener(location, handler, **kwargs)
 
 
-core.backends["tcp"] = TCPBackend()
+class TLSBackend(TCPBackend):
+    """``tls://``: TCP with mutual TLS authentication (see :mod:`runtime.security`)."""
 
-__all__ = ["TCPBackend", "TCPComm", "TCPListener", "receive_buffer"]
+    prefix = "tls://"
+
+    async def connect(self, location: str, ssl_context: ssl.SSLContext | None = None,
+                      **kwargs) -> Comm:
+        """Connect and complete the handshake.
+
+        Raises:
+            TLSError: no ``ssl_context``, or the handshake failed for a reason
+                that retrying will not change (a certificate was refused, the
+                peer does not speak TLS).
+            OSError: the connection failed otherwise (``connect`` retries).
+        """
+        if ssl_context is None:
+            raise TLSError(f"connecting to tls://{location} needs TLS credentials: pass "
+                           "security= with the cluster's CA and a certificate and key "
+                           "(e.g. the cluster's Security object)")
+        host, port = parse_host_port(location)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await loop.create_connection(
+                _FramedProtocol, host, port, ssl=ssl_context, server_hostname=host,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except ssl.SSLError as e:
+            if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
+                raise  # the peer hung up: perhaps a passing failure, retried
+            raise TLSError(f"TLS handshake with tls://{location} failed: {_describe(e)}") from e
+        local, _ = _addresses(transport)
+        return TCPComm(protocol, local, unparse_host_port(host, port), self.prefix)
+
+    def listener(self, location, handler, **kwargs) -> Listener:
+        return TLSListener(location, handler, **kwargs)
+
+
+core.backends["tcp"] = TCPBackend()
+core.backends["tls"] = TLSBackend()
+
+__all__ = ["TCPBackend", "TCPComm", "TCPListener", "TLSBackend", "TLSListener", "receive_buffer"]
