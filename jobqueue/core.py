@@ -627,9 +627,9 @@ class JobQueueCluster:
                 logger.info("%s job %s ended: %s (%s)", self.system, job.id, job.state,
                             job.native_state)
             else:
-                logger.warning("%s job %s ended %s (%s) %s", self.system, job.id, job.state,
-                               job.native_state, "without starting a worker"
-                               if not job.ever_workers else "")
+                logger.warning("%s job %s ended %s (%s)%s", self.system, job.id, job.state,
+                               job.native_state, "" if job.ever_workers
+                               else " without starting a worker")
 
     async def _reconcile(self) -> None:
         if self._adaptive is not None:

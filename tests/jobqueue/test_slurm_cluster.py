@@ -1,0 +1,151 @@
+"""SLURMCluster against the REAL single-node SLURM 22.05 of ``scripts/slurm.sh``.
+
+Real ``sbatch``/``squeue``/``scancel``, real jobs started by slurmd running
+``python -m cluster worker``, a real scheduler in this process on 127.0.0.1.
+Skipped without SLURM unless ``CLUSTER_REQUIRE_SLURM=1`` (then they fail).
+The ``slurm`` fixture (conftest.py) fails a test that leaves a job in squeue.
+
+Facts of this SLURM that the timings below rely on (scripts/slurm/README.md):
+jobs start 0.2-1 s after sbatch; 8 one-CPU jobs run at once; a job is killed
+0-30 s after its walltime (SIGTERM, SIGKILL 5 s later, state TIMEOUT).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cluster import Client
+from jobqueue import JobState, SLURMCluster, SubmitError
+
+from .conftest import Slurm
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def wait(predicate, timeout: float, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for "
+                                 f"{what() if callable(what) else what}")
+        time.sleep(0.1)  # polling interval of the deadline loop, not synchronisation
+
+
+def make(slurm: Slurm, tmp_path, **kwargs) -> SLURMCluster:
+    kwargs.setdefault("cores", 1)
+    kwargs.setdefault("memory", "1GB")
+    kwargs.setdefault("processes", 1)
+    kwargs.setdefault("walltime", "00:10:00")
+    return SLURMCluster(queue=slurm.partition, log_directory=str(tmp_path / "logs"),
+                        status_interval=0.5, scheduler_options={"host": "127.0.0.1"}, **kwargs)
+
+
+def active_ids(cluster: SLURMCluster) -> list[str]:
+    return [jid for jid, j in cluster.jobs.items() if j.state.active]
+
+
+def slowinc(x: int, delay: float = 0.1) -> int:
+    import time
+
+    time.sleep(delay)
+    return x + 1
+
+
+def test_scale_to_two_jobs_run_work_and_scale_down(slurm: Slurm, tmp_path):
+    with make(slurm, tmp_path, cores=2, memory="2GB", processes=2) as cluster:
+        cluster.scale(jobs=2)
+        ids = list(cluster.jobs)
+        assert len(ids) == 2
+        wait(lambda: set(ids) <= set(slurm.jobs()), 10, "the jobs in squeue")
+        cluster.wait_for_workers(4, timeout=60)
+        assert {jid: len(j.workers) for jid, j in cluster.jobs.items()} == {ids[0]: 2, ids[1]: 2}
+        assert {j.state for j in cluster.jobs.values()} == {JobState.RUNNING}
+        assert set(cluster.workers) == {f"hpc-worker-{jid}-{i}" for jid in ids for i in (0, 1)}
+        with Client(cluster) as client:
+            futures = client.map(slowinc, range(100), delay=0.01)
+            assert client.gather(futures) == list(range(1, 101))
+            cluster.scale(jobs=1)
+            gone = wait(lambda: [j for j in ids if not cluster.jobs[j].state.active], 60,
+                        lambda: f"one job to end: {cluster.jobs}")
+            slurm.wait_gone(gone)  # gone from squeue too
+            assert client.gather(futures) == list(range(1, 101))  # its data moved first
+            assert len(active_ids(cluster)) == 1
+            assert len(client.scheduler_info()["workers"]) == 2
+        assert cluster.jobs[gone[0]].state == JobState.CANCELLED
+    assert not set(ids) & set(slurm.jobs())
+
+
+def test_adapt_up_and_down_under_load(slurm: Slurm, tmp_path):
+    with make(slurm, tmp_path) as cluster:
+        cluster.adapt(minimum=0, maximum=4, interval="500ms", wait_count=2, target_duration="1s")
+        with Client(cluster) as client:
+            futures = client.map(slowinc, range(60), delay=0.5)
+            most = 0
+            while not all(f.done() for f in futures):
+                most = max(most, len(active_ids(cluster)))
+                assert most <= 4
+                time.sleep(0.1)  # sampling the job count while the work runs
+            assert client.gather(futures) == list(range(1, 61))
+            assert most >= 3, f"adapt never went above {most} jobs"
+            del futures  # the results were the only thing keeping workers busy
+            wait(lambda: not active_ids(cluster), 60,
+                 lambda: f"adapt to close every job: {cluster.jobs}")
+        submitted = list(cluster.jobs)
+        assert len(submitted) <= 4  # pending jobs counted: no over-submission
+        assert {j.state for j in cluster.jobs.values()} <= {JobState.CANCELLED, JobState.DONE}
+        slurm.wait_gone(submitted)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_walltime_retires_workers_before_the_kill_and_replaces_them(slurm: Slurm, tmp_path):
+    """Two jobs of 2 minutes under a steady stream of tasks: nothing lost, nothing killed."""
+    with make(slurm, tmp_path, walltime="00:02:00") as cluster:
+        life = cluster.spec.lifetime
+        assert (life.lifetime, life.stagger, life.margin) == (75, 15, 30)
+        cluster.scale(2)
+        first = list(cluster.jobs)
+        cluster.wait_for_workers(2, timeout=60)
+        with Client(cluster) as client:
+            futures = []
+            deadline = time.monotonic() + 200
+            while any(cluster.jobs[j].state.active for j in first) or len(
+                    [j for j in cluster.jobs.values() if j.state == JobState.RUNNING and j.workers]) < 2:
+                futures.append(client.submit(slowinc, len(futures), 0.05, pure=False))
+                assert time.monotonic() < deadline, cluster.jobs
+                time.sleep(0.1)  # the pace of the task stream, not synchronisation
+            assert client.gather(futures) == [i + 1 for i in range(len(futures))]
+        states = {j: cluster.jobs[j] for j in first}
+        assert {j.state for j in states.values()} == {JobState.DONE}, states
+        assert {j.native_state for j in states.values()} == {"COMPLETED"}, states  # not TIMEOUT
+        assert len(cluster.jobs) >= 4  # each replaced
+        assert len(futures) > 500
+
+
+def test_close_leaves_squeue_empty(slurm: Slurm, tmp_path):
+    cluster = make(slurm, tmp_path)
+    try:
+        cluster.scale(3)
+        ids = list(cluster.jobs)
+        cluster.wait_for_workers(2, timeout=60)
+    finally:
+        cluster.close()
+    assert not set(ids) & set(slurm.jobs())
+    assert {j.state for j in cluster.jobs.values()} == {JobState.CANCELLED}
+
+
+def test_failing_sbatch_gives_the_typed_error(slurm: Slurm, tmp_path):
+    with SLURMCluster(cores=1, memory="1GB", queue="nonexistent", status_interval=0.5,
+                      scheduler_options={"host": "127.0.0.1"}) as cluster:
+        with pytest.raises(SubmitError) as info:
+            cluster.scale(1)
+    e = info.value
+    assert e.argv[0] == "sbatch" and e.returncode == 1
+    assert "invalid partition specified: nonexistent" in e.stderr
+    assert "invalid partition specified: nonexistent" in str(e)
+    assert cluster.jobs == {}
