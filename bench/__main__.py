@@ -2,10 +2,14 @@
 
     python -m bench [--systems ours,dask,mpi] [--workloads ...] [--repeat N]
                     [--quick] [--output bench/RESULTS.md] [--json FILE]
+                    [--mpi-sizes 4,8,16]
 
 Every (system, workload) pair runs in a fresh child process with bounded time;
 a system that cannot be imported, does not start or raises is reported as
-n/a with the reason, and the other systems still run. See bench/README.md.
+n/a with the reason, and the other systems still run. The ``mpi-launch``
+workload (ours vs dask-mpi, see bench/launch.py) has its own section in the
+report; ``--output`` keeps the section of an existing report that this run did
+not measure. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import tempfile
 
 from bench.common import METRICS, SIZES, SYSTEM_LABELS, SYSTEMS, WORKLOADS, summarize
+from bench.launch import LAUNCH_WORKLOAD, MPI_SIZES, launch_systems, run_launch_workload
 from bench.procs import become_subreaper, run_child
 from bench.report import (
     build_notes,
@@ -26,8 +31,12 @@ from bench.report import (
     fmt_num,
     loadavg,
     machine_info,
+    merge_report,
+    render_launch_section,
     render_markdown,
 )
+
+ALL_WORKLOADS = (*WORKLOADS, LAUNCH_WORKLOAD)
 
 MAX_START_FAILURES = 2
 
@@ -54,6 +63,16 @@ def _csv(choices):
     return parse
 
 
+def _sizes(text):
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 3:
+        raise argparse.ArgumentTypeError(f"comma-separated integers >= 3; got {text!r}")
+    return sizes
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -62,8 +81,8 @@ def parse_args(argv):
     )
     p.add_argument("--systems", type=_csv(SYSTEMS), default=list(SYSTEMS),
                    help="comma-separated subset of ours,dask,mpi (default: all)")
-    p.add_argument("--workloads", type=_csv(WORKLOADS), default=list(WORKLOADS),
-                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
+    p.add_argument("--workloads", type=_csv(ALL_WORKLOADS), default=list(ALL_WORKLOADS),
+                   help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} (default: all)")
     p.add_argument("--repeat", type=int, default=3, help="repeats per workload (default 3)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes for a smoke run (1,000 tasks, 50 round trips, 10 MB)")
@@ -73,6 +92,9 @@ def parse_args(argv):
                    help="seconds per child process (default 600, --quick 120)")
     p.add_argument("--start-timeout", type=float, default=90.0,
                    help="seconds for a child's cluster to become ready (default 90)")
+    p.add_argument("--mpi-sizes", type=_sizes, default=None,
+                   help="mpi-launch: the values of N for mpiexec -n N (default 4,8,16; "
+                   "--quick 4,8)")
     p.add_argument("--keep-logs", action="store_true",
                    help="keep the child processes' logs and print where they are")
     args = p.parse_args(argv)
@@ -80,6 +102,8 @@ def parse_args(argv):
         p.error("--repeat must be >= 1")
     if args.timeout is None:
         args.timeout = 120.0 if args.quick else 600.0
+    if args.mpi_sizes is None:
+        args.mpi_sizes = list(MPI_SIZES["quick" if args.quick else "default"])
     return args
 
 
@@ -183,10 +207,13 @@ def main(argv=None):
     outcomes = {s: {} for s in args.systems}
     dead = {}
     start_failures = {s: 0 for s in args.systems}
+    main_workloads = [wl for wl in args.workloads if wl != LAUNCH_WORKLOAD]
+    launch_results = None
+    launch_sys = launch_systems(args.systems)
     tmpdir = tempfile.mkdtemp(prefix="hpc-bench-")
     try:
         # Workload-major order: every system sees the machine in the same state.
-        for workload in args.workloads:
+        for workload in main_workloads:
             for system in args.systems:
                 tag = f"[{SYSTEM_LABELS[system]}] {workload}"
                 if system in dead:
@@ -215,6 +242,15 @@ def main(argv=None):
                 if not_ready in ("launch", "import") or start_failures[system] >= MAX_START_FAILURES:
                     what = "start" if not_ready == "start" else "import or launch"
                     dead[system] = f"skipped: {workload} could not {what} it ({outcome['reason']})"
+        if LAUNCH_WORKLOAD in args.workloads:
+            if launch_sys:
+                launch_results = run_launch_workload(
+                    launch_sys, sizes=args.mpi_sizes, repeat=args.repeat, env=child_env("mpi"),
+                    cwd=REPO_ROOT, tmpdir=tmpdir, start_timeout=args.start_timeout,
+                    keep_logs=args.keep_logs)
+            else:
+                print(f"{LAUNCH_WORKLOAD}: n/a (it compares ours and dask-mpi: "
+                      "--systems needs ours or dask)", flush=True)
     finally:
         if not args.keep_logs:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -222,23 +258,43 @@ def main(argv=None):
             print(f"bench: child logs kept in {tmpdir}")
 
     info["loadavg_end"] = loadavg()
-    table = build_table(values, args.systems, sizes)
-    notes = build_notes(outcomes, args.systems)
     argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    md = render_markdown(info, argv_text, table, notes, args.repeat)
-    print()
-    print(md)
-    if args.output:
+    md = launch_md = None
+    if main_workloads:
+        table = build_table(values, args.systems, sizes)
+        notes = build_notes(outcomes, args.systems)
+        md = render_markdown(info, argv_text, table, notes, args.repeat)
+        print()
+        print(md)
+    if launch_results is not None:
+        launch_md = render_launch_section(info, argv_text, launch_results, launch_sys,
+                                          args.mpi_sizes, args.repeat)
+        print()
+        print(launch_md)
+    if args.output and (md is not None or launch_md is not None):
+        try:
+            with open(args.output) as f:
+                existing = f.read()
+        except OSError:
+            existing = ""
         with open(args.output, "w") as f:
-            f.write(md)
-        print(f"bench: wrote {args.output}")
+            f.write(merge_report(existing, md, launch_md))
+        kept = [what for what, new in (("main", md), ("mpi-launch", launch_md)) if new is None]
+        print(f"bench: wrote {args.output}"
+              + (f" (kept its {' and '.join(kept)} section from before)" if kept else ""))
     if args.json:
         for per in outcomes.values():
             for oc in per.values():
                 oc.pop("log_tail", None)
         with open(args.json, "w") as f:
+            launch_json = None
+            if launch_results is not None:
+                launch_json = {
+                    s: {**r, "values": {f"{k}@N={n}": v for (k, n), v in r["values"].items()}}
+                    for s, r in launch_results.items()}
             json.dump({"machine": info, "sizes": sizes, "repeat": args.repeat,
-                       "values": values, "outcomes": outcomes}, f, indent=1)
+                       "values": values, "outcomes": outcomes,
+                       "mpi_launch": launch_json, "mpi_sizes": args.mpi_sizes}, f, indent=1)
         print(f"bench: wrote {args.json}")
     return 0
 
