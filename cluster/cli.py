@@ -13,6 +13,11 @@ line from ``CLUSTER_<OPTION>`` environment variables, builds the runtime
 objects (a value the runtime rejects exits with status 1, without a
 traceback) and runs them in one event loop (:func:`runtime.loop.run`).
 
+With ``--tls-ca-file``/``--tls-cert``/``--tls-key`` (the options of ``dask
+scheduler`` and ``dask worker``) the servers speak ``tls://`` and accept only
+peers with a certificate signed by that CA; without them, a worker given a
+scheduler file that names credentials (written by a TLS scheduler) uses those.
+
 ``scheduler`` runs one :class:`~runtime.scheduler.Scheduler` until it closes
 (a client's ``shutdown()``, ``--idle-timeout``) or SIGTERM/SIGINT closes it.
 
@@ -54,6 +59,7 @@ from runtime.options import (
     resources,
 )
 from runtime.scheduler import Scheduler
+from runtime.security import Security
 from runtime.worker import Worker
 from runtime.worker_process import GRACEFUL_SIGNAL_TIMEOUT
 
@@ -189,6 +195,34 @@ class _Command:
             self.parser.error(f"give either {a_name} or {b_name}, not both ({where})")
 
 
+def _tls_options(cmd: _Command, role: str) -> None:
+    """``--tls-ca-file``, ``--tls-cert``, ``--tls-key`` (as ``dask scheduler``/``dask worker``)."""
+    cmd.option("--tls-ca-file", metavar="FILE",
+               help="PEM file of the certificate authority: with it, listen and connect with "
+                    "TLS (tls://) and accept only peers whose certificate it signed")
+    cmd.option("--tls-cert", metavar="FILE",
+               help=f"PEM file of this {role}'s certificate (signed by --tls-ca-file)")
+    cmd.option("--tls-key", metavar="FILE",
+               help=f"PEM file of this {role}'s private key (if not in --tls-cert); keep it "
+                    "readable only by you")
+
+
+def _security(cmd: _Command, args: argparse.Namespace, role: str) -> Security | None:
+    """The ``Security`` of the TLS options (``None`` without them).
+
+    Raises:
+        SystemExit: (status 2) an incomplete set of TLS options.
+    """
+    given = [args.tls_ca_file, args.tls_cert, args.tls_key]
+    if not any(given):
+        return None
+    if not (args.tls_ca_file and args.tls_cert):
+        cmd.parser.error("TLS needs --tls-ca-file and --tls-cert (and --tls-key unless the "
+                         "certificate file holds the key)")
+    return Security(require_encryption=True, tls_ca_file=args.tls_ca_file,
+                    **{f"tls_{role}_cert": args.tls_cert, f"tls_{role}_key": args.tls_key})
+
+
 def scheduler_parser(prog: str = "python -m cluster scheduler") -> _Command:
     """The ``scheduler`` command's options."""
     cmd = _Command(prog, "Start a scheduler; workers and clients connect to it.", notes=(
@@ -204,9 +238,12 @@ def scheduler_parser(prog: str = "python -m cluster scheduler") -> _Command:
                help=f"listen on this port (default: {DEFAULT_SCHEDULER_PORT}; 0: any free port)")
     cmd.option("--interface", metavar="IF",
                help="listen on this network interface's address, e.g. ib0 (instead of --host)")
-    cmd.option("--protocol", choices=["tcp"], help="the network protocol (default: tcp)")
+    cmd.option("--protocol", choices=["tcp", "tls"],
+               help="the network protocol (default: tls with the --tls-* options, else tcp)")
     cmd.option("--scheduler-file", metavar="FILE",
-               help="write the scheduler's address and identity to this JSON file")
+               help="write the scheduler's address and identity to this JSON file (with TLS: "
+                    "readable only by you, and naming a credentials file next to it)")
+    _tls_options(cmd, "scheduler")
     cmd.option("--idle-timeout", type=duration, metavar="T",
                help="close after this long without work (default: never)")
     cmd.option("--worker-ttl", type=duration, metavar="T",
@@ -272,6 +309,7 @@ def worker_parser(prog: str = "python -m cluster worker") -> _Command:
                     "any free port)")
     cmd.flag("reconnect", help="reconnect when the connection to the scheduler breaks, for up to "
                                "--death-timeout (default: on); else close")
+    _tls_options(cmd, "worker")
     return cmd.finish()
 
 
@@ -534,6 +572,11 @@ def scheduler_command(argv: Sequence[str], prog: str = "python -m cluster schedu
         worker_ttl=args.worker_ttl, allowed_failures=args.allowed_failures, validate=args.validate,
     )
     options["port"] = DEFAULT_SCHEDULER_PORT if args.port is None else args.port
+    security = _security(cmd, args, "scheduler")
+    if security is not None:
+        options["security"] = security
+    elif args.protocol == "tls":
+        cmd.parser.error("--protocol tls needs --tls-ca-file and --tls-cert")
     _configure_logging()
     try:
         return run(serve_scheduler(options))
@@ -587,7 +630,7 @@ def worker_command(argv: Sequence[str], prog: str = "python -m cluster worker",
         local_directory=args.local_directory, death_timeout=args.death_timeout,
         lifetime=args.lifetime, lifetime_stagger=args.lifetime_stagger,
         lifetime_restart=args.lifetime_restart, interface=args.interface, host=args.host,
-        reconnect=args.reconnect,
+        reconnect=args.reconnect, security=_security(cmd, args, "worker"),
     )
 
     def name(i: int) -> dict[str, Any]:

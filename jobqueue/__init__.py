@@ -7,9 +7,10 @@ Modules: :mod:`~jobqueue.core` (the cluster: start, status, scale, adapt, close)
 :mod:`~jobqueue.job` (options, lifetimes, job scripts), :mod:`~jobqueue.adaptive`
 (pure scaling decisions), :mod:`~jobqueue.tracking` (jobs and their workers),
 :mod:`~jobqueue.commands` (the one subprocess seam), :mod:`~jobqueue.states`,
-:mod:`~jobqueue.units`, :mod:`~jobqueue.errors`, and one small module per batch
-system (:mod:`~jobqueue.slurm`, :mod:`~jobqueue.pbs`).  Templates live in the
-``templates`` package.
+:mod:`~jobqueue.units`, :mod:`~jobqueue.errors`, :mod:`~jobqueue.system` (a batch
+system's commands and outputs) and one small module per batch system
+(:mod:`~jobqueue.slurm`, :mod:`~jobqueue.pbs`).  Templates live in the ``templates``
+package.
 """
 
 from .adaptive import Decision, JobView, Observation, ScalingPolicy
@@ -29,10 +30,12 @@ from .errors import (
 from .pbs import PBSCluster
 from .slurm import SLURMCluster
 from .states import JobState
+from .system import BatchSystem
 from .tracking import JobInfo
 
 __all__ = [
     "Adaptive",
+    "BatchSystem",
     "CancelError",
     "CommandError",
     "CommandNotFoundError",

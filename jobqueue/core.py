@@ -43,20 +43,19 @@ import contextlib
 import logging
 import math
 import os
-import re
 import tempfile
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 from runtime.errors import ClusterTimeoutError
 from runtime.loop import loop_runner, sync
 from runtime.scheduler import Scheduler
 
 from .adaptive import Observation, ScalingPolicy, adapt_limits
-from .commands import CommandResult, Runner, check, run_blocking, run_command
-from .errors import CancelError, CommandError, JobIdNotFoundError, SubmitError
+from .commands import Runner, run_blocking, run_command
+from .errors import CancelError, CommandError
 from .job import (
     DEFAULT_JOB_NAME,
     DEFAULT_WALLTIME,
@@ -66,6 +65,7 @@ from .job import (
     worker_command,
 )
 from .states import JobState
+from .system import BatchSystem
 from .tracking import JobInfo, JobTable
 from .units import parse_duration, parse_memory
 
@@ -127,7 +127,7 @@ def _cancel_leftovers(runner: Runner, cancel_argv: tuple[str, ...], ids: set[str
     ids.clear()
 
 
-class JobQueueCluster:
+class JobQueueCluster(BatchSystem):
     """A scheduler in this process and workers in batch jobs (base of SLURMCluster, PBSCluster).
 
     Args:
@@ -178,25 +178,6 @@ class JobQueueCluster:
         ValueError: an option is missing or has a bad value (named in the message).
         TypeError: an option has the wrong type (named in the message).
     """
-
-    #: Name of the batch system, for messages.
-    system: ClassVar[str] = "batch"
-    #: Our template for this system (in :mod:`templates`).
-    template_name: ClassVar[str] = ""
-    #: What starts a directive line.
-    directive_prefix: ClassVar[str] = "#"
-    #: The environment variable holding the job id inside a running job.
-    job_id_variable: ClassVar[str] = ""
-    #: Submits a job script (its path is appended).
-    submit_command: ClassVar[tuple[str, ...]] = ()
-    #: Cancels jobs (their ids are appended).
-    cancel_command: ClassVar[tuple[str, ...]] = ()
-    #: Reports job states (see :meth:`status_argv`).
-    status_command: ClassVar[tuple[str, ...]] = ()
-    #: Finds the job id in the submit command's output.
-    job_id_regexp: ClassVar[str] = r"(?P<job_id>\d+)"
-    #: Native job state -> JobState.
-    state_table: ClassVar[Mapping[str, JobState]] = {}
 
     def __init__(self, cores: int | None = None, memory: str | int | None = None,
                  processes: int | None = None, queue: str | None = None,
@@ -266,45 +247,6 @@ class JobQueueCluster:
     def system_values(self) -> dict[str, Any]:
         """Template values of this batch system (``walltime`` and its own options)."""
         raise NotImplementedError
-
-    def status_argv(self, job_ids: Sequence[str]) -> list[str]:
-        """The one status command for all of ``job_ids``."""
-        raise NotImplementedError
-
-    def parse_status(self, result: CommandResult,
-                     job_ids: Sequence[str]) -> dict[str, tuple[str, JobState]]:
-        """``{job id: (native state, JobState)}`` of the listed jobs among ``job_ids``.
-
-        Jobs the batch system no longer knows are left out.
-
-        Raises:
-            StatusError: the output says nothing usable (e.g. the server is down).
-        """
-        raise NotImplementedError
-
-    def submit_argv(self, script_path: str) -> list[str]:
-        """The submit command for the job script at ``script_path``."""
-        return [*self.submit_command, script_path]
-
-    def cancel_argv(self, job_ids: Sequence[str]) -> list[str]:
-        """The cancel command for all of ``job_ids``."""
-        return [*self.cancel_command, *job_ids]
-
-    def parse_job_id(self, result: CommandResult) -> str:
-        """The job id in the submit command's output.
-
-        Raises:
-            JobIdNotFoundError: no match of ``job_id_regexp``.
-        """
-        m = re.search(self.job_id_regexp, result.stdout)
-        if m is None:
-            raise JobIdNotFoundError(result.argv, result.stdout, self.job_id_regexp)
-        return m.group("job_id")
-
-    @staticmethod
-    def normalize_job_id(job_id: str) -> str:
-        """A job id's comparable form (workers' names may carry a longer form)."""
-        return job_id
 
     # ------------------------------------------------------------------ options
 
@@ -619,8 +561,7 @@ class JobQueueCluster:
         ids = self._table.active_ids()
         if not ids:
             return
-        result = await self.runner(self.status_argv(ids), timeout=self.command_timeout)
-        states = self.parse_status(result, ids)
+        states = await self.states(self.runner, ids, self.command_timeout)
         for job in self._table.apply_status(states, ids, grace):
             self._live_ids.discard(job.id)
             if job.state == JobState.DONE or job.cancel_requested:
@@ -692,9 +633,7 @@ class JobQueueCluster:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(script)
             for _ in range(n):
-                result = await self.runner(self.submit_argv(path), timeout=self.command_timeout)
-                check(result, SubmitError)
-                jid = self.parse_job_id(result)
+                jid = await self.submit(self.runner, path, self.command_timeout)
                 self._table.add(jid)
                 self._live_ids.add(jid)
                 ids.append(jid)
@@ -706,7 +645,7 @@ class JobQueueCluster:
             if jid in self._table:
                 self._table[jid].cancel_requested = True
         try:
-            result = await self.runner(self.cancel_argv(list(ids)), timeout=self.command_timeout)
+            result = await self.cancel(self.runner, ids, self.command_timeout)
         except CommandError as e:
             logger.error("cancelling %s jobs %s failed: %s", self.system, list(ids), e)
             return False

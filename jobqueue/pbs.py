@@ -97,10 +97,12 @@ class PBSCluster(JobQueueCluster):
         """``"123.server.domain"`` -> ``"123"``: the server part may be written longer or shorter."""
         return job_id.split(".", 1)[0]
 
-    def status_argv(self, job_ids: Sequence[str]) -> list[str]:
-        return [*self.status_command, *job_ids]
+    @classmethod
+    def status_argv(cls, job_ids: Sequence[str]) -> list[str]:
+        return [*cls.status_command, *job_ids]
 
-    def parse_status(self, result: CommandResult,
+    @classmethod
+    def parse_status(cls, result: CommandResult,
                      job_ids: Sequence[str]) -> dict[str, tuple[str, JobState]]:
         states: dict[str, tuple[str, JobState]] = {}
         for line in result.stdout.splitlines():
@@ -110,8 +112,8 @@ class PBSCluster(JobQueueCluster):
             shown, native = fields[0], fields[-2]
             for jid in job_ids:
                 if shown == jid or (shown.endswith("*") and jid.startswith(shown[:-1])) \
-                        or self.normalize_job_id(shown) == self.normalize_job_id(jid) == shown:
-                    states[jid] = (native, map_state(self.state_table, native, self.system))
+                        or cls.normalize_job_id(shown) == cls.normalize_job_id(jid) == shown:
+                    states[jid] = (native, map_state(cls.state_table, native, cls.system))
         if result.returncode != 0 and not states and not any(g in result.stderr for g in _GONE):
             raise StatusError(result.argv, result.returncode, result.stdout, result.stderr)
         return states

@@ -97,17 +97,19 @@ class SLURMCluster(JobQueueCluster):
             "job_mem": slurm_memory(self.job_mem or spec.memory),
         }
 
-    def status_argv(self, job_ids: Sequence[str]) -> list[str]:
-        return [*self.status_command, f"--jobs={','.join(job_ids)}"]
+    @classmethod
+    def status_argv(cls, job_ids: Sequence[str]) -> list[str]:
+        return [*cls.status_command, f"--jobs={','.join(job_ids)}"]
 
-    def parse_status(self, result: CommandResult,
+    @classmethod
+    def parse_status(cls, result: CommandResult,
                      job_ids: Sequence[str]) -> dict[str, tuple[str, JobState]]:
         wanted = set(job_ids)
         states: dict[str, tuple[str, JobState]] = {}
         for line in result.stdout.splitlines():
             jid, sep, native = line.strip().partition("|")
             if sep and jid in wanted:
-                states[jid] = (native.strip(), map_state(self.state_table, native, self.system))
+                states[jid] = (native.strip(), map_state(cls.state_table, native, cls.system))
         if result.returncode != 0 and not states and _GONE not in result.stderr:
             raise StatusError(result.argv, result.returncode, result.stdout, result.stderr)
         return states

@@ -28,6 +28,7 @@ from .local import LocalCluster
 from .nanny import Nanny
 from .scheduler import Scheduler
 from .scheduler_ops import SchedulerPlugin
+from .security import Security
 from .worker import Worker
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "ScatteredDataLost",
     "Scheduler",
     "SchedulerPlugin",
+    "Security",
     "TaskSerializationError",
     "Worker",
     "WorkerPlugin",

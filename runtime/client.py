@@ -40,9 +40,10 @@ from .errors import ClusterError, CommClosedError, CommError
 from .futures import Future, FutureState
 from .graph import collect_futures, graph_msg, substitute_results, task_piece
 from .loop import loop_runner, sync
+from .security import Security, local_credentials, resolve_security, security_from_scheduler_info
 from .utils import (
     parse_timedelta,
-    read_scheduler_file,
+    read_scheduler_info,
     validate_key,
 )
 
@@ -77,7 +78,14 @@ class Client(ClientOpsMixin):
             ``CLUSTER_SCHEDULER_ADDRESS``/``CLUSTER_SCHEDULER_FILE``).
         timeout: seconds to wait for the scheduler.
         set_as_default: make this the client ``default_client()`` returns.
-        scheduler_file: read the scheduler's address from this JSON file.
+        scheduler_file: read the scheduler's address from this JSON file (and
+            its credentials from the file it names, if any).
+        security: a :class:`~runtime.security.Security` with a client
+            certificate; ``None`` (the default) takes the credentials of the
+            cluster object, of the scheduler file, or of a scheduler running
+            in this process; ``False``: none.  Without an address ``True``/
+            ``None``/``False`` go to the ``LocalCluster`` that is started
+            (TLS by default).
         asynchronous: use the running event loop; methods return awaitables.
         name: a label for this client.
         direct_to_workers: gather straight from workers (default ``True``).
@@ -85,6 +93,8 @@ class Client(ClientOpsMixin):
 
     Raises:
         ConnectionTimeoutError: the scheduler did not answer within ``timeout``.
+        TLSError: the scheduler refused our certificate or we refused its.
+        ValueError: ``security=True`` with an existing cluster.
     """
 
     def __init__(self, address: Any = None, loop=None, timeout: Any = 10, set_as_default: bool = True,
@@ -92,8 +102,13 @@ class Client(ClientOpsMixin):
                  name: str | None = None, heartbeat_interval=None, serializers=None,
                  deserializers=None, extensions=None, direct_to_workers: bool | None = None,
                  connection_limit: int = 512, **cluster_kwargs):
-        if security not in (None, False):
-            raise ValueError("security: TLS is not supported by this version; pass security=None")
+        if security is not None and not isinstance(security, (bool, Security)):
+            raise TypeError(f"security={security!r}: expected a Security object, True, False "
+                            "or None")
+        self._security_arg = security
+        self._file_security: Security | None = None
+        self.security: Security | None = None
+        self.connection_args: dict[str, Any] = {}
         self.id = f"{name or 'Client'}-{uuid.uuid4()}"
         self.asynchronous = asynchronous
         self.timeout = parse_timedelta(timeout) or 10.0
@@ -116,6 +131,8 @@ class Client(ClientOpsMixin):
         elif cluster_kwargs:
             raise TypeError(f"unexpected keyword arguments for a Client with an address: {', '.join(sorted(cluster_kwargs))}")
         self._address = address
+        if security is True and (address is not None or self.scheduler_file or self.cluster):
+            resolve_security(True, owner="Client")  # raises: new credentials fit no cluster
         self.futures: dict[Key, FutureState] = {}
         self.refcount: dict[Key, int] = defaultdict(int)
         self._ref_lock = threading.Lock()
@@ -211,14 +228,18 @@ class Client(ClientOpsMixin):
         if self.cluster is None and self._address is None and self.scheduler_file is None:
             from .local import LocalCluster
 
-            self.cluster = await LocalCluster(asynchronous=True, **self._cluster_kwargs)
+            kwargs = dict(self._cluster_kwargs)
+            if self._security_arg is not None:
+                kwargs["security"] = self._security_arg
+            self.cluster = await LocalCluster(asynchronous=True, **kwargs)
             self._own_cluster = True
         if self.cluster is not None:
             self._address = self.cluster.scheduler_address
         if self._address is None:
             self._address = await self._read_scheduler_file()
         try:
-            comm = await connect(self._address, timeout=self.timeout)
+            self._use_security(self._choose_security())
+            comm = await connect(self._address, timeout=self.timeout, **self.connection_args)
             await comm.write({"op": "register-client", "client": self.id})
             unpack_reply(await comm.read(), self._address)
         except BaseException:
@@ -234,7 +255,29 @@ class Client(ClientOpsMixin):
         return self
 
     async def _read_scheduler_file(self) -> str:
-        return await read_scheduler_file(self.scheduler_file, self.timeout)
+        info = await read_scheduler_info(self.scheduler_file, self.timeout)
+        if self._security_arg is None:
+            self._file_security = security_from_scheduler_info(info, self.scheduler_file)
+        return info["address"]
+
+    def _choose_security(self) -> Security | None:
+        """Our ``security=``, else the cluster's, the scheduler file's, or this process's scheduler's."""
+        arg = self._security_arg
+        if isinstance(arg, Security):
+            return arg
+        if arg is False:
+            return None
+        security = getattr(self.cluster, "security", None) if self.cluster is not None else None
+        if not isinstance(security, Security):
+            security = self._file_security
+        if security is None and self._address.startswith("tls://"):
+            security = local_credentials(self._address)
+        return security
+
+    def _use_security(self, security: Security | None) -> None:
+        self.security = security
+        self.connection_args = security.get_connection_args("client") if security else {}
+        self.rpc.connect_kwargs = dict(self.connection_args)
 
     async def _handle_report(self, comm) -> None:
         ops = {

@@ -33,6 +33,7 @@ from typing import Any
 from .comm import Comm, connect, listen
 from .comm.core import Listener
 from .errors import ClusterError, CommClosedError, CommError, ProtocolError, UnknownOperationError
+from .security import Security
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,26 @@ class Server:
         self._finished: asyncio.Event | None = None
         self._comms: weakref.WeakSet[Comm] = weakref.WeakSet()
         self._tasks: set[asyncio.Task] = set()
+        self.security: Security | None = None
+        self.connection_args: dict[str, Any] = {}
+        self.listen_args: dict[str, Any] = {}
         self.rpc = ConnectionPool()
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _set_security(self, security: Security | None, role: str) -> None:
+        """Use ``security``'s credentials for ``role`` to listen and to connect (``rpc``).
+
+        Raises:
+            ValueError: the credentials cannot be loaded.
+        """
+        self.security = security
+        if security is None:
+            self.connection_args, self.listen_args = {}, {}
+        else:
+            self.connection_args = security.get_connection_args(role)
+            self.listen_args = security.get_listen_args(role)
+        self.rpc = ConnectionPool(timeout=self.rpc.timeout, max_idle=self.rpc.max_idle,
+                                  **self.connection_args)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -148,7 +167,7 @@ class Server:
     # ------------------------------------------------------------------ serving
 
     async def listen(self, address: str, **kwargs) -> Listener:
-        listener = listen(address, self.handle_comm, **kwargs)
+        listener = listen(address, self.handle_comm, **{**self.listen_args, **kwargs})
         await listener.start()
         self.listeners.append(listener)
         return listener

@@ -3,8 +3,10 @@
 The scheduler runs in this process; workers run in child processes
 (``processes=True``, the default, one per core with one thread each) or as
 ``Worker`` objects on the same event loop (``processes=False``).  It listens on
-loopback unless given another host or interface, so that nobody else on a
-shared login node can reach it.
+loopback unless given another host or interface, and speaks TLS with fresh
+credentials (``Security.temporary()``) unless told otherwise, so that nobody
+else on a shared login node can reach it: loopback ports are open to every
+user of the machine.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .loop import loop_runner, sync
 from .nanny import Nanny
 from .process import WorkerProcess
 from .scheduler import Scheduler
+from .security import resolve_security
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -41,7 +44,13 @@ class LocalCluster:
         host: where the scheduler listens (default ``127.0.0.1``).
         scheduler_port: port of the scheduler (0: any free port).
         interface: listen on this network interface's address instead.
-        protocol: ``"tcp"`` or ``"inproc"`` (``inproc`` needs ``processes=False``).
+        protocol: ``"tls"`` (the default), ``"tcp"`` or ``"inproc"`` (``inproc``
+            needs ``processes=False``).
+        security: ``None`` (the default) or ``True``: TLS with fresh
+            credentials made for this cluster (``Security.temporary()``);
+            ``False``: no TLS, anyone who can reach the ports can run code as
+            you; or a :class:`~runtime.security.Security`.  ``None`` with
+            ``protocol="tcp"`` or ``"inproc"`` means no TLS.
         memory_limit: per-worker memory limit (see ``Worker``).
         asynchronous: use the running event loop; ``await`` the cluster.
         validate: turn on state validation in the scheduler and workers.
@@ -62,12 +71,17 @@ class LocalCluster:
                  scheduler_kwargs: dict | None = None, scheduler_sync_interval=1,
                  memory_limit: Any = "auto", validate: bool = False, nanny: bool | None = None,
                  **worker_kwargs):
-        if security not in (None, False):
-            raise ValueError("security: TLS is not supported by this version; pass security=None")
-        if protocol not in (None, "tcp", "inproc"):
-            raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp' and 'inproc'")
+        if protocol not in (None, "tcp", "tls", "inproc"):
+            raise ValueError(f"protocol={protocol!r}: accepted values are 'tls', 'tcp' and 'inproc'")
         if protocol == "inproc" and processes:
             raise ValueError("protocol='inproc' needs processes=False")
+        # Secure by default (where dask.distributed needs security=True): we
+        # launch these servers ourselves, so we can make their credentials.
+        self.security = resolve_security(security, default=protocol in (None, "tls"))
+        if protocol is None:
+            protocol = "tls" if self.security is not None else "tcp"
+        if protocol == "tls" and self.security is None:
+            raise ValueError("protocol='tls' needs security (True, None or a Security object)")
         cores = os.cpu_count() or 1
         if n_workers is None and threads_per_worker is None:
             if processes:
@@ -152,7 +166,9 @@ class LocalCluster:
         self.status = "starting"
         self.loop = asyncio.get_running_loop()
         kwargs = {"host": self.host, "interface": self.interface, "port": self.scheduler_port,
-                  "protocol": self.protocol, "validate": self.validate, **self.scheduler_kwargs}
+                  "protocol": self.protocol, "validate": self.validate,
+                  "security": self.security if self.security is not None else False,
+                  **self.scheduler_kwargs}
         self.scheduler = await Scheduler(**kwargs)
         await self._scale(self.n_workers)
         self.status = "running"
@@ -178,14 +194,15 @@ class LocalCluster:
             name = self._next_name
             self._next_name += 1
             opts = self._worker_options(name)
+            security = self.security if self.security is not None else False
             if self.processes and self.nanny:
-                w = Nanny(self.scheduler.address, **opts)
+                w = Nanny(self.scheduler.address, security=security, **opts)
                 started.append(w._start())
             elif self.processes:
-                w = WorkerProcess(self.scheduler.address, opts)
+                w = WorkerProcess(self.scheduler.address, opts, security=self.security)
                 started.append(w.start())
             else:
-                w = Worker(self.scheduler.address, **opts)
+                w = Worker(self.scheduler.address, security=security, **opts)
                 started.append(w._start())
             self.workers[name] = w
             new_names.add(name)

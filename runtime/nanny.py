@@ -49,13 +49,14 @@ import psutil
 from .core import Server, Status, unpack_reply
 from .errors import ClusterTimeoutError, CommError
 from .process import RESTART_EXIT_CODE, WorkerProcess, WorkerProcessError
+from .security import local_credentials, resolve_security, security_from_scheduler_info
 from .utils import (
     format_bytes,
     listen_host,
     parse_address,
     parse_host_port,
     parse_timedelta,
-    read_scheduler_file,
+    read_scheduler_info,
     unparse_host_port,
 )
 from .worker import Worker, parse_memory_limit
@@ -67,6 +68,17 @@ _NANNY_OWNED = frozenset({
     "scheduler_ip", "scheduler_port", "scheduler_file", "nanny", "name", "nthreads", "ncores",
     "memory_limit", "host", "port", "protocol", "interface", "loop",
 })
+
+
+def _check_network_address(address: str, what: str) -> None:
+    """A nanny's scheduler must be reachable from another process: tcp:// or tls://.
+
+    Raises:
+        ValueError: naming ``what`` and the address.
+    """
+    if parse_address(address)[0] not in ("tcp", "tls"):
+        raise ValueError(f"{what} {address!r}: a Nanny needs a tls:// or tcp:// scheduler "
+                         "(its worker is another process)")
 
 
 def _worker_parameters() -> frozenset[str]:
@@ -100,16 +112,19 @@ class Nanny(Server):
         death_timeout: how long the worker may take to reach the scheduler
             (also bounds how long :meth:`instantiate` waits; default 60 s).
         preload / preload_argv: passed to the worker.
-        security: must be ``None`` (no TLS yet).
+        security: a :class:`~runtime.security.Security` with the worker
+            role's TLS credentials (used by the nanny and handed to its worker
+            process over a private pipe), or ``None``/``False``; with ``None``
+            and a scheduler file that names credentials, those.
         contact_address: the address the worker advertises.
-        listen_address: where the worker listens (``"tcp://host:port"``);
+        listen_address: where the worker listens (``"tls://host:port"`` or ``tcp://``);
             default: our host and ``worker_port``.
         worker_class: the class to run in the child (a subclass of ``Worker``,
             or ``"module.Class"``); must be importable there.
         env: extra environment variables for the worker process.
         interface / host / port / protocol: where the nanny listens (by
-            default the local address that routes to the scheduler; port 0 =
-            any).  The worker listens on the same host.
+            default the local address that routes to the scheduler, with its
+            protocol; port 0 = any).  The worker listens on the same host.
         memory_terminate_fraction: restart the worker when its RSS exceeds
             this fraction of ``memory_limit`` (``None``/``False``/0: never).
         memory_monitor_interval: how often to check (``"100ms"``).
@@ -137,17 +152,20 @@ class Nanny(Server):
                  memory_terminate_fraction: float | None = 0.95,
                  memory_monitor_interval: Any = "100ms", **worker_kwargs):
         super().__init__()
-        if security not in (None, False):
-            raise ValueError("security: TLS is not supported by this version; pass security=None")
-        if protocol not in (None, "tcp"):
-            raise ValueError(f"protocol={protocol!r}: a Nanny needs 'tcp' (its worker is another process)")
+        if protocol not in (None, "tcp", "tls"):
+            raise ValueError(f"protocol={protocol!r}: a Nanny needs 'tcp' or 'tls' (its worker is "
+                             "another process)")
         if scheduler_ip is None and scheduler_file is None:
             raise ValueError("Nanny needs the scheduler's address or scheduler_file")
+        security = resolve_security(security, owner="Nanny")
+        self._set_security(security, "worker")
+        self._security_given = security is not None
+        default_proto = "tls" if security is not None and security.has_tls("worker") else "tcp"
         if scheduler_ip is not None and "://" not in scheduler_ip:
-            scheduler_ip = (f"tcp://{unparse_host_port(scheduler_ip, scheduler_port)}"
-                            if scheduler_port is not None else f"tcp://{scheduler_ip}")
-        if scheduler_ip is not None and parse_address(scheduler_ip)[0] != "tcp":
-            raise ValueError(f"scheduler address {scheduler_ip!r}: a Nanny needs a tcp:// scheduler")
+            scheduler_ip = (f"{default_proto}://{unparse_host_port(scheduler_ip, scheduler_port)}"
+                            if scheduler_port is not None else f"{default_proto}://{scheduler_ip}")
+        if scheduler_ip is not None:
+            _check_network_address(scheduler_ip, "scheduler address")
         unknown = set(worker_kwargs) - _worker_parameters()
         if unknown:
             raise TypeError(f"Nanny() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -169,8 +187,9 @@ class Nanny(Server):
                              "expected a positive duration such as '100ms'")
         if listen_address is not None:
             proto, _ = parse_address(listen_address)
-            if proto != "tcp":
-                raise ValueError(f"listen_address={listen_address!r}: expected tcp://host:port")
+            if proto not in ("tcp", "tls"):
+                raise ValueError(f"listen_address={listen_address!r}: expected tls://host:port "
+                                 "or tcp://host:port")
         self.scheduler_addr = scheduler_ip
         self.scheduler_file = scheduler_file
         self.worker_port = worker_port or 0
@@ -209,6 +228,7 @@ class Nanny(Server):
         self._close_task: asyncio.Task | None = None
         self._memory_victim: WorkerProcess | None = None
         self._listen_host: str | None = None
+        self._listen_protocol = protocol or "tcp"
         self.handlers.update({
             "instantiate": self.instantiate,
             "kill": self.kill,
@@ -275,12 +295,15 @@ class Nanny(Server):
     async def start_unsafe(self) -> None:
         if self.scheduler_addr is None:
             self.scheduler_addr = await self._read_scheduler_file()
-            if parse_address(self.scheduler_addr)[0] != "tcp":
-                raise ValueError(f"scheduler address {self.scheduler_addr!r} from "
-                                 f"{self.scheduler_file}: a Nanny needs a tcp:// scheduler")
+            _check_network_address(self.scheduler_addr,
+                                   f"scheduler address from {self.scheduler_file}")
+        proto = parse_address(self.scheduler_addr)[0]
+        if proto == "tls" and self.security is None:
+            self._set_security(local_credentials(self.scheduler_addr), "worker")
+        self._listen_protocol = self.protocol or proto
         host = listen_host(self.host, self.interface, self.scheduler_addr)
         self._listen_host = host
-        await self.listen(f"tcp://{unparse_host_port(host, self.port)}")
+        await self.listen(f"{self._listen_protocol}://{unparse_host_port(host, self.port)}")
         if self.name is None:
             self.name = self.address
         await self.instantiate()
@@ -290,17 +313,23 @@ class Nanny(Server):
                     self.worker_address, self.name, self.pid)
 
     async def _read_scheduler_file(self) -> str:
-        return await read_scheduler_file(self.scheduler_file, self.death_timeout or 60.0)
+        info = await read_scheduler_info(self.scheduler_file, self.death_timeout or 60.0)
+        if not self._security_given:
+            security = security_from_scheduler_info(info, self.scheduler_file)
+            if security is not None:
+                self._set_security(security, "worker")
+        return info["address"]
 
     def _child_options(self) -> dict[str, Any]:
+        protocol = self._listen_protocol
         if self.listen_address_for_worker is not None:
-            _, location = parse_address(self.listen_address_for_worker)
+            protocol, location = parse_address(self.listen_address_for_worker)
             host, port = parse_host_port(location, 0)
         else:
             host, port = self._listen_host, self.worker_port
         return {**self._worker_options, "nthreads": self.nthreads, "name": self.name,
                 "memory_limit": self.memory_limit, "nanny": self.address,
-                "host": host, "port": port, "protocol": "tcp"}
+                "host": host, "port": port, "protocol": protocol}
 
     def _get_lock(self) -> asyncio.Lock:
         if self._lock is None:
@@ -326,7 +355,8 @@ class Nanny(Server):
         if self.process is not None and self.process.is_alive():
             return Status.running
         wp = WorkerProcess(self.scheduler_addr, self._child_options(), env=self.env,
-                           report_ready=True, worker_class=self.worker_class)
+                           report_ready=True, worker_class=self.worker_class,
+                           security=self.security)
         self.process = wp
         try:
             await wp.start()

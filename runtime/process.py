@@ -15,6 +15,11 @@ writes one JSON line there -- ``{"status": "running", "address": ..., "pid":
 means the child died before it got that far.  The child's own stdout and
 stderr are left alone (inherited), so task output is not captured or delayed.
 
+TLS credentials (a pickled :class:`~runtime.security.Security`) reach the
+child through a third pipe (``--security-fd N``), written in full before the
+child starts and read by it once: never on the command line or in the
+environment, which other users of the machine can see.
+
 Exit codes: 0 when the worker closed on purpose, :data:`RESTART_EXIT_CODE`
 when it closed asking to be replaced (``lifetime_restart``), anything else
 (or a signal) when it failed or was killed.
@@ -23,15 +28,20 @@ when it closed asking to be replaced (``lifetime_restart``), anything else
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
+import pickle
 import signal
 import sys
 from contextlib import suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ClusterError, ClusterTimeoutError
+
+if TYPE_CHECKING:
+    from .security import Security
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +66,28 @@ def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _pipe_holding(data: bytes) -> int:
+    """The read end of a pipe that holds ``data`` and then reaches end-of-file.
+
+    Raises:
+        OSError: ``data`` does not fit in a pipe's buffer.
+    """
+    read_fd, write_fd = os.pipe()
+    try:
+        if len(data) > 65536 and hasattr(fcntl, "F_SETPIPE_SZ"):
+            fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, len(data))
+        os.set_blocking(write_fd, False)  # never hang here: a short write is an error
+        view = memoryview(data)
+        while view:
+            view = view[os.write(write_fd, view):]
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return read_fd
+
+
 class WorkerProcess:
     """One worker in a child process.
 
@@ -66,6 +98,7 @@ class WorkerProcess:
         report_ready: have the child report its address once registered
             (see :meth:`wait_ready`).
         worker_class: ``"module.Class"`` to run instead of ``runtime.worker.Worker``.
+        security: TLS credentials for the worker (sent over a private pipe).
 
     Attributes:
         info: what the child reported once ready (``None`` before).
@@ -75,8 +108,9 @@ class WorkerProcess:
 
     def __init__(self, scheduler_address: str, worker_kwargs: dict[str, Any] | None = None,
                  env: dict[str, str] | None = None, report_ready: bool = False,
-                 worker_class: str | None = None):
+                 worker_class: str | None = None, security: Security | None = None):
         self.scheduler_address = scheduler_address
+        self.security = security
         self.worker_kwargs = dict(worker_kwargs or {})
         self.env = env
         self.report_ready = report_ready
@@ -118,14 +152,18 @@ class WorkerProcess:
         args = [sys.executable, "-m", "runtime.worker_process", options]
         if self.worker_class:
             args += ["--worker-class", self.worker_class]
-        read_fd = write_fd = None
+        read_fd = write_fd = security_fd = None
+        if self.security is not None:
+            security_fd = _pipe_holding(pickle.dumps(self.security, protocol=5))
+            args += ["--security-fd", str(security_fd)]
         if self.report_ready:
             read_fd, write_fd = os.pipe()
             args += ["--ready-fd", str(write_fd)]
+        pass_fds = tuple(fd for fd in (write_fd, security_fd) if fd is not None)
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.PIPE, env=child_environment(self.env),
-                pass_fds=(write_fd,) if write_fd is not None else (),
+                pass_fds=pass_fds,
                 # Its own session: a Ctrl-C at the terminal interrupts the user's
                 # program, not the workers; they stop when we tell them (or when
                 # their stdin closes because we are gone).
@@ -138,6 +176,8 @@ class WorkerProcess:
         finally:
             if write_fd is not None:
                 os.close(write_fd)  # the child has its copy; EOF once it closes that
+            if security_fd is not None:
+                os.close(security_fd)
         if read_fd is not None:
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader(limit=2**20)

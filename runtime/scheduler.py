@@ -31,6 +31,13 @@ from .errors import CommClosedError, CommError
 from .scheduler_data import SchedulerDataMixin, scatter_to_workers  # noqa: F401  (re-exported)
 from .scheduler_ops import SchedulerOpsMixin
 from .scheduler_state import SchedulerState, TaskState, WorkerState
+from .security import (
+    credentials_path,
+    register_local_credentials,
+    resolve_security,
+    unregister_local_credentials,
+    write_private_file,
+)
 from .statemachine import Msg
 from .utils import get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
 
@@ -52,15 +59,20 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
         validate: check every state invariant after each step.
         scheduler_file: path of a JSON file, written atomically once we
             listen and removed on close, that tells workers and clients where
-            we are.
+            we are.  With TLS it is readable only by the user (0600) and
+            names a credentials file, also 0600, written next to it
+            (``<scheduler_file>.credentials``) and removed on close.
         worker_ttl: remove a worker not heard from for this long (``"60s"``).
         idle_timeout: close after this long with no work (``"1h"``).
         interface: listen on this network interface's address (``"ib0"``).
         host: listen on this host (default ``127.0.0.1``: loopback only).
         port: port to listen on (0: any free port).
-        protocol: ``"tcp"`` (default) or ``"inproc"``.
+        protocol: ``"tls"`` (the default with ``security``), ``"tcp"`` (the
+            default without) or ``"inproc"``.
         dashboard_address: reserved for the status page (not served yet).
-        security: reserved for TLS (not supported yet; must be ``None``).
+        security: a :class:`~runtime.security.Security` with the scheduler's
+            TLS credentials, ``True`` for fresh temporary ones
+            (``Security.temporary()``), or ``None``/``False`` for none.
 
     Raises:
         ValueError: an option has a value we cannot use, named in the message.
@@ -77,10 +89,10 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
         super().__init__()
         if kwargs:
             raise TypeError(f"Scheduler() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
-        if security not in (None, False):
-            raise ValueError("security: TLS is not supported by this version; pass security=None")
-        if protocol not in (None, "tcp", "inproc"):
-            raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp' and 'inproc'")
+        if protocol not in (None, "tcp", "tls", "inproc"):
+            raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp', 'tls' and 'inproc'")
+        security = resolve_security(security)
+        self._set_security(security, "scheduler")
         if allowed_failures is not None and (not isinstance(allowed_failures, int) or allowed_failures < 0):
             raise ValueError(f"allowed_failures={allowed_failures!r}: expected a non-negative integer")
         self.state = SchedulerState(validate=validate,
@@ -92,7 +104,12 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
         self.interface = interface
         self.host = host
         self.port = port
-        self.protocol = protocol or "tcp"
+        if protocol is None:
+            secure = security is not None and (security.has_tls("scheduler")
+                                               or security.require_encryption)
+            protocol = "tls" if secure else "tcp"
+        self.protocol = protocol
+        self._credentials_file: str | None = None
         self.dashboard_address = dashboard_address
         self.services: dict[str, int] = {}
         self.id = f"Scheduler-{uuid.uuid4()}"
@@ -251,16 +268,32 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
             address = f"{self.protocol}://{unparse_host_port(host, self.port or 0)}"
         await self.listen(address)
         logger.info("Scheduler at %s", self.address)
+        if self.secure:
+            # A Client made in this process (a script run next to its cluster)
+            # finds the credentials by our address.
+            register_local_credentials(self.address, self.security)
         if self.scheduler_file:
             self._write_scheduler_file()
         self.spawn(self._periodic_checks())
 
+    @property
+    def secure(self) -> bool:
+        """Whether we listen with TLS."""
+        return self.protocol == "tls" and self.security is not None
+
     def _write_scheduler_file(self) -> None:
         path = os.path.abspath(self.scheduler_file)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        info = self.identity()
+        if self.secure:
+            # Only the user may read where the cluster is and how to get in.
+            self._credentials_file = self.security.to_file(credentials_path(path))
+            info["security"] = self._credentials_file
+            write_private_file(path, json.dumps(info, indent=2, default=str))
+            return
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump(self.identity(), f, indent=2, default=str)
+            json.dump(info, f, indent=2, default=str)
         os.replace(tmp, path)
 
     async def _periodic_checks(self) -> None:
@@ -322,9 +355,14 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
         for bs in list(self.stream_comms.values()) + list(self.client_comms.values()):
             bs.abort()
         await self._close_listeners_and_comms()
+        if self.listeners and self.secure:
+            unregister_local_credentials(self.address)
         if self.scheduler_file:
             with suppress(FileNotFoundError):
                 os.remove(self.scheduler_file)
+        if self._credentials_file:
+            with suppress(FileNotFoundError):
+                os.remove(self._credentials_file)
         self._mark_closed()
 
     # ------------------------------------------------------------------ routing

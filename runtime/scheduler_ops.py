@@ -314,7 +314,8 @@ class SchedulerOpsMixin:
             addr = unparse_host_port(*addr)
         if not isinstance(addr, str):
             raise ValueError(f"cannot make an address of {addr!r}")
-        proto, loc = parse_address(addr)
+        default = self.protocol if self.protocol in ("tcp", "tls") else "tcp"
+        proto, loc = parse_address(addr, default_protocol=default)
         if proto == "inproc":
             return f"{proto}://{loc}"
         host, port = parse_host_port(loc)
@@ -341,4 +342,5 @@ class SchedulerOpsMixin:
         port = ws.services.get(service_name)
         if port is None:
             return None
-        return f"tcp://{unparse_host_port(ws.host, port)}" if protocol else (ws.host, port)
+        proto = parse_address(ws.address)[0]
+        return f"{proto}://{unparse_host_port(ws.host, port)}" if protocol else (ws.host, port)

@@ -253,6 +253,16 @@ async def read_scheduler_file(path: str, timeout: float) -> str:
     Raises:
         ConnectionTimeoutError: naming the file, when it is still missing or incomplete.
     """
+    return (await read_scheduler_info(path, timeout))["address"]
+
+
+async def read_scheduler_info(path: str, timeout: float) -> dict:
+    """The contents of a scheduler file (``"address"``, and ``"security"``: the path
+    of its credentials file when the scheduler uses TLS), waiting up to ``timeout``.
+
+    Raises:
+        ConnectionTimeoutError: naming the file, when it is still missing or incomplete.
+    """
     import asyncio
     import json
     import time
@@ -263,12 +273,15 @@ async def read_scheduler_file(path: str, timeout: float) -> str:
     while True:
         try:
             with open(path) as f:
-                return json.load(f)["address"]
-        except (FileNotFoundError, ValueError, KeyError):
-            if time.monotonic() > deadline:
-                raise ConnectionTimeoutError(f"scheduler file {path}", timeout,
-                                             "missing or incomplete") from None
-            await asyncio.sleep(0.05)
+                info = json.load(f)
+            if isinstance(info, dict) and isinstance(info.get("address"), str):
+                return info
+        except (FileNotFoundError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise ConnectionTimeoutError(f"scheduler file {path}", timeout,
+                                         "missing or incomplete")
+        await asyncio.sleep(0.05)
 
 
 # --- keys ------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from .comm.serialize import box_large
 from .core import BatchedSend, Server, Status, unpack_reply
 from .errors import ClusterError, CommClosedError, CommError
 from .execution import TaskThreadPool, get_current_task, get_worker, sizeof  # noqa: F401
+from .security import local_credentials, resolve_security, security_from_scheduler_info
 from .statemachine import Instruction, Msg
 from .utils import (
     format_bytes,
@@ -44,7 +45,7 @@ from .utils import (
     parse_address,
     parse_bytes,
     parse_timedelta,
-    read_scheduler_file,
+    read_scheduler_info,
     unparse_host_port,
 )
 from .worker_state import (
@@ -166,7 +167,11 @@ class Worker(Server):
         reconnect: reconnect when the scheduler connection breaks (else close).
         heartbeat_interval: how often to tell the scheduler we are alive.
         host / port / interface / protocol: where to listen (by default the
-            local address that routes to the scheduler; port 0 = any).
+            local address that routes to the scheduler, with its protocol;
+            port 0 = any).
+        security: a :class:`~runtime.security.Security` with the worker's TLS
+            credentials, or ``None``/``False``; with ``None`` and a scheduler
+            file that names credentials, those.
         validate: check worker-state invariants after every event.
         nanny: address of the nanny supervising this worker, if any.
 
@@ -196,16 +201,18 @@ class Worker(Server):
         super().__init__()
         if kwargs:
             raise TypeError(f"Worker() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
-        if security not in (None, False):
-            raise ValueError("security: TLS is not supported by this version; pass security=None")
-        if protocol not in (None, "tcp", "inproc"):
-            raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp' and 'inproc'")
+        if protocol not in (None, "tcp", "tls", "inproc"):
+            raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp', 'tls' and 'inproc'")
         if scheduler_ip is None and scheduler_file is None:
             raise ValueError("Worker needs the scheduler's address or scheduler_file")
+        security = resolve_security(security, owner="Worker")
+        self._set_security(security, "worker")
+        self._security_given = security is not None
+        default_proto = "tls" if security is not None and security.has_tls("worker") else "tcp"
         if scheduler_ip is not None and scheduler_port is not None and "://" not in scheduler_ip:
-            scheduler_ip = f"tcp://{unparse_host_port(scheduler_ip, scheduler_port)}"
+            scheduler_ip = f"{default_proto}://{unparse_host_port(scheduler_ip, scheduler_port)}"
         elif scheduler_ip is not None and "://" not in scheduler_ip:
-            scheduler_ip = f"tcp://{scheduler_ip}"
+            scheduler_ip = f"{default_proto}://{scheduler_ip}"
         self.scheduler_addr = scheduler_ip
         self.scheduler_file = scheduler_file
         if nthreads is None:
@@ -309,6 +316,8 @@ class Worker(Server):
         if self.scheduler_addr is None:
             self.scheduler_addr = await self._read_scheduler_file()
         proto, _ = parse_address(self.scheduler_addr)
+        if proto == "tls" and self.security is None:
+            self._set_security(local_credentials(self.scheduler_addr), "worker")
         protocol = self.protocol or proto
         if protocol == "inproc":
             listen_at = "inproc://"
@@ -348,13 +357,18 @@ class Worker(Server):
         logger.info("Worker %s (name=%r) registered with %s", self.address, self.name, self.scheduler_addr)
 
     async def _read_scheduler_file(self) -> str:
-        return await read_scheduler_file(self.scheduler_file, self.death_timeout or 60.0)
+        info = await read_scheduler_info(self.scheduler_file, self.death_timeout or 60.0)
+        if not self._security_given:
+            security = security_from_scheduler_info(info, self.scheduler_file)
+            if security is not None:
+                self._set_security(security, "worker")
+        return info["address"]
 
     async def _register(self) -> None:
         from .comm import connect
 
         timeout = self.death_timeout or 60.0
-        comm = await connect(self.scheduler_addr, timeout=timeout)
+        comm = await connect(self.scheduler_addr, timeout=timeout, **self.connection_args)
         await comm.write({
             "op": "register-worker",
             "address": self.address,

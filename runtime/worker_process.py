@@ -3,6 +3,7 @@
 Usage::
 
     python -m runtime.worker_process '<json Worker options>' [--ready-fd N] [--worker-class M.C]
+                                     [--security-fd N]
 
 The worker closes when its standard input reaches end-of-file (the parent
 closed the pipe or died), or when the scheduler tells it to.  SIGTERM/SIGINT
@@ -15,6 +16,8 @@ once the worker has registered with the scheduler (``{"status": "running",
 then closes it; the parent learns the worker's address from it.  The exit
 code is 0 after a normal close, ``RESTART_EXIT_CODE`` (75) when the worker asked
 to be replaced by a fresh one (``Worker.restart_requested``).
+With ``--security-fd`` the child reads a pickled ``Security`` (its TLS
+credentials) from that file descriptor, to its end, before anything else.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -64,6 +68,17 @@ def load_worker_class(path: str | None) -> type:
     if not module:
         raise ValueError(f"worker class {path!r}: expected 'module.Class'")
     return getattr(importlib.import_module(module), name)
+
+
+def read_security(fd: int | None):
+    """The pickled ``Security`` our parent left in the pipe ``fd`` (``None`` without one).
+
+    The pipe is private to our parent and us, which is why unpickling is fine.
+    """
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return pickle.loads(f.read())
 
 
 def _exit_if_parent_gone_during_startup(stdin_fd: int, started: threading.Event) -> None:
@@ -164,8 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor to report the registered worker's address on")
     parser.add_argument("--worker-class", default=None, help="'module.Class' to run instead of Worker")
+    parser.add_argument("--security-fd", type=int, default=None,
+                        help="file descriptor to read the pickled TLS credentials from")
     args = parser.parse_args(argv)
     options = json.loads(args.options)
+    security = read_security(args.security_fd)
+    if security is not None:
+        options["security"] = security
     try:
         return run(serve(options, args.ready_fd, args.worker_class))
     except Exception:

@@ -77,12 +77,13 @@ def test_local_cluster_processes_compute():
 
 
 def test_local_cluster_binds_loopback():
+    # TLS by default (see tests/integration/test_tls.py), loopback either way.
     with LocalCluster(n_workers=1, threads_per_worker=1) as cluster, Client(cluster) as c:
-        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
         assert c.scheduler_address == cluster.scheduler_address
-        assert cluster.scheduler.listen_address.startswith("tcp://127.0.0.1:")
+        assert cluster.scheduler.listen_address.startswith("tls://127.0.0.1:")
         workers = c.scheduler_info()["workers"]
-        assert workers and all(a.startswith("tcp://127.0.0.1:") for a in workers)
+        assert workers and all(a.startswith("tls://127.0.0.1:") for a in workers)
 
 
 def test_scale_up_and_down():
@@ -109,7 +110,7 @@ def test_client_without_address_starts_and_stops_a_cluster():
     with Client(n_workers=2, threads_per_worker=1) as c:
         cluster = c.cluster
         assert isinstance(cluster, LocalCluster)
-        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
         assert n_workers(c) == 2
         assert c.submit(inc, 41).result() == 42
         pids = set(c.run(os.getpid).values())
