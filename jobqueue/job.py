@@ -30,8 +30,10 @@ minute 50 and 55.  For ``"00:02:00"``: 30 s, 15 s, between second 60 and 90.
 ``lifetime=``, ``lifetime_stagger=`` and ``lifetime_margin=`` set these
 values; ``lifetime=None`` turns lifetimes off; a ``--lifetime`` in
 ``worker_extra_args`` is the user's own and also turns ours off.  The cluster
-counts a job as *ending* from ``L - 2S`` after its first worker started, so
-that ``scale``/``adapt`` submit its replacement before it leaves.
+counts a job as *ending* from ``L - S - max(S, L/10)`` after its first worker
+started (45 s into a 2-minute job, 44.75 min into a 1-hour one), so that
+``scale``/``adapt`` submit its replacement before its workers leave and
+their data has somewhere to go.
 
 Rendering (:func:`render_script`) uses jinja2 with ``StrictUndefined``: a
 value the template uses but nobody set raises :class:`TemplateError` naming
