@@ -9,7 +9,6 @@ typed submit errors, back-off, and cancelling at interpreter exit.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import subprocess
 import sys
@@ -240,4 +239,3 @@ async def test_scale_stops_adapt_and_adapt_validates():
             c.adapt(interval=0)
         with pytest.raises(ValueError, match="wait_count=0"):
             c.adapt(wait_count=0)
-        await asyncio.sleep(0)  # let the cancellation task start before closing
