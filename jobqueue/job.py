@@ -226,6 +226,40 @@ def _one_line(value: Any, option: str) -> str | None:
     return text
 
 
+def extra_directives(value: Any, prefix: str,
+                     option: str = "job_extra_directives") -> tuple[str, ...]:
+    """Checked extra directive lines, each starting with ``prefix`` unless it starts with ``#``.
+
+    Raises:
+        TypeError: not a list of strings (named ``option``).
+        ValueError: a line is empty or spans several lines.
+    """
+    lines = tuple(d if d.lstrip().startswith("#") else f"{prefix} {d}"
+                  for d in _strings(value, option))
+    for d in lines:
+        _one_line(d, option)
+    return lines
+
+
+def environment_variables(value: Any, option: str = "env") -> dict[str, str]:
+    """``{name: value}`` checked for the job script's ``export`` lines (values made strings).
+
+    Raises:
+        TypeError: not a mapping.
+        ValueError: a name that is not a valid environment variable name.
+    """
+    env_map: dict[str, str] = {}
+    if value is None:
+        return env_map
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{option}={value!r}: expected a dict of environment variables")
+    for k, v in value.items():
+        if not isinstance(k, str) or not _ENV_NAME.match(k):
+            raise ValueError(f"{option}: {k!r} is not a valid environment variable name")
+        env_map[k] = str(v)
+    return env_map
+
+
 def _positive_int(value: Any, option: str, required: str = "") -> int:
     if value is None:
         raise ValueError(f"{option} is required{required}")
@@ -275,19 +309,8 @@ def make_spec(*, cores: Any = None, memory: Any = None, processes: Any = None,
                          "'_', '.' or '-' (it names the job and its workers)")
     wall = None if walltime is None else parse_walltime(walltime, "walltime")
     extra_args = _strings(worker_extra_args, "worker_extra_args")
-    prefix = directive_prefix
-    extra = tuple(d if d.lstrip().startswith("#") else f"{prefix} {d}"
-                  for d in _strings(job_extra_directives, "job_extra_directives"))
-    for d in extra:
-        _one_line(d, "job_extra_directives")
-    env_map: dict[str, str] = {}
-    if env is not None:
-        if not isinstance(env, Mapping):
-            raise TypeError(f"env={env!r}: expected a dict of environment variables")
-        for k, v in env.items():
-            if not isinstance(k, str) or not _ENV_NAME.match(k):
-                raise ValueError(f"env: {k!r} is not a valid environment variable name")
-            env_map[k] = str(v)
+    extra = extra_directives(job_extra_directives, directive_prefix)
+    env_map = environment_variables(env)
     if not isinstance(nanny, bool):
         raise TypeError(f"nanny={nanny!r}: expected True or False")
     if death_timeout is None:
@@ -457,6 +480,8 @@ __all__ = [
     "Lifetime",
     "common_values",
     "default_margin",
+    "environment_variables",
+    "extra_directives",
     "make_spec",
     "plan_lifetime",
     "render_script",
