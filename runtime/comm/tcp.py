@@ -31,6 +31,7 @@ sent is parsed, let alone unpickled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mmap
 import socket
@@ -56,6 +57,9 @@ LARGE_FRAME = 1 << 20
 READ_PAUSE_BYTES = 64 << 20
 #: Seconds a peer gets to complete the TLS handshake before it is disconnected.
 TLS_HANDSHAKE_TIMEOUT = 10.0
+#: Over TLS, frames larger than this are handed over in pieces of this size,
+#: each once the previous one has drained (see ``TCPComm``).
+TLS_WRITE_CHUNK = 1 << 20
 
 
 def receive_buffer(length: int):
@@ -276,7 +280,16 @@ class _FramedProtocol(asyncio.BufferedProtocol):
 
 
 class TCPComm(Comm):
-    """A framed message stream over one TCP connection."""
+    """A framed message stream over one TCP (or TLS) connection.
+
+    Over plain TCP every write goes to the transport at once, large frames as
+    memoryviews (no copy).  A TLS transport, though, encrypts all it is given
+    at once into memory, and then copies that out again: a 100 MB frame
+    written in one piece would cost some 200 MB more on the sender.  So over
+    TLS a frame larger than :data:`TLS_WRITE_CHUNK` goes out in pieces of that
+    size, each when the transport has drained the one before (a small pump
+    task; later messages queue behind it, keeping their order).
+    """
 
     def __init__(self, protocol: _FramedProtocol, local: str, peer: str, prefix: str = "tcp://"):
         self.protocol = protocol
@@ -285,6 +298,9 @@ class TCPComm(Comm):
         self._local = prefix + local
         self._peer = prefix + peer
         self._closed = False
+        self._chunked = prefix == "tls://"
+        self._pending: deque = deque()  # (piece, future or None), written by the pump
+        self._pump_task: asyncio.Task | None = None
 
     @property
     def local_address(self) -> str:
@@ -320,6 +336,11 @@ class TCPComm(Comm):
         frames = dumps(msg)
         lengths = [f.nbytes if isinstance(f, memoryview) else len(f) for f in frames]
         header = HEADER.pack(MAGIC, len(frames)) + struct.pack(f"<{len(frames)}Q", *lengths)
+        self.nbytes_last = len(header) + sum(lengths)
+        fut = asyncio.get_running_loop().create_future()
+        if self._chunked and (self._pending or max(lengths) > TLS_WRITE_CHUNK):
+            self._queue(header, frames, fut)
+            return fut
         transport = self.transport
         if len(frames) == 1 and lengths[0] < SMALL_FRAME:
             transport.write(header + frames[0])
@@ -327,13 +348,55 @@ class TCPComm(Comm):
             transport.write(header)
             for f in frames:
                 transport.write(f)
-        fut = asyncio.get_running_loop().create_future()
         if self.protocol.writing_paused:
             self.protocol.drain_waiters.append(fut)
         else:
             fut.set_result(None)
-        self.nbytes_last = len(header) + sum(lengths)
         return fut
+
+    def _queue(self, header: bytes, frames: list, fut: asyncio.Future) -> None:
+        """Queue one message for the pump, large frames cut in pieces."""
+        pending = self._pending
+        pending.append((header, None))
+        for f in frames:
+            view = memoryview(f).cast("B")
+            for start in range(0, view.nbytes, TLS_WRITE_CHUNK):
+                pending.append((view[start:start + TLS_WRITE_CHUNK], None))
+        piece, _ = pending.pop()
+        pending.append((piece, fut))
+        if self._pump_task is None:
+            self._pump_task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        protocol, pending = self.protocol, self._pending
+        loop = asyncio.get_running_loop()
+        try:
+            while pending:
+                if protocol.writing_paused:
+                    waiter = loop.create_future()
+                    protocol.drain_waiters.append(waiter)
+                    await waiter  # CommClosedError if the connection is lost
+                    continue
+                if protocol.closed or self.transport.is_closing():
+                    raise CommClosedError(f"{self._peer}: connection closed while writing")
+                piece, fut = pending.popleft()
+                self.transport.write(piece)
+                if fut is not None and not fut.done():
+                    if protocol.writing_paused:
+                        protocol.drain_waiters.append(fut)
+                    else:
+                        fut.set_result(None)
+        except BaseException as e:
+            error = e if isinstance(e, CommClosedError) else CommClosedError(
+                f"{self._peer}: writing failed: {e!r}")
+            while pending:
+                _, fut = pending.popleft()
+                if fut is not None and not fut.done():
+                    fut.set_exception(error)
+            if not isinstance(e, (CommClosedError, asyncio.CancelledError)):
+                raise
+        finally:
+            self._pump_task = None
 
     async def write(self, msg: Any) -> int:
         fut = self.write_nowait(msg)
@@ -345,11 +408,16 @@ class TCPComm(Comm):
         if self._closed:
             return
         self._closed = True
+        if self._pump_task is not None:
+            with contextlib.suppress(CommClosedError):
+                await asyncio.shield(self._pump_task)
         self.transport.close()  # flushes what is buffered, then closes
 
     def abort(self) -> None:
         self._closed = True
         self.transport.abort()
+        if self._pump_task is not None:
+            self._pump_task.cancel()
 
     def closed(self) -> bool:
         return self._closed or self.protocol.closed

@@ -132,9 +132,14 @@ def test_tls_comm_round_trips(sec, loop):
                 for i in range(300):  # in order
                     comm.write_nowait({"i": i})
                 assert [(await comm.read())["i"] for _ in range(300)] == list(range(300))
-                big = np.arange(3_000_000, dtype="f8")  # 24 MB: a large frame
+                big = np.arange(3_000_000, dtype="f8")  # 24 MB: written in 1 MiB pieces
                 got, _ = await asyncio.gather(comm.read(), comm.write({"x": big}))
                 assert np.array_equal(got["x"], big)
+                # small messages queued behind a large one keep their order
+                futs = [comm.write_nowait({"x": big}), *(comm.write_nowait(i) for i in range(5))]
+                got = [await comm.read() for _ in range(6)]
+                assert np.array_equal(got[0]["x"], big) and got[1:] == list(range(5))
+                await asyncio.gather(*futs)
             finally:
                 comm.abort()
         finally:
@@ -142,6 +147,33 @@ def test_tls_comm_round_trips(sec, loop):
 
     runner = asyncio.run if loop == "asyncio" else run_on_uvloop
     runner(asyncio.wait_for(main(), 60))
+
+
+@gen_test(timeout=30)
+async def test_tls_close_delivers_a_queued_large_message(sec):
+    received: asyncio.Queue = asyncio.Queue()
+
+    async def collect(comm):
+        try:
+            while True:
+                await received.put(await comm.read())
+        except CommError:
+            await received.put(None)
+
+    listener = listen("tls://127.0.0.1:0", collect, **sec.get_listen_args("worker"))
+    await listener.start()
+    try:
+        comm = await connect(listener.contact_address, timeout=5, **sec.get_connection_args("worker"))
+        big = np.ones(5_000_000, dtype="u1")
+        comm.write_nowait({"x": big})
+        comm.write_nowait("last")
+        await comm.close()
+        got = await asyncio.wait_for(received.get(), 10)
+        assert got["x"].nbytes == big.nbytes and got["x"].all()
+        assert await asyncio.wait_for(received.get(), 10) == "last"
+        assert await asyncio.wait_for(received.get(), 10) is None
+    finally:
+        listener.stop()
 
 
 @gen_test(timeout=30)
