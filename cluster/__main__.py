@@ -4,12 +4,14 @@ Usage::
 
     python -m cluster scheduler [options]            # start a scheduler
     python -m cluster worker ADDRESS [options]       # start workers (or --scheduler-file F)
-    python -m cluster submit ...                     # batch submission (not implemented yet)
+    python -m cluster submit --system slurm -n N script.py ...  # one MPI batch job
     python -m cluster [launcher options] script ...  # anything else: the MPI launcher
 
-``scheduler`` and ``worker`` are implemented in :mod:`cluster.cli`; every other
-command line is handed unchanged to :func:`hpc.launcher.main`, imported only
-then (so the subcommands work without MPI).
+``scheduler`` and ``worker`` are implemented in :mod:`cluster.cli`, ``submit``
+in :mod:`jobqueue.submit` (imported only then, so that the other commands do
+not load jinja2); every other command line is handed unchanged to
+:func:`hpc.launcher.main`, imported only then (so the subcommands work
+without MPI).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success, 2 for a command line we cannot run
-        (including ``submit``, not implemented yet, and the launcher not being
-        installed), otherwise what the subcommand or launcher returned.
+        (including the launcher not being installed), otherwise what the
+        subcommand or launcher returned.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = _prog()
@@ -53,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli.main(argv, prog=prog)
     if argv and argv[0] == "submit":
-        _error(f"{prog} submit", "batch submission is not implemented yet; start a scheduler and "
-               f"workers in your batch script with '{prog} scheduler' and '{prog} worker'")
-        return 2
+        from jobqueue.submit import main as submit
+
+        return submit(argv[1:], prog=f"{prog} submit")
     try:
         launcher = importlib.import_module("hpc.launcher")
     except ImportError as e:

@@ -9,8 +9,9 @@ Modules: :mod:`~jobqueue.core` (the cluster: start, status, scale, adapt, close)
 :mod:`~jobqueue.commands` (the one subprocess seam), :mod:`~jobqueue.states`,
 :mod:`~jobqueue.units`, :mod:`~jobqueue.errors`, :mod:`~jobqueue.system` (a batch
 system's commands and outputs) and one small module per batch system
-(:mod:`~jobqueue.slurm`, :mod:`~jobqueue.pbs`).  Templates live in the ``templates``
-package.
+(:mod:`~jobqueue.slurm`, :mod:`~jobqueue.pbs`).  :mod:`~jobqueue.submit` submits one
+MPI job running a script under the MPI launcher (``python -m cluster submit``,
+:func:`submit_mpi_job`).  Templates live in the ``templates`` package.
 """
 
 from .adaptive import Decision, JobView, Observation, ScalingPolicy
@@ -30,6 +31,7 @@ from .errors import (
 from .pbs import PBSCluster
 from .slurm import SLURMCluster
 from .states import JobState
+from .submit import MPIJob, mpi_job_script, submit_mpi_job, submit_mpi_job_async
 from .system import BatchSystem
 from .tracking import JobInfo
 
@@ -48,6 +50,7 @@ __all__ = [
     "JobQueueError",
     "JobState",
     "JobView",
+    "MPIJob",
     "Observation",
     "PBSCluster",
     "SLURMCluster",
@@ -55,5 +58,8 @@ __all__ = [
     "StatusError",
     "SubmitError",
     "TemplateError",
+    "mpi_job_script",
     "run_command",
+    "submit_mpi_job",
+    "submit_mpi_job_async",
 ]
