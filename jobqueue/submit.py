@@ -715,6 +715,20 @@ def _job_name(text: str) -> str:
     return text
 
 
+#: Python option names whose command-line name is not ``--`` + the name with dashes.
+_CLI_NAMES = {"script": "script", "ntasks": "-n/--ntasks",
+              "cpus_per_task": "--cpus-per-task/--nthreads"}
+
+
+def _cli_message(message: str) -> str:
+    """``make_mpi_spec``'s message, headed by the command-line option it is about."""
+    m = re.match(r"(\w+)(?:=|: )", message)
+    if m is None:
+        return message
+    name = m.group(1)
+    return f"argument {_CLI_NAMES.get(name, '--' + name.replace('_', '-'))}: {message}"
+
+
 def build_parser(prog: str = "python -m cluster submit") -> argparse.ArgumentParser:
     """The argument parser of ``python -m cluster submit``."""
     p = argparse.ArgumentParser(
@@ -798,7 +812,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m cluster submi
                 launcher_args=ns.launcher_args, cluster_args=ns.cluster_args, python=ns.python,
                 env=dict(ns.env), prologue=ns.prologue, log_directory=ns.log_directory)
         except (ValueError, TypeError) as e:
-            parser.error(str(e))
+            parser.error(_cli_message(str(e)))
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
     try:
