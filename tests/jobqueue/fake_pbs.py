@@ -16,7 +16,9 @@ uses (and the output formats of OpenPBS):
     the OpenPBS table (``Job id  Name  User  Time Use S Queue``) for jobs
     queued, running or exiting (``Q``, ``R``, ``E``); for finished ones
     "Job has finished, use -x or -H ..." on stderr and exit status 35; for
-    unknown ones "Unknown Job Id" and 153.
+    unknown ones "Unknown Job Id" and 153.  ``-f`` prints OpenPBS's full
+    records instead (``job_state = R``; ``Exit_status = N`` once finished),
+    ``-x`` includes finished jobs (state ``F``).
 ``python fake_pbs.py qdel ID...``
     SIGTERM to the job's processes, SIGKILL after ``KILL_WAIT``.
 
@@ -149,20 +151,29 @@ def qsub(argv: list[str]) -> int:
 
 def qstat(argv: list[str]) -> int:
     root = _state_dir()
-    rows, status = [], 0
-    for job_id in argv:
+    flags = {a for a in argv if a in ("-x", "-f")}
+    rows, records, status = [], [], 0
+    for job_id in (a for a in argv if a not in flags):
         job = root / job_id
         state = _read(job / "state")
         if not state:
             print(f"qstat: Unknown Job Id {job_id}", file=sys.stderr)
             status = 153
-        elif state == "F":
+        elif "-f" in flags and (state != "F" or "-x" in flags):
+            record = [f"Job Id: {job_id}", f"    Job_Name = {_read(job / 'name')}",
+                      f"    job_state = {state}"]
+            if state == "F":
+                record.append(f"    Exit_status = {_read(job / 'exit')}")
+            records.append("\n".join(record) + "\n")
+        elif state == "F" and "-x" not in flags:
             print(f"qstat: {job_id} Job has finished, use -x or -H to obtain historical job "
                   "information", file=sys.stderr)
             status = status or 35
         else:
             shown = job_id if len(job_id) <= 16 else job_id[:15] + "*"
             rows.append(f"{shown:<17} {_read(job / 'name'):<16} {'root':<17} 00:00:00 {state} workq")
+    if records:
+        print("\n".join(records))
     if rows:
         print("Job id            Name             User              Time Use S Queue")
         print("----------------  ---------------- ----------------  -------- - -----")
