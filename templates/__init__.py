@@ -1,6 +1,8 @@
 """Job-script templates (jinja2) of the batch-queue clusters, shipped with the package.
 
-One template per batch system: ``slurm.sh.j2``, ``pbs.sh.j2``.  They are
+One template per batch system for the clusters' worker jobs: ``slurm.sh.j2``,
+``pbs.sh.j2``; and one for a one-shot MPI job (:mod:`jobqueue.submit`), which
+extends it: ``slurm-mpi.sh.j2``, ``pbs-mpi.sh.j2``.  They are
 package data of this package, so that a wheel and an editable install both
 carry them; :mod:`jobqueue.job` reads them with :mod:`importlib.resources`.
 A user's own template (``template="my.sh.j2"``) may ``{% extends "slurm.sh.j2" %}``
@@ -12,7 +14,7 @@ from importlib.resources import files
 
 
 def names() -> list[str]:
-    """The names of the templates shipped here (``["pbs.sh.j2", "slurm.sh.j2"]``)."""
+    """The names of the templates shipped here (``["pbs-mpi.sh.j2", "pbs.sh.j2", ...]``)."""
     return sorted(p.name for p in files(__name__).iterdir() if p.name.endswith(".j2"))
 
 

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ["pyproject.toml", "README.md", "cluster", "runtime", "hpc", "jobqueue", "templates"]
 
+SHIPPED = "['pbs-mpi.sh.j2', 'pbs.sh.j2', 'slurm-mpi.sh.j2', 'slurm.sh.j2']"
+
 RENDER = """\
 import sys, templates, jobqueue
 from jobqueue import SLURMCluster, PBSCluster
@@ -71,7 +73,8 @@ def test_wheel_carries_the_templates(tmp_path):
     _run(build, timeout=240)
     wheel = next(out.glob("hpc_cluster-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"templates/__init__.py", "templates/slurm.sh.j2", "templates/pbs.sh.j2"} <= set(names)
+    assert {"templates/__init__.py", "templates/slurm.sh.j2", "templates/pbs.sh.j2",
+            "templates/slurm-mpi.sh.j2", "templates/pbs-mpi.sh.j2"} <= set(names)
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], timeout=60)
@@ -91,7 +94,7 @@ def test_wheel_carries_the_templates(tmp_path):
     lines = _run([python, "-I", "-c", RENDER], cwd=elsewhere, env=env, timeout=60).stdout
     template_file, jobqueue_file, shipped, *script = lines.splitlines()
     assert template_file.startswith(site) and jobqueue_file.startswith(site)
-    assert shipped == "['pbs.sh.j2', 'slurm.sh.j2']"
+    assert shipped == SHIPPED
     text = "\n".join(script)
     assert "#SBATCH --mem=1908M" in text and "#PBS -l select=1:ncpus=2:mem=1908mb" in text
 
@@ -101,4 +104,4 @@ def test_editable_install_finds_the_templates(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = _run([sys.executable, "-I", "-c", "import templates; print(templates.__file__); "
                 "print(templates.names())"], cwd=tmp_path, env=env, timeout=60).stdout.splitlines()
-    assert out == [str(REPO / "templates" / "__init__.py"), "['pbs.sh.j2', 'slurm.sh.j2']"]
+    assert out == [str(REPO / "templates" / "__init__.py"), SHIPPED]
