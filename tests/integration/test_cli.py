@@ -191,10 +191,10 @@ def test_values_the_runtime_rejects_exit_1_without_traceback(tmp_path):
     assert "missing.json" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_submit_is_not_implemented_yet(tmp_path):
+def test_submit_without_its_required_options_names_them(tmp_path):
     result = run_cli(tmp_path, "submit", "job.sh")
     assert result.returncode == 2
-    assert "not implemented" in result.stderr and "Traceback" not in result.stderr
+    assert "--system" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_other_command_lines_go_to_the_launcher(monkeypatch, capsys):
