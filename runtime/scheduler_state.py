@@ -403,6 +403,11 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
         ts.exception = None
         ts.traceback = None
         ts.exception_blame = None
+        # A worker where it failed keeps the error until told to drop it.
+        for address in ts.erred_on:
+            if address in self.workers:
+                self._instructions.append(FreeKeysMsg(stimulus_id, address, [ts.key]))
+        ts.erred_on.clear()
         recs = self._released_common(ts)
         for dts in ts.dependents:
             if dts.state == "erred":

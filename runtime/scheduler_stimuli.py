@@ -177,9 +177,12 @@ class StimuliMixin:
         ``keys`` are the keys the client holds futures for.  Recipes arrive as
         bytes and are forwarded to workers untouched.  A key already known
         keeps its state (so resubmitting the same pure task costs nothing).
+        The graph must be acyclic (:meth:`check_graph`).
         """
         cs = self.add_client(client)
         dependencies = dependencies or {}
+        keys = list(keys)
+        tasks = self._needed(tasks, keys, dependencies)
         restrictions = restrictions or {}
         resources = resources or {}
         retries = retries or {}
@@ -238,6 +241,84 @@ class StimuliMixin:
                 recs[ts.key] = "waiting"
         out.extend(self.transitions(recs, stimulus_id))
         return out
+
+    def _needed(self, tasks: dict[Key, Any], keys: Iterable[Key],
+                dependencies: dict[Key, Iterable[Key]]) -> dict[Key, Any]:
+        """``tasks`` without those that neither the client wants (``keys``) nor a wanted
+        task needs: nothing would ever release them (our client sends none; a
+        broken peer might)."""
+        needed: set = set()
+        stack = [k for k in keys if k in tasks]
+        for k in tasks:
+            ts = self.tasks.get(k)
+            if ts is not None and (ts.dependents or ts.who_wants):
+                stack.append(k)
+        while stack:
+            k = stack.pop()
+            if k not in needed:
+                needed.add(k)
+                stack.extend(d for d in dependencies.get(k, ()) if d in tasks and d not in needed)
+        if len(needed) == len(tasks):
+            return tasks
+        return {k: v for k, v in tasks.items() if k in needed}
+
+    def _gains_dependencies(self, key: Key, spec: Any) -> bool:
+        """Whether :meth:`update_graph` would give ``key`` (with recipe ``spec``) dependencies."""
+        ts = self.tasks.get(key)
+        if ts is None:
+            return True
+        if ts.run_spec is None and spec is not None and ts.state in ("released", "erred"):
+            return True
+        return ts.state == "erred" and ts.exception_blame is ts
+
+    def check_graph(self, tasks: dict[Key, Any], dependencies: dict[Key, Iterable[Key]]) -> None:
+        """Refuse a graph that :meth:`update_graph` would make cyclic; it changes nothing.
+
+        Our client cannot make a cycle (a task can depend only on futures that
+        exist before it), but a broken or hostile peer can, and a task that
+        waits on itself would never run nor ever be forgotten.  Cost: linear in
+        the new tasks and their edges; the existing graph is walked only when
+        an existing task gains dependencies (a placeholder that gets its
+        recipe, or a failed task submitted again).
+
+        Raises:
+            ValueError: naming a task on the cycle.
+        """
+        gaining = {k for k, spec in tasks.items() if dependencies.get(k) and self._gains_dependencies(k, spec)}
+        if not gaining:
+            return
+        walk_old = any(k in self.tasks for k in gaining)
+
+        def deps(key: Key) -> Iterable[Key]:
+            if key in gaining:
+                yield from dependencies[key]
+                ts = self.tasks.get(key)
+                if ts is not None:
+                    yield from (d.key for d in ts.dependencies)
+            elif walk_old:
+                ts = self.tasks.get(key)
+                if ts is not None:
+                    yield from (d.key for d in ts.dependencies)
+
+        done: set = set()
+        for root in gaining:
+            if root in done:
+                continue
+            on_path = {root}
+            stack = [(root, iter(deps(root)))]
+            while stack:
+                key, it = stack[-1]
+                for dep in it:
+                    if dep in on_path:
+                        raise ValueError(f"the graph has a cycle through task {dep!r}")
+                    if dep not in done:
+                        on_path.add(dep)
+                        stack.append((dep, iter(deps(dep))))
+                        break
+                else:
+                    stack.pop()
+                    on_path.discard(key)
+                    done.add(key)
 
     def _set_restrictions(self, ts: TaskState, restrictions: Iterable[str]) -> None:
         workers: set[str] = set()
@@ -373,14 +454,40 @@ class StimuliMixin:
         return out
 
     def cancel_key(self, key: Key, client: str, force: bool = False, stimulus_id: str = "cancel") -> list[Msg]:
-        """Cancel one key and its dependents for ``client``."""
+        """Cancel one key and its dependents for ``client``.
+
+        Dependents go first, each before the tasks it depends on.  The walk is
+        iterative: a chain of any length cancels (recursion stopped at ~1000).
+        """
         ts = self.tasks.get(key)
         cs = self.clients.get(client)
         if ts is None or cs is None:
             return []
+        order: list[Key] = []
+        seen = {key}
+        stack = [(ts, iter(list(ts.dependents)))]
+        while stack:
+            t, dependents = stack[-1]
+            for dts in dependents:
+                if dts.key not in seen:
+                    seen.add(dts.key)
+                    stack.append((dts, iter(list(dts.dependents))))
+                    break
+            else:
+                stack.pop()
+                order.append(t.key)
         out: list[Msg] = []
-        for dts in list(ts.dependents):
-            out.extend(self.cancel_key(dts.key, client, force, stimulus_id))
+        for k in order:
+            out.extend(self._cancel_one(k, cs, force, stimulus_id))
+        return out
+
+    def _cancel_one(self, key: Key, cs: ClientState, force: bool, stimulus_id: str) -> list[Msg]:
+        """Cancel ``key`` for ``cs``, its dependents having been cancelled already."""
+        ts = self.tasks.get(key)
+        if ts is None:
+            return []
+        client = cs.client_key
+        out: list[Msg] = []
         if force or ts.who_wants == {cs}:
             wanters = [c.client_key for c in ts.who_wants]
             for c in list(ts.who_wants):

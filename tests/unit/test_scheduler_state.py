@@ -455,7 +455,8 @@ def test_handle_dispatches_events(state):
     assert wire["op"] == "task-erred" and "client" not in wire and wire["key"] == "y"
     out = state.handle(ClientReleasesKeysEvent(["y"], "c"))
     assert state.tasks == {}
-    assert freed(out) == set()  # x was freed already; y was never in memory
+    # x was freed already; y was never in memory, but A keeps its error until told
+    assert freed(out) == {(A, "y")}
 
 
 def test_handle_more_events(state):
@@ -1456,3 +1457,77 @@ def test_update_data_with_unknown_workers_leaves_no_task(state):
     out = state.update_data({"s": [C]}, {"s": 1}, client="c")
     assert out == []
     assert "s" not in state.tasks
+
+
+# ----------------------------------------------------------------------------- graphs from broken peers
+
+
+def test_released_error_is_dropped_on_the_worker_where_it_failed(state):
+    """A worker keeps a failed task's error until the scheduler forgets the task."""
+    state.add_worker(A)
+    state.update_graph("c", {"x": SPEC}, ["x"])
+    state.stimulus_task_erred("x", A, exception=ValueError("bad"), traceback="tb")
+    assert states(state) == {"x": "erred"}
+    out = state.client_releases_keys(["x"], "c")
+    assert state.tasks == {}
+    assert freed(out) == {(A, "x")}
+
+
+def test_released_error_of_a_departed_worker_is_not_sent_anywhere(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    state.update_graph("c", {"x": SPEC}, ["x"])
+    w = where(state, "x")
+    state.stimulus_task_erred("x", w, exception=ValueError("bad"))
+    state.remove_worker(w)
+    out = state.client_releases_keys(["x"], "c")
+    assert freed(out) == set()
+
+
+@pytest.mark.parametrize("dependencies", [
+    {"x": ["x"]},                                   # itself
+    {"x": ["y"], "y": ["x"]},                       # two new tasks
+    {"x": ["y"], "y": ["z"], "z": ["x"]},           # three
+])
+def test_check_graph_refuses_cycles_among_new_tasks(state, dependencies):
+    tasks = {k: SPEC for k in ("x", "y", "z")}
+    with pytest.raises(ValueError, match="cycle"):
+        state.check_graph(tasks, dependencies)
+    assert state.tasks == {}
+
+
+def test_check_graph_refuses_a_cycle_through_an_existing_task(state):
+    """A placeholder for an unknown dependency gets its recipe, with an edge back to the
+    task that waits on it."""
+    state.add_worker(A)
+    state.update_graph("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]})
+    assert states(state) == {"x": "erred", "y": "erred"}  # x is unknown: a placeholder
+    with pytest.raises(ValueError, match="cycle"):
+        state.check_graph({"x": SPEC}, {"x": ["y"]})
+    state.check_graph({"x": SPEC}, {"x": []})  # its recipe alone is fine
+
+
+def test_check_graph_accepts_diamonds_and_long_chains(state):
+    state.check_graph({k: SPEC for k in "abcd"}, {"d": ["b", "c"], "b": ["a"], "c": ["a"]})
+    n = 20_000  # deeper than the recursion limit: the walk is iterative
+    state.check_graph({i: SPEC for i in range(n)}, {i: [i - 1] for i in range(1, n)})
+
+
+def test_update_graph_keeps_only_tasks_someone_needs(state):
+    """Tasks neither wanted nor needed by a wanted task would never be released."""
+    state.add_worker(A)
+    state.update_graph("c", {"x": SPEC, "y": SPEC, "orphan": SPEC, "orphan-dep": SPEC},
+                       ["y"], dependencies={"y": ["x"], "orphan": ["orphan-dep"]})
+    assert set(state.tasks) == {"x", "y"}
+    state.update_graph("c", {"z": SPEC}, [])
+    assert set(state.tasks) == {"x", "y"}
+
+
+def test_cancel_a_chain_longer_than_the_recursion_limit(state):
+    state.add_worker(A)
+    n = 5000
+    state.update_graph("c", {i: SPEC for i in range(n)}, list(range(n)),
+                       dependencies={i: [i - 1] for i in range(1, n)})
+    out = state.stimulus_cancel([0], "c")
+    assert state.tasks == {}
+    assert len(of_type(out, CancelledKeyMsg)) == n
