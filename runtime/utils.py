@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 import socket
 from collections.abc import Hashable
 
@@ -308,15 +309,40 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
+#: Deepest nesting of tuples accepted in a key.
+MAX_KEY_DEPTH = 32
+
+
+def is_key(key, depth: int = 0) -> bool:
+    """Whether ``key`` is a task key: a str, bytes, int or float (not a bool), or a tuple of
+    keys nested at most :data:`MAX_KEY_DEPTH` deep."""
+    if isinstance(key, (str, bytes, int, float)):
+        return not isinstance(key, bool)
+    if isinstance(key, tuple) and depth < MAX_KEY_DEPTH:
+        return all(is_key(k, depth + 1) for k in key)
+    return False
+
+
 def validate_key(key) -> None:
-    """Raise a clear TypeError unless ``key`` is a str, bytes, int, float or tuple of those."""
-    if isinstance(key, (str, bytes, int, float)) and not isinstance(key, bool):
+    """Raise a TypeError naming ``key``, its offending part and the accepted types, unless
+    ``key`` is a task key (see :func:`is_key`)."""
+    if is_key(key):
         return
-    if isinstance(key, tuple):
-        for k in key:
-            validate_key(k)
-        return
+    part, depth = key, 0
+    while isinstance(part, tuple) and depth < MAX_KEY_DEPTH:
+        part = next(k for k in part if not is_key(k, depth + 1))
+        depth += 1
+    where = "" if part is key else f" (its part {_short_repr(part)} is of type {type(part).__name__})"
+    nesting = f", nested at most {MAX_KEY_DEPTH} deep" if isinstance(part, tuple) else ""
     raise TypeError(
-        f"unexpected key type {type(key).__name__} (value {key!r}): "
-        "keys must be str, bytes, int, float or tuples of those"
+        f"invalid key {_short_repr(key)} of type {type(key).__name__}{where}: keys must be "
+        f"str, bytes, int, float or tuples of those{nesting}"
     )
+
+
+def _short_repr(value) -> str:
+    try:
+        r = reprlib.repr(value)
+    except Exception:
+        r = f"<{type(value).__name__}>"
+    return r

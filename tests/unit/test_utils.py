@@ -279,7 +279,22 @@ def test_validate_key_accepts(key):
 def test_validate_key_rejects_naming_the_type(key, type_name):
     with pytest.raises(TypeError) as info:
         validate_key(key)
-    assert f"unexpected key type {type_name}" in str(info.value)
+    msg = str(info.value)
+    # The key, the type of its offending part, and what keys may be.
+    assert f"invalid key {key!r}"[:20] in msg
+    assert f"of type {type_name}" in msg
+    assert "keys must be str, bytes, int, float or tuples of those" in msg
+
+
+def test_validate_key_limits_nesting():
+    key = 1
+    for _ in range(40):
+        key = (key,)
+    with pytest.raises(TypeError, match="nested at most 32 deep"):
+        validate_key(key)
+    for _ in range(8):
+        key = key[0]
+    validate_key(key)  # 32 deep
 
 
 # --------------------------------------------------------------------------- memory limits
