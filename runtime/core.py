@@ -26,13 +26,14 @@ import logging
 import traceback
 import weakref
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from .comm import Comm, connect, listen
 from .comm.core import Listener
 from .errors import ClusterError, CommClosedError, CommError, ProtocolError, UnknownOperationError
+from .messages import Spec, check_message, short_repr
 from .security import Security
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class Server:
     def __init__(self) -> None:
         self.handlers: dict[str, Callable[..., Any]] = {"identity": self.identity}
         self.stream_handlers: dict[str, Callable[..., Awaitable[None]]] = {}
+        #: Shapes of the requests and stream openings to check before their handler runs.
+        self.message_specs: Mapping[str, Spec] = {}
         self.listeners: list[Listener] = []
         self.status = Status.created
         self._start_lock: asyncio.Lock | None = None
@@ -199,19 +202,22 @@ class Server:
                     logger.warning("closing connection from %s: %s", peer, e)
                     return
                 if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
-                    logger.warning("closing connection from %s: not a message: %.100r", peer, msg)
+                    logger.warning("closing connection from %s: not a message: %s", peer,
+                                   short_repr(msg))
                     return
                 op = msg.pop("op")
                 reply = msg.pop("reply", True)
                 stream_handler = self.stream_handlers.get(op)
                 if stream_handler is not None:
-                    await stream_handler(comm, **msg)
+                    await self._open_stream(comm, op, stream_handler, msg)
                     return
                 handler = self.handlers.get(op)
                 if handler is None:
-                    logger.warning("closing connection from %s: unknown operation %r", peer, op)
+                    logger.warning("closing connection from %s: unknown operation %s", peer,
+                                   short_repr(op))
                     return
                 try:
+                    check_message(self.message_specs, op, msg)
                     result = handler(**msg)
                     if asyncio.iscoroutine(result):
                         result = await result
@@ -231,6 +237,26 @@ class Server:
         finally:
             comm.abort()
             self._comms.discard(comm)
+
+    async def _open_stream(self, comm: Comm, op: str, handler: Callable[..., Awaitable[None]],
+                           msg: dict) -> None:
+        """Hand ``comm`` to a stream handler, if its opening message has the right shape.
+
+        Whatever goes wrong in the handler ends this connection, logged, and
+        nothing else: the server keeps serving.
+        """
+        peer = comm.peer_address
+        try:
+            check_message(self.message_specs, op, msg)
+        except TypeError as e:
+            logger.warning("closing connection from %s: %s", peer, e)
+            return
+        try:
+            await handler(comm, **msg)
+        except CommError as e:  # the peer left, or broke the framing
+            logger.debug("stream %r from %s ended: %s", op, peer, e)
+        except Exception:
+            logger.exception("closing connection from %s: %r failed", peer, op)
 
 
 # ----------------------------------------------------------------------------- RPC

@@ -9,13 +9,15 @@ dependencies.  Pure calls get a key from a hash of the recipe.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import uuid
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 from .errors import TaskSerializationError
 from .execution import TaskRef, dumps_args
 from .futures import Future
+from .messages import is_finite, is_hashable
 from .utils import funcname, validate_key
 
 Key = Hashable
@@ -85,8 +87,43 @@ def task_piece(client: Any, func: Callable, func_b: bytes, args: tuple, kwargs: 
     return key, {"spec": (func_b, args_b), "deps": deps}
 
 
+def check_task_options(workers: Any, resources: Any, retries: Any, priority: Any) -> None:
+    """Refuse options of ``submit``/``map`` that the scheduler would refuse (closing our stream).
+
+    Raises:
+        TypeError: an option of the wrong type, named with the accepted ones.
+        ValueError: a negative number of retries or amount of a resource.
+    """
+    if workers is not None and not isinstance(workers, str):
+        if not isinstance(workers, (list, tuple, set, frozenset)) or not all(is_hashable(w) for w in workers):
+            raise TypeError(f"workers={workers!r}: expected a worker address, name or host, or a "
+                            "list of them")
+    if resources is not None:
+        if not isinstance(resources, Mapping) or not all(isinstance(k, str) for k in resources):
+            raise TypeError(f"resources={resources!r}: expected a dict of resource names (str) "
+                            "to amounts, e.g. {'GPU': 1}")
+        for name, amount in resources.items():
+            if not is_finite(amount):
+                raise TypeError(f"resources={resources!r}: the amount of {name!r} must be a number")
+            if amount < 0:
+                raise ValueError(f"resources={resources!r}: the amount of {name!r} is negative")
+    if retries is not None:
+        if not isinstance(retries, numbers.Integral) or isinstance(retries, bool):
+            raise TypeError(f"retries={retries!r}: expected a non-negative int")
+        if retries < 0:
+            raise ValueError(f"retries={retries!r}: expected a non-negative int")
+    if priority is not None and not is_finite(priority):
+        raise TypeError(f"priority={priority!r}: expected a number")
+
+
 def graph_msg(pieces: dict, keys: list, workers, resources, retries, priority,
-               allow_other_workers) -> dict:
+              allow_other_workers) -> dict:
+    """The ``update-graph`` message for ``pieces`` (see :func:`task_piece`).
+
+    Raises:
+        TypeError, ValueError: from :func:`check_task_options`.
+    """
+    check_task_options(workers, resources, retries, priority)
     if isinstance(workers, str):
         workers = [workers]
     tasks = {}

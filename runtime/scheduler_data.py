@@ -9,6 +9,7 @@ straight from workers; these are the routes through the scheduler
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Hashable, Iterable
@@ -16,6 +17,8 @@ from collections.abc import Hashable, Iterable
 from .comm.serialize import box_large
 from .errors import CommError
 from .utils import parse_timedelta
+
+logger = logging.getLogger(__name__)
 
 Key = Hashable
 
@@ -91,15 +94,44 @@ class SchedulerDataMixin:
             if time.monotonic() > deadline:
                 raise ClusterTimeoutError(f"no workers to scatter to within {timeout}s")
             await asyncio.sleep(0.05)
+        self._check_client(client)
         who_has, nbytes, types = await scatter_to_workers(self.rpc, candidates, data, broadcast)
+        if self._client_gone(client, who_has):
+            return []
         self._send(self.state.update_data(who_has, nbytes, client, types, self._stimulus("scatter")))
         return list(data)
 
     def update_data(self, who_has: dict | None = None, nbytes: dict | None = None,
                     client: str | None = None, types: dict | None = None, serializers=None) -> str:
-        """Learn that new data has entered the cluster from outside."""
+        """Learn that new data has entered the cluster from outside (a direct scatter)."""
+        if self._client_gone(client, who_has or {}):
+            return "OK"
         self._send(self.state.update_data(who_has or {}, nbytes, client, types, self._stimulus("update-data")))
         return "OK"
+
+    def _check_client(self, client: str | None) -> None:
+        """Raise ValueError if ``client`` is given but not connected."""
+        if client is not None and client not in self.client_comms:
+            raise ValueError(f"client {client!r} is not connected to this scheduler")
+
+    def _client_gone(self, client: str | None, who_has: dict) -> bool:
+        """Whether data put on workers for ``client`` is unwanted: the client left (or
+        never came) while it was scattering.  Then each worker is told to drop its
+        copies (of keys it holds for nobody else) -- registering them for a client
+        that is gone would keep them for good."""
+        if client is None or client in self.client_comms:
+            return False
+        logger.info("dropping data scattered for client %s, which is gone", client)
+        drop: dict[str, list] = defaultdict(list)
+        for key, workers in who_has.items():
+            ts = self.state.tasks.get(key)
+            held = {ws.address for ws in ts.who_has} if ts is not None else set()
+            for w in workers:
+                if w not in held:
+                    drop[w].append(key)
+        for w, keys in drop.items():
+            self.worker_send(w, {"op": "free-keys", "keys": keys, "stimulus_id": self._stimulus("client-gone")})
+        return True
 
 
 async def scatter_to_workers(rpc, workers: list[str], data: dict, broadcast: bool = False):
