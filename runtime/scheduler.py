@@ -27,6 +27,7 @@ from contextlib import suppress
 from typing import Any
 
 from .core import BatchedSend, Server, Status
+from .dashboard.scheduler import SchedulerDiagnosticsMixin
 from .errors import CommClosedError, CommError
 from .scheduler_data import SchedulerDataMixin, scatter_to_workers  # noqa: F401  (re-exported)
 from .scheduler_ops import SchedulerOpsMixin
@@ -49,7 +50,7 @@ Key = Hashable
 REEVALUATE_OCCUPANCY_INTERVAL = 5.0
 
 
-class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
+class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin, Server):
     """Dynamic distributed task scheduler.
 
     Args:
@@ -69,7 +70,10 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
         port: port to listen on (0: any free port).
         protocol: ``"tls"`` (the default with ``security``), ``"tcp"`` (the
             default without) or ``"inproc"``.
-        dashboard_address: reserved for the status page (not served yet).
+        dashboard_address: where the status page, its JSON and ``/metrics`` are served
+            (default ``":8787"``: port 8787 on our own host, or a free port if it is
+            taken; ``None``/``False``: not served).  HTTPS with our TLS credentials
+            when we listen with TLS.  See :mod:`runtime.dashboard`.
         security: a :class:`~runtime.security.Security` with the scheduler's
             TLS credentials, ``True`` for fresh temporary ones
             (``Security.temporary()``), or ``None``/``False`` for none.
@@ -85,7 +89,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
                  extensions=None, validate: bool = False, scheduler_file: str | None = None,
                  security=None, worker_ttl=None, idle_timeout=None, interface: str | None = None,
                  host: str | None = None, port: int = 0, protocol: str | None = None,
-                 dashboard_address=None, preload=None, preload_argv=(), **kwargs):
+                 dashboard_address=":8787", preload=None, preload_argv=(), **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"Scheduler() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
@@ -110,8 +114,8 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
             protocol = "tls" if secure else "tcp"
         self.protocol = protocol
         self._credentials_file: str | None = None
-        self.dashboard_address = dashboard_address
         self.services: dict[str, int] = {}
+        self._init_diagnostics(dashboard_address)
         self.id = f"Scheduler-{uuid.uuid4()}"
         self.stream_comms: dict[str, BatchedSend] = {}
         self.client_comms: dict[str, BatchedSend] = {}
@@ -268,6 +272,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
             address = f"{self.protocol}://{unparse_host_port(host, self.port or 0)}"
         await self.listen(address)
         logger.info("Scheduler at %s", self.address)
+        await self._start_dashboard()
         if self.secure:
             # A Client made in this process (a script run next to its cluster)
             # finds the credentials by our address.
@@ -355,6 +360,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
         for bs in list(self.stream_comms.values()) + list(self.client_comms.values()):
             bs.abort()
         await self._close_listeners_and_comms()
+        await self._stop_dashboard()
         if self.listeners and self.secure:
             unregister_local_credentials(self.address)
         if self.scheduler_file:
@@ -531,12 +537,14 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
 
     def _on_task_finished(self, worker: str, key: Key, nbytes: int = -1, type: str = "",
                           startstops=(), stimulus_id: str = "", data: bytes | None = None) -> None:
+        self._record_task(key, worker, startstops, True)
         self._send(self.state.stimulus_task_finished(key, worker, nbytes, type, startstops,
                                                      stimulus_id=self._stimulus("task-finished"),
                                                      data=data))
 
     def _on_task_erred(self, worker: str, key: Key, exception=None, traceback: str = "",
                        startstops=(), stimulus_id: str = "") -> None:
+        self._record_task(key, worker, startstops, False)
         self._send(self.state.stimulus_task_erred(key, worker, exception, traceback, startstops,
                                                   stimulus_id=self._stimulus("task-erred")))
 
@@ -590,7 +598,8 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
             await comm.write(("error", CommClosedError("scheduler is closing"), ""))
             return
         self.state.add_client(client)
-        await comm.write(("OK", {"status": "OK", "scheduler": self.id}))
+        await comm.write(("OK", {"status": "OK", "scheduler": self.id,
+                                "dashboard_link": self.dashboard_link}))
         bs = BatchedSend(comm, name=f"Scheduler->Client {client}")
         self.client_comms[client] = bs
         logger.info("register client %s", client)

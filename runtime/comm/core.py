@@ -167,8 +167,7 @@ async def connect(address: str, timeout: float = 10.0, require_encryption: bool 
         EncryptionRequiredError: ``require_encryption`` and a plain address.
         TLSError: a TLS handshake failed for a reason retrying will not change.
     """
-    protocol, location = parse_address(address)
-    backend = get_backend(protocol)
+    protocol, location, backend = _resolve(address)
     check_encryption(address, protocol, require_encryption)
     deadline = time.monotonic() + timeout
     backoff = 0.01
@@ -181,6 +180,8 @@ async def connect(address: str, timeout: float = 10.0, require_encryption: bool 
             return await asyncio.wait_for(backend.connect(location, **kwargs), remaining)
         except (OSError, CommClosedError, asyncio.TimeoutError) as e:
             last = e
+        except AddressError as e:  # the location does not parse: name the whole address
+            raise _naming(e, address, location) from None
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
@@ -206,7 +207,30 @@ def listen(address: str, handler: Callable[[Comm], Awaitable[None]],
         EncryptionRequiredError: ``require_encryption`` and a plain address.
         TLSError: ``tls://`` without an ``ssl_context``.
     """
-    protocol, location = parse_address(address)
-    backend = get_backend(protocol)
+    protocol, location, backend = _resolve(address)
     check_encryption(address, protocol, require_encryption)
-    return backend.listener(location, handler, **kwargs)
+    try:
+        return backend.listener(location, handler, **kwargs)
+    except AddressError as e:
+        raise _naming(e, address, location) from None
+
+
+def _resolve(address: str) -> tuple[str, str, Backend]:
+    """``(protocol, location, backend)`` of ``address``.
+
+    Raises:
+        AddressError: naming the address.
+    """
+    protocol, location = parse_address(address)
+    try:
+        return protocol, location, get_backend(protocol)
+    except AddressError as e:
+        raise AddressError(f"invalid address {address!r}: {e}") from None
+
+
+def _naming(e: AddressError, address: str, location: str) -> AddressError:
+    """``e``, about ``location``, reworded to name the whole ``address``."""
+    text = str(e)
+    if repr(location) in text:
+        return AddressError(text.replace(repr(location), repr(address), 1))
+    return AddressError(f"invalid address {address!r}: {text}")
