@@ -108,6 +108,9 @@ def dumps_function(obj: Any) -> bytes:
 
 
 def _describe(obj: Any) -> str:
+    code = getattr(obj, "__code__", None)
+    if code is not None and callable(obj):
+        return _describe_function(obj, code)
     if isinstance(obj, tuple) and len(obj) == 3 and callable(obj[0]):
         func, args, kwargs = obj
         # Find the culprit so the error names it rather than the whole task.
@@ -119,6 +122,33 @@ def _describe(obj: Any) -> str:
             except Exception:
                 return f"{what} ({type(part).__name__}: {_short_repr(part)}) of task {getattr(func, '__name__', func)!r}"
     return f"object of type {type(obj).__name__}"
+
+
+def _describe_function(func: Any, code: Any) -> str:
+    """``function <name> (file:line), which refers to <culprit>``: the closure variable,
+    default or global that would not pickle, when one of them is to blame."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", "?")
+    what = f"function {name} ({code.co_filename}:{code.co_firstlineno})"
+    suspects: list[tuple[str, Any]] = []
+    for var, cell in zip(code.co_freevars, getattr(func, "__closure__", None) or (), strict=False):
+        try:
+            suspects.append((f"the variable {var!r} it captures", cell.cell_contents))
+        except ValueError:  # an empty cell
+            pass
+    for i, default in enumerate(getattr(func, "__defaults__", None) or ()):
+        suspects.append((f"its default argument {i}", default))
+    for var, default in (getattr(func, "__kwdefaults__", None) or {}).items():
+        suspects.append((f"its default for {var!r}", default))
+    globs = getattr(func, "__globals__", None) or {}
+    for var in code.co_names:
+        if var in globs:
+            suspects.append((f"the global {var!r} it uses", globs[var]))
+    for label, value in suspects:
+        try:
+            cloudpickle.dumps(value, protocol=5)
+        except Exception:
+            return f"{what}: {label} ({type(value).__name__}: {_short_repr(value)}) cannot be pickled"
+    return what
 
 
 def _short_repr(obj: Any) -> str:
