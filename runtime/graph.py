@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
-from .errors import TaskSerializationError
+from .errors import FutureCancelledError, TaskSerializationError
 from .execution import TaskRef, dumps_args
 from .futures import Future
 from .messages import is_finite, is_hashable
@@ -27,13 +27,17 @@ def replace_futures(client: Any, obj: Any, deps: set) -> Any:
     """``obj`` with every Future of ``client`` (also nested) replaced by a ``TaskRef``; collects keys in ``deps``.
 
     Raises:
-        ValueError: a future belongs to another client.
+        ValueError: a future belongs to another client (as in dask.distributed).
+        FutureCancelledError: a future was cancelled (as dask.distributed's CancelledError).
     """
     t = type(obj)
     if t is Future or isinstance(obj, Future):
         if obj.client is not client:
             raise ValueError(f"the future {obj.key!r} belongs to another client ({obj.client.id}); "
                              "futures cannot be shared between clients")
+        if obj._state.status == "cancelled":
+            raise FutureCancelledError(f"the future {obj.key!r} was cancelled: it cannot be the "
+                                       "input of a new task (submit its computation again)")
         deps.add(obj.key)
         return TaskRef(obj.key)
     if t is list or t is tuple or t is set:
