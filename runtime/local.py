@@ -79,7 +79,9 @@ class LocalCluster:
         # launch these servers ourselves, so we can make their credentials.
         self.security = resolve_security(security, default=protocol in (None, "tls"))
         if protocol is None:
-            protocol = "tls" if self.security is not None else "tcp"
+            secure = self.security is not None and (self.security.has_tls()
+                                                    or self.security.require_encryption)
+            protocol = "tls" if secure else "tcp"
         if protocol == "tls" and self.security is None:
             raise ValueError("protocol='tls' needs security (True, None or a Security object)")
         cores = os.cpu_count() or 1

@@ -235,6 +235,13 @@ def test_security_false_means_plain_tcp():
             assert c.submit(inc, 1).result() == 2
 
 
+@gen_test(timeout=30)
+async def test_security_without_credentials_means_tcp():
+    async with LocalCluster(n_workers=0, processes=False, security=Security(),
+                            asynchronous=True) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://")
+
+
 @gen_test(timeout=60)
 async def test_scheduler_file_and_credentials_file_are_private(sec, tmp_path):
     sched = tmp_path / "sched.json"
