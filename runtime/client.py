@@ -241,7 +241,8 @@ class Client(ClientOpsMixin):
             self._use_security(self._choose_security())
             comm = await connect(self._address, timeout=self.timeout, **self.connection_args)
             await comm.write({"op": "register-client", "client": self.id})
-            unpack_reply(await comm.read(), self._address)
+            info = unpack_reply(await comm.read(), self._address)
+            self._dashboard_link = info.get("dashboard_link") if isinstance(info, dict) else None
         except BaseException:
             if self._own_cluster:
                 await self.cluster._close()

@@ -154,3 +154,31 @@ class ClientOpsMixin:
                 await asyncio.sleep(0.05)
 
         return self.sync(waiter)
+
+    # ------------------------------------------------------------------ diagnostics
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The scheduler's status page (``None`` if it serves none)."""
+        link = getattr(self.cluster, "dashboard_link", None)
+        return link or getattr(self, "_dashboard_link", None)
+
+    def get_scheduler_logs(self, n: int | None = None):
+        """The scheduler's last ``n`` (default all kept) log records: ``[(level, message), ...]``."""
+        return self._scheduler_call("get_logs", n=n)
+
+    def get_worker_logs(self, n: int | None = None, workers: list[str] | None = None,
+                        nanny: bool = False):
+        """Each worker's last ``n`` log records: ``{address: [(level, message), ...]}``."""
+        return self._scheduler_call("broadcast", msg={"op": "get_logs", "n": n},
+                                    workers=workers, nanny=nanny)
+
+    def get_worker_events(self, topic: str | None = None, workers: list[str] | None = None):
+        """Each worker's structured events (``Worker.log_event``): ``{address: ...}``."""
+        return self._scheduler_call("broadcast", msg={"op": "get_events", "topic": topic},
+                                    workers=workers)
+
+    def profile(self, key: str | None = None, workers: list[str] | None = None):
+        """Sampled profiles of running tasks (workers with ``profile=True``), per task prefix:
+        ``{prefix: {"count": samples, "functions": [[function, samples], ...]}}``."""
+        return self._scheduler_call("profile", key=key, workers=workers)

@@ -34,6 +34,7 @@ import psutil
 
 from .comm.serialize import box_large
 from .core import BatchedSend, Server, Status, unpack_reply
+from .dashboard.worker import WorkerDiagnosticsMixin
 from .errors import ClusterError, CommClosedError, CommError
 from .execution import TaskThreadPool, get_current_task, get_worker, sizeof  # noqa: F401
 from .security import local_credentials, resolve_security, security_from_scheduler_info
@@ -150,7 +151,7 @@ def parse_memory_limit(memory_limit: Any, nthreads: int, total_cores: int | None
     return min(value, total)
 
 
-class Worker(Server):
+class Worker(WorkerDiagnosticsMixin, Server):
     """Worker node of a cluster: stores data and runs tasks.
 
     Args:
@@ -174,6 +175,10 @@ class Worker(Server):
             file that names credentials, those.
         validate: check worker-state invariants after every event.
         nanny: address of the nanny supervising this worker, if any.
+        dashboard / dashboard_address: serve ``/metrics`` and ``/health`` (off by
+            default; ``dashboard=True`` alone: a free port on our own host).
+        profile: sample the stacks of running tasks every 10 ms (see
+            :mod:`runtime.dashboard.profile`; ``Client.profile()`` reads them).
 
     Raises:
         ValueError: an option has a value we cannot use, named in the message.
@@ -194,6 +199,7 @@ class Worker(Server):
                  plugins=(), low_level_profiler: bool = False, validate: bool = False,
                  profile_cycle_interval=None, lifetime=None, lifetime_stagger=None,
                  lifetime_restart=None, heartbeat_interval: Any = "1s",
+                 dashboard: bool = False, profile: bool = False,
                  transfer_incoming_count_limit: int = 4,
                  memory_target_fraction: float | bool | None = 0.6,
                  memory_spill_fraction: float | bool | None = 0.7,
@@ -255,6 +261,7 @@ class Worker(Server):
         self.pool: TaskThreadPool | None = None
         self.executed_count = 0
         self.services: dict = {}
+        self._init_diagnostics(dashboard, dashboard_address, profile)
         self.plugins: dict = {}
         self.restart_requested = False
         self.handlers.update({
@@ -347,6 +354,7 @@ class Worker(Server):
         self.pool = TaskThreadPool(self.nthreads, self._on_results, worker=self,
                                    name=f"worker-{self.name or self.address}",
                                    on_secede=self._on_secede)
+        await self._start_diagnostics()
         await self._register()
         self.spawn(self._heartbeat_loop())
         if self.memory_limit and (self.memory_spill_fraction or self.memory_pause_fraction):
@@ -454,7 +462,7 @@ class Worker(Server):
                 bs.send({"op": "heartbeat", "metrics": {
                     "memory": mem, "executing": len(self.state.executing), "in_memory": len(self.data),
                     "ready": len(self.state.ready), "in_flight": len(self.state.in_flight_tasks),
-                    "time": time.time(),
+                    "time": time.time(), **self._diagnostic_metrics(),
                 }})
 
     # ------------------------------------------------------------------ memory
@@ -590,6 +598,7 @@ class Worker(Server):
         if self.pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.pool.shutdown, min(timeout, 2.0))
         await self._close_listeners_and_comms()
+        await self._stop_diagnostics()
         close_data = getattr(self.data, "close", None)
         if close_data is not None and not self._user_data:
             close_data()
@@ -699,6 +708,7 @@ class Worker(Server):
             return
         if self.status not in (Status.running, Status.closing):
             return
+        self.transfer_incoming_bytes += sum(n for n in reply["nbytes"].values() if n > 0)
         self.handle_stimulus(GatherDepSuccessEvent(stimulus_id, worker, reply["data"], reply["nbytes"]))
 
     def get_data(self, keys: Iterable[Key] = (), who: str | None = None) -> dict:
@@ -711,6 +721,7 @@ class Worker(Server):
                 data[k] = box_large(self.data[k])
                 ts = tasks.get(k)
                 nbytes[k] = ts.nbytes if ts is not None else -1
+        self.transfer_outgoing_bytes += sum(n for n in nbytes.values() if n > 0)
         return {"data": data, "nbytes": nbytes}
 
     def update_data(self, data: dict | None = None, report: bool = True) -> dict:

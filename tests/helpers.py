@@ -29,8 +29,12 @@ def gen_test(timeout: float = 30):
 @asynccontextmanager
 async def gen_cluster(nworkers: int = 2, nthreads: int = 1, client: bool = True,
                       worker_kwargs: dict | None = None, scheduler_kwargs: dict | None = None):
-    """A validating scheduler and ``nworkers`` in-process workers on loopback, plus a client."""
-    async with Scheduler(validate=True, **(scheduler_kwargs or {})) as s:
+    """A validating scheduler and ``nworkers`` in-process workers on loopback, plus a client.
+
+    The status page is off unless ``scheduler_kwargs`` asks for it (``dashboard_address``).
+    """
+    scheduler_kwargs = {"dashboard_address": None, **(scheduler_kwargs or {})}
+    async with Scheduler(validate=True, **scheduler_kwargs) as s:
         workers = [
             Worker(s.address, nthreads=nthreads, validate=True, name=f"w{i}", **(worker_kwargs or {}))
             for i in range(nworkers)

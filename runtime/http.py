@@ -1,0 +1,279 @@
+"""A small HTTP/1.1 server on asyncio, for the status page and ``/metrics``.
+
+Theory of operation
+-------------------
+The scheduler and the workers serve a handful of read-only routes (JSON, the
+Prometheus text format, one static page).  That needs none of a web
+framework's machinery, and tornado/aiohttp would be a large dependency for it,
+so this module speaks just enough HTTP/1.1:
+
+* ``GET`` and ``HEAD`` only (anything else: ``405``); no request bodies
+  (``Content-Length`` above zero or ``Transfer-Encoding``: ``400``);
+* the request head is limited in size (:data:`MAX_HEAD`) and in time
+  (:data:`HEAD_TIMEOUT`), so a slow or huge request cannot hold memory;
+* keep-alive as HTTP/1.1 has it (``Connection: close`` honoured), closed after
+  :data:`IDLE_TIMEOUT` idle seconds;
+* a malformed request is answered ``400`` and its connection closed; a route
+  that raises is answered ``500`` and logged.  Nothing a peer sends stops the
+  server.
+
+With an ``ssl.SSLContext`` the same routes are served over HTTPS (the
+cluster's server context: with TLS on, only holders of the cluster's
+certificates get in).  :meth:`HTTPServer.close` closes the listener and every
+open connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import ssl
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+#: Largest request head (request line and headers) we read, in bytes.
+MAX_HEAD = 16 * 1024
+#: Seconds a client has to send a whole request head.
+HEAD_TIMEOUT = 10.0
+#: Seconds an idle keep-alive connection stays open.
+IDLE_TIMEOUT = 15.0
+
+_REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 404: "Not Found",
+            405: "Method Not Allowed", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
+@dataclass
+class Request:
+    """One parsed request: ``method``, ``path`` (decoded), ``query`` (first value per name)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+
+
+@dataclass
+class Response:
+    """What a route returns."""
+
+    body: bytes | str = b""
+    status: int = 200
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Request], "Response | Awaitable[Response]"]
+
+
+class BadRequest(Exception):
+    """The request cannot be served; answered with ``status`` and the connection closed."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_head(head: bytes) -> Request:
+    """Parse a request head (up to and including the blank line).
+
+    Raises:
+        BadRequest: the head is not HTTP/1.x we serve (``400``/``405``).
+    """
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError as e:  # pragma: no cover - latin-1 decodes everything
+        raise BadRequest(f"undecodable request: {e}") from None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadRequest(f"malformed request line {lines[0][:80]!r}")
+    method, target, _version = parts
+    if not target.startswith("/"):
+        raise BadRequest(f"unsupported request target {target[:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise BadRequest(f"malformed header line {line[:80]!r}")
+        headers[name.lower()] = value.strip()
+    if method not in ("GET", "HEAD"):
+        raise BadRequest(f"method {method[:20]!r} not allowed", status=405)
+    if "transfer-encoding" in headers:
+        raise BadRequest("request bodies are not accepted")
+    length = headers.get("content-length", "0")
+    if not length.isdigit() or int(length) != 0:
+        raise BadRequest("request bodies are not accepted")
+    url = urllib.parse.urlsplit(target)
+    query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+    return Request(method, urllib.parse.unquote(url.path), query, headers)
+
+
+def render(response: Response, head_only: bool = False, keep_alive: bool = True) -> bytes:
+    """The bytes of ``response`` on the wire."""
+    body = response.body.encode() if isinstance(response.body, str) else response.body
+    reason = _REASONS.get(response.status, "Unknown")
+    headers = {"Content-Type": response.content_type, "Content-Length": str(len(body)),
+               "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+               "Connection": "keep-alive" if keep_alive else "close", **response.headers}
+    head = f"HTTP/1.1 {response.status} {reason}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    return head.encode("latin-1") + (b"" if head_only else body)
+
+
+class HTTPServer:
+    """Serve ``routes`` (exact path -> handler) over HTTP/1.1, or HTTPS with ``ssl_context``.
+
+    Args:
+        routes: handlers by exact path; a handler takes a :class:`Request` and
+            returns a :class:`Response` (or an awaitable of one).
+        fallback: handler for paths not in ``routes`` (default: ``404``).
+        ssl_context: serve HTTPS with this server-side context.
+        name: for log messages (``"scheduler dashboard"``).
+    """
+
+    def __init__(self, routes: dict[str, Handler], fallback: Handler | None = None,
+                 ssl_context: ssl.SSLContext | None = None, name: str = "http"):
+        self.routes = routes
+        self.fallback = fallback
+        self.ssl_context = ssl_context
+        self.name = name
+        self.server: asyncio.base_events.Server | None = None
+        self.host = ""
+        self.port = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.requests_served = 0
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context is not None else "http"
+
+    async def listen(self, host: str, port: int, fallback_to_random: bool = True) -> int:
+        """Listen on ``host:port`` and return the port.
+
+        Args:
+            fallback_to_random: if ``port`` is taken, listen on a free port
+                instead (logged), as dask's dashboard does.
+
+        Raises:
+            OSError: the address cannot be used.
+        """
+        try:
+            self.server = await asyncio.start_server(self._serve, host, port, ssl=self.ssl_context,
+                                                     limit=MAX_HEAD, backlog=64)
+        except OSError as e:
+            if not (fallback_to_random and port and e.errno == errno.EADDRINUSE):
+                raise
+            self.server = await asyncio.start_server(self._serve, host, 0, ssl=self.ssl_context,
+                                                     limit=MAX_HEAD, backlog=64)
+            logger.warning("%s: port %d is in use; serving on port %d instead", self.name, port,
+                           self.server.sockets[0].getsockname()[1])
+        self.host = host
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        """Stop listening and close every open connection."""
+        if self.server is not None:
+            self.server.close()
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+        if self.server is not None:
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 2.0)
+            except (asyncio.TimeoutError, OSError):  # pragma: no cover
+                pass
+            self.server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            first = True
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
+                                                  HEAD_TIMEOUT if first else IDLE_TIMEOUT)
+                except asyncio.LimitOverrunError:
+                    writer.write(render(Response("request head too large\n", 400),
+                                        keep_alive=False))
+                    return
+                except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError,
+                        ssl.SSLError, OSError):
+                    return
+                first = False
+                try:
+                    request = parse_head(head)
+                except BadRequest as e:
+                    writer.write(render(Response(f"{e}\n", e.status), keep_alive=False))
+                    return
+                keep_alive = request.headers.get("connection", "").lower() != "close"
+                response = await self._respond(request)
+                writer.write(render(response, head_only=request.method == "HEAD",
+                                    keep_alive=keep_alive))
+                self.requests_served += 1
+                await writer.drain()
+                if not keep_alive:
+                    return
+        except (ConnectionError, ssl.SSLError, OSError):
+            return
+        except Exception:  # pragma: no cover - never let a connection take the server down
+            logger.exception("%s: error serving a connection", self.name)
+        finally:
+            self._writers.discard(writer)
+            writer.close()  # what is buffered still goes out, then the socket closes
+
+    async def _respond(self, request: Request) -> Response:
+        handler = self.routes.get(request.path, self.fallback)
+        if handler is None:
+            return Response(f"no such page: {request.path[:200]}\n", 404)
+        try:
+            result = handler(request)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        except BadRequest as e:
+            return Response(f"{e}\n", e.status)
+        except Exception:
+            logger.exception("%s: route %s failed", self.name, request.path[:200])
+            return Response("internal error\n", 500)
+
+
+def parse_dashboard_address(value: object, default_host: str) -> tuple[str, int] | None:
+    """``(host, port)`` from a ``dashboard_address`` value, or ``None`` when disabled.
+
+    Accepts ``":8787"``, ``"8787"``, ``8787``, ``"host:port"``, ``"[::1]:0"``;
+    an empty host means ``default_host`` (the server's own host).  ``None``,
+    ``False`` and ``""`` disable the dashboard.
+
+    Raises:
+        ValueError: naming the value and the accepted forms.
+    """
+    if value is None or value is False or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"dashboard_address={value!r}: expected ':8787', 'host:port', a port "
+                         "number, or None/False to disable")
+    if isinstance(value, int):
+        host, port_text = "", str(value)
+    elif isinstance(value, str):
+        text = value.split("://", 1)[-1]
+        if text.isdigit():
+            host, port_text = "", text
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep:
+                host, port_text = text, "0"
+            host = host.strip("[]")
+    else:
+        raise ValueError(f"dashboard_address={value!r}: expected ':8787', 'host:port', a port "
+                         "number, or None/False to disable")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"dashboard_address={value!r}: the port must be a number in 0-65535")
+    return host or default_host, int(port_text)
