@@ -27,6 +27,7 @@ from runtime import (
     default_client,
     get_current_task,
     get_worker,
+    progress,
     secede,
     wait,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "default_client",
     "get_current_task",
     "get_worker",
+    "progress",
     "secede",
     "wait",
 ]

@@ -26,6 +26,7 @@ from .futures import (
 )
 from .local import LocalCluster
 from .nanny import Nanny
+from .progress import progress
 from .scheduler import Scheduler
 from .scheduler_ops import SchedulerPlugin
 from .security import Security
@@ -58,6 +59,7 @@ __all__ = [
     "default_client",
     "get_current_task",
     "get_worker",
+    "progress",
     "secede",
     "wait",
 ]

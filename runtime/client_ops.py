@@ -182,3 +182,9 @@ class ClientOpsMixin:
         """Sampled profiles of running tasks (workers with ``profile=True``), per task prefix:
         ``{prefix: {"count": samples, "functions": [[function, samples], ...]}}``."""
         return self._scheduler_call("profile", key=key, workers=workers)
+
+    def progress(self, *futures, **kwargs):
+        """A progress bar over ``futures`` (see :func:`runtime.progress.progress`)."""
+        from .progress import progress
+
+        return progress(*futures, **kwargs)

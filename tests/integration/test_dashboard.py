@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from runtime import Scheduler, Security
+from runtime import Client, Scheduler, Security
 from tests.helpers import gen_cluster, gen_test, until
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -308,3 +308,67 @@ async def test_page_in_headless_chromium_shows_workers_and_tasks_updating():
         finally:
             stop.set()
             await task
+
+
+# ----------------------------------------------------------------------------- progress bars
+
+
+def test_progress_in_a_terminal_redraws_in_place_and_finishes():
+    import pty
+
+    from cluster import LocalCluster, progress
+
+    master, slave = pty.openpty()
+    try:
+        with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
+                          dashboard_address=None) as cluster, Client(cluster) as c:
+            futures = c.map(slow_inc, range(20), delay=0.05)
+            with open(slave, "w", closefd=False) as tty:
+                assert tty.isatty()
+                assert progress(futures, multi=True, file=tty, interval=0.02) is None
+            assert all(f.done() for f in futures)
+        out = b""
+        while True:  # everything written is already in the pty's buffer
+            import select
+
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                break
+            out += os.read(master, 65536)
+    finally:
+        os.close(master)
+        os.close(slave)
+    text = out.decode()
+    assert text.count("\r") >= 2  # redrawn in place
+    assert "100% Completed" in text and "slow_inc 20/20" in text
+    assert text.rstrip().endswith("s | slow_inc 20/20")
+
+
+def test_progress_to_a_captured_stream_writes_one_final_line(capsys):
+    import io
+
+    from cluster import LocalCluster, progress
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        futures = c.map(slow_inc, range(5))
+        buf = io.StringIO()
+        c.progress(futures, file=buf, notebook=False)
+        assert buf.getvalue().count("\n") == 1 and "100% Completed" in buf.getvalue()
+        progress({"a": futures[0]}, [futures[1:]])  # to stderr by default
+        assert "100% Completed" in capsys.readouterr().err
+        with pytest.raises(TypeError, match="progress"):
+            progress(42)
+
+
+@gen_test(timeout=60)
+async def test_progress_with_an_asynchronous_client_is_awaitable():
+    import io
+
+    from cluster import progress
+
+    async with gen_cluster() as (c, s, workers):
+        futures = c.map(slow_inc, range(5))
+        buf = io.StringIO()
+        await progress(futures, file=buf)
+        assert "100% Completed" in buf.getvalue()
