@@ -401,16 +401,21 @@ class Security:
         """Read a file written by :meth:`to_file`.
 
         Raises:
-            PermissionError: the file can be read or written by others than its owner.
+            PermissionError: the file can be read or written by others than its
+                owner, or its owner is not us.
             ValueError: the file is not a security file.
             OSError: it cannot be read.
         """
         with open(path) as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if mode & 0o077:
+            st = os.fstat(f.fileno())
+            if st.st_mode & 0o077:
                 raise PermissionError(
-                    f"credentials file {path} is accessible by others (mode {mode & 0o777:04o}); "
-                    f"it must be readable only by its owner: chmod 600 {path}")
+                    f"credentials file {path} is accessible by others (mode "
+                    f"{st.st_mode & 0o777:04o}); it must be readable only by its owner: "
+                    f"chmod 600 {path}")
+            if st.st_uid != os.geteuid():
+                raise PermissionError(f"credentials file {path} belongs to user id {st.st_uid}, "
+                                      f"not to us ({os.geteuid()}): refusing it")
             try:
                 data = json.load(f)
             except ValueError as e:

@@ -246,11 +246,16 @@ def test_credentials_file_keeps_paths_as_absolute_paths(tmp_path, monkeypatch):
     assert back.tls_min_version == ssl.TLSVersion.TLSv1_3
 
 
-def test_credentials_file_readable_by_others_is_refused(sec, tmp_path):
+def test_credentials_file_readable_by_others_or_not_ours_is_refused(sec, tmp_path):
     path = sec.to_file(str(tmp_path / "creds"))
     os.chmod(path, 0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
         Security.from_file(path)
+    os.chmod(path, 0o600)
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chown(path, 65534, 65534)
+        with pytest.raises(PermissionError, match="belongs to user id 65534"):
+            Security.from_file(path)
     not_ours = tmp_path / "other.json"
     write_private_file(str(not_ours), json.dumps({"address": "x"}))
     with pytest.raises(ValueError, match="not a credentials file"):
