@@ -15,6 +15,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+import psutil
+
 from bench.procs import run_child
 
 LAUNCH_WORKLOAD = "mpi-launch"
@@ -41,6 +43,8 @@ LAUNCH_METRICS = (
                  "`client.shutdown()` → `mpiexec` returned (service mode)"),
     LaunchMetric("script_ready_s", "shutdown",
                  "`mpiexec` start → script sees its workers (script mode; dask-mpi: N−2)"),
+    LaunchMetric("job_cpu_s", "ready",
+                 "CPU time of all the job's processes, start → exit (service mode)"),
 )
 
 
@@ -88,7 +92,8 @@ def run_launch_workload(systems, *, sizes, repeat, env, cwd, tmpdir, start_timeo
 
     ``values`` maps ``(metric key, N)`` to the list of measured seconds.
     """
-    results = {s: {"values": {}, "notes": [], "leftovers": 0, "runs": 0} for s in systems}
+    results = {s: {"values": {}, "notes": [], "leftovers": 0, "runs": 0, "busy": []}
+               for s in systems}
     dead = {}
     failures = dict.fromkeys(systems, 0)
 
@@ -96,12 +101,16 @@ def run_launch_workload(systems, *, sizes, repeat, env, cwd, tmpdir, start_timeo
         if system in dead:
             return
         label = f"[{system}] {LAUNCH_WORKLOAD} {mode} N={n}{'' if timed else ' (warm-up)'}"
-        print(f"{label} ...", end=" ", flush=True)
+        # How busy the machine is just before the launch: other load skews every figure.
+        busy = psutil.cpu_percent(interval=0.5)
+        print(f"{label} (CPU {busy:.0f}% busy before) ...", end=" ", flush=True)
         status, metrics, info, reason = _one(system, mode, n, tag, env=env, cwd=cwd,
                                              tmpdir=tmpdir, start_timeout=start_timeout,
                                              keep_logs=keep_logs)
         r = results[system]
         r["runs"] += 1
+        if timed:
+            r["busy"].append(busy)
         left = info.get("left_after_grace", 0) or 0
         if left:
             r["leftovers"] += left

@@ -264,6 +264,12 @@ def render_launch_section(info, args_desc, results, systems, sizes, repeat):
         *build_launch_table(results, systems, sizes),
         "",
     ]
+    busy = [b for s in systems for b in results.get(s, {}).get("busy", [])]
+    if busy:
+        lo, med, hi = summarize(busy)
+        out += [f"Other load: in the half second before each timed launch the machine's CPUs were "
+                f"{med:.0f}% busy (median; {lo:.0f}–{hi:.0f}%). Wall times grow with that load; the "
+                "CPU-time row hardly does.", ""]
     notes = []
     for s in systems:
         r = results.get(s, {})

@@ -23,7 +23,9 @@ is the client).
 ``mpiexec`` runs in its own session and this process is a child subreaper, so
 ranks and worker processes that outlive ``mpiexec`` become our children: they
 are counted (``info.left_at_exit``, ``info.left_after_grace``) and killed.
-Every wait has a deadline; past it the whole ``mpiexec`` process group is
+``job_cpu_s`` is the CPU time (user + system) of all the job's processes from
+start to exit, which other load on the machine hardly changes. Every wait
+has a deadline; past it the whole ``mpiexec`` process group is
 SIGKILLed and the error is recorded.
 """
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -204,6 +207,17 @@ def run_ready(args, res, Client, launch, sched_file):
     return launch.proc.returncode
 
 
+def children_cpu_s():
+    """CPU seconds (user + system) of every descendant reaped so far.
+
+    This process is fresh for each launch and every process of the job is
+    reaped by its parent (or by us, as subreaper), so after the job this is
+    the CPU time of the whole job: ``mpiexec``, proxies, ranks, workers.
+    """
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_shutdown(args, res, launch, marks_file):
     deadline = time.monotonic() + args.start_timeout + args.shutdown_timeout
     ready_seen = False
@@ -263,6 +277,10 @@ def main(argv=None):
         else:
             run_shutdown(args, res, launch, report_file)
         info["returncode"] = launch.proc.returncode
+        leftovers(info)
+        if not info["left_after_grace"]:
+            key = "job_cpu_s" if args.mode == "ready" else "script_job_cpu_s"
+            res.record(**{key: children_cpu_s()})
         res.set(phase="done", ok=True)
         return 0
     except BaseException as e:
@@ -273,7 +291,8 @@ def main(argv=None):
             if not launch.exited():
                 launch.kill()
                 info["killed_mpiexec"] = True
-            leftovers(info)
+            if "left_after_grace" not in info:
+                leftovers(info)
         res.data.setdefault("info", {}).update(info)
         res.write()
         shutil.rmtree(workdir, ignore_errors=True)
