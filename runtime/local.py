@@ -52,6 +52,11 @@ class LocalCluster:
             you; or a :class:`~runtime.security.Security`.  ``None`` with
             ``protocol="tcp"`` or ``"inproc"`` means no TLS.
         memory_limit: per-worker memory limit (see ``Worker``).
+        dashboard_address: where the scheduler serves its status page and
+            ``/metrics`` (default ``":8787"``, or a free port if 8787 is taken;
+            ``None``: not served); see ``cluster.dashboard_link``.
+        worker_dashboard_address: serve each worker's ``/metrics`` and
+            ``/health`` (``":0"``: a free port each; default: not served).
         asynchronous: use the running event loop; ``await`` the cluster.
         validate: turn on state validation in the scheduler and workers.
         scheduler_kwargs: more keyword arguments for ``Scheduler``.
@@ -64,7 +69,7 @@ class LocalCluster:
     def __init__(self, n_workers: int | None = None, threads_per_worker: int | None = None,
                  processes: bool = True, loop=None, start=None, host: str | None = None,
                  ip: str | None = None, scheduler_port: int = 0, silence_logs=None,
-                 dashboard_address=None, worker_dashboard_address=None, diagnostics_port=None,
+                 dashboard_address: Any = ":8787", worker_dashboard_address=None, diagnostics_port=None,
                  services=None, worker_services=None, service_kwargs=None,
                  asynchronous: bool = False, security=None, protocol: str | None = None,
                  blocked_handlers=None, interface: str | None = None, worker_class=None,
@@ -115,6 +120,9 @@ class LocalCluster:
         self.scheduler_port = scheduler_port
         self.memory_limit = memory_limit
         self.scheduler_kwargs = dict(scheduler_kwargs or {})
+        self.dashboard_address = dashboard_address
+        if worker_dashboard_address is not None:
+            worker_kwargs.setdefault("dashboard_address", worker_dashboard_address)
         self.worker_kwargs = worker_kwargs
         self.scheduler: Scheduler | None = None
         self.workers: dict[Any, Worker | WorkerProcess] = {}
@@ -162,6 +170,11 @@ class LocalCluster:
     def scheduler_address(self) -> str | None:
         return self.scheduler.address if self.scheduler is not None and self.scheduler.listeners else None
 
+    @property
+    def dashboard_link(self) -> str | None:
+        """The scheduler's status page (``None`` if not served)."""
+        return self.scheduler.dashboard_link if self.scheduler is not None else None
+
     async def _start(self):
         if self.status == "running":
             return self
@@ -170,7 +183,7 @@ class LocalCluster:
         kwargs = {"host": self.host, "interface": self.interface, "port": self.scheduler_port,
                   "protocol": self.protocol, "validate": self.validate,
                   "security": self.security if self.security is not None else False,
-                  **self.scheduler_kwargs}
+                  "dashboard_address": self.dashboard_address, **self.scheduler_kwargs}
         self.scheduler = await Scheduler(**kwargs)
         await self._scale(self.n_workers)
         self.status = "running"
