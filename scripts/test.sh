@@ -10,6 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 bash scripts/setup-openmpi.sh
+# A real single-node SLURM for tests/jobqueue, and headless Chromium for the
+# status-page test: both installed from Debian packages and started here, and
+# required (a missing one fails those tests instead of skipping them).
+bash scripts/slurm.sh start
+bash scripts/browser.sh
+export CLUSTER_REQUIRE_SLURM=1 CLUSTER_REQUIRE_BROWSER=1
 .venv/bin/ruff check .
 
 status=0
