@@ -26,6 +26,7 @@ from collections.abc import Hashable, Iterable
 from contextlib import suppress
 from typing import Any
 
+from . import messages
 from .core import BatchedSend, Server, Status
 from .dashboard.scheduler import SchedulerDiagnosticsMixin
 from .errors import CommClosedError, CommError
@@ -159,6 +160,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
             "register-worker": self.add_worker,
             "register-client": self.add_client,
         })
+        self.message_specs = {**messages.SCHEDULER_REQUESTS, **messages.SCHEDULER_STREAM_OPENINGS}
         self.worker_ops = {
             "task-finished": self._on_task_finished,
             "task-erred": self._on_task_erred,
@@ -459,11 +461,18 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
             bs.send({"op": "plugin-add", "plugin": blob, "name": pname})
         self._send(instrs)
         self._plugin_hook("add_worker", scheduler=self, worker=address)
-        await self._serve_stream(comm, self.worker_ops, worker=address)
+        await self._serve_stream(comm, self.worker_ops, messages.SCHEDULER_WORKER_STREAM,
+                                 worker=address)
         if self.state.workers.get(address) is not None and self.stream_comms.get(address) is bs:
             await self.remove_worker(address, stimulus_id=self._stimulus("worker-stream-closed"))
 
-    async def _serve_stream(self, comm, ops: dict, **extra) -> None:
+    async def _serve_stream(self, comm, ops: dict, specs: dict[str, messages.Spec],
+                            **extra) -> None:
+        """Apply each message of each batch from a worker's or client's stream.
+
+        A message of the wrong shape (see :mod:`runtime.messages`) ends the
+        stream before it is applied; messages before it in its batch stand.
+        """
         peer = comm.peer_address
         while self.status == Status.running:
             try:
@@ -480,11 +489,17 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
             try:
                 for msg in batch:
                     op = msg.pop("op", None) if isinstance(msg, dict) else None
-                    if op not in ops:
-                        logger.warning("closing stream from %s: unknown operation %r", peer, op)
+                    if not isinstance(op, str) or op not in ops:
+                        logger.warning("closing stream from %s: unknown operation %s", peer,
+                                       messages.short_repr(op))
                         return
                     handler = ops[op]
                     if handler is None:  # close request
+                        return
+                    try:
+                        messages.check_message(specs, op, msg, self.state)
+                    except (TypeError, ValueError) as e:
+                        logger.warning("closing stream from %s: %s", peer, e)
                         return
                     try:
                         handler(**msg, **extra)
@@ -605,7 +620,8 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
         logger.info("register client %s", client)
         self._plugin_hook("add_client", scheduler=self, client=client)
         try:
-            await self._serve_stream(comm, self.client_ops, client=client)
+            await self._serve_stream(comm, self.client_ops, messages.SCHEDULER_CLIENT_STREAM,
+                                     client=client)
         finally:
             if self.client_comms.get(client) is bs:
                 del self.client_comms[client]

@@ -32,6 +32,7 @@ from typing import Any
 
 import psutil
 
+from . import messages
 from .comm.serialize import box_large
 from .core import BatchedSend, Server, Status, unpack_reply
 from .dashboard.worker import WorkerDiagnosticsMixin
@@ -275,6 +276,7 @@ class Worker(WorkerDiagnosticsMixin, Server):
             "close_gracefully": self.close_gracefully,
             "keys": lambda: list(self.data),
         })
+        self.message_specs = messages.WORKER_REQUESTS
         self.stream_ops = {
             "compute-task": self._on_compute_task,
             "free-keys": self._on_free_keys,
