@@ -484,9 +484,10 @@ class Client(ClientOpsMixin):
             priority: higher runs first.
 
         Raises:
-            TypeError: ``func`` is not callable or ``key`` has the wrong type.
+            TypeError: ``func`` is not callable, or ``key``, ``workers``,
+                ``resources``, ``retries`` or ``priority`` has the wrong type (named).
             TaskSerializationError: the function or an argument cannot be pickled (named).
-            ValueError: a future argument belongs to another client.
+            ValueError: a future argument belongs to another client; negative ``retries``.
         """
         if not callable(func):
             raise TypeError(f"the first argument of submit must be callable, not {type(func).__name__}")
@@ -496,14 +497,15 @@ class Client(ClientOpsMixin):
         pure = True if pure is None else pure
         func_b = self._serialize_function(func)
         key, piece = task_piece(self, func, func_b, args, kwargs, key, pure)
+        msg = graph_msg({key: piece}, [key], workers, resources, retries, priority,
+                        allow_other_workers)
         st = self._get_state(key)
         if st.status in ("cancelled", "lost"):
             st.status = "pending"
             if st._event is not None:
                 self._on_loop(st.event.clear)
         future = Future(key, self, st)
-        self._send(graph_msg({key: piece}, [key], workers, resources, retries, priority,
-                                   allow_other_workers))
+        self._send(msg)
         return future
 
     def map(self, func: Callable, *iterables: Iterable, key: str | list | None = None, workers=None,
@@ -537,9 +539,10 @@ class Client(ClientOpsMixin):
                 k = f"{key}-{k.rsplit('-', 1)[-1]}"
             pieces[k] = piece
             order.append(k)
+        msg = graph_msg(pieces, list(pieces), workers, resources, retries, priority,
+                        allow_other_workers)
         futures = [Future(k, self) for k in order]
-        self._send(graph_msg(pieces, list(pieces), workers, resources, retries, priority,
-                                   allow_other_workers))
+        self._send(msg)
         return futures
 
     def _check_running(self) -> None:
