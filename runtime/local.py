@@ -12,6 +12,7 @@ user of the machine.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import os
@@ -28,6 +29,28 @@ from .security import resolve_security
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
+
+
+def _check_worker_options(worker_kwargs: dict, nanny: bool, worker_class: Any) -> None:
+    """Refuse keyword arguments that are options neither of LocalCluster nor of a worker.
+
+    Checked here, before anything starts: later, the error would come from a
+    Nanny, or from a worker process that exits before registering.
+
+    Raises:
+        TypeError: naming the unknown options.
+    """
+    if worker_class is not None:
+        return  # a custom worker class may take more options
+    accepted = {n for n, p in inspect.signature(Worker.__init__).parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if nanny:
+        accepted |= {n for n, p in inspect.signature(Nanny.__init__).parameters.items()
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(worker_kwargs) - accepted - {"self"})
+    if unknown:
+        raise TypeError(f"LocalCluster() got unexpected keyword arguments: {', '.join(unknown)} "
+                        f"(neither LocalCluster options nor options of its workers)")
 
 
 class LocalCluster:
@@ -112,6 +135,7 @@ class LocalCluster:
         # As in dask.distributed: worker processes are supervised by nannies, so
         # that a crashed worker comes back and Client.restart() works.
         self.nanny = processes if nanny is None else bool(nanny)
+        _check_worker_options(worker_kwargs, self.processes and self.nanny, worker_class)
         self.asynchronous = asynchronous
         self.validate = validate
         self.host = host or ip
