@@ -1,0 +1,147 @@
+"""The message specs (:mod:`runtime.messages`): every stream operation has one, what our
+own code sends passes, and the shapes the fuzz found are refused, naming the field."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from runtime import messages
+from runtime.graph import graph_msg
+from runtime.scheduler import Scheduler
+from runtime.scheduler_state import SchedulerState
+from runtime.worker_events import (
+    AddKeysMsg,
+    LongRunningMsg,
+    MissingDataMsg,
+    ReleaseWorkerDataMsg,
+    RescheduleMsg,
+    TaskErredMsg,
+    TaskFinishedMsg,
+)
+
+RECIPE = (b"function", b"arguments")
+
+
+def check(specs, msg: dict, context=None) -> None:
+    msg = dict(msg)
+    op = msg.pop("op")
+    messages.check_message(specs, op, msg, context)
+
+
+def test_every_stream_operation_has_a_spec():
+    """A new operation without a spec would reach the state unchecked."""
+    s = Scheduler(dashboard_address=None)
+    assert set(s.worker_ops) == set(messages.SCHEDULER_WORKER_STREAM)
+    assert set(s.client_ops) == set(messages.SCHEDULER_CLIENT_STREAM)
+    assert set(s.stream_handlers) == set(messages.SCHEDULER_STREAM_OPENINGS)
+    assert set(messages.SCHEDULER_REQUESTS) <= set(s.handlers)
+
+
+@pytest.mark.parametrize("msg", [
+    TaskFinishedMsg("s", "k", 28, "int", [("compute", 1.0, 2.5)]).to_wire() | {"data": b"x"},
+    TaskFinishedMsg("s", ("k", 1), np.int64(28), "int", []).to_wire(),
+    TaskErredMsg("s", "k", ValueError("x"), "Traceback ...", [("compute", 1, 2)]).to_wire(),
+    TaskErredMsg("s", "k", None, None, []).to_wire(),
+    AddKeysMsg("s", ["a", ("b", 2), 3, 4.5, b"c"]).to_wire(),
+    MissingDataMsg("s", "k", "tcp://127.0.0.1:1").to_wire(),
+    MissingDataMsg("s", "k", None).to_wire(),
+    ReleaseWorkerDataMsg("s", "k").to_wire(),
+    RescheduleMsg("s", "k").to_wire(),
+    LongRunningMsg("s", "k", 0.25).to_wire(),
+    {"op": "heartbeat", "metrics": {"memory": 1, "time": 2.0, "anything": {"nested": 1}}},
+    {"op": "worker-status-change", "status": "paused"},
+    {"op": "worker-closing", "reason": "lifetime"},
+])
+def test_what_workers_send_passes(msg):
+    check(messages.SCHEDULER_WORKER_STREAM, msg)
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"workers": "tcp://127.0.0.1:1", "allow_other_workers": True},
+    {"workers": ["w0", 3], "resources": {"GPU": 1, "MEM": 0.5}, "retries": 2, "priority": -1.5},
+])
+def test_what_clients_send_passes(options):
+    defaults = {"workers": None, "resources": None, "retries": None, "priority": 0,
+                "allow_other_workers": False}
+    pieces = {"x": {"spec": RECIPE, "deps": set()}, ("y", 0): {"spec": RECIPE, "deps": {"x"}}}
+    msg = graph_msg(pieces, list(pieces), **(defaults | options))
+    check(messages.SCHEDULER_CLIENT_STREAM, msg, SchedulerState())
+    check(messages.SCHEDULER_CLIENT_STREAM, {"op": "client-releases-keys", "keys": ["x"]})
+
+
+@pytest.mark.parametrize("op, msg, field", [
+    ("register-worker", {"address": "tcp://h:1", "nthreads": {}}, "nthreads"),
+    ("register-worker", {"address": "tcp://h:1", "nthreads": 0}, "nthreads"),
+    ("register-worker", {"address": "tcp://h:1", "name": ["unhashable"]}, "name"),
+    ("register-worker", {"address": "tcp://h:1", "resources": {"GPU": "1"}}, "resources"),
+    ("register-worker", {"address": 5}, "address"),
+    ("register-worker", {"nthreads": 1}, "missing field 'address'"),
+    ("register-worker", {"address": "tcp://h:1", "bogus": 1}, "unexpected field 'bogus'"),
+    ("register-client", {}, "missing field 'client'"),
+    ("register-client", {"client": 7}, "client"),
+])
+def test_bad_stream_openings_are_refused_naming_the_field(op, msg, field):
+    with pytest.raises(TypeError, match=field):
+        messages.check_message(messages.SCHEDULER_STREAM_OPENINGS, op, msg)
+
+
+@pytest.mark.parametrize("msg, field", [
+    ({"op": "update-graph", "tasks": {"k": "not a recipe"}}, "tasks"),
+    ({"op": "update-graph", "tasks": {("k", frozenset([1])): RECIPE}}, "tasks"),
+    ({"op": "update-graph", "tasks": {}, "keys": {"a": 1}}, "keys"),
+    ({"op": "update-graph", "tasks": {}, "keys": [{"a": 1}]}, "keys"),
+    ({"op": "update-graph", "tasks": {}, "dependencies": {"k": 5}}, "dependencies"),
+    ({"op": "update-graph", "tasks": {}, "retries": {"k": -1}}, "retries"),
+    ({"op": "update-graph", "tasks": {}, "user_priority": math.nan}, "user_priority"),
+    ({"op": "update-graph", "tasks": {}, "client": "someone else"}, "unexpected field 'client'"),
+    ({"op": "client-releases-keys", "keys": "abc"}, "keys"),
+])
+def test_bad_client_messages_are_refused_naming_the_field(msg, field):
+    with pytest.raises(TypeError, match=field):
+        check(messages.SCHEDULER_CLIENT_STREAM, msg, SchedulerState())
+
+
+def test_a_cyclic_graph_is_refused_as_a_value_error():
+    msg = {"op": "update-graph", "tasks": {"a": RECIPE, "b": RECIPE}, "keys": ["a"],
+           "dependencies": {"a": ["b"], "b": ["a"]}}
+    with pytest.raises(ValueError, match="'update-graph' message: the graph has a cycle"):
+        check(messages.SCHEDULER_CLIENT_STREAM, msg, SchedulerState())
+    # Without a state to check against, only the types are checked.
+    check(messages.SCHEDULER_CLIENT_STREAM, msg)
+
+
+@pytest.mark.parametrize("msg, field", [
+    ({"op": "task-finished", "key": "k", "nbytes": "28"}, "nbytes"),
+    ({"op": "task-finished", "nbytes": 28}, "missing field 'key'"),
+    ({"op": "task-finished", "key": "k", "startstops": [("compute", 1.0)]}, "startstops"),
+    ({"op": "task-finished", "key": "k", "startstops": [("compute", 1.0, math.inf)]}, "startstops"),
+    ({"op": "task-finished", "key": "k", "worker": "tcp://h:1"}, "unexpected field 'worker'"),
+    ({"op": "long-running", "key": "k", "compute_duration": math.nan}, "compute_duration"),
+    ({"op": "add-keys", "keys": [["a"]]}, "keys"),
+    ({"op": "heartbeat", "metrics": [1, 2]}, "metrics"),
+    ({"op": "worker-status-change", "status": "asleep"}, "status"),
+    ({"op": "worker-status-change"}, "missing field 'status'"),
+])
+def test_bad_worker_messages_are_refused_naming_the_field(msg, field):
+    with pytest.raises(TypeError, match=field):
+        check(messages.SCHEDULER_WORKER_STREAM, msg)
+
+
+def test_non_string_field_names_and_hostile_reprs_do_not_break_the_check():
+    class BadRepr:
+        def __repr__(self):
+            raise RuntimeError("no")
+
+    with pytest.raises(TypeError, match="unexpected field 3"):
+        messages.check_message(messages.SCHEDULER_WORKER_STREAM, "add-keys", {3: 1})
+    with pytest.raises(TypeError, match="keys.*BadRepr"):
+        messages.check_message(messages.SCHEDULER_WORKER_STREAM, "add-keys", {"keys": BadRepr()})
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert messages.short_repr(deep).startswith("[[[")
+    assert len(messages.short_repr(list(range(10**6)))) <= 80
