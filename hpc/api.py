@@ -202,4 +202,4 @@ def _shutdown_at_exit(job: Job, address: str | None) -> None:
             logger.error("could not close the scheduler %s: %r", address, e)
     # Our own exit status is not known here; the interpreter exits with it after
     # MPI_Finalize, and mpiexec reports it.
-    job.finish(0, FINISH_TIMEOUT + FINISH_MARGIN, abort_on_failure=False)
+    job.finish(0, FINISH_TIMEOUT + FINISH_MARGIN)

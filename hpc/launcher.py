@@ -29,9 +29,9 @@ option fails on every rank alike, before any MPI communication.  Then:
 Exit status: the script's status (script mode), 0 after a clean shutdown
 (service mode), 128 + signal number after SIGTERM/SIGINT, 1 when the cluster
 failed (a worker rank that lost its scheduler, a scheduler that did not
-start), 2 for a bad command line or a missing script.  Under MPI, rank 0
-calls ``MPI_Abort`` with a non-zero status after a short grace period, so
-``mpiexec`` returns it.
+start), 2 for a bad command line or a missing script.  Under MPI, when rank
+0's status is non-zero every rank exits with it, so that ``mpiexec`` returns
+exactly it (see :meth:`hpc.mpi.Job.finish`).
 """
 
 from __future__ import annotations
@@ -241,8 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status (see the module documentation).  Under MPI, rank 0
-        aborts the job with a non-zero status instead of returning it.
+        The exit status (see the module documentation).  Under MPI, rank 0's
+        when it is non-zero, on every rank.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 MPI only *starts* the cluster and *ends* the job; all the cluster's own traffic
-goes over its TCP connections.  So the launcher needs five operations, every
+goes over its TCP connections.  So the launcher needs six operations, every
 one of them non-blocking and polled from the main thread against a deadline,
 so that no rank can wait forever on a rank that died or hangs:
 
@@ -18,15 +18,24 @@ so that no rank can wait forever on a rank that died or hangs:
    scheduler disappears *without* ``B1`` completing knows that something
    went wrong;
 5. the *final* barrier ``B2``, posted by every rank when it has cleaned up,
-   waited for with a deadline by :meth:`Job.finish`.
+   waited for with a deadline by :meth:`Job.finish`;
+6. an ``Ibcast`` of rank 0's exit status, right after ``B2``: when it is
+   non-zero, every rank exits with it.
 
-Every rank posts the same collectives in the same order (1-5), as MPI
+Every rank posts the same collectives in the same order (1-6), as MPI
 requires.  A deadline that passes means that some rank died or hangs: the
 rank that notices calls ``MPI_Abort``, which makes ``mpiexec`` kill the whole
 job and return -- never a rank left waiting in a collective or in
-``MPI_Finalize``.  Rank 0 also aborts, after the final barrier (or its
-deadline), when its status is non-zero, so that ``mpiexec`` returns exactly
-that status.
+``MPI_Finalize``.
+
+A job whose ranks all reached the end is *not* aborted to carry a non-zero
+status: every rank finalises MPI and exits normally, all with rank 0's
+status (6), and the launchers return exactly it -- MPICH's ``mpiexec`` ORs
+its ranks' statuses, Open MPI's returns the first non-zero one, Slurm's
+``srun`` the highest.  ``MPI_Abort`` would give the same status under
+``mpiexec`` but 137 under ``srun`` (the other ranks' SIGKILL), a banner under
+Open MPI, and under MPICH a shared-memory segment left in ``/dev/shm`` for
+every aborted job.
 
 Whether we run under MPI at all is decided from the environment that MPI
 launchers set (``PMI_RANK``, ``PMIX_RANK``, ``OMPI_COMM_WORLD_SIZE``, ...)
@@ -68,10 +77,6 @@ NAME_BYTES = 256
 
 #: Bytes of the broadcast payload (the scheduler's address as JSON, or an error).
 BCAST_BYTES = 8192
-
-#: Seconds rank 0 waits, after the final barrier, before ``MPI_Abort`` with a
-#: non-zero status: the other ranks finish their own exit meanwhile.
-ABORT_GRACE = 0.5
 
 
 class MPITimeout(Exception):
@@ -250,23 +255,20 @@ class Job:
         self.world.Abort(status)
         os._exit(status)  # pragma: no cover - MPI_Abort does not return
 
-    def finish(self, status: int, timeout: float, abort_on_failure: bool | None = None) -> int:
-        """Meet every rank at the final barrier ``B2``; return ``status`` or abort the job.
+    def finish(self, status: int, timeout: float) -> int:
+        """Meet every rank at the final barrier ``B2`` and learn rank 0's status.
 
         Args:
             status: this rank's exit status.
             timeout: seconds to wait for the other ranks.
-            abort_on_failure: after the barrier, abort the job with a non-zero
-                ``status`` (default: on rank 0), so that ``mpiexec`` returns it.
 
         Returns:
-            ``status``, when it is safe to return and finalise MPI normally.
-            Otherwise the job is aborted: when a rank did not arrive in time
-            (with ``status``, or 1), or ``abort_on_failure`` and ``status``
-            is non-zero.
+            The status this rank should exit with, after finalising MPI
+            normally: rank 0's status when it is non-zero (so that every
+            launcher returns exactly it), else ``status``.  When a rank does
+            not arrive in time, the job is aborted instead (with ``status``,
+            or 1).
         """
-        if abort_on_failure is None:
-            abort_on_failure = self.rank == 0
         if self._finished:
             return status
         self._finished = True
@@ -280,7 +282,16 @@ class Job:
         if not wait_request(self._done_request, 5.0):  # pragma: no cover
             logger.error("rank %d: the done barrier did not complete; aborting", self.rank)
             self.abort(status or 1)
-        if status and abort_on_failure:
-            time.sleep(ABORT_GRACE)  # let the other ranks exit on their own first
-            self.abort(status)
-        return status
+        return self._job_status(status, timeout) or status
+
+    def _job_status(self, status: int, timeout: float) -> int:
+        """Rank 0's ``status``, broadcast to every rank (after ``B2``: every rank is there)."""
+        from mpi4py import MPI
+
+        buf = bytearray(int(status).to_bytes(4, "little", signed=True) if self.rank == 0 else 4)
+        request = self.comm.Ibcast([buf, MPI.BYTE], root=0)
+        if not wait_request(request, timeout):  # pragma: no cover - every rank passed B2
+            logger.error("rank %d: rank 0's exit status did not arrive within %.0fs; aborting",
+                         self.rank, timeout)
+            self.abort(status or 1)
+        return int.from_bytes(buf, "little", signed=True)

@@ -402,8 +402,8 @@ def serve_scheduler(job: Job, opts: ClusterOptions, processor_names: Sequence[st
     Returns:
         The script's exit status (script mode), 0 once the scheduler closed
         (service mode), 128 + signal number after a signal, 1 or 2 if the
-        scheduler or the script could not start.  A non-zero status is
-        passed to ``MPI_Abort`` instead (see :meth:`Job.finish`).
+        scheduler or the script could not start.  Every rank of the job
+        exits with a non-zero one (see :meth:`Job.finish`).
     """
     loop = loop_runner.acquire()
     scheduler: Scheduler | None = None
@@ -600,7 +600,8 @@ def serve_worker(job: Job, address: str, name: str, nthreads: int, opts: Cluster
 
     Returns:
         0 when the scheduler closed on purpose, 128 + signal number after a
-        signal, 1 when the worker did not start or the scheduler was lost.
+        signal, 1 when the worker did not start or the scheduler was lost;
+        but rank 0's status when that is non-zero (see :meth:`Job.finish`).
     """
     job.post_done()
     loop = loop_runner.acquire()

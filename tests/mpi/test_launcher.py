@@ -322,6 +322,7 @@ def test_script_failure_shows_traceback_and_fails(job_factory):
     assert "Traceback (most recent call last)" in err
     assert "ValueError: deliberate failure in the user script" in err
     assert "fail.py" in err
+    assert "MPI_Abort" not in err and "MPI_ABORT" not in err  # every rank ended normally
     job.assert_nothing_left()
 
 
@@ -330,6 +331,9 @@ def test_script_exit_status_is_the_jobs(job_factory):
     job = job_factory(4, [str(SCRIPTS / "exit3.py")])
     status = job.wait(60)
     assert status == 3, job.output()
+    # Not by MPI_Abort: every rank exits 3 after MPI_Finalize (an aborted MPICH
+    # job leaves its shared-memory segment in /dev/shm).
+    assert "MPI_Abort" not in job.stderr() and "MPI_ABORT" not in job.stderr()
     job.assert_nothing_left()
 
 

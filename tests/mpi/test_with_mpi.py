@@ -28,7 +28,6 @@ import tempfile
 import textwrap
 import traceback
 from collections.abc import Callable
-from functools import partialmethod
 from pathlib import Path
 from typing import Any
 
@@ -219,12 +218,20 @@ def test_done_barrier_completes_only_once_rank0_posts_it(job):
     on_every_rank(job, body)
 
 
-def test_finish_returns_each_ranks_status_without_aborting(job):
+def test_finish_keeps_each_ranks_status_when_rank0s_is_zero(job):
     def body():
-        status = 0 if job.rank == 0 else 4
-        return job.finish(status, DEADLINE, abort_on_failure=False)
+        return job.finish(0 if job.rank == 0 else 4, DEADLINE)
 
     assert on_every_rank(job, body) == [0] + [4] * (job.size - 1)
+
+
+def test_finish_gives_every_rank_rank0s_nonzero_status_without_aborting(job):
+    """So that every launcher returns exactly it (MPICH ORs the statuses, srun takes the highest);
+    and no ``MPI_Abort``: this pytest job goes on."""
+    def body():
+        return job.finish(3 if job.rank == 0 else 143, DEADLINE)
+
+    assert on_every_rank(job, body) == [3] * job.size
 
 
 def test_initialize_needs_three_ranks(job):
@@ -259,36 +266,39 @@ SCRIPT = textwrap.dedent("""
     with open(sys.argv[1], "w") as f:
         json.dump({"squares": [r[0] for r in results], "pids": sorted({r[1] for r in results}),
                    "ppids": sorted({r[2] for r in results}), "workers": workers}, f)
+    sys.exit(int(sys.argv[2]))
 """)
 
 
-@pytest.mark.parametrize("nanny", [True, False], ids=["nanny", "no-nanny"])
-def test_launcher_script_mode_across_the_ranks(job, world, monkeypatch, nanny):
-    """The launcher's own ``run_mpi`` in this pytest job: rank 0 runs the scheduler and a script
-    that computes on the cluster, every other rank a worker; every rank checks the outcome.
-
-    A non-zero status would make rank 0 ``MPI_Abort`` the job (as ``mpiexec``
-    must return it); here it is reported as a failure instead.
-    """
-    monkeypatch.setattr(Job, "finish", partialmethod(Job.finish, abort_on_failure=False))
+def _run_launcher(world, job: Job, monkeypatch, nanny: bool, exit_status: int) -> list[Any]:
+    """``run_mpi`` on every rank with :data:`SCRIPT`; every rank's status and the script's result."""
     # run_mpi removes the launcher's per-rank variables on a worker rank (for its
     # worker processes): put them back afterwards for the next tests.
     for name in [k for k in os.environ if k.startswith(RANK_ENVIRONMENT_PREFIXES)]:
         monkeypatch.setenv(name, os.environ[name])
     opts = ClusterOptions(nthreads=1, memory_limit=0, nanny=nanny, death_timeout=20.0,
                           startup_timeout=DEADLINE)
-    pids = allgather_json(job.comm, os.getpid())
 
     def body():
         with tempfile.TemporaryDirectory(prefix="hpc-with-mpi-") as tmp:
             out = Path(tmp) / "result.json"
             script = Path(tmp) / "work.py"
             script.write_text(SCRIPT)
-            status = run_mpi(world, opts, str(script), [str(out)])
-            assert status == 0, f"rank {job.rank} ended with status {status}"
-            return json.loads(out.read_text()) if job.rank == 0 else None
+            status = run_mpi(world, opts, str(script), [str(out), str(exit_status)])
+            return {"status": status,
+                    "result": json.loads(out.read_text()) if job.rank == 0 else None}
 
-    result = on_every_rank(job, body)[0]
+    return on_every_rank(job, body)
+
+
+@pytest.mark.parametrize("nanny", [True, False], ids=["nanny", "no-nanny"])
+def test_launcher_script_mode_across_the_ranks(job, world, monkeypatch, nanny):
+    """The launcher's own ``run_mpi`` in this pytest job: rank 0 runs the scheduler and a script
+    that computes on the cluster, every other rank a worker; every rank checks the outcome."""
+    pids = allgather_json(job.comm, os.getpid())
+    outcomes = _run_launcher(world, job, monkeypatch, nanny, 0)
+    assert [o["status"] for o in outcomes] == [0] * job.size
+    result = outcomes[0]["result"]
     assert result["squares"] == [x * x for x in range(30)]
     assert result["workers"] == [str(r) for r in range(1, job.size)]
     workers = pids[1:]
@@ -296,3 +306,11 @@ def test_launcher_script_mode_across_the_ranks(job, world, monkeypatch, nanny):
         assert set(result["ppids"]) <= set(workers) and not set(result["pids"]) & set(pids)
     else:  # tasks ran in the worker ranks themselves
         assert set(result["pids"]) <= set(workers)
+
+
+def test_launcher_script_exit_status_is_every_ranks(job, world, monkeypatch):
+    """A script that exits 3 ends the job cleanly -- no ``MPI_Abort``, this pytest job goes
+    on -- with 3 on every rank, so that ``mpiexec`` (or ``srun``) returns exactly 3."""
+    outcomes = _run_launcher(world, job, monkeypatch, True, 3)
+    assert [o["status"] for o in outcomes] == [3] * job.size
+    assert outcomes[0]["result"]["squares"] == [x * x for x in range(30)]
