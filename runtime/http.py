@@ -17,16 +17,21 @@ so this module speaks just enough HTTP/1.1:
   that raises is answered ``500`` and logged.  Nothing a peer sends stops the
   server.
 
-With an ``ssl.SSLContext`` the same routes are served over HTTPS (the
-cluster's server context: with TLS on, only holders of the cluster's
-certificates get in).  :meth:`HTTPServer.close` closes the listener and every
-open connection.
+With an ``ssl.SSLContext`` the same routes are served over HTTPS.  With a
+``token`` every request must be authorised: by a client certificate the
+context verified (Prometheus or a Python client holding the cluster's
+credentials), by ``Authorization: Bearer <token>``, by ``?token=<token>``
+(the link a user opens in a browser; it also sets an ``HttpOnly``,
+``SameSite=Strict`` cookie so the page's own requests need no token), or by
+that cookie.  Anything else is answered ``403``.  :meth:`HTTPServer.close`
+closes the listener and every open connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import logging
 import ssl
 import urllib.parse
@@ -42,7 +47,10 @@ HEAD_TIMEOUT = 10.0
 #: Seconds an idle keep-alive connection stays open.
 IDLE_TIMEOUT = 15.0
 
-_REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 404: "Not Found",
+#: Cookie that carries the access token after a ``?token=`` request.
+TOKEN_COOKIE = "hpc_cluster_token"
+
+_REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 500: "Internal Server Error",
             503: "Service Unavailable"}
 
@@ -136,13 +144,17 @@ class HTTPServer:
         fallback: handler for paths not in ``routes`` (default: ``404``).
         ssl_context: serve HTTPS with this server-side context.
         name: for log messages (``"scheduler dashboard"``).
+        token: require this access token (or a verified client certificate)
+            on every request; see the module docstring.
     """
 
     def __init__(self, routes: dict[str, Handler], fallback: Handler | None = None,
-                 ssl_context: ssl.SSLContext | None = None, name: str = "http"):
+                 ssl_context: ssl.SSLContext | None = None, name: str = "http",
+                 token: str | None = None):
         self.routes = routes
         self.fallback = fallback
         self.ssl_context = ssl_context
+        self.token = token
         self.name = name
         self.server: asyncio.base_events.Server | None = None
         self.host = ""
@@ -214,7 +226,20 @@ class HTTPServer:
                     writer.write(render(Response(f"{e}\n", e.status), keep_alive=False))
                     return
                 keep_alive = request.headers.get("connection", "").lower() != "close"
-                response = await self._respond(request)
+                how = self._authorised(request, writer)
+                if how is None:
+                    logger.warning("%s: refused %s %s from %s: no valid token or certificate",
+                                   self.name, request.method, request.path[:200],
+                                   writer.get_extra_info("peername"))
+                    response = Response("this page needs the cluster's access token: open the "
+                                        "dashboard_link the cluster reports (it ends in "
+                                        "?token=...)\n", 403)
+                else:
+                    response = await self._respond(request)
+                    if how == "query":
+                        response.headers["Set-Cookie"] = (
+                            f"{TOKEN_COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+                            + ("; Secure" if self.ssl_context is not None else ""))
                 writer.write(render(response, head_only=request.method == "HEAD",
                                     keep_alive=keep_alive))
                 self.requests_served += 1
@@ -228,6 +253,30 @@ class HTTPServer:
         finally:
             self._writers.discard(writer)
             writer.close()  # what is buffered still goes out, then the socket closes
+
+    def _authorised(self, request: Request, writer: asyncio.StreamWriter) -> str | None:
+        """How ``request`` is authorised (``"open"``, ``"certificate"``, ``"query"``,
+        ``"header"``, ``"cookie"``), or ``None`` if it is not."""
+        token = self.token
+        if token is None:
+            return "open"
+        if writer.get_extra_info("peercert"):  # verified against the cluster's CA
+            return "certificate"
+        expected = token.encode()
+
+        def same(given: str | None) -> bool:
+            return given is not None and hmac.compare_digest(given.encode(), expected)
+
+        if same(request.query.get("token")):
+            return "query"
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer " and same(auth[7:].strip()):
+            return "header"
+        for part in request.headers.get("cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == TOKEN_COOKIE and same(value):
+                return "cookie"
+        return None
 
     async def _respond(self, request: Request) -> Response:
         handler = self.routes.get(request.path, self.fallback)

@@ -171,7 +171,7 @@ class Security:
                                     f"not {type(value).__name__}")
                 if value is not None and not _is_pem(value) and name != "tls_ciphers":
                     setattr(self, name, os.path.expanduser(value))
-        self._contexts: dict[tuple[str, bool], ssl.SSLContext] = {}
+        self._contexts: dict[tuple[str, bool, bool], ssl.SSLContext] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ making credentials
@@ -275,19 +275,22 @@ class Security:
         roles = ROLES if role is None else (self._role(role),)
         return any(getattr(self, f"tls_{r}_cert") is not None for r in roles)
 
-    def _get_context(self, role: str, server_side: bool) -> ssl.SSLContext | None:
+    def _get_context(self, role: str, server_side: bool,
+                     require_client_cert: bool = True) -> ssl.SSLContext | None:
         role = self._role(role)
         if not self.has_tls(role):
             return None
         with self._lock:
-            ctx = self._contexts.get((role, server_side))
+            ctx = self._contexts.get((role, server_side, require_client_cert))
             if ctx is None:
                 try:
                     ctx = self._make_context(role, server_side)
                 except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
                     raise ValueError(f"security: cannot load the TLS credentials of role "
                                      f"{role!r}: {e}") from e
-                self._contexts[(role, server_side)] = ctx
+                if not require_client_cert:
+                    ctx.verify_mode = ssl.CERT_OPTIONAL
+                self._contexts[(role, server_side, require_client_cert)] = ctx
             return ctx
 
     def _make_context(self, role: str, server_side: bool) -> ssl.SSLContext:
@@ -314,13 +317,19 @@ class Security:
         _load_cert_chain(ctx, cert, key)
         return ctx
 
-    def get_server_context(self, role: str) -> ssl.SSLContext | None:
+    def get_server_context(self, role: str, require_client_cert: bool = True) -> ssl.SSLContext | None:
         """The ``ssl.SSLContext`` a server of ``role`` listens with (``None``: no TLS for it).
+
+        Args:
+            role: ``"scheduler"``, ``"worker"`` or ``"client"``.
+            require_client_cert: ``False`` makes the peer's certificate
+                optional (still verified when given): for the status page,
+                whose browsers hold no certificate and authenticate by token.
 
         Raises:
             ValueError: a credential cannot be read or does not parse.
         """
-        return self._get_context(role, server_side=True)
+        return self._get_context(role, server_side=True, require_client_cert=require_client_cert)
 
     def get_client_context(self, role: str) -> ssl.SSLContext | None:
         """The ``ssl.SSLContext`` ``role`` connects with (``None``: no TLS for it).

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Hashable
@@ -122,11 +123,14 @@ class SchedulerDiagnosticsMixin:
         where = parse_dashboard_address(self.dashboard_address, own_host)
         if where is None:
             return
-        ssl_context = None
+        ssl_context = token = None
         if self.secure:
-            ssl_context = self.security.get_server_context("scheduler")
+            # A browser holds no certificate of this cluster: HTTPS, the client
+            # certificate optional, and a per-scheduler token for those without one.
+            ssl_context = self.security.get_server_context("scheduler", require_client_cert=False)
+            token = secrets.token_urlsafe(24)
         server = HTTPServer(self._dashboard_routes(), fallback=self._static_route,
-                            ssl_context=ssl_context, name="scheduler dashboard")
+                            ssl_context=ssl_context, name="scheduler dashboard", token=token)
         try:
             port = await server.listen(*where)
         except OSError as e:
@@ -153,7 +157,8 @@ class SchedulerDiagnosticsMixin:
             host = parse_address(self.address)[1].rsplit(":", 1)[0].strip("[]")
         if ":" in host:
             host = f"[{host}]"
-        return f"{s.scheme}://{host}:{s.port}/status"
+        link = f"{s.scheme}://{host}:{s.port}/status"
+        return link if s.token is None else f"{link}?token={s.token}"
 
     def _dashboard_link(self) -> str | None:
         return self.dashboard_link

@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 
 from runtime import Client, Scheduler, Security
+from runtime.http import TOKEN_COOKIE
 from tests.helpers import gen_cluster, gen_test, until
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -39,11 +40,13 @@ def spin(seconds):
     return n
 
 
-async def fetch(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str, str]:
+async def fetch(url: str, context: ssl.SSLContext | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, str, str]:
     """``(status, content type, body)`` of a GET, from a thread (urllib blocks)."""
     def get():
+        req = urllib.request.Request(url, headers=headers or {})
         try:
-            with urllib.request.urlopen(url, timeout=10, context=context) as r:
+            with urllib.request.urlopen(req, timeout=10, context=context) as r:
                 return r.status, r.headers.get("Content-Type", ""), r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.headers.get("Content-Type", ""), e.read().decode()
@@ -161,22 +164,45 @@ async def test_disabled_taken_port_and_close():
 
 
 @gen_test(timeout=60)
-async def test_dashboard_is_https_with_the_cluster_credentials():
+async def test_dashboard_is_https_and_needs_the_token_or_a_cluster_certificate():
     sec = Security.temporary()
     async with Scheduler(security=sec, dashboard_address="127.0.0.1:0") as s:
         link = s.dashboard_link
-        assert link.startswith("https://")
-        # Without a certificate of this cluster: refused.
+        assert link.startswith("https://") and "?token=" in link
+        token = link.split("?token=", 1)[1]
+        page = link.split("?", 1)[0]
+        # A browser holds no certificate of this cluster: the TLS handshake succeeds...
         anonymous = ssl.create_default_context()
         anonymous.check_hostname = False
         anonymous.verify_mode = ssl.CERT_NONE
+        # ...but without the token nothing is served.
+        for url in (page, f"{base(s)}/metrics", f"{page}?token=wrong{token}", f"{page}?token="):
+            status, _, text = await fetch(url, anonymous)
+            assert status == 403 and "token" in text, url
+        # The link itself opens the page and hands out the cookie for the page's own requests.
+        cookie = await asyncio.get_running_loop().run_in_executor(None, _cookie_of, link, anonymous)
+        assert cookie.startswith(f"{TOKEN_COOKIE}={token};") and "HttpOnly" in cookie
+        assert "Secure" in cookie and "SameSite=Strict" in cookie
+        status, _, _ = await fetch(f"{base(s)}/metrics", anonymous,
+                                        headers={"Cookie": f"{TOKEN_COOKIE}={token}"})
+        assert status == 200
+        status, _, text = await fetch(f"{base(s)}/metrics", anonymous,
+                                           headers={"Authorization": f"Bearer {token}"})
+        assert status == 200 and "cluster_scheduler_workers" in text
+        # Plain HTTP to the HTTPS port: refused.
         with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
-            await fetch(link, anonymous)
-        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
-            await fetch(link.replace("https://", "http://"))
-        # With the client certificate: served.
+            await fetch(page.replace("https://", "http://"))
+        # Holders of the cluster's client certificate (a Prometheus scraper) need no token.
         status, _, text = await fetch(f"{base(s)}/metrics", sec.get_client_context("client"))
         assert status == 200 and "cluster_scheduler_workers" in text
+        # The cluster's own connections still demand a certificate.
+        assert sec.get_server_context("scheduler").verify_mode == ssl.CERT_REQUIRED
+
+
+def _cookie_of(url: str, context: ssl.SSLContext) -> str:
+    with urllib.request.urlopen(url, timeout=10, context=context) as r:
+        assert r.status == 200
+        return r.headers.get("Set-Cookie", "")
 
 
 @gen_test(timeout=60)
@@ -372,3 +398,20 @@ async def test_progress_with_an_asynchronous_client_is_awaitable():
         buf = io.StringIO()
         await progress(futures, file=buf)
         assert "100% Completed" in buf.getvalue()
+
+
+@pytest.mark.timeout(120)
+@gen_test(timeout=100)
+async def test_tls_page_opens_in_chromium_from_its_link_alone():
+    """With TLS on, the link (``...?token=``) is all a browser needs: the page loads, gets
+    its cookie, and its own polls (which carry no token) are served.  Without the token
+    the browser gets the 403 text, not the page."""
+    binary = chromium_binary()
+    sec = Security.temporary()
+    async with Scheduler(security=sec, dashboard_address="127.0.0.1:0") as s:
+        # The cluster's CA is not one the browser trusts: accept its certificate.
+        args = ["--ignore-certificate-errors", "--virtual-time-budget=3000", "--dump-dom"]
+        seen = observe(await run_chromium(binary, *args, s.dashboard_link))
+        assert seen["polls"] >= 2 and seen["workers"] == 0, seen
+        refused = await run_chromium(binary, *args, s.dashboard_link.split("?", 1)[0])
+        assert "access token" in refused and "data-polls" not in refused
