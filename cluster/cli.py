@@ -15,8 +15,11 @@ traceback) and runs them in one event loop (:func:`runtime.loop.run`).
 
 With ``--tls-ca-file``/``--tls-cert``/``--tls-key`` (the options of ``dask
 scheduler`` and ``dask worker``) the servers speak ``tls://`` and accept only
-peers with a certificate signed by that CA; without them, a worker given a
-scheduler file that names credentials (written by a TLS scheduler) uses those.
+peers with a certificate signed by that CA; ``--tls-credentials FILE`` gives
+the same in one 0600 file written by :meth:`Security.to_file` (what the jobs of
+``SLURMCluster``/``PBSCluster`` get: the path, never the key material, is on
+their command line).  Without them, a worker given a scheduler file that
+names credentials (written by a TLS scheduler) uses those.
 
 ``scheduler`` runs one :class:`~runtime.scheduler.Scheduler` until it closes
 (a client's ``shutdown()``, ``--idle-timeout``) or SIGTERM/SIGINT closes it.
@@ -205,15 +208,40 @@ def _tls_options(cmd: _Command, role: str) -> None:
     cmd.option("--tls-key", metavar="FILE",
                help=f"PEM file of this {role}'s private key (if not in --tls-cert); keep it "
                     "readable only by you")
+    cmd.option("--tls-credentials", metavar="FILE",
+               help="one credentials file holding the CA, this "
+                    f"{role}'s certificate and key and the TLS settings (written by "
+                    "Security.to_file; SLURMCluster/PBSCluster pass their jobs one), instead of "
+                    "--tls-ca-file/--tls-cert/--tls-key; refused unless it is yours and "
+                    "readable only by you (mode 0600)")
 
 
-def _security(cmd: _Command, args: argparse.Namespace, role: str) -> Security | None:
+def _security(cmd: _Command, args: argparse.Namespace, role: str,
+              from_env: set[str] = frozenset()) -> Security | None:
     """The ``Security`` of the TLS options (``None`` without them).
 
+    ``--tls-credentials`` and the three separate options exclude each other;
+    as elsewhere, what the command line gives wins over the environment.
+
     Raises:
-        SystemExit: (status 2) an incomplete set of TLS options.
+        SystemExit: (status 2) an incomplete or contradictory set of TLS
+            options; (status 1) an unusable ``--tls-credentials`` file.
     """
-    given = [args.tls_ca_file, args.tls_cert, args.tls_key]
+    parts = ("tls_ca_file", "tls_cert", "tls_key")
+    if args.tls_credentials and any(getattr(args, p) for p in parts):
+        parts_env = all(p in from_env for p in parts if getattr(args, p))
+        file_env = "tls_credentials" in from_env
+        if parts_env and not file_env:
+            for p in parts:
+                setattr(args, p, None)
+        elif file_env and not parts_env:
+            args.tls_credentials = None
+        else:
+            cmd.parser.error("give either --tls-credentials or --tls-ca-file/--tls-cert/"
+                             "--tls-key, not both")
+    given = [getattr(args, p) for p in parts]
+    if args.tls_credentials:
+        return _security_from_file(cmd, args.tls_credentials, role)
     if not any(given):
         return None
     if not (args.tls_ca_file and args.tls_cert):
@@ -221,6 +249,25 @@ def _security(cmd: _Command, args: argparse.Namespace, role: str) -> Security | 
                          "certificate file holds the key)")
     return Security(require_encryption=True, tls_ca_file=args.tls_ca_file,
                     **{f"tls_{role}_cert": args.tls_cert, f"tls_{role}_key": args.tls_key})
+
+
+def _security_from_file(cmd: _Command, path: str, role: str) -> Security:
+    """The ``Security`` of a ``--tls-credentials`` file (see :meth:`Security.from_file`).
+
+    Raises:
+        SystemExit: (status 1) the file cannot be read, is readable by others or
+            owned by another user, is no credentials file, or holds no
+            certificate for ``role``.
+    """
+    try:
+        security = Security.from_file(os.path.expanduser(path))
+    except (OSError, ValueError, TypeError) as e:  # PermissionError is an OSError
+        cmd.parser.exit(EXIT_FAILURE, f"{cmd.parser.prog}: error: --tls-credentials: "
+                                      f"{_describe(e)}\n")
+    if not security.has_tls(role):
+        cmd.parser.exit(EXIT_FAILURE, f"{cmd.parser.prog}: error: --tls-credentials {path}: "
+                                      f"no CA and {role} certificate in it\n")
+    return security
 
 
 def scheduler_parser(prog: str = "python -m cluster scheduler") -> _Command:
@@ -572,11 +619,12 @@ def scheduler_command(argv: Sequence[str], prog: str = "python -m cluster schedu
         worker_ttl=args.worker_ttl, allowed_failures=args.allowed_failures, validate=args.validate,
     )
     options["port"] = DEFAULT_SCHEDULER_PORT if args.port is None else args.port
-    security = _security(cmd, args, "scheduler")
+    security = _security(cmd, args, "scheduler", from_env)
     if security is not None:
         options["security"] = security
     elif args.protocol == "tls":
-        cmd.parser.error("--protocol tls needs --tls-ca-file and --tls-cert")
+        cmd.parser.error("--protocol tls needs --tls-credentials, or --tls-ca-file and "
+                         "--tls-cert")
     _configure_logging()
     try:
         return run(serve_scheduler(options))
@@ -630,7 +678,7 @@ def worker_command(argv: Sequence[str], prog: str = "python -m cluster worker",
         local_directory=args.local_directory, death_timeout=args.death_timeout,
         lifetime=args.lifetime, lifetime_stagger=args.lifetime_stagger,
         lifetime_restart=args.lifetime_restart, interface=args.interface, host=args.host,
-        reconnect=args.reconnect, security=_security(cmd, args, "worker"),
+        reconnect=args.reconnect, security=_security(cmd, args, "worker", from_env),
     )
 
     def name(i: int) -> dict[str, Any]:
