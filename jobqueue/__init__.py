@@ -30,7 +30,7 @@ from .errors import (
 )
 from .pbs import PBSCluster
 from .slurm import SLURMCluster
-from .states import JobState
+from .states import JobState, JobStatus
 from .submit import MPIJob, mpi_job_script, submit_mpi_job, submit_mpi_job_async
 from .system import BatchSystem
 from .tracking import JobInfo
@@ -49,6 +49,7 @@ __all__ = [
     "JobQueueCluster",
     "JobQueueError",
     "JobState",
+    "JobStatus",
     "JobView",
     "MPIJob",
     "Observation",

@@ -18,7 +18,7 @@ from typing import Any
 from .commands import CommandResult
 from .core import JobQueueCluster
 from .errors import StatusError
-from .states import JobState, map_state
+from .states import JobState, JobStatus, map_state
 from .units import hms, pbs_memory
 
 #: PBS job states (``qstat`` column ``S``; OpenPBS and Torque) -> JobState.
@@ -103,8 +103,8 @@ class PBSCluster(JobQueueCluster):
 
     @classmethod
     def parse_status(cls, result: CommandResult,
-                     job_ids: Sequence[str]) -> dict[str, tuple[str, JobState]]:
-        states: dict[str, tuple[str, JobState]] = {}
+                     job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        states: dict[str, JobStatus] = {}
         for line in result.stdout.splitlines():
             fields = line.split()
             if len(fields) < 3 or fields[0].lower() == "job" or set(fields[0]) <= {"-"}:
@@ -113,7 +113,7 @@ class PBSCluster(JobQueueCluster):
             for jid in job_ids:
                 if shown == jid or (shown.endswith("*") and jid.startswith(shown[:-1])) \
                         or cls.normalize_job_id(shown) == cls.normalize_job_id(jid) == shown:
-                    states[jid] = (native, map_state(cls.state_table, native, cls.system))
+                    states[jid] = JobStatus(native, map_state(cls.state_table, native, cls.system))
         if result.returncode != 0 and not states and not any(g in result.stderr for g in _GONE):
             raise StatusError(result.argv, result.returncode, result.stdout, result.stderr)
         return states

@@ -1,7 +1,8 @@
 """SLURMCluster: workers in SLURM jobs (``sbatch``, ``squeue``, ``scancel``).
 
-Status: one ``squeue --noheader --states=all --format=%i|%T --jobs=<ids>``
-for all the cluster's jobs.  ``--states=all`` keeps finished jobs listed
+Status: one ``squeue --noheader --states=all --format=%i|%T|%r --jobs=<ids>``
+for all the cluster's jobs (``%r``: why a job waits, ``Resources``,
+``Priority``, ``BeginTime``...; ``None`` when it does not).  ``--states=all`` keeps finished jobs listed
 (``COMPLETED``, ``FAILED``, ``TIMEOUT``, ``CANCELLED``) for ``MinJobAge``
 after they end, so their outcome is known; a job purged since is no longer
 listed (``squeue`` then exits 1 with "Invalid job id specified" when it was
@@ -17,7 +18,7 @@ from typing import Any
 from .commands import CommandResult
 from .core import JobQueueCluster
 from .errors import StatusError
-from .states import JobState, map_state
+from .states import JobState, JobStatus, map_state
 from .units import parse_memory, slurm_memory, slurm_time
 
 #: SLURM job states (``squeue %T``) -> JobState.
@@ -77,7 +78,7 @@ class SLURMCluster(JobQueueCluster):
     job_id_variable = "SLURM_JOB_ID"
     submit_command = ("sbatch",)
     cancel_command = ("scancel",)
-    status_command = ("squeue", "--noheader", "--states=all", "--format=%i|%T")
+    status_command = ("squeue", "--noheader", "--states=all", "--format=%i|%T|%r")
     job_id_regexp = r"(?P<job_id>\d+)"
     state_table = SLURM_STATES
 
@@ -103,13 +104,17 @@ class SLURMCluster(JobQueueCluster):
 
     @classmethod
     def parse_status(cls, result: CommandResult,
-                     job_ids: Sequence[str]) -> dict[str, tuple[str, JobState]]:
+                     job_ids: Sequence[str]) -> dict[str, JobStatus]:
         wanted = set(job_ids)
-        states: dict[str, tuple[str, JobState]] = {}
+        states: dict[str, JobStatus] = {}
         for line in result.stdout.splitlines():
-            jid, sep, native = line.strip().partition("|")
+            jid, sep, rest = line.strip().partition("|")
+            native, _, reason = rest.partition("|")
+            reason = reason.strip()
             if sep and jid in wanted:
-                states[jid] = (native.strip(), map_state(cls.state_table, native, cls.system))
+                states[jid] = JobStatus(native.strip(),
+                                        map_state(cls.state_table, native, cls.system),
+                                        "" if reason in ("None", "(null)") else reason)
         if result.returncode != 0 and not states and _GONE not in result.stderr:
             raise StatusError(result.argv, result.returncode, result.stdout, result.stderr)
         return states

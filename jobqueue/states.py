@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Mapping
+from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,22 @@ class JobState(str, enum.Enum):
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
+class JobStatus(NamedTuple):
+    """What one status call said about one job.
+
+    Attributes:
+        native: the batch system's own state name (``"PENDING"``, ``"R"``, ...).
+        state: its :class:`JobState`.
+        reason: why it is in that state, when the batch system says
+            (SLURM's ``%r``: ``"Resources"``, ``"Priority"``, ``"BeginTime"``;
+            ``""`` when there is none to tell).
+    """
+
+    native: str
+    state: JobState
+    reason: str = ""
+
+
 _warned: set[tuple[str, str]] = set()
 
 
@@ -68,4 +85,4 @@ def map_state(table: Mapping[str, JobState], native: str, system: str = "") -> J
     return state
 
 
-__all__ = ["JobState", "map_state"]
+__all__ = ["JobState", "JobStatus", "map_state"]

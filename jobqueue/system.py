@@ -29,7 +29,7 @@ from typing import ClassVar
 
 from .commands import DEFAULT_TIMEOUT, CommandResult, Runner, check
 from .errors import JobIdNotFoundError, SubmitError
-from .states import JobState
+from .states import JobState, JobStatus
 
 
 class BatchSystem:
@@ -71,8 +71,8 @@ class BatchSystem:
 
     @classmethod
     def parse_status(cls, result: CommandResult,
-                     job_ids: Sequence[str]) -> dict[str, tuple[str, JobState]]:
-        """``{job id: (native state, JobState)}`` of the listed jobs among ``job_ids``.
+                     job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        """``{job id: JobStatus(native state, JobState, reason)}`` of the listed jobs among ``job_ids``.
 
         Jobs the batch system no longer knows are left out.
 
@@ -128,7 +128,7 @@ class BatchSystem:
 
     @classmethod
     async def states(cls, runner: Runner, job_ids: Sequence[str],
-                     timeout: float = DEFAULT_TIMEOUT) -> dict[str, tuple[str, JobState]]:
+                     timeout: float = DEFAULT_TIMEOUT) -> dict[str, JobStatus]:
         """The states of ``job_ids`` from one status command (jobs no longer listed left out).
 
         Raises:

@@ -6,7 +6,7 @@ Theory of operation
 kinds of news update it, both as plain values (no IO; time is passed in):
 
 - :meth:`JobTable.apply_status`: the states one batched status call reported,
-  ``{job id: (native state, JobState)}``.  A job the batch system no longer
+  ``{job id: JobStatus(native state, JobState, reason)}``.  A job the batch system no longer
   lists has left it: it is over (``CANCELLED`` if we cancelled it, ``DONE``
   if it had run, else ``UNKNOWN``), but only once it was listed before or
   a grace period after its submission has passed.
@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .adaptive import JobView
-from .states import JobState
+from .states import JobState, JobStatus
 
 #: Finished jobs kept for ``cluster.jobs`` (the oldest are forgotten).
 FINISHED_KEPT = 100
@@ -43,6 +43,7 @@ class Job:
     submitted: float
     state: JobState = JobState.PENDING
     native_state: str = ""
+    reason: str = ""
     listed: bool = False
     started: float | None = None
     first_worker: float | None = None
@@ -81,6 +82,8 @@ class JobInfo:
         submitted: when it was submitted (``time.time()``).
         started: when it was first seen running or its first worker came (``None`` before).
         closing: the cluster is retiring or cancelling it.
+        reason: why the batch system keeps it in its state, when it says
+            (SLURM: ``"Resources"``, ``"Priority"``, ...; ``""`` otherwise).
     """
 
     id: str
@@ -90,6 +93,7 @@ class JobInfo:
     submitted: float
     started: float | None
     closing: bool
+    reason: str = ""
 
 
 class JobTable:
@@ -160,7 +164,7 @@ class JobTable:
         def wall(t: float | None) -> float | None:
             return None if t is None else t + self._wall_offset
         return {j.id: JobInfo(j.id, j.state, j.native_state, tuple(sorted(j.workers)),
-                              wall(j.submitted) or 0.0, wall(j.started), j.closing)
+                              wall(j.submitted) or 0.0, wall(j.started), j.closing, j.reason)
                 for j in self.jobs.values()}
 
     def workers(self) -> dict[str, str]:
@@ -177,12 +181,12 @@ class JobTable:
             self._names[name] = job_id
         return job
 
-    def apply_status(self, states: Mapping[str, tuple[str, JobState]], asked: Iterable[str],
+    def apply_status(self, states: Mapping[str, JobStatus], asked: Iterable[str],
                      grace: float) -> list[Job]:
         """Update the jobs in ``asked`` from one status call's ``states``.
 
         Args:
-            states: ``{job id: (native state, JobState)}`` for the jobs the batch system listed.
+            states: ``{job id: JobStatus}`` for the jobs the batch system listed.
             asked: the ids the status call asked about.
             grace: seconds after submission during which an unlisted job is
                 not yet taken for gone.
@@ -197,9 +201,10 @@ class JobTable:
             if job is None or job.finished is not None:
                 continue
             if jid in states:
-                native, state = states[jid]
+                native, state, reason = JobStatus(*states[jid])  # plain pairs too
                 job.listed = True
                 job.native_state = native
+                job.reason = reason
                 if state == JobState.RUNNING and job.started is None:
                     job.started = now
                 job.state = state

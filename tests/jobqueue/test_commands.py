@@ -27,7 +27,7 @@ from jobqueue.errors import (
     SubmitError,
     TemplateError,
 )
-from jobqueue.states import JobState, map_state
+from jobqueue.states import JobState, JobStatus, map_state
 from runtime.errors import ClusterError
 
 pytestmark = pytest.mark.timeout(30)
@@ -144,15 +144,25 @@ def pbs() -> PBSCluster:
 
 def test_slurm_status_argv_is_one_call_for_all_jobs():
     assert slurm().status_argv(["5", "6", "7"]) == [
-        "squeue", "--noheader", "--states=all", "--format=%i|%T", "--jobs=5,6,7"]
+        "squeue", "--noheader", "--states=all", "--format=%i|%T|%r", "--jobs=5,6,7"]
 
 
 def test_slurm_parse_status():
-    out = "5|RUNNING\n6|PENDING\n7|COMPLETED\n8|CANCELLED\n99|RUNNING\n"
+    out = ("5|RUNNING|None\n6|PENDING|Resources\n7|COMPLETED|None\n8|CANCELLED|None\n"
+           "10|PENDING|ReqNodeNotAvail, UnavailableNodes:n[1-2]\n99|RUNNING|None\n")
     r = CommandResult(("squeue",), 0, out, "")
-    assert slurm().parse_status(r, ["5", "6", "7", "8", "9"]) == {
-        "5": ("RUNNING", JobState.RUNNING), "6": ("PENDING", JobState.PENDING),
-        "7": ("COMPLETED", JobState.DONE), "8": ("CANCELLED", JobState.CANCELLED)}
+    assert slurm().parse_status(r, ["5", "6", "7", "8", "9", "10"]) == {
+        "5": ("RUNNING", JobState.RUNNING, ""), "6": ("PENDING", JobState.PENDING, "Resources"),
+        "7": ("COMPLETED", JobState.DONE, ""), "8": ("CANCELLED", JobState.CANCELLED, ""),
+        "10": ("PENDING", JobState.PENDING, "ReqNodeNotAvail, UnavailableNodes:n[1-2]")}
+
+
+def test_slurm_parse_status_without_the_reason_column():
+    r = CommandResult(("squeue",), 0, "5|RUNNING\n6|PENDING\n", "")
+    states = slurm().parse_status(r, ["5", "6"])
+    assert states == {"5": JobStatus("RUNNING", JobState.RUNNING),
+                      "6": JobStatus("PENDING", JobState.PENDING)}
+    assert states["6"].reason == ""
 
 
 def test_slurm_status_of_purged_jobs_and_of_a_dead_controller():
@@ -194,8 +204,10 @@ def test_pbs_parse_openpbs_qstat():
                       "qstat: 1044.pbs01 Job has finished, use -x or -H to obtain historical "
                       "job information\n")
     assert pbs().parse_status(r, ids) == {
-        "1041.pbs01": ("R", JobState.RUNNING), "1042.pbs01": ("Q", JobState.PENDING),
-        "1043.pbs01": ("E", JobState.COMPLETING), "10000000000.pbs01": ("H", JobState.PENDING)}
+        "1041.pbs01": JobStatus("R", JobState.RUNNING),
+        "1042.pbs01": JobStatus("Q", JobState.PENDING),
+        "1043.pbs01": JobStatus("E", JobState.COMPLETING),
+        "10000000000.pbs01": JobStatus("H", JobState.PENDING)}
 
 
 def test_pbs_parse_torque_qstat():
@@ -203,7 +215,8 @@ def test_pbs_parse_torque_qstat():
     r = CommandResult(("qstat", *ids), 153, TORQUE_QSTAT,
                       "qstat: Unknown Job Id Error 79.torque-head\n")
     assert pbs().parse_status(r, ids) == {
-        "77.torque-head": ("R", JobState.RUNNING), "78.torque-head": ("C", JobState.DONE)}
+        "77.torque-head": JobStatus("R", JobState.RUNNING),
+        "78.torque-head": JobStatus("C", JobState.DONE)}
 
 
 def test_pbs_status_errors_and_job_ids():

@@ -349,7 +349,7 @@ def test_submit_prints_only_the_job_id(in_tmp, capsys):
     assert not os.path.exists(runner.calls[0][1])  # the temporary script is gone
 
 
-SQUEUE = "squeue", "--noheader", "--states=all", "--format=%i|%T", "--jobs=7"
+SQUEUE = "squeue", "--noheader", "--states=all", "--format=%i|%T|%r", "--jobs=7"
 SCONTROL = "scontrol", "show", "job", "--oneliner", "7"
 
 
