@@ -38,6 +38,7 @@ from runtime.client import ENV_ADDRESS
 from runtime.core import ConnectionPool
 from runtime.errors import ClusterError
 from runtime.loop import run
+from runtime.security import local_credentials, register_local_credentials
 
 from .mpi import Job, MPITimeout, get_world, scrub_rank_environment
 from .ranks import (
@@ -47,6 +48,7 @@ from .ranks import (
     ClusterOptions,
     SignalCatcher,
     default_nthreads,
+    job_security,
     serve_scheduler,
     serve_worker,
 )
@@ -140,7 +142,8 @@ def _serve_worker_rank(job: Job, opts: ClusterOptions, name: str, local_workers:
         return job.finish(0, FINISH_TIMEOUT + FINISH_MARGIN)  # rank 0 reports the error
     scrub_rank_environment()
     nthreads = opts.nthreads or default_nthreads(local_workers)
-    return serve_worker(job, info["address"], name, nthreads, opts, signals)
+    return serve_worker(job, info["address"], name, nthreads, opts, signals,
+                        security=job_security(info))
 
 
 def _become_client(job: Job, opts: ClusterOptions, worker_names: set[str]) -> bool:
@@ -157,6 +160,11 @@ def _become_client(job: Job, opts: ClusterOptions, worker_names: set[str]) -> bo
     if address is None:
         raise RuntimeError(f"hpc.initialize(): {info.get('error', 'the scheduler did not start')}")
     os.environ[ENV_ADDRESS] = address
+    security = job_security(info)
+    if security is not None:
+        # Client() in this process finds the job's credentials by the address;
+        # they never leave the process.
+        register_local_credentials(address, security)
     missing = run(_wait_for_workers(address, worker_names, opts.startup_timeout))
     if missing:
         logger.warning("workers %s did not register within %.0fs; going on without them",
@@ -167,7 +175,7 @@ def _become_client(job: Job, opts: ClusterOptions, worker_names: set[str]) -> bo
 async def _wait_for_workers(address: str, names: set[str], timeout: float) -> set[str]:
     """The names among ``names`` with no registered worker after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    rpc = ConnectionPool(timeout=min(10.0, timeout))
+    rpc = ConnectionPool(timeout=min(10.0, timeout), **_connection_args(address))
     missing = set(names)
     try:
         while True:
@@ -183,8 +191,13 @@ async def _wait_for_workers(address: str, names: set[str], timeout: float) -> se
         await rpc.close()
 
 
+def _connection_args(address: str) -> dict[str, Any]:
+    security = local_credentials(address)
+    return security.get_connection_args("client") if security is not None else {}
+
+
 async def _close_scheduler(address: str) -> None:
-    rpc = ConnectionPool(timeout=10.0)
+    rpc = ConnectionPool(timeout=10.0, **_connection_args(address))
     try:
         await asyncio.wait_for(rpc.call(address, "close", close_workers=True), 20.0)
     except (OSError, ClusterError, asyncio.TimeoutError) as e:

@@ -66,6 +66,7 @@ from .ranks import (
     ClusterOptions,
     SignalCatcher,
     default_nthreads,
+    job_security,
     run_script,
     serve_scheduler,
     serve_worker,
@@ -122,6 +123,7 @@ _DEFAULTS: dict[str, Any] = {
     "idle_timeout": None,
     "startup_timeout": 120.0,
     "nworkers": None,
+    "tls": True,
 }
 
 
@@ -146,7 +148,11 @@ def build_parser(prog: str = "python -m cluster") -> argparse.ArgumentParser:
         help="network interface every server listens on, e.g. ib0 (default: loopback when "
              "every rank is on this node, else this node's routable address)")
     add("--host", help="host the scheduler listens on (when --interface is not given)")
-    add("--protocol", choices=["tcp"], help="transport (default: tcp)")
+    add("--protocol", choices=["tcp"],
+        help="'tcp': plain TCP, like --no-tls (default: tls:// unless --no-tls)")
+    add("--tls", action=argparse.BooleanOptionalAction,
+        help="encrypt and authenticate every connection with credentials made for this job "
+             "on rank 0 and sent over MPI, never written to a file (default: on)")
     add("--scheduler-port", type=port, metavar="PORT", help="the scheduler's port (default: 0, any free port)")
     add("--scheduler-file", metavar="FILE",
         help="the scheduler writes its address to this JSON file, for Client(scheduler_file=FILE)")
@@ -218,6 +224,11 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None,
         values[dest] = _DEFAULTS[dest] if value is None else value
     if ns.script is None and ns.args:
         parser.error(f"unexpected arguments {ns.args!r} without a script")
+    if ns.script is None and not values["scheduler_file"] and values["tls"] and values["protocol"] != "tcp":
+        # A printed tls:// address is of no use without the credentials, which
+        # only ever go to a 0600 file next to the scheduler file.
+        parser.error("service mode (no script) with TLS needs --scheduler-file FILE: clients "
+                     "outside the job find the address and the credentials there; or pass --no-tls")
     return ClusterOptions(**values), ns.script, list(ns.args or [])
 
 
@@ -292,7 +303,8 @@ def run_mpi(world: Any, opts: ClusterOptions, script: str | None, script_args: S
         scrub_rank_environment()
         local = sum(1 for r in workers if names[r] == names[job.rank])
         nthreads = opts.nthreads or default_nthreads(local)
-        return serve_worker(job, info["address"], me.name, nthreads, opts, signals)
+        return serve_worker(job, info["address"], me.name, nthreads, opts, signals,
+                            security=job_security(info))
     except MPITimeout as e:
         logger.error("%s; aborting the MPI job", e)
         if job is not None:
@@ -326,6 +338,7 @@ def run_local(opts: ClusterOptions, script: str | None, script_args: Sequence[st
         try:
             cluster = LocalCluster(n_workers=opts.nworkers, threads_per_worker=opts.nthreads,
                                    processes=True, nanny=opts.nanny, host=opts.host,
+                                   security=None if opts.secure else False,
                                    interface=opts.interface, protocol=protocol, scheduler_port=port,
                                    memory_limit=mem, scheduler_kwargs=scheduler_kwargs, **worker_kwargs)
         except Exception as e:

@@ -61,6 +61,7 @@ from runtime.errors import ClusterError
 from runtime.loop import loop_runner, sync
 from runtime.nanny import Nanny
 from runtime.scheduler import Scheduler, get_ip_for
+from runtime.security import Security
 from runtime.utils import get_ip_interface
 from runtime.worker import Worker
 
@@ -96,7 +97,9 @@ class ClusterOptions:
         local_directory: where workers put their files.
         interface: network interface every server listens on (``"ib0"``).
         host: host the scheduler listens on.
-        protocol: ``"tcp"`` (``None``: the default).
+        protocol: ``"tcp"`` for plain TCP (turns TLS off), ``None``: the default.
+        tls: encrypt and authenticate with per-job credentials that rank 0
+            makes and sends over MPI (see :attr:`secure`).
         scheduler_port: the scheduler's port (0: any free port).
         scheduler_file: the scheduler writes its address there (JSON).
         name: prefix of the workers' names.
@@ -128,6 +131,12 @@ class ClusterOptions:
     idle_timeout: float | None = None
     startup_timeout: float = 120.0
     nworkers: int | None = None
+    tls: bool = True
+
+    @property
+    def secure(self) -> bool:
+        """TLS for this launch: on unless ``--no-tls`` or ``--protocol tcp`` asked for plain TCP."""
+        return self.tls and self.protocol != "tcp"
 
     def worker_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for every ``Nanny``/``Worker`` (without name and nthreads)."""
@@ -414,15 +423,22 @@ def serve_scheduler(job: Job, opts: ClusterOptions, processor_names: Sequence[st
         else:
             try:
                 host = choose_scheduler_host(opts, job.size, processor_names, processor_names[job.rank])
+                # Fresh credentials for this job, made here and sent over MPI:
+                # never written where other users (or other jobs) could read them.
+                security = Security.temporary() if opts.secure else None
 
                 async def start() -> Scheduler:
-                    return await Scheduler(host=host, **opts.scheduler_kwargs())
+                    return await Scheduler(host=host, security=security, **opts.scheduler_kwargs())
 
                 scheduler = sync(loop, start, timeout=opts.startup_timeout)
             except Exception as e:
                 error, status = f"the scheduler did not start: {e}", EXIT_FAILURE
-        job.bcast({"error": error} if error else {"address": scheduler.address},
-                  opts.startup_timeout)
+        if error:
+            job.bcast({"error": error}, opts.startup_timeout)
+        else:
+            job.bcast({"address": scheduler.address,
+                       "security": security.to_dict(roles=("worker", "client")) if security else None},
+                      opts.startup_timeout)
         if error:
             logger.error("%s", error)
             return job.finish(status, finish_timeout)
@@ -497,11 +513,13 @@ class WorkerRank:
         opts: the launch options.
     """
 
-    def __init__(self, address: str, name: str, nthreads: int, opts: ClusterOptions):
+    def __init__(self, address: str, name: str, nthreads: int, opts: ClusterOptions,
+                 security: Security | None = None):
         self.address = address
         self.name = name
         self.nthreads = nthreads
         self.opts = opts
+        self.security = security
         self.server: Nanny | Worker | None = None
         self.last_contact = time.monotonic()
         self.probe_interval = min(1.0, max(0.1, opts.death_timeout / 10))
@@ -517,15 +535,19 @@ class WorkerRank:
         if self._probe is None:
             self._probe = asyncio.ensure_future(self._probe_loop())
         kwargs = {"name": self.name, "nthreads": self.nthreads, **self.opts.worker_kwargs()}
+        if self.security is not None:
+            kwargs["security"] = self.security
+            kwargs.pop("protocol", None)  # the scheduler's tls:// decides
         cls = Nanny if self.opts.nanny else Worker
         self.server = cls(self.address, **kwargs)
         await self.server
 
     async def _probe_loop(self) -> None:
         timeout = max(self.probe_interval, min(5.0, self.opts.death_timeout / 2))
+        connect_args = self.security.get_connection_args("worker") if self.security else {}
         while True:
             try:
-                comm = await connect(self.address, timeout=timeout)
+                comm = await connect(self.address, timeout=timeout, **connect_args)
             except (OSError, ClusterError, asyncio.TimeoutError):
                 pass
             else:
@@ -584,8 +606,15 @@ class WorkerRank:
             logger.debug("asking worker %s to retire: %r", worker, e)
 
 
+def job_security(info: Mapping[str, Any]) -> Security | None:
+    """The credentials rank 0 broadcast with its address (``None``: the job runs plain TCP)."""
+    data = info.get("security")
+    return Security.from_dict(data) if data else None
+
+
 def serve_worker(job: Job, address: str, name: str, nthreads: int, opts: ClusterOptions,
-                 signals: SignalCatcher, finish_timeout: float = FINISH_TIMEOUT + FINISH_MARGIN) -> int:
+                 signals: SignalCatcher, finish_timeout: float = FINISH_TIMEOUT + FINISH_MARGIN,
+                 security: Security | None = None) -> int:
     """Run a worker rank to the end; return its status (or abort the job).
 
     Args:
@@ -597,6 +626,7 @@ def serve_worker(job: Job, address: str, name: str, nthreads: int, opts: Cluster
         opts: the launch options.
         signals: installed signal catcher.
         finish_timeout: seconds to wait for the other ranks at the end.
+        security: the job's credentials (from rank 0), ``None`` for plain TCP.
 
     Returns:
         0 when the scheduler closed on purpose, 128 + signal number after a
@@ -605,7 +635,7 @@ def serve_worker(job: Job, address: str, name: str, nthreads: int, opts: Cluster
     """
     job.post_done()
     loop = loop_runner.acquire()
-    rank = WorkerRank(address, name, nthreads, opts)
+    rank = WorkerRank(address, name, nthreads, opts, security)
     try:
         # The end conditions are watched while the worker starts, too: a start
         # is bounded only by death_timeout, and the job may be over before that.

@@ -53,7 +53,7 @@ import ssl
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -384,15 +384,15 @@ class Security:
             shown.append(f"{name}={value!r}")
         return f"Security({', '.join(shown)})"
 
-    def to_file(self, path: str) -> str:
-        """Write these settings (PEM text included) to ``path``, readable only by the user (0600).
+    def to_dict(self, roles: Iterable[str] | None = None) -> dict[str, Any]:
+        """These settings as JSON-safe data (PEM text included; paths made absolute).
 
-        Paths stay paths: only credentials given as text are copied into the file.
-
-        Returns:
-            The absolute path written.
+        Args:
+            roles: keep only these roles' certificates and keys (the CA always
+                stays): the MPI launcher sends workers and the client what
+                they need, and the scheduler's key never leaves rank 0.
         """
-        data = {"format": _FILE_FORMAT, **self._fields()}
+        data = self._fields()
         for name in ("tls_min_version", "tls_max_version"):
             if data[name] is not None:
                 data[name] = data[name].name
@@ -401,8 +401,28 @@ class Security:
             if (name.endswith(("_key", "_cert", "_file")) and isinstance(value, str)
                     and not _is_pem(value)):
                 data[name] = os.path.abspath(value)
+        if roles is not None:
+            keep = {self._role(r) for r in roles}
+            for role in ROLES:
+                if role not in keep:
+                    data[f"tls_{role}_cert"] = data[f"tls_{role}_key"] = None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Security:
+        """The inverse of :meth:`to_dict` (unknown entries are ignored)."""
+        return cls(**{k: data.get(k) for k in FIELDS if k in data})
+
+    def to_file(self, path: str) -> str:
+        """Write these settings (PEM text included) to ``path``, readable only by the user (0600).
+
+        Paths stay paths: only credentials given as text are copied into the file.
+
+        Returns:
+            The absolute path written.
+        """
         path = os.path.abspath(path)
-        write_private_file(path, json.dumps(data, indent=1))
+        write_private_file(path, json.dumps({"format": _FILE_FORMAT, **self.to_dict()}, indent=1))
         return path
 
     @classmethod
@@ -431,7 +451,7 @@ class Security:
                 raise ValueError(f"{path} is not a credentials file: {e}") from None
         if not isinstance(data, dict) or data.get("format") != _FILE_FORMAT:
             raise ValueError(f"{path} is not a credentials file (format {_FILE_FORMAT} expected)")
-        return cls(**{k: data.get(k) for k in FIELDS if k in data})
+        return cls.from_dict(data)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -39,6 +39,7 @@ from hpc.ranks import (
 )
 from runtime import Client, Scheduler
 from runtime.loop import loop_runner, sync
+from runtime.security import credentials_path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -299,7 +300,15 @@ def test_script_mode_success(job_factory):
     assert status == 0, job.output()
     result = last_json(job.stdout())
     assert result == {"total": sum(x * x for x in range(50)), "workers": ["1", "2", "3"],
-                      "argv": ["50", "--flag"]}
+                      "argv": ["50", "--flag"], "schemes": ["tls"]}  # TLS unless asked otherwise
+    job.assert_nothing_left()
+
+
+def test_script_mode_without_tls_is_plain_tcp(job_factory):
+    job = job_factory(3, ["--no-tls", "--nthreads", "1", str(SCRIPTS / "compute.py"), "10"])
+    assert job.wait(60) == 0, job.output()
+    result = last_json(job.stdout())
+    assert result["schemes"] == ["tcp"] and result["total"] == sum(x * x for x in range(10))
     job.assert_nothing_left()
 
 
@@ -380,8 +389,13 @@ def test_service_mode_client_shutdown(job_factory, tmp_path):
     sched = tmp_path / "scheduler.json"
     job = job_factory(4, ["--scheduler-file", str(sched), "--nthreads", "1"])
     job.wait_until(sched.exists, 60, "the scheduler file")
+    # The job's credentials reach outside clients only through 0600 files.
+    creds = Path(credentials_path(str(sched)))
+    job.wait_until(creds.exists, 60, "the credentials file")
+    assert (sched.stat().st_mode & 0o777, creds.stat().st_mode & 0o777) == (0o600, 0o600)
     client = Client(scheduler_file=str(sched), timeout=30)
     try:
+        assert client.scheduler_address.startswith("tls://")
         client.wait_for_workers(3, timeout=60)
         total = client.submit(sum, client.map(abs, range(-20, 0))).result()
         assert total == sum(range(1, 21))
@@ -393,12 +407,12 @@ def test_service_mode_client_shutdown(job_factory, tmp_path):
         client.close()
     status = job.wait(30)
     assert status == 0, job.output()
-    assert not sched.exists()
+    assert not sched.exists() and not creds.exists()
     job.assert_nothing_left()
 
 
 def test_service_mode_prints_address_and_idle_timeout_ends_it(job_factory):
-    job = job_factory(3, ["--idle-timeout", "1s", "--nthreads", "1"])
+    job = job_factory(3, ["--idle-timeout", "1s", "--nthreads", "1", "--no-tls"])
     job.wait_until(lambda: "Scheduler at tcp://127.0.0.1:" in job.stdout(), 60, "the address")
     status = job.wait(60)
     assert status == 0, job.output()
@@ -468,7 +482,7 @@ def test_outside_mpi_runs_script_on_a_local_cluster(job_factory):
     status = job.wait(60)
     assert status == 0, job.output()
     result = last_json(job.stdout())
-    assert result == {"total": 285, "workers": ["0", "1"], "argv": ["10"]}
+    assert result == {"total": 285, "workers": ["0", "1"], "argv": ["10"], "schemes": ["tls"]}
     job.assert_nothing_left()
 
 
@@ -493,8 +507,21 @@ def test_parse_args_defaults_and_script():
     assert (script, args) == ("s.py", ["--nthreads", "x"])
     assert opts.nthreads == 2 and opts.nanny is True and opts.scheduler_port == 0
     assert opts.memory_limit == "auto" and opts.resources == {}
-    opts, script, args = parse_args([], environ={})
-    assert script is None and args == []
+    assert opts.tls is True and opts.secure
+    opts, script, args = parse_args(["--no-tls"], environ={})
+    assert script is None and args == [] and not opts.secure
+    opts, _, _ = parse_args(["--scheduler-file", "s.json"], environ={})
+    assert opts.secure
+    opts, _, _ = parse_args(["--protocol", "tcp"], environ={})  # plain TCP asked for: no TLS
+    assert opts.tls is True and not opts.secure
+
+
+def test_service_mode_with_tls_needs_a_scheduler_file(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--idle-timeout", "1s"], environ={})
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--scheduler-file" in err and "--no-tls" in err
 
 
 def test_parse_args_environment_and_command_line_wins():
