@@ -41,8 +41,8 @@ def main():
     if args.system == "dask-mpi":
         import dask_mpi
 
-        # Loopback only, no dashboard (ours has none); otherwise dask-mpi's defaults
-        # (plain distributed.Worker without a nanny, 1 thread).
+        # Loopback only; no dashboard (it needs bokeh, which the bench extra does not
+        # install); otherwise dask-mpi's defaults (distributed.Worker, no nanny).
         dask_mpi.initialize(interface="lo", dashboard=False, nthreads=1)
         from distributed import Client  # only rank 1 (the client) gets here
     else:
