@@ -29,6 +29,26 @@ ending without ever starting a worker (a broken prologue, a wrong python)
 pause submission with a growing back-off, logged as an error, instead of
 filling the queue.
 
+Security (secure by default, as ``LocalCluster``): with ``security=None``
+the cluster makes fresh credentials (``Security.temporary()``), its
+scheduler listens on ``tls://`` and accepts only peers holding a certificate
+of this cluster's CA.  The jobs run on other nodes, so their workers'
+credentials -- the CA certificate, the worker certificate and its key, and
+nothing else -- go to ONE file on a path the jobs can read (a shared
+filesystem): ``<shared_temp_directory>/hpc-cluster-credentials/`` or by default
+``~/.hpc-cluster/credentials/``, a directory of mode 0700, the file of mode
+0600 (created so, never briefly readable by others).  The job script names
+the file (``--tls-credentials PATH``); the key material is never in the
+script or on a command line.  ``close()`` removes the file, and so does a
+``weakref.finalize`` at garbage collection or interpreter exit.
+``security=False`` is the explicit opt-out (plain ``tcp://``: anyone who can
+reach the port can run code as you); a ``Security`` object is used as given.
+
+While ``wait_for_workers`` waits it logs, at INFO and at most every
+:data:`WAIT_LOG_INTERVAL` seconds, what it waits for: each active job with its
+native state and the batch system's reason (``job 123 PENDING (Resources)``)
+or its workers connected so far (``job 124 RUNNING (0/2 workers connected)``).
+
 Every subprocess call goes through ``runner`` (:mod:`jobqueue.commands`).
 ``close()`` closes the scheduler, cancels every job the cluster submitted that
 is still queued or running, and waits until the batch system lists none of
@@ -43,8 +63,10 @@ import contextlib
 import logging
 import math
 import os
+import stat
 import tempfile
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -52,6 +74,7 @@ from typing import Any
 from runtime.errors import ClusterTimeoutError
 from runtime.loop import loop_runner, sync
 from runtime.scheduler import Scheduler
+from runtime.security import Security, resolve_security
 
 from .adaptive import Observation, ScalingPolicy, adapt_limits
 from .commands import Runner, run_blocking, run_command
@@ -76,6 +99,17 @@ FAILURES_BEFORE_BACKOFF = 3
 
 #: Longest pause of submission after repeated failures (seconds).
 MAX_BACKOFF = 300.0
+
+#: Where the workers' credentials files go without ``shared_temp_directory``.
+DEFAULT_CREDENTIALS_DIRECTORY = "~/.hpc-cluster/credentials"
+
+#: The subdirectory of ``shared_temp_directory`` that holds the credentials files.
+CREDENTIALS_SUBDIRECTORY = "hpc-cluster-credentials"
+
+#: Shortest time between two "waiting for workers" log lines (seconds) ...
+WAIT_LOG_INTERVAL = 5.0
+#: ... and the longest, when nothing changed.
+WAIT_LOG_REPEAT = 30.0
 
 
 class Adaptive:
@@ -106,6 +140,66 @@ class Adaptive:
         p = self.policy
         return (f"<Adaptive jobs=[{p.minimum_jobs}, {p.maximum_jobs}] interval={self.interval:g}s "
                 f"wait_count={p.wait_count} target_duration={self.target_duration:g}s>")
+
+
+def credentials_directory(shared_temp_directory: str | os.PathLike | None = None) -> str:
+    """The private directory (absolute path) for the workers' credentials files.
+
+    ``<shared_temp_directory>/hpc-cluster-credentials``, or
+    :data:`DEFAULT_CREDENTIALS_DIRECTORY` without one.  Not created here.
+    """
+    if shared_temp_directory is None:
+        path = DEFAULT_CREDENTIALS_DIRECTORY
+    else:
+        path = os.path.join(os.fspath(shared_temp_directory), CREDENTIALS_SUBDIRECTORY)
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def make_private_directory(path: str) -> str:
+    """Create ``path`` (and its parents) if missing; make sure only we can enter it (0700).
+
+    Raises:
+        PermissionError: it belongs to another user.
+        ValueError: it is a symbolic link or not a directory.
+    """
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"credentials directory {path}: not a directory (or a symbolic link); "
+                         "remove it or pass another shared_temp_directory=")
+    if st.st_uid != os.geteuid():
+        raise PermissionError(f"credentials directory {path} belongs to user id {st.st_uid}, "
+                              f"not to us ({os.geteuid()}): pass another shared_temp_directory=")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        logger.info("credentials directory %s had mode %04o; making it 0700", path,
+                    stat.S_IMODE(st.st_mode))
+        os.chmod(path, 0o700)
+    return path
+
+
+def worker_security(security: Security) -> Security:
+    """The part of ``security`` that workers need: the CA, the worker certificate and key, the settings.
+
+    The client's and the scheduler's keys stay in this process.
+    """
+    return Security(require_encryption=security.require_encryption,
+                    tls_ca_file=security.tls_ca_file, tls_ciphers=security.tls_ciphers,
+                    tls_min_version=security.tls_min_version,
+                    tls_max_version=security.tls_max_version,
+                    tls_worker_cert=security.tls_worker_cert,
+                    tls_worker_key=security.tls_worker_key)
+
+
+def _remove_file(path: str) -> None:
+    """Finalizer: remove a credentials file (gone already is fine)."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:  # nothing to raise to at exit
+        logger.error("could not remove the credentials file %s: %s", path, e)
+        return
+    logger.debug("removed the credentials file %s", path)
 
 
 def _cancel_leftovers(runner: Runner, cancel_argv: tuple[str, ...], ids: set[str],
@@ -147,6 +241,18 @@ class JobQueueCluster(BatchSystem):
         job_directives_skip: drop the template's directive lines that contain any of these strings.
         job_script_prologue: shell lines run before the workers start (``module load``, ...).
         job_script_epilogue: shell lines run after the workers exit.
+        security: TLS for the scheduler and the workers.  ``None`` (the default) or
+            ``True``: fresh credentials for this cluster (``Security.temporary()``),
+            the scheduler on ``tls://``, the workers' credentials in a 0600 file
+            passed to the jobs by path; ``False``: plain ``tcp://``, no
+            authentication (anyone who can reach the port can run code as you);
+            a :class:`~runtime.security.Security`: used as given (it needs a CA,
+            a scheduler and a worker certificate; the jobs get the CA, the
+            worker certificate and key and the settings, in the same file).
+        shared_temp_directory: a directory that this machine and the jobs' nodes
+            both see (a shared filesystem); the workers' credentials file goes
+            to its ``hpc-cluster-credentials`` subdirectory (mode 0700).
+            Default: ``~/.hpc-cluster/credentials``.
         interface: network interface of the workers (e.g. ``"ib0"``); also the
             scheduler's, unless ``scheduler_options`` gives a host or interface.
         local_directory: the workers' directory for files and spilled data.
@@ -195,7 +301,8 @@ class JobQueueCluster(BatchSystem):
                  scheduler_options: Mapping[str, Any] | None = None, n_workers: int = 0,
                  asynchronous: bool = False, status_interval: Any = "5s",
                  command_timeout: Any = "60s", close_timeout: Any = "30s",
-                 runner: Runner | None = None):
+                 runner: Runner | None = None, security: Security | bool | None = None,
+                 shared_temp_directory: str | os.PathLike | None = None):
         self.spec = make_spec(
             cores=cores, memory=memory, processes=processes, queue=queue, account=account,
             walltime=walltime, job_name=job_name, job_extra_directives=job_extra_directives,
@@ -209,6 +316,9 @@ class JobQueueCluster(BatchSystem):
         if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 0:
             raise ValueError(f"n_workers={n_workers!r}: expected a non-negative integer")
         self.scheduler_options = self._scheduler_options(scheduler_options, interface)
+        self.security, self.credentials_file = self._security(security, shared_temp_directory)
+        if self.security is not None:
+            self.scheduler_options["security"] = self.security
         self.status_interval = self._positive(status_interval, "status_interval")
         self.command_timeout = self._positive(command_timeout, "command_timeout")
         self.close_timeout = parse_duration(close_timeout, "close_timeout")
@@ -224,6 +334,7 @@ class JobQueueCluster(BatchSystem):
         self._adaptive: Adaptive | None = None
         self._live_ids: set[str] = set()  # shared with the finalizer: never rebind
         self._finalizer: weakref.finalize | None = None
+        self._credentials_finalizer: weakref.finalize | None = None
         self._watcher: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
@@ -257,10 +368,32 @@ class JobQueueCluster(BatchSystem):
             raise ValueError(f"{option}={value!r}: must be above zero")
         return seconds
 
+    def _security(self, security: Any, shared_temp_directory: Any
+                  ) -> tuple[Security | None, str | None]:
+        """The cluster's ``Security`` and the path of the workers' credentials file (or ``None``s)."""
+        if shared_temp_directory is not None and not isinstance(shared_temp_directory,
+                                                                (str, os.PathLike)):
+            raise TypeError(f"shared_temp_directory={shared_temp_directory!r}: expected a path")
+        # Secure by default: we submit the workers ourselves, so we can hand them credentials.
+        sec = resolve_security(security, default=True)
+        if sec is None:
+            return None, None
+        missing = [f"a {role} certificate (tls_{role}_cert)"
+                   for role in ("scheduler", "worker") if not sec.has_tls(role)]
+        if missing:
+            raise ValueError(f"security={sec!r}: a batch-queue cluster needs a CA (tls_ca_file) "
+                             f"and {' and '.join(missing)}; or pass security=None for fresh "
+                             "ones")
+        name = f"{self.spec.job_name}-{uuid.uuid4().hex[:12]}.credentials"
+        return sec, os.path.join(credentials_directory(shared_temp_directory), name)
+
     @staticmethod
     def _scheduler_options(options: Mapping[str, Any] | None, interface: str | None) -> dict:
         if options is not None and not isinstance(options, Mapping):
             raise TypeError(f"scheduler_options={options!r}: expected a dict of Scheduler options")
+        if options is not None and "security" in options:
+            raise ValueError("scheduler_options: pass security= to the cluster itself (its "
+                             "workers need the same credentials), not in scheduler_options")
         opts = {"port": 0, **(options or {})}
         if interface is not None and "host" not in opts and "interface" not in opts:
             opts["interface"] = interface  # as dask-jobqueue: the workers' network
@@ -299,7 +432,7 @@ class JobQueueCluster(BatchSystem):
         if address is None:
             raise RuntimeError("the cluster has no scheduler yet: start it (await it) or pass "
                                "scheduler_address=")
-        line = worker_command(self.spec, address, self.job_id_variable)
+        line = worker_command(self.spec, address, self.job_id_variable, self.credentials_file)
         values = {**common_values(self.spec, line), **self.system_values()}
         return render_script(self.template_name, values, user_template=self.spec.template,
                              prefix=self.directive_prefix, skip=self.spec.job_directives_skip)
@@ -372,23 +505,80 @@ class JobQueueCluster(BatchSystem):
         return self._adaptive
 
     def wait_for_workers(self, n_workers: int, timeout: Any = None):
-        """Wait until ``n_workers`` workers of this cluster are registered.
+        """Wait until ``n_workers`` workers of this cluster are registered, saying what it waits for.
+
+        While it waits it logs at INFO, when something changed but at most
+        every :data:`WAIT_LOG_INTERVAL` seconds (and every
+        :data:`WAIT_LOG_REPEAT` seconds when nothing did), each active job with
+        the batch system's state and reason, or its workers connected so far::
+
+            waiting for 3 workers (1 connected): job 123 PENDING (Resources),
+            job 124 RUNNING (1/2 workers connected)
+
+        It does not submit jobs: call ``scale()`` or ``adapt()`` first.
+
+        Args:
+            n_workers: how many workers of this cluster's jobs.
+            timeout: give up after this long (seconds or ``"5m"``; ``None``: never).
+
+        Returns:
+            ``None``, or an awaitable with ``asynchronous=True``.
 
         Raises:
-            ClusterTimeoutError: not there after ``timeout`` seconds.
+            ClusterTimeoutError: not there after ``timeout``; the message says
+                what was still missing.
+            ValueError: a bad ``n_workers`` or ``timeout``.
+            RuntimeError: the cluster is not running.
         """
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0:
+            raise ValueError(f"wait_for_workers(n_workers={n_workers!r}): expected a "
+                             "non-negative integer")
         limit = None if timeout is None else parse_duration(timeout, "timeout")
 
         async def waiter() -> None:
-            deadline = None if limit is None else time.monotonic() + limit
-            while len(self._registered()) < n_workers:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise ClusterTimeoutError(
-                        f"{n_workers} workers not there after {limit:g}s; jobs: "
-                        + ", ".join(f"{j.id} {j.state}" for j in self.jobs.values()))
-                await asyncio.sleep(0.1)
+            start = time.monotonic()
+            deadline = None if limit is None else start + limit
+            logged_at, logged = -math.inf, ""
+            while True:
+                if self.status != "running":
+                    raise RuntimeError(f"wait_for_workers: the cluster is {self.status}")
+                self._apply_workers()
+                if len(self._registered()) >= n_workers:
+                    if logged:
+                        logger.info("%d worker%s connected after %.1fs", n_workers,
+                                    "" if n_workers == 1 else "s", time.monotonic() - start)
+                    return
+                now = time.monotonic()
+                text = self.waiting_for(n_workers)
+                if now - logged_at >= (WAIT_LOG_INTERVAL if text != logged else WAIT_LOG_REPEAT):
+                    logger.info("%s", text)
+                    logged_at, logged = now, text
+                if deadline is not None and now > deadline:
+                    raise ClusterTimeoutError(f"{n_workers} workers not there after {limit:g}s; "
+                                              f"{text}")
+                await asyncio.sleep(0.1)  # polling interval of the deadline loop
 
         return self._run(waiter)
+
+    def waiting_for(self, n_workers: int) -> str:
+        """What ``wait_for_workers(n_workers)`` is waiting for, in one line (see there)."""
+        have = len(self._registered())
+        head = (f"waiting for {n_workers} worker{'' if n_workers == 1 else 's'} "
+                f"({have} connected)")
+        parts = []
+        for job in self._table.active():
+            native = job.native_state or "submitted"
+            if job.state in (JobState.RUNNING, JobState.COMPLETING) or job.workers:
+                detail = f"{len(job.workers)}/{self.spec.processes} workers connected"
+            else:
+                detail = job.reason
+            parts.append(f"job {job.id} {native}" + (f" ({detail})" if detail else ""))
+        if not parts:
+            parts.append("no job queued or running (call scale() or adapt() first)")
+        if self._paused_until and time.monotonic() < self._paused_until:
+            parts.append(f"submission paused for {self._paused_until - time.monotonic():.0f}s "
+                         f"after {self._table.failures_in_a_row} jobs ended without a worker")
+        return f"{head}: {', '.join(parts)}"
 
     def close(self, timeout: float | None = None):
         """Close the scheduler, cancel every job of the cluster, wait until they left the queue."""
@@ -470,6 +660,8 @@ class JobQueueCluster(BatchSystem):
         self._lock = asyncio.Lock()
         if self.spec.log_directory is not None:
             os.makedirs(self.spec.log_directory, exist_ok=True)
+        if self.credentials_file is not None:
+            self._write_credentials()
         self.scheduler = await Scheduler(**self.scheduler_options)
         host = self.scheduler.address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
         if host.startswith("127.") or host in ("localhost", "::1"):
@@ -486,11 +678,29 @@ class JobQueueCluster(BatchSystem):
             await self._scale_now()
         return self
 
+    def _write_credentials(self) -> None:
+        """Write the workers' credentials file (0600 in a 0700 directory); remove it at exit."""
+        path = self.credentials_file
+        make_private_directory(os.path.dirname(path))
+        # Removed at garbage collection or interpreter exit if close() never runs.
+        self._credentials_finalizer = weakref.finalize(self, _remove_file, path)
+        worker_security(self.security).to_file(path)
+        logger.info("%s: workers' TLS credentials in %s (mode 0600; removed on close)",
+                    type(self).__name__, path)
+
     async def _close(self) -> None:
         if self.status in ("closed", "closing", "created"):
             self.status = "closed" if self.status == "created" else self.status
             return
         self.status = "closing"
+        try:
+            await self._close_all()
+        finally:
+            if self._credentials_finalizer is not None:
+                self._credentials_finalizer()  # removes the credentials file, once
+            self.status = "closed"
+
+    async def _close_all(self) -> None:
         # Under the lock: a step never stops between a submission and recording
         # its job id (that job would be orphaned).
         async with self._lock:
@@ -511,7 +721,6 @@ class JobQueueCluster(BatchSystem):
                                "at exit", self.system, sorted(left))
             else:
                 self._finalizer.detach()
-        self.status = "closed"
 
     async def _wait_until_gone(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -553,16 +762,34 @@ class JobQueueCluster(BatchSystem):
                 await self._poll_status(grace=2 * self.status_interval + 10)
             except CommandError as e:
                 logger.warning("%s status call failed (job states unchanged): %s", self.system, e)
+        self._apply_workers()
+        await self._reconcile()
+
+    def _apply_workers(self) -> None:
+        """Assign the scheduler's workers to jobs; log (INFO) each job's workers as they come."""
+        before = {j.id: len(j.workers) for j in self._table.active()}
         self._table.apply_workers({str(ws.name): (addr, ws.status)
                                    for addr, ws in self.scheduler.state.workers.items()})
-        await self._reconcile()
+        for job in self._table.active():
+            n = len(job.workers)
+            if n > before.get(job.id, 0):
+                logger.info("%s job %s: %d/%d workers connected", self.system, job.id, n,
+                            self.spec.processes)
 
     async def _poll_status(self, grace: float) -> None:
         ids = self._table.active_ids()
         if not ids:
             return
         states = await self.states(self.runner, ids, self.command_timeout)
-        for job in self._table.apply_status(states, ids, grace):
+        before = {jid: (self._table[jid].native_state, self._table[jid].reason) for jid in ids}
+        ended = self._table.apply_status(states, ids, grace)
+        for jid in ids:
+            job = self._table.jobs.get(jid)
+            if job is not None and job.finished is None \
+                    and (job.native_state, job.reason) != before[jid]:
+                logger.info("%s job %s is %s%s", self.system, jid, job.native_state,
+                            f" ({job.reason})" if job.reason else "")
+        for job in ended:
             self._live_ids.discard(job.id)
             if job.state == JobState.DONE or job.cancel_requested:
                 logger.info("%s job %s ended: %s (%s)", self.system, job.id, job.state,

@@ -342,11 +342,19 @@ def make_spec(*, cores: Any = None, memory: Any = None, processes: Any = None,
     )
 
 
-def worker_command(spec: JobSpec, scheduler_address: str, job_id_variable: str) -> str:
+def worker_command(spec: JobSpec, scheduler_address: str, job_id_variable: str,
+                   credentials_file: str | None = None) -> str:
     """The shell line that starts the job's workers (one ``python -m cluster worker``).
 
     The worker name is ``<job_name>-${<job_id_variable>}``: the shell fills in
     the batch system's job id when the job runs.
+
+    Args:
+        spec: the job options.
+        scheduler_address: where the workers connect.
+        job_id_variable: the batch system's job-id environment variable.
+        credentials_file: the path of the workers' TLS credentials file
+            (``--tls-credentials``); only the path goes into the script.
     """
     args = [spec.python, "-m", "cluster", "worker", scheduler_address,
             "--nworkers", str(spec.processes), "--nthreads", str(spec.nthreads),
@@ -363,6 +371,8 @@ def worker_command(spec: JobSpec, scheduler_address: str, job_id_variable: str) 
         args += ["--local-directory", spec.local_directory]
     if spec.interface is not None:
         args += ["--interface", spec.interface]
+    if credentials_file is not None:
+        args += ["--tls-credentials", credentials_file]
     # job_name matches JOB_NAME_PATTERN, so it needs no quoting inside double quotes.
     name = f'--name "{spec.job_name}-${{{job_id_variable}}}"'
     return " ".join([shlex.join(args), name, *(shlex.quote(a) for a in spec.worker_extra_args)])

@@ -87,6 +87,9 @@ def test_pbs_cluster_end_to_end(fake_pbs: Path, tmp_path):
         cluster.scale(4)
         assert len(cluster.jobs) == 2
         cluster.wait_for_workers(4, timeout=60)
+        # Secure by default: the jobs' workers got the credentials file and speak TLS.
+        assert f"--tls-credentials {cluster.credentials_file}" in script
+        assert all(a.startswith("tls://") for a in cluster.scheduler.state.workers)
         jobs = cluster.jobs
         assert {j.state for j in jobs.values()} == {JobState.RUNNING}
         assert {jid: len(j.workers) for jid, j in jobs.items()} == {"1.fakepbs": 2, "2.fakepbs": 2}
@@ -108,6 +111,7 @@ def test_pbs_cluster_end_to_end(fake_pbs: Path, tmp_path):
         assert fake_pbs_state(fake_pbs, gone[0].id) == "F"
     assert {fake_pbs_state(fake_pbs, jid) for jid in ("1.fakepbs", "2.fakepbs")} == {"F"}
     assert not fake_pbs.joinpath("1.fakepbs", "walltime-killed").exists()
+    assert not Path(cluster.credentials_file).exists()
 
 
 def fake_pbs_state(state: Path, job_id: str) -> str:

@@ -12,12 +12,15 @@ jobs start 0.2-1 s after sbatch; 8 one-CPU jobs run at once; a job is killed
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 
 import pytest
 
 from cluster import Client
 from jobqueue import JobState, SLURMCluster, SubmitError
+from runtime.errors import ClusterTimeoutError
 
 from .conftest import Slurm
 
@@ -149,3 +152,50 @@ def test_failing_sbatch_gives_the_typed_error(slurm: Slurm, tmp_path):
     assert "invalid partition specified: nonexistent" in e.stderr
     assert "invalid partition specified: nonexistent" in str(e)
     assert cluster.jobs == {}
+
+
+def test_workers_connect_over_tls_by_default(slurm: Slurm, tmp_path):
+    with make(slurm, tmp_path, shared_temp_directory=str(tmp_path / "shared")) as cluster:
+        path = cluster.credentials_file
+        assert cluster.scheduler_address.startswith("tls://")
+        assert f"--tls-credentials {path}" in cluster.job_script()
+        assert "BEGIN" not in cluster.job_script()
+        cluster.scale(1)
+        cluster.wait_for_workers(1, timeout=60)
+        addresses = list(cluster.scheduler.state.workers)
+        assert addresses and all(a.startswith("tls://") for a in addresses), addresses
+        with Client(cluster) as client:
+            assert client.submit(slowinc, 1, 0).result(timeout=30) == 2
+    assert not (tmp_path / "shared" / "hpc-cluster-credentials" / os.path.basename(path)).exists()
+
+
+def test_security_false_gives_plain_tcp_workers(slurm: Slurm, tmp_path):
+    with make(slurm, tmp_path, security=False) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://")
+        assert "--tls" not in cluster.job_script()
+        cluster.scale(1)
+        cluster.wait_for_workers(1, timeout=60)
+        addresses = list(cluster.scheduler.state.workers)
+        assert addresses and all(a.startswith("tcp://") for a in addresses), addresses
+
+
+def test_wait_for_workers_logs_jobs_and_their_states(slurm: Slurm, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("jobqueue.core.WAIT_LOG_INTERVAL", 0.2)
+    caplog.set_level(logging.INFO, logger="jobqueue.core")
+    # A job held until an hour from now stays PENDING with SLURM's reason BeginTime.
+    with make(slurm, tmp_path, job_extra_directives=["--begin=now+3600"]) as held:
+        held.scale(1)
+        (jid,) = held.jobs
+        with pytest.raises(ClusterTimeoutError, match=rf"job {jid} PENDING \(BeginTime\)"):
+            held.wait_for_workers(1, timeout=3)
+        assert held.jobs[jid].reason == "BeginTime"
+    assert f"waiting for 1 worker (0 connected): job {jid} PENDING (BeginTime)" in caplog.text
+    caplog.clear()
+    with make(slurm, tmp_path) as cluster:
+        cluster.scale(1)
+        (jid,) = cluster.jobs
+        cluster.wait_for_workers(1, timeout=60)
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for")]
+    assert waits and all(f"waiting for 1 worker (0 connected): job {jid} " in m for m in waits)
+    assert f"SLURM job {jid}: 1/1 workers connected" in caplog.text
+    assert "1 worker connected after" in caplog.text

@@ -7,6 +7,7 @@ scheduler address, so nothing here opens a socket or runs a batch command
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import textwrap
@@ -35,7 +36,10 @@ def directives(text: str, prefix: str) -> list[str]:
 
 
 def test_slurm_minimal_script_exactly():
-    assert script(SLURMCluster, cores=1, memory="1GB") == textwrap.dedent(f"""\
+    c = SLURMCluster(cores=1, memory="1GB", python=PY, asynchronous=True)
+    creds = c.credentials_file  # secure by default: the workers get a credentials file by path
+    assert creds.startswith(os.path.expanduser("~/.hpc-cluster/credentials/hpc-worker-"))
+    assert c.job_script(ADDRESS) == textwrap.dedent(f"""\
         #!/usr/bin/env bash
         #SBATCH --job-name=hpc-worker
         #SBATCH --nodes=1
@@ -44,7 +48,7 @@ def test_slurm_minimal_script_exactly():
         #SBATCH --mem=954M
         #SBATCH --time=00:30:00
 
-        {PY} -m cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --name "hpc-worker-${{SLURM_JOB_ID}}"
+        {PY} -m cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{SLURM_JOB_ID}}"
         """)
 
 
@@ -57,7 +61,7 @@ def test_slurm_every_option_exactly(tmp_path):
         job_script_epilogue=["echo done"], job_cpu=16, job_mem="40GB", interface="ib0",
         local_directory="/tmp/$USER", worker_extra_args=["--resources", "GPU=1"],
         shebang="#!/bin/bash -l", env={"OMP_NUM_THREADS": "2", "NOTE": "it's here"},
-        nanny=False, death_timeout="2m", lifetime="1h", lifetime_stagger="5m")
+        nanny=False, death_timeout="2m", lifetime="1h", lifetime_stagger="5m", security=False)
     assert text == textwrap.dedent(f"""\
         #!/bin/bash -l
         #SBATCH --job-name=analysis
@@ -85,13 +89,15 @@ def test_slurm_every_option_exactly(tmp_path):
 
 
 def test_pbs_minimal_script_exactly():
-    assert script(PBSCluster, cores=1, memory="1GB") == textwrap.dedent(f"""\
+    c = PBSCluster(cores=1, memory="1GB", python=PY, asynchronous=True)
+    creds = c.credentials_file
+    assert c.job_script(ADDRESS) == textwrap.dedent(f"""\
         #!/usr/bin/env bash
         #PBS -N hpc-worker
         #PBS -l select=1:ncpus=1:mem=954mb
         #PBS -l walltime=00:30:00
 
-        {PY} -m cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --name "hpc-worker-${{PBS_JOBID}}"
+        {PY} -m cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{PBS_JOBID}}"
         """)
 
 
@@ -102,7 +108,8 @@ def test_pbs_every_option_exactly(tmp_path):
         job_extra_directives=["-V", "-l place=excl"], job_directives_skip=["select="],
         job_script_prologue=["source activate env"], job_script_epilogue=["date"],
         resource_spec="nodes=1:ppn=36", interface="ib0", local_directory="/local",
-        worker_extra_args=["--reconnect"], env={"A": "1"}, death_timeout="30s", lifetime=None)
+        worker_extra_args=["--reconnect"], env={"A": "1"}, death_timeout="30s", lifetime=None,
+        security=False)
     assert text == textwrap.dedent(f"""\
         #!/usr/bin/env bash
         #PBS -N pbs-w
