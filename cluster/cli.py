@@ -299,6 +299,11 @@ def scheduler_parser(prog: str = "python -m cluster scheduler") -> _Command:
                help="worker deaths a task may cause before it fails with KilledWorker (default: 3)")
     cmd.flag("validate", help="check every scheduler-state invariant after each step (slow; "
                               "default: off)")
+    cmd.flag("dashboard", help="serve the status page, its JSON and Prometheus /metrics "
+                               "(default: on)")
+    cmd.option("--dashboard-address", metavar="ADDR",
+               help="where to serve them (default: :8787 on the scheduler's host, or a free "
+                    "port if 8787 is taken)")
     return cmd.finish()
 
 
@@ -356,6 +361,11 @@ def worker_parser(prog: str = "python -m cluster worker") -> _Command:
                     "any free port)")
     cmd.flag("reconnect", help="reconnect when the connection to the scheduler breaks, for up to "
                                "--death-timeout (default: on); else close")
+    cmd.flag("dashboard", help="each worker serves Prometheus /metrics and /health on a free "
+                               "port (default: off)")
+    cmd.option("--dashboard-address", metavar="ADDR",
+               help="serve them here instead, e.g. :9100 (implies --dashboard; with --nworkers "
+                    "> 1 use port 0)")
     _tls_options(cmd, "worker")
     return cmd.finish()
 
@@ -619,6 +629,10 @@ def scheduler_command(argv: Sequence[str], prog: str = "python -m cluster schedu
         worker_ttl=args.worker_ttl, allowed_failures=args.allowed_failures, validate=args.validate,
     )
     options["port"] = DEFAULT_SCHEDULER_PORT if args.port is None else args.port
+    if args.dashboard is False:
+        options["dashboard_address"] = None
+    elif args.dashboard_address is not None:
+        options["dashboard_address"] = args.dashboard_address
     security = _security(cmd, args, "scheduler", from_env)
     if security is not None:
         options["security"] = security
@@ -680,6 +694,10 @@ def worker_command(argv: Sequence[str], prog: str = "python -m cluster worker",
         lifetime_restart=args.lifetime_restart, interface=args.interface, host=args.host,
         reconnect=args.reconnect, security=_security(cmd, args, "worker", from_env),
     )
+    if args.dashboard is not False and args.dashboard_address is not None:
+        common["dashboard_address"] = args.dashboard_address
+    elif args.dashboard:
+        common["dashboard"] = True
 
     def name(i: int) -> dict[str, Any]:
         if args.name is None:

@@ -145,10 +145,12 @@ def computed_once(client: Client, key) -> bool:
 
 @pytest.mark.parametrize("command, options", [
     ("scheduler", ["--host", "--port", "--interface", "--scheduler-file", "--idle-timeout",
-                   "--worker-ttl", "--allowed-failures", "--validate", "CLUSTER_PORT"]),
+                   "--worker-ttl", "--allowed-failures", "--validate", "--no-dashboard",
+                   "--dashboard-address", "CLUSTER_PORT"]),
     ("worker", ["ADDRESS", "--scheduler-file", "--nworkers", "--nthreads", "--memory-limit",
                 "--name", "--no-nanny", "--lifetime", "--death-timeout", "--resources",
-                "--worker-port", "--no-reconnect", "CLUSTER_NTHREADS", "SIGTERM"]),
+                "--worker-port", "--no-reconnect", "--dashboard-address", "CLUSTER_NTHREADS",
+                "SIGTERM"]),
 ])
 def test_help(tmp_path, command, options):
     result = run_cli(tmp_path, command, "--help")
@@ -288,3 +290,46 @@ def test_cluster_from_the_command_line(tmp_path, launch):
     assert not sched_file.exists()
     for cmd in (scheduler, plain, nannied):
         assert "Traceback" not in cmd.stderr, cmd.stderr
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:  # pragma: no cover - shown in the assertion
+        return e.code, e.read().decode()
+
+
+def test_dashboard_options_of_the_commands(tmp_path, launch):
+    sched_file = tmp_path / "scheduler.json"
+    launch("scheduler", "scheduler", "--port", "0", "--scheduler-file", str(sched_file),
+           "--dashboard-address", "127.0.0.1:0")
+    worker = launch("worker", "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                    "--name", "dash", "--dashboard-address", "127.0.0.1:0")
+    read_address(sched_file)
+    with Client(scheduler_file=str(sched_file), timeout=20) as client:
+        until_sync(lambda: len(client.scheduler_info()["workers"]) == 1, timeout=30,
+                   interval=0.05, what="the worker")
+        assert client.submit(inc, 1).result() == 2
+        link = client.dashboard_link
+        assert link.startswith("http://127.0.0.1:")
+        status, text = _get(link.rsplit("/", 1)[0] + "/metrics")
+        assert status == 200 and 'cluster_scheduler_workers{status="running"} 1' in text
+        (w,) = client.scheduler_info()["workers"].values()
+        port = w["services"]["dashboard"]  # the worker process behind the nanny serves it
+        status, text = _get(f"http://127.0.0.1:{port}/health")
+        assert status == 200
+        client.shutdown()
+    assert worker.wait(20) == 0, worker.stderr
+    # --no-dashboard: nothing served
+    sched_file2 = tmp_path / "scheduler2.json"
+    quiet = launch("quiet", "scheduler", "--port", "0", "--scheduler-file", str(sched_file2),
+                   "--no-dashboard")
+    read_address(sched_file2)
+    with Client(scheduler_file=str(sched_file2), timeout=20) as client:
+        assert client.dashboard_link is None
+        client.shutdown()
+    assert quiet.wait(20) == 0, quiet.stderr
