@@ -37,6 +37,7 @@ exactly it (see :meth:`hpc.mpi.Job.finish`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -56,6 +57,7 @@ from runtime.options import (
     positive_int,
     resources,
 )
+from runtime.process import child_environment, discard_warm, prewarm
 
 from .mpi import Job, MPITimeout, env_rank, get_world, launched_by_mpi, scrub_rank_environment
 from .ranks import (
@@ -260,6 +262,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts, script, script_args = parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if opts.nanny and launched_by_mpi() and (env_rank() or 0) > 0:
+        _prewarm_worker_process()
+    try:
+        return _main(opts, script, script_args)
+    finally:
+        discard_warm()  # unused (this rank did not start a worker after all)
+
+
+def _main(opts: ClusterOptions, script: str | None, script_args: Sequence[str]) -> int:
     world = get_world()
     if world is None and launched_by_mpi() and (env_rank() or 0) > 0:
         # An MPI launcher started us, but without mpi4py the ranks cannot
@@ -275,6 +286,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_local(opts, script, script_args)
     _configure_logging(world.Get_rank())
     return run_mpi(world, opts, script, script_args)
+
+
+def _prewarm_worker_process() -> None:
+    """Start this worker rank's worker interpreter now, before ``MPI_Init``.
+
+    It imports the runtime while MPI starts and the ranks meet; the nanny then
+    hands it its options (see :func:`runtime.process.prewarm`) instead of
+    starting a fresh one.  Before ``MPI_Init`` because starting a process
+    after it is unsafe with some MPI libraries; with the environment the
+    worker gets anyway, without the launcher's per-rank variables.
+    """
+    if importlib.util.find_spec("mpi4py") is None:  # no MPI job: this rank will not need it
+        return
+    env = child_environment()
+    scrub_rank_environment(env)
+    prewarm(env)
 
 
 def run_mpi(world: Any, opts: ClusterOptions, script: str | None, script_args: Sequence[str]) -> int:

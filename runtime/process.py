@@ -28,6 +28,7 @@ when it closed asking to be replaced (``lifetime_restart``), anything else
 from __future__ import annotations
 
 import asyncio
+import atexit
 import fcntl
 import json
 import logging
@@ -86,6 +87,197 @@ def _pipe_holding(data: bytes) -> int:
     finally:
         os.close(write_fd)
     return read_fd
+
+
+# ----------------------------------------------------------------------------- pre-warmed children
+
+#: Command-line flag of a pre-warmed child: it imports the runtime, then waits
+#: for its options on its standard input (see :func:`prewarm`).
+WARM_FLAG = "--options-from-stdin"
+
+
+class _WarmChild:
+    """A ``python -m runtime.worker_process --options-from-stdin`` waiting for its options.
+
+    Started with :class:`subprocess.Popen` (no event loop needed), so that it
+    can be started before anything else -- before ``MPI_Init``, say.  Its
+    standard input is a pipe: the options arrive there (a JSON line, then the
+    pickled credentials), and end-of-file ends the child, as for every worker
+    process.  The ready pipe (``--ready-fd``) is made now, its read end kept.
+    """
+
+    def __init__(self, env: dict[str, str], executable: str):
+        import subprocess
+
+        self.env = env
+        self.executable = executable
+        read_fd, write_fd = os.pipe()
+        try:
+            self.popen = subprocess.Popen(
+                [executable, "-m", "runtime.worker_process", WARM_FLAG, "--ready-fd", str(write_fd)],
+                stdin=subprocess.PIPE, env=env, pass_fds=(write_fd,), start_new_session=True)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.ready_fd: int | None = read_fd
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def hand_over(self, options: dict[str, Any], worker_class: str | None,
+                  security: Security | None) -> tuple[_PopenProcess, int]:
+        """Send the child its options; return it (as an asyncio-like process) and the ready fd.
+
+        Raises:
+            OSError: the child is gone (its stdin is closed).
+        """
+        secret = pickle.dumps(security, protocol=5) if security is not None else b""
+        header = json.dumps({"options": options, "worker_class": worker_class,
+                             "security_bytes": len(secret)}).encode() + b"\n"
+        stdin = self.popen.stdin
+        stdin.write(header + secret)
+        stdin.flush()
+        ready_fd, self.ready_fd = self.ready_fd, None
+        return _PopenProcess(self.popen), ready_fd
+
+    def close(self) -> None:
+        """Unused: close its stdin (it exits at end-of-file), and reap it."""
+        if self.ready_fd is not None:
+            with suppress(OSError):
+                os.close(self.ready_fd)
+            self.ready_fd = None
+        with suppress(Exception):
+            self.popen.stdin.close()
+        try:
+            self.popen.wait(5.0)
+        except Exception:
+            with suppress(Exception):
+                self.popen.kill()
+                self.popen.wait(5.0)
+
+
+class _PopenProcess:
+    """The parts of :class:`asyncio.subprocess.Process` that :class:`WorkerProcess` uses,
+    for a child started with :class:`subprocess.Popen` (a pre-warmed one)."""
+
+    def __init__(self, popen):
+        self.popen = popen
+        self.stdin = popen.stdin
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def send_signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        """Wait for the child's exit without a thread: its pidfd becomes readable then."""
+        code = self.popen.poll()
+        if code is not None:
+            return code
+        pidfd = -1
+        with suppress(AttributeError, OSError):
+            pidfd = os.pidfd_open(self.popen.pid)
+        if pidfd < 0:  # pragma: no cover - Linux < 5.3
+            delay = 0.01
+            while (code := self.popen.poll()) is None:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+            return code
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
+        try:
+            while (code := self.popen.poll()) is None:
+                await exited
+                exited = loop.create_future()
+            return code
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+
+
+_warm: _WarmChild | None = None
+
+
+def prewarm(env: dict[str, str] | None = None, executable: str | None = None) -> int | None:
+    """Start a worker interpreter now, for the next :meth:`WorkerProcess.start` to use.
+
+    The child imports the runtime at once, then waits for its options; the
+    next :class:`WorkerProcess` started with the same environment
+    (``child_environment(its env)`` equal to ``env``) and interpreter hands
+    its options to this child instead of starting a fresh one -- the options
+    and credentials go through the child's stdin pipe, never the command line
+    or the environment.  An unused child is reaped by :func:`discard_warm`
+    (also at exit); when we die it reads end-of-file on stdin and exits.
+    Does nothing if a warm child is already waiting.  Needs no event loop.
+
+    Args:
+        env: the child's whole environment (default: ``child_environment()``).
+        executable: its Python (default: ours).
+
+    Returns:
+        The child's pid, or ``None`` if it could not be started.
+    """
+    global _warm
+    if _warm is not None and _warm.alive():
+        return _warm.pid
+    discard_warm()
+    try:
+        _warm = _WarmChild(child_environment() if env is None else dict(env),
+                           executable or sys.executable)
+    except OSError as e:
+        logger.debug("could not pre-warm a worker process: %r", e)
+        return None
+    return _warm.pid
+
+
+def discard_warm() -> None:
+    """Stop the waiting pre-warmed child, if there is one."""
+    global _warm
+    warm, _warm = _warm, None
+    if warm is not None:
+        warm.close()
+
+
+def _take_warm(env: dict[str, str], executable: str) -> _WarmChild | None:
+    """The waiting pre-warmed child if it suits ``env`` and ``executable`` (else ``None``)."""
+    global _warm
+    warm = _warm
+    if warm is None:
+        return None
+    if not warm.alive():
+        discard_warm()
+        return None
+    if warm.env != env or warm.executable != executable:
+        logger.debug("pre-warmed worker process %s does not suit (other environment); unused",
+                     warm.pid)
+        return None
+    _warm = None
+    return warm
+
+
+atexit.register(discard_warm)
 
 
 class WorkerProcess:
@@ -148,6 +340,22 @@ class WorkerProcess:
             TypeError: ``worker_kwargs`` is not JSON-serialisable.
             OSError: the child could not be started.
         """
+        env = child_environment(self.env)
+        warm = _take_warm(env, sys.executable)
+        if warm is not None:
+            try:
+                self.process, read_fd = warm.hand_over(
+                    {"scheduler_ip": self.scheduler_address, **self.worker_kwargs},
+                    self.worker_class, self.security)
+            except (OSError, ValueError) as e:  # it died meanwhile: start a fresh one
+                logger.debug("pre-warmed worker process %s unusable: %r", warm.pid, e)
+                warm.close()
+            else:
+                if self.report_ready:
+                    await self._read_ready_from(read_fd)
+                else:
+                    os.close(read_fd)
+                return self
         options = json.dumps({"scheduler_ip": self.scheduler_address, **self.worker_kwargs})
         args = [sys.executable, "-m", "runtime.worker_process", options]
         if self.worker_class:
@@ -162,7 +370,7 @@ class WorkerProcess:
         pass_fds = tuple(fd for fd in (write_fd, security_fd) if fd is not None)
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.PIPE, env=child_environment(self.env),
+                *args, stdin=asyncio.subprocess.PIPE, env=env,
                 pass_fds=pass_fds,
                 # Its own session: a Ctrl-C at the terminal interrupts the user's
                 # program, not the workers; they stop when we tell them (or when
@@ -179,18 +387,21 @@ class WorkerProcess:
             if security_fd is not None:
                 os.close(security_fd)
         if read_fd is not None:
-            loop = asyncio.get_running_loop()
-            reader = asyncio.StreamReader(limit=2**20)
-            pipe = os.fdopen(read_fd, "rb", buffering=0)
-            try:
-                transport, _ = await loop.connect_read_pipe(
-                    lambda: asyncio.StreamReaderProtocol(reader), pipe)
-            except BaseException:
-                pipe.close()
-                raise
-            self._ready_reader = reader
-            self._ready_transport = transport
+            await self._read_ready_from(read_fd)
         return self
+
+    async def _read_ready_from(self, read_fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**20)
+        pipe = os.fdopen(read_fd, "rb", buffering=0)
+        try:
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        except BaseException:
+            pipe.close()
+            raise
+        self._ready_reader = reader
+        self._ready_transport = transport
 
     def __await__(self):
         return self.start().__await__()

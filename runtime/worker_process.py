@@ -4,6 +4,7 @@ Usage::
 
     python -m runtime.worker_process '<json Worker options>' [--ready-fd N] [--worker-class M.C]
                                      [--security-fd N]
+    python -m runtime.worker_process --options-from-stdin [--ready-fd N]   # pre-warmed
 
 The worker closes when its standard input reaches end-of-file (the parent
 closed the pipe or died), or when the scheduler tells it to.  SIGTERM/SIGINT
@@ -18,6 +19,9 @@ code is 0 after a normal close, ``RESTART_EXIT_CODE`` (75) when the worker asked
 to be replaced by a fresh one (``Worker.restart_requested``).
 With ``--security-fd`` the child reads a pickled ``Security`` (its TLS
 credentials) from that file descriptor, to its end, before anything else.
+With ``--options-from-stdin`` (a pre-warmed child, see
+:func:`runtime.process.prewarm`) the child has imported the runtime already
+and reads its options, worker class and credentials from its stdin pipe.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import threading
 from typing import Any
 
 from .loop import run
-from .process import RESTART_EXIT_CODE
+from .process import RESTART_EXIT_CODE, WARM_FLAG
 from .worker import Worker
 
 #: Seconds a worker gets to retire gracefully after SIGTERM before it just closes.
@@ -79,6 +83,35 @@ def read_security(fd: int | None):
         return None
     with os.fdopen(fd, "rb") as f:
         return pickle.loads(f.read())
+
+
+def read_options_from_stdin() -> tuple[dict, str | None, Any]:
+    """A pre-warmed child's options, from its stdin: ``(options, worker_class, security)``.
+
+    The parent writes one JSON line (``options``, ``worker_class``,
+    ``security_bytes``) and then that many bytes of pickled ``Security``, and
+    nothing else (later, stdin only tells us when the parent is gone).  Read
+    from the raw descriptor, exactly that much.  End-of-file first (the parent
+    did not need us after all) ends the process quietly.
+    """
+    fd = sys.stdin.fileno()
+    buf = bytearray()
+    while b"\n" not in buf:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            os._exit(0)
+        buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    header = json.loads(line)
+    want = int(header.get("security_bytes") or 0)
+    secret = bytearray(rest)
+    while len(secret) < want:
+        chunk = os.read(fd, want - len(secret))
+        if not chunk:
+            os._exit(0)
+        secret += chunk
+    security = pickle.loads(bytes(secret)) if want else None
+    return header.get("options") or {}, header.get("worker_class"), security
 
 
 def _exit_if_parent_gone_during_startup(stdin_fd: int, started: threading.Event) -> None:
@@ -181,13 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-class", default=None, help="'module.Class' to run instead of Worker")
     parser.add_argument("--security-fd", type=int, default=None,
                         help="file descriptor to read the pickled TLS credentials from")
+    parser.add_argument(WARM_FLAG, dest="warm", action="store_true",
+                        help="pre-warmed: read the options, worker class and credentials from "
+                             "stdin (see runtime.process.prewarm)")
     args = parser.parse_args(argv)
-    options = json.loads(args.options)
-    security = read_security(args.security_fd)
+    worker_class = args.worker_class
+    if args.warm:
+        options, worker_class, security = read_options_from_stdin()
+    else:
+        options = json.loads(args.options)
+        security = read_security(args.security_fd)
     if security is not None:
         options["security"] = security
     try:
-        return run(serve(options, args.ready_fd, args.worker_class))
+        return run(serve(options, args.ready_fd, worker_class))
     except Exception:
         logger.exception("worker process failed")
         return 1

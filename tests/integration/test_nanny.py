@@ -430,3 +430,90 @@ async def test_lifetime_restart_churn_loses_no_results():
                 for f in futures:
                     computed = [e for e in s.story(f.key) if e[0] == f.key and e[1:3] == ("processing", "memory")]
                     assert len(computed) == 1, (f.key, computed)
+
+
+# ----------------------------------------------------------------------------- pre-warmed worker processes
+
+
+@pytest.fixture
+def no_warm_child():
+    from runtime import process
+
+    process.discard_warm()
+    yield process
+    process.discard_warm()
+
+
+@gen_test(timeout=60)
+async def test_prewarmed_child_is_used_by_the_next_nanny_with_tls(no_warm_child):
+    """The nanny's worker is the pre-warmed interpreter; the credentials reach it through
+    its stdin pipe, never its command line or environment."""
+    from runtime.security import Security
+
+    process = no_warm_child
+    security = Security.temporary()
+    pid = process.prewarm()
+    assert pid is not None and alive(pid)
+    secrets = [v.encode() for v in security.to_dict().values()
+               if isinstance(v, str) and len(v) > 40]
+    assert secrets
+    async with Scheduler(host="127.0.0.1", security=security) as s:
+        async with Nanny(s.address, nthreads=1, name="warm", security=security) as nanny:
+            assert nanny.pid == pid and process._warm is None
+            assert nanny.worker_address.startswith("tls://")
+            for what in ("cmdline", "environ"):
+                with open(f"/proc/{pid}/{what}", "rb") as f:
+                    data = f.read()
+                assert not any(secret in data for secret in secrets), what
+            async with Client(s.address, asynchronous=True, security=security) as c:
+                assert await c.submit(getpid) == pid
+                assert await c.submit(inc, 1) == 2
+            # A restart starts a fresh child (nothing warm is left).
+            nanny.process.kill()
+            await until(lambda: nanny.pid not in (None, pid) and nanny.worker_address,
+                        timeout=30, what="a fresh worker")
+        assert not alive(pid)
+
+
+@gen_test(timeout=30)
+async def test_prewarmed_child_with_another_environment_is_not_used(no_warm_child):
+    process = no_warm_child
+    pid = process.prewarm({**process.child_environment(), "WARM_ONLY": "1"})
+    async with Scheduler(validate=True) as s:
+        async with Nanny(s.address, nthreads=1, name="cold") as nanny:
+            assert nanny.pid != pid
+            async with Client(s.address, asynchronous=True) as c:
+                assert await c.submit(getenv, "WARM_ONLY") is None
+    assert process._warm is not None and process._warm.pid == pid
+    process.discard_warm()
+    assert not alive(pid)
+
+
+def test_unused_prewarmed_child_exits_when_its_parent_dies(tmp_path):
+    """No orphan: the warm child reads end-of-file on stdin when its parent is gone."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from runtime.process import prewarm; "
+            "print(prewarm(), flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        pid = int(parent.stdout.readline())
+        assert alive(pid)
+        time.sleep(1.0)  # let it reach its read of stdin (it must exit either way)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling interval of the deadline loop
+    assert not alive(pid)
+
+
+def test_unused_prewarmed_child_is_reaped_by_discard(no_warm_child):
+    process = no_warm_child
+    pid = process.prewarm()
+    assert process.prewarm() == pid  # one at a time
+    process.discard_warm()
+    assert not alive(pid)

@@ -323,6 +323,22 @@ def test_script_mode_eight_ranks_oversubscribed(job_factory):
 
 
 @both_mpis
+def test_worker_ranks_use_their_prewarmed_worker_process(job_factory):
+    """Each nanny's worker is the interpreter its rank started before MPI_Init (options
+    and credentials through its stdin, none of the launcher's rank variables)."""
+    job = job_factory(3, ["--nthreads", "1", str(SCRIPTS / "worker_cmdlines.py")])
+    status = job.wait(60)
+    assert status == 0, job.output()
+    workers = last_json(job.stdout())["workers"]
+    assert len(workers) == 2
+    for w in workers:
+        assert "--options-from-stdin" in w["argv"], w
+        assert not any(a.startswith("{") for a in w["argv"]), w  # no options on the command line
+        assert w["rank_vars"] == [], w
+    job.assert_nothing_left()
+
+
+@both_mpis
 def test_script_failure_shows_traceback_and_fails(job_factory):
     job = job_factory(4, [str(SCRIPTS / "fail.py")])
     status = job.wait(60)
