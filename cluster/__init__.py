@@ -7,31 +7,6 @@ jobs; ``python -m cluster`` is the command line.
 
 from concurrent.futures import CancelledError
 
-from runtime import (
-    ALL_COMPLETED,
-    FIRST_COMPLETED,
-    FIRST_EXCEPTION,
-    Client,
-    ClusterError,
-    Future,
-    KilledWorker,
-    LocalCluster,
-    Nanny,
-    Reschedule,
-    Scheduler,
-    SchedulerPlugin,
-    Security,
-    Worker,
-    WorkerPlugin,
-    as_completed,
-    default_client,
-    get_current_task,
-    get_worker,
-    progress,
-    secede,
-    wait,
-)
-
 __version__ = "0.1.0"
 
 #: Imported on first use, so that ``python -m cluster worker`` (what every batch
@@ -39,12 +14,33 @@ __version__ = "0.1.0"
 _JOBQUEUE = ("JobQueueCluster", "PBSCluster", "SLURMCluster")
 
 
+#: Taken from :mod:`runtime` on first use (PEP 562), which imports only the
+#: module that defines each: ``python -m cluster`` under MPI imports what each
+#: rank's role needs, not the whole runtime.
+_RUNTIME = (
+    "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Client", "ClusterError", "Future",
+    "KilledWorker", "LocalCluster", "Nanny", "Reschedule", "Scheduler", "SchedulerPlugin",
+    "Security", "Worker", "WorkerPlugin", "as_completed", "default_client", "get_current_task",
+    "get_worker", "progress", "secede", "wait",
+)
+
+
 def __getattr__(name: str):
     if name in _JOBQUEUE:
         import jobqueue
 
         return getattr(jobqueue, name)
+    if name in _RUNTIME:
+        import runtime
+
+        value = getattr(runtime, name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'cluster' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_RUNTIME) | set(_JOBQUEUE))
 
 
 __all__ = [

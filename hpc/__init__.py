@@ -15,6 +15,13 @@ The role of each rank is decided by :mod:`hpc.roles`; what each role runs, by
 :mod:`hpc.ranks`.
 """
 
-from .api import initialize
-
 __all__ = ["initialize"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: the launcher's ranks (``python -m cluster``) do not need it.
+    if name == "initialize":
+        from .api import initialize
+
+        return initialize
+    raise AttributeError(f"module 'hpc' has no attribute {name!r}")

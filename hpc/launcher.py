@@ -45,8 +45,6 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runtime.client import ENV_ADDRESS
-from runtime.local import LocalCluster
 from runtime.options import (
     boolean,
     duration,
@@ -61,6 +59,7 @@ from runtime.process import child_environment, discard_warm, prewarm
 
 from .mpi import Job, MPITimeout, env_rank, get_world, launched_by_mpi, scrub_rank_environment
 from .ranks import (
+    ENV_ADDRESS,
     EXIT_FAILURE,
     EXIT_NO_SCRIPT,
     FINISH_MARGIN,
@@ -362,6 +361,8 @@ def run_local(opts: ClusterOptions, script: str | None, script_args: Sequence[st
         worker_kwargs.pop("interface", None)
         worker_kwargs.pop("protocol", None)
         mem = worker_kwargs.pop("memory_limit")
+        from runtime.local import LocalCluster
+
         try:
             cluster = LocalCluster(n_workers=opts.nworkers, threads_per_worker=opts.nthreads,
                                    processes=True, nanny=opts.nanny, host=opts.host,

@@ -52,21 +52,29 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runtime.client import ENV_ADDRESS
 from runtime.comm import connect
 from runtime.core import Status
 from runtime.errors import ClusterError
 from runtime.loop import loop_runner, sync
-from runtime.nanny import Nanny
-from runtime.scheduler import Scheduler, get_ip_for
 from runtime.security import Security
 from runtime.utils import get_ip_interface
-from runtime.worker import Worker
 
 from .mpi import Job
 from .roles import scheduler_host
+
+if TYPE_CHECKING:
+    from runtime.nanny import Nanny
+    from runtime.scheduler import Scheduler
+    from runtime.worker import Worker
+
+# Each role imports the servers it runs (a worker rank needs no Scheduler, and
+# no rank needs the Client): see the functions below.
+
+#: What a script's ``Client()`` reads the scheduler's address from
+#: (``runtime.client.ENV_ADDRESS``, not imported: the Client is not needed here).
+ENV_ADDRESS = "CLUSTER_SCHEDULER_ADDRESS"
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +355,8 @@ def routable_address(processor_names: Sequence[str], me: str) -> str:
             ip = socket.gethostbyname(name)
         except OSError:
             continue
+        from runtime.scheduler import get_ip_for
+
         local = get_ip_for(ip)
         if not local.startswith("127."):
             return local
@@ -433,6 +443,8 @@ def serve_scheduler(job: Job, opts: ClusterOptions, processor_names: Sequence[st
                 # Fresh credentials for this job, made here and sent over MPI:
                 # never written where other users (or other jobs) could read them.
                 security = Security.temporary() if opts.secure else None
+
+                from runtime.scheduler import Scheduler
 
                 async def start() -> Scheduler:
                     return await Scheduler(host=host, security=security, **opts.scheduler_kwargs())
@@ -550,7 +562,10 @@ class WorkerRank:
         if self.security is not None:
             kwargs["security"] = self.security
             kwargs.pop("protocol", None)  # the scheduler's tls:// decides
-        cls = Nanny if self.opts.nanny else Worker
+        if self.opts.nanny:
+            from runtime.nanny import Nanny as cls
+        else:
+            from runtime.worker import Worker as cls
         self.server = cls(self.address, **kwargs)
         asyncio.ensure_future(self._notice_end(self.server))
         await self.server
@@ -598,6 +613,8 @@ class WorkerRank:
         await server.close(timeout=CLOSE_TIMEOUT)
 
     async def _retire(self, server: Nanny | Worker) -> None:
+        from runtime.worker import Worker
+
         if isinstance(server, Worker):
             await server.close_gracefully(reason="rank-signal")
             return

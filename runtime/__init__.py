@@ -3,34 +3,46 @@
 Knows nothing of MPI or batch systems (see ``hpc`` and ``jobqueue``).
 """
 
-from .client import Client, default_client
-from .errors import (
-    ClusterError,
-    ClusterTimeoutError,
-    CommClosedError,
-    ConnectionTimeoutError,
-    FutureCancelledError,
-    KilledWorker,
-    RemoteTraceback,
-    ScatteredDataLost,
-    TaskSerializationError,
-)
-from .execution import Reschedule, WorkerPlugin, get_current_task, get_worker, secede
-from .futures import (
-    ALL_COMPLETED,
-    FIRST_COMPLETED,
-    FIRST_EXCEPTION,
-    Future,
-    as_completed,
-    wait,
-)
-from .local import LocalCluster
-from .nanny import Nanny
-from .progress import progress
-from .scheduler import Scheduler
-from .scheduler_ops import SchedulerPlugin
-from .security import Security
-from .worker import Worker
+import importlib
+
+#: Where each public name lives, imported on first use (PEP 562): a worker
+#: process or an MPI rank imports only what its role needs.
+_LAZY = {
+    "Client": ".client", "default_client": ".client",
+    "ClusterError": ".errors", "ClusterTimeoutError": ".errors", "CommClosedError": ".errors",
+    "ConnectionTimeoutError": ".errors", "FutureCancelledError": ".errors",
+    "KilledWorker": ".errors", "RemoteTraceback": ".errors", "ScatteredDataLost": ".errors",
+    "TaskSerializationError": ".errors",
+    "Reschedule": ".execution", "WorkerPlugin": ".execution", "get_current_task": ".execution",
+    "get_worker": ".execution", "secede": ".execution",
+    "ALL_COMPLETED": ".futures", "FIRST_COMPLETED": ".futures", "FIRST_EXCEPTION": ".futures",
+    "Future": ".futures", "as_completed": ".futures", "wait": ".futures",
+    "LocalCluster": ".local",
+    "Nanny": ".nanny",
+    "Scheduler": ".scheduler",
+    "SchedulerPlugin": ".scheduler_ops",
+    "Security": ".security",
+    "Worker": ".worker",
+}
+
+
+# Eager: ``runtime.progress`` is also a submodule, whose import would bind the
+# package attribute to the module instead (and it is light: futures and utils).
+from .progress import progress  # noqa: E402
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ALL_COMPLETED",
