@@ -67,6 +67,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from runtime.options import positive_int
+
 from .commands import DEFAULT_TIMEOUT, CommandResult, Runner, run_command
 from .errors import CancelError, CommandError, JobQueueError
 from .job import (
@@ -661,18 +663,8 @@ def _memory(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive integer")
-    return value
-
-
 def _ranks(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(
             f"invalid value {text!r}: an MPI job needs at least 2 ranks (rank 0 runs the "
@@ -753,7 +745,7 @@ def build_parser(prog: str = "python -m cluster submit") -> argparse.ArgumentPar
         help=f"the job's name (default: {DEFAULT_MPI_JOB_NAME})")
     add("--memory", type=_memory, metavar="SIZE",
         help="memory of each rank, like 4GB or 3.5GiB (also each worker's --memory-limit)")
-    add("--cpus-per-task", "--nthreads", dest="cpus_per_task", type=_positive_int, default=1,
+    add("--cpus-per-task", "--nthreads", dest="cpus_per_task", type=positive_int, default=1,
         metavar="N", help="CPUs of each rank = threads of each worker (default: 1)")
     add("--job-extra-directive", dest="job_extra_directives", action="append", default=[],
         metavar="LINE", help="an extra directive line (repeatable); write one that starts with "

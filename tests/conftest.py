@@ -9,6 +9,8 @@ import time
 import psutil
 import pytest
 
+from runtime.security import Security
+
 
 def _snapshot():
     proc = psutil.Process()
@@ -77,3 +79,15 @@ def pytest_collection_modifyitems(config, items):
             m for m in item.own_markers
             if not (m.name == "skip" and m.kwargs.get("reason") == _PYTEST_MPI_SKIP_REASON)
         ]
+
+
+@pytest.fixture(scope="module")
+def sec() -> Security:
+    """Fresh TLS credentials for one test module's cluster."""
+    return Security.temporary()
+
+
+@pytest.fixture(scope="module")
+def other() -> Security:
+    """A second, unrelated set of credentials (another cluster's CA)."""
+    return Security.temporary()

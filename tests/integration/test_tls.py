@@ -38,16 +38,6 @@ from tests.integration.test_cli import (  # noqa: F401  (fixtures)
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def sec() -> Security:
-    return Security.temporary()
-
-
-@pytest.fixture(scope="module")
-def other() -> Security:
-    return Security.temporary()
-
-
 @pytest.fixture
 def tls_log(caplog):
     caplog.set_level(logging.WARNING, logger="runtime.comm.tcp")

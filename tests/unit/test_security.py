@@ -28,16 +28,6 @@ from runtime.security import (
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def sec() -> Security:
-    return Security.temporary()
-
-
-@pytest.fixture(scope="module")
-def other() -> Security:
-    return Security.temporary()
-
-
 def mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
