@@ -22,7 +22,7 @@ from runtime.core import ConnectionPool, Status
 from runtime.nanny import Nanny
 from runtime.process import RESTART_EXIT_CODE, WorkerProcessError
 from runtime.utils import format_bytes
-from tests.helpers import gen_test, until
+from tests.helpers import gen_test, until, until_sync
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -501,7 +501,15 @@ def test_unused_prewarmed_child_exits_when_its_parent_dies(tmp_path):
     try:
         pid = int(parent.stdout.readline())
         assert alive(pid)
-        time.sleep(1.0)  # let it reach its read of stdin (it must exit either way)
+
+        def waiting_on_its_pipe() -> bool:  # imports done, blocked in read(stdin)
+            try:
+                with open(f"/proc/{pid}/wchan") as f:
+                    return "pipe" in f.read()
+            except OSError:
+                return False
+
+        until_sync(waiting_on_its_pipe, timeout=20, what="the warm child to wait for its options")
     finally:
         parent.kill()
         parent.wait()
