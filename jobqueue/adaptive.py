@@ -26,15 +26,23 @@ Rules:
   target, busy jobs (newest first: their data moves before they go).
   ``adapt`` closes only idle jobs, and only after the same job was chosen
   ``wait_count`` times in a row (a short lull does not throw jobs away).
+
+:class:`Adaptive` is only the handle ``cluster.adapt()`` returns: the
+settings in force and ``stop()``.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .states import JobState
+
+if TYPE_CHECKING:
+    from .core import JobQueueCluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,4 +194,35 @@ def adapt_limits(processes: int, minimum: int | None, maximum: int | None,
     return low, high
 
 
-__all__ = ["Decision", "JobView", "Observation", "ScalingPolicy", "adapt_limits"]
+class Adaptive:
+    """The adaptive-scaling settings in force (returned by ``cluster.adapt()``).
+
+    Attributes:
+        interval: seconds between two decisions.
+        target_duration: the work should take about this long (seconds) with the workers wanted.
+        policy: the pure decision maker (limits in jobs, ``wait_count``).
+    """
+
+    def __init__(self, cluster: JobQueueCluster, interval: float, target_duration: float,
+                 policy: ScalingPolicy):
+        self._cluster = weakref.ref(cluster)
+        self.interval = interval
+        self.target_duration = target_duration
+        self.policy = policy
+
+    def stop(self) -> None:
+        """Stop adapting; the jobs running now stay (call ``scale`` to change them)."""
+        cluster = self._cluster()
+        if cluster is not None and cluster._adaptive is self:
+            cluster._adaptive = None
+            cluster._target_workers = sum(
+                len(j.workers) for j in cluster._table.active()) or cluster._target_workers
+
+    def __repr__(self) -> str:
+        p = self.policy
+        return (f"<Adaptive jobs=[{p.minimum_jobs}, {p.maximum_jobs}] interval={self.interval:g}s "
+                f"wait_count={p.wait_count} target_duration={self.target_duration:g}s>")
+
+
+
+__all__ = ["Adaptive", "Decision", "JobView", "Observation", "ScalingPolicy", "adapt_limits"]

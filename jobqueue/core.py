@@ -63,7 +63,6 @@ import contextlib
 import logging
 import math
 import os
-import stat
 import tempfile
 import time
 import uuid
@@ -76,8 +75,9 @@ from runtime.loop import loop_runner, sync
 from runtime.scheduler import Scheduler
 from runtime.security import Security, resolve_security
 
-from .adaptive import Observation, ScalingPolicy, adapt_limits
+from .adaptive import Adaptive, Observation, ScalingPolicy, adapt_limits
 from .commands import Runner, run_blocking, run_command
+from .credentials import credentials_directory, make_private_directory, remove_file, worker_security
 from .errors import CancelError, CommandError
 from .job import (
     DEFAULT_JOB_NAME,
@@ -100,106 +100,10 @@ FAILURES_BEFORE_BACKOFF = 3
 #: Longest pause of submission after repeated failures (seconds).
 MAX_BACKOFF = 300.0
 
-#: Where the workers' credentials files go without ``shared_temp_directory``.
-DEFAULT_CREDENTIALS_DIRECTORY = "~/.hpc-cluster/credentials"
-
-#: The subdirectory of ``shared_temp_directory`` that holds the credentials files.
-CREDENTIALS_SUBDIRECTORY = "hpc-cluster-credentials"
-
 #: Shortest time between two "waiting for workers" log lines (seconds) ...
 WAIT_LOG_INTERVAL = 5.0
 #: ... and the longest, when nothing changed.
 WAIT_LOG_REPEAT = 30.0
-
-
-class Adaptive:
-    """The adaptive-scaling settings in force (returned by ``cluster.adapt()``).
-
-    Attributes:
-        interval: seconds between two decisions.
-        target_duration: the work should take about this long (seconds) with the workers wanted.
-        policy: the pure decision maker (limits in jobs, ``wait_count``).
-    """
-
-    def __init__(self, cluster: JobQueueCluster, interval: float, target_duration: float,
-                 policy: ScalingPolicy):
-        self._cluster = weakref.ref(cluster)
-        self.interval = interval
-        self.target_duration = target_duration
-        self.policy = policy
-
-    def stop(self) -> None:
-        """Stop adapting; the jobs running now stay (call ``scale`` to change them)."""
-        cluster = self._cluster()
-        if cluster is not None and cluster._adaptive is self:
-            cluster._adaptive = None
-            cluster._target_workers = sum(
-                len(j.workers) for j in cluster._table.active()) or cluster._target_workers
-
-    def __repr__(self) -> str:
-        p = self.policy
-        return (f"<Adaptive jobs=[{p.minimum_jobs}, {p.maximum_jobs}] interval={self.interval:g}s "
-                f"wait_count={p.wait_count} target_duration={self.target_duration:g}s>")
-
-
-def credentials_directory(shared_temp_directory: str | os.PathLike | None = None) -> str:
-    """The private directory (absolute path) for the workers' credentials files.
-
-    ``<shared_temp_directory>/hpc-cluster-credentials``, or
-    :data:`DEFAULT_CREDENTIALS_DIRECTORY` without one.  Not created here.
-    """
-    if shared_temp_directory is None:
-        path = DEFAULT_CREDENTIALS_DIRECTORY
-    else:
-        path = os.path.join(os.fspath(shared_temp_directory), CREDENTIALS_SUBDIRECTORY)
-    return os.path.abspath(os.path.expanduser(path))
-
-
-def make_private_directory(path: str) -> str:
-    """Create ``path`` (and its parents) if missing; make sure only we can enter it (0700).
-
-    Raises:
-        PermissionError: it belongs to another user.
-        ValueError: it is a symbolic link or not a directory.
-    """
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"credentials directory {path}: not a directory (or a symbolic link); "
-                         "remove it or pass another shared_temp_directory=")
-    if st.st_uid != os.geteuid():
-        raise PermissionError(f"credentials directory {path} belongs to user id {st.st_uid}, "
-                              f"not to us ({os.geteuid()}): pass another shared_temp_directory=")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        logger.info("credentials directory %s had mode %04o; making it 0700", path,
-                    stat.S_IMODE(st.st_mode))
-        os.chmod(path, 0o700)
-    return path
-
-
-def worker_security(security: Security) -> Security:
-    """The part of ``security`` that workers need: the CA, the worker certificate and key, the settings.
-
-    The client's and the scheduler's keys stay in this process.
-    """
-    return Security(require_encryption=security.require_encryption,
-                    tls_ca_file=security.tls_ca_file, tls_ciphers=security.tls_ciphers,
-                    tls_min_version=security.tls_min_version,
-                    tls_max_version=security.tls_max_version,
-                    tls_worker_cert=security.tls_worker_cert,
-                    tls_worker_key=security.tls_worker_key)
-
-
-def _remove_file(path: str) -> None:
-    """Finalizer: remove a credentials file (gone already is fine)."""
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        return
-    except OSError as e:  # nothing to raise to at exit
-        logger.error("could not remove the credentials file %s: %s", path, e)
-        return
-    logger.debug("removed the credentials file %s", path)
 
 
 def _cancel_leftovers(runner: Runner, cancel_argv: tuple[str, ...], ids: set[str],
@@ -683,7 +587,7 @@ class JobQueueCluster(BatchSystem):
         path = self.credentials_file
         make_private_directory(os.path.dirname(path))
         # Removed at garbage collection or interpreter exit if close() never runs.
-        self._credentials_finalizer = weakref.finalize(self, _remove_file, path)
+        self._credentials_finalizer = weakref.finalize(self, remove_file, path)
         worker_security(self.security).to_file(path)
         logger.info("%s: workers' TLS credentials in %s (mode 0600; removed on close)",
                     type(self).__name__, path)

@@ -24,7 +24,7 @@ import pytest
 
 from jobqueue import PBSCluster, SLURMCluster
 from jobqueue.commands import CommandResult
-from jobqueue.core import credentials_directory
+from jobqueue.credentials import credentials_directory
 from runtime.errors import ClusterTimeoutError
 from runtime.security import Security
 from tests.helpers import gen_test
