@@ -8,7 +8,7 @@ Usage::
     python -m cluster [launcher options] script ...  # anything else: the MPI launcher
 
 ``scheduler`` and ``worker`` are implemented in :mod:`cluster.cli`, ``submit``
-in :mod:`jobqueue.submit` (imported only then, so that the other commands do
+in :mod:`jobqueue.submit_cli` (imported only then, so that the other commands do
 not load jinja2); every other command line is handed unchanged to
 :func:`hpc.launcher.main`, imported only then (so the subcommands work
 without MPI).
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli.main(argv, prog=prog)
     if argv and argv[0] == "submit":
-        from jobqueue.submit import main as submit
+        from jobqueue.submit_cli import main as submit
 
         return submit(argv[1:], prog=f"{prog} submit")
     try:

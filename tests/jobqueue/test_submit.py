@@ -30,7 +30,7 @@ import pytest
 import jobqueue
 from jobqueue import JobState, MPIJob, SubmitError, mpi_job_script, submit_mpi_job
 from jobqueue.commands import CommandResult
-from jobqueue.submit import main
+from jobqueue.submit_cli import main
 
 from . import test_pbs_fake
 from .conftest import Slurm, run
