@@ -57,6 +57,10 @@ def start_cluster(system, Client, LocalCluster):
             params = {}
         if "host" in params:
             kwargs["host"] = "127.0.0.1"
+        # Same as dask's run above: no status page.  TLS stays as we ship it
+        # (on by default; dask's default is plain TCP), so ours pays for it here.
+        if "dashboard_address" in params:
+            kwargs["dashboard_address"] = None
     cluster = LocalCluster(**kwargs)
     try:
         client = Client(cluster)
