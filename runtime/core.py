@@ -34,7 +34,8 @@ from .comm import Comm, connect, listen
 from .comm.core import Listener
 from .errors import ClusterError, CommClosedError, CommError, ProtocolError, UnknownOperationError
 from .messages import Spec, check_message, short_repr
-from .security import Security
+from .security import Security, local_credentials, security_from_scheduler_info
+from .utils import parse_address, read_scheduler_info
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,25 @@ class Server:
             self.listen_args = security.get_listen_args(role)
         self.rpc = ConnectionPool(timeout=self.rpc.timeout, max_idle=self.rpc.max_idle,
                                   **self.connection_args)
+
+    async def _locate_scheduler(self, role: str) -> str:
+        """The scheduler's address, and the credentials to reach it (workers and nannies).
+
+        The address is ``scheduler_addr``, or read from ``scheduler_file``
+        (waiting up to ``death_timeout`` for it).  The credentials are those
+        given; else those the scheduler file points to; else, for a ``tls://``
+        scheduler in this very process, its own.
+        """
+        if self.scheduler_addr is None:
+            info = await read_scheduler_info(self.scheduler_file, self.death_timeout or 60.0)
+            if not self._security_given:
+                security = security_from_scheduler_info(info, self.scheduler_file)
+                if security is not None:
+                    self._set_security(security, role)
+            self.scheduler_addr = info["address"]
+        if parse_address(self.scheduler_addr)[0] == "tls" and self.security is None:
+            self._set_security(local_credentials(self.scheduler_addr), role)
+        return self.scheduler_addr
 
     # ------------------------------------------------------------------ lifecycle
 

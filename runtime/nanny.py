@@ -49,14 +49,13 @@ import psutil
 from .core import Server, Status, unpack_reply
 from .errors import ClusterTimeoutError, CommError
 from .process import RESTART_EXIT_CODE, WorkerProcess, WorkerProcessError
-from .security import local_credentials, resolve_security, security_from_scheduler_info
+from .security import resolve_security
 from .utils import (
     format_bytes,
     listen_host,
     parse_address,
     parse_host_port,
     parse_timedelta,
-    read_scheduler_info,
     unparse_host_port,
 )
 from .worker import Worker, parse_memory_limit
@@ -293,14 +292,12 @@ class Nanny(Server):
     # ------------------------------------------------------------------ lifecycle
 
     async def start_unsafe(self) -> None:
-        if self.scheduler_addr is None:
-            self.scheduler_addr = await self._read_scheduler_file()
+        from_file = self.scheduler_addr is None
+        await self._locate_scheduler("worker")
+        if from_file:
             _check_network_address(self.scheduler_addr,
                                    f"scheduler address from {self.scheduler_file}")
-        proto = parse_address(self.scheduler_addr)[0]
-        if proto == "tls" and self.security is None:
-            self._set_security(local_credentials(self.scheduler_addr), "worker")
-        self._listen_protocol = self.protocol or proto
+        self._listen_protocol = self.protocol or parse_address(self.scheduler_addr)[0]
         host = listen_host(self.host, self.interface, self.scheduler_addr)
         self._listen_host = host
         await self.listen(f"{self._listen_protocol}://{unparse_host_port(host, self.port)}")
@@ -311,14 +308,6 @@ class Nanny(Server):
             self.spawn(self._memory_monitor_loop())
         logger.info("Nanny %s runs worker %s (name=%r, pid=%s)", self.address,
                     self.worker_address, self.name, self.pid)
-
-    async def _read_scheduler_file(self) -> str:
-        info = await read_scheduler_info(self.scheduler_file, self.death_timeout or 60.0)
-        if not self._security_given:
-            security = security_from_scheduler_info(info, self.scheduler_file)
-            if security is not None:
-                self._set_security(security, "worker")
-        return info["address"]
 
     def _child_options(self) -> dict[str, Any]:
         protocol = self._listen_protocol

@@ -38,7 +38,7 @@ from .core import BatchedSend, Server, Status, unpack_reply
 from .dashboard.worker import WorkerDiagnosticsMixin
 from .errors import ClusterError, CommClosedError, CommError
 from .execution import TaskThreadPool, get_current_task, get_worker, sizeof  # noqa: F401
-from .security import local_credentials, resolve_security, security_from_scheduler_info
+from .security import resolve_security
 from .statemachine import Instruction, Msg
 from .utils import (
     format_bytes,
@@ -47,7 +47,6 @@ from .utils import (
     parse_address,
     parse_bytes,
     parse_timedelta,
-    read_scheduler_info,
     unparse_host_port,
 )
 from .worker_state import (
@@ -322,12 +321,8 @@ class Worker(WorkerDiagnosticsMixin, Server):
     # ------------------------------------------------------------------ lifecycle
 
     async def start_unsafe(self) -> None:
-        if self.scheduler_addr is None:
-            self.scheduler_addr = await self._read_scheduler_file()
-        proto, _ = parse_address(self.scheduler_addr)
-        if proto == "tls" and self.security is None:
-            self._set_security(local_credentials(self.scheduler_addr), "worker")
-        protocol = self.protocol or proto
+        await self._locate_scheduler("worker")
+        protocol = self.protocol or parse_address(self.scheduler_addr)[0]
         if protocol == "inproc":
             listen_at = "inproc://"
         else:
@@ -365,14 +360,6 @@ class Worker(WorkerDiagnosticsMixin, Server):
             lifetime = self.lifetime + random.uniform(-self.lifetime_stagger, self.lifetime_stagger)
             self.spawn(self._close_after(max(lifetime, 0.0)))
         logger.info("Worker %s (name=%r) registered with %s", self.address, self.name, self.scheduler_addr)
-
-    async def _read_scheduler_file(self) -> str:
-        info = await read_scheduler_info(self.scheduler_file, self.death_timeout or 60.0)
-        if not self._security_given:
-            security = security_from_scheduler_info(info, self.scheduler_file)
-            if security is not None:
-                self._set_security(security, "worker")
-        return info["address"]
 
     async def _register(self) -> None:
         from .comm import connect
