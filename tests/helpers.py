@@ -59,9 +59,18 @@ async def until(predicate, timeout: float = 10.0, interval: float = 0.01, what: 
         await asyncio.sleep(interval)
 
 
-def until_sync(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+def until_sync(predicate, timeout: float = 10.0, interval: float = 0.01, what="condition"):
+    """Poll ``predicate()`` until it returns something truthy, and return that.
+
+    Fails after ``timeout`` seconds; ``what`` names what is awaited (a callable
+    is called only then, so the message can show the latest state).
+    """
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+            raise AssertionError(f"timed out after {timeout:g}s waiting for "
+                                 f"{what() if callable(what) else what}")
+        time.sleep(interval)  # polling interval of the deadline loop, not synchronisation

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import until_sync
+
 REPO = Path(__file__).resolve().parents[2]
 SLURM_SH = REPO / "scripts" / "slurm.sh"
 
@@ -43,19 +45,9 @@ def slurm_required() -> bool:
 def wait_until(
     predicate: Callable[[], object], timeout: float, what: str | Callable[[], str]
 ) -> object:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s.
-
-    ``what`` names what is awaited in the failure message (a callable is
-    evaluated only then, so it can show the latest state).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what() if callable(what) else what}")
-        time.sleep(POLL_INTERVAL)  # polling interval of the deadline loop, not synchronisation
+    """Poll ``predicate`` every :data:`POLL_INTERVAL` until it returns something truthy
+    (see :func:`tests.helpers.until_sync`)."""
+    return until_sync(predicate, timeout, POLL_INTERVAL, what)
 
 
 def run(argv: Sequence[str], *, check: bool = True, timeout: float = COMMAND_TIMEOUT):

@@ -25,6 +25,7 @@ from cluster import Client
 from jobqueue import JobState, PBSCluster
 
 from . import fake_pbs as pbs_server
+from .conftest import wait_until as _wait
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,15 +45,6 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)  # polling interval of the deadline loop, not synchronisation
 
 
 @pytest.fixture

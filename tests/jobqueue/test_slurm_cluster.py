@@ -23,20 +23,11 @@ from jobqueue import JobState, SLURMCluster, SubmitError
 from runtime.errors import ClusterTimeoutError
 
 from .conftest import Slurm
+from .conftest import wait_until as wait
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def wait(predicate, timeout: float, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for "
-                                 f"{what() if callable(what) else what}")
-        time.sleep(0.1)  # polling interval of the deadline loop, not synchronisation
 
 
 def make(slurm: Slurm, tmp_path, **kwargs) -> SLURMCluster:
