@@ -20,7 +20,8 @@ _JOBQUEUE = ("JobQueueCluster", "PBSCluster", "SLURMCluster")
 _RUNTIME = (
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Client", "ClusterError", "Future",
     "KilledWorker", "LocalCluster", "Nanny", "Reschedule", "Scheduler", "SchedulerPlugin",
-    "Security", "Worker", "WorkerPlugin", "as_completed", "default_client", "get_current_task",
+    "Security", "Worker", "WorkerPlugin", "as_completed", "default_client", "futures_of",
+    "get_current_task",
     "get_worker", "progress", "secede", "wait",
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "__version__",
     "as_completed",
     "default_client",
+    "futures_of",
     "get_current_task",
     "get_worker",
     "progress",

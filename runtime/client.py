@@ -33,6 +33,14 @@ from contextlib import suppress
 from typing import Any
 
 from .client_ops import ClientOpsMixin
+from .collections import (
+    as_current,
+    client_compute,
+    client_get,
+    client_persist,
+    register_as_dask_scheduler,
+    unregister_as_dask_scheduler,
+)
 from .comm import connect
 from .comm.serialize import box_large, dumps_function
 from .core import BatchedSend, ConnectionPool, unpack_reply
@@ -253,6 +261,7 @@ class Client(ClientOpsMixin):
         if self.set_as_default:
             global _current_client
             _current_client = self
+            register_as_dask_scheduler(self)
         return self
 
     async def _read_scheduler_file(self) -> str:
@@ -347,6 +356,7 @@ class Client(ClientOpsMixin):
         if self._callback_executor is not None:
             self._callback_executor.shutdown(wait=False)
         self.status = "closed"
+        unregister_as_dask_scheduler(self, everywhere=True)
         global _current_client
         if _current_client is self:
             _current_client = None
@@ -544,6 +554,90 @@ class Client(ClientOpsMixin):
         futures = [Future(k, self) for k in order]
         self._send(msg)
         return futures
+
+    # ------------------------------------------------------------------ dask graphs and collections
+
+    def get(self, dsk, keys, workers=None, allow_other_workers=None, resources=None, sync: bool = True,
+            asynchronous: bool | None = None, direct: bool | None = None, retries=None,
+            priority=0, fifo_timeout="60s", actors=None, **kwargs):
+        """Run a dask graph on the cluster: dask's scheduler protocol (``scheduler=client.get``).
+
+        Args:
+            dsk: a mapping of keys to tasks (dask's task specs or legacy tuples
+                ``(func, *args)``; futures of this client may appear inside),
+                or a dask expression/collection.
+            keys: the keys to return, possibly nested lists of them.
+            sync: wait and return results; ``False`` returns futures.
+            workers, allow_other_workers, resources, retries, priority: as for
+                :meth:`submit`, for every task (``dask.annotate`` wins per task).
+
+        Returns:
+            The results in the shape of ``keys`` (futures with ``sync=False``).
+
+        Raises:
+            ValueError: a missing dependency or a cycle, naming the key.
+            the first failing task's own exception, with its remote traceback.
+        """
+        self._refuse(actors=actors, **kwargs)
+        return client_get(self, dsk, keys, sync=sync, asynchronous=asynchronous, direct=direct,
+                          workers=workers, allow_other_workers=allow_other_workers,
+                          resources=resources, retries=retries, priority=priority)
+
+    def compute(self, collections, sync: bool = False, optimize_graph: bool = True, workers=None,
+                allow_other_workers=False, resources=None, retries=0, priority=0,
+                fifo_timeout="60s", actors=None, traverse: bool = True, **kwargs):
+        """Compute dask collections on the cluster.
+
+        Args:
+            collections: a collection, or a list of them (other objects pass through).
+            sync: return results instead of futures.
+            optimize_graph: apply the collections' graph optimizations first.
+            traverse: look inside lists, tuples, sets and dicts for collections.
+            workers, allow_other_workers, resources, retries, priority: as for
+                :meth:`submit`, for every task (``dask.annotate`` wins per task).
+
+        Returns:
+            One future per collection (a single one for a single collection),
+            or the results with ``sync=True``.
+        """
+        self._refuse(actors=actors, **kwargs)
+        return client_compute(self, collections, sync=sync, optimize_graph=optimize_graph,
+                              traverse=traverse, workers=workers,
+                              allow_other_workers=allow_other_workers, resources=resources,
+                              retries=retries, priority=priority)
+
+    def persist(self, collections, optimize_graph: bool = True, workers=None,
+                allow_other_workers=None, resources=None, retries=None, priority=0,
+                fifo_timeout="60s", actors=None, **kwargs):
+        """Start computing dask collections; return the same collections backed by futures.
+
+        The results stay on the workers; later computations on the returned
+        collections use them instead of computing them again.  Options as for
+        :meth:`compute`.
+        """
+        self._refuse(actors=actors, **kwargs)
+        return client_persist(self, collections, optimize_graph=optimize_graph, workers=workers,
+                              allow_other_workers=allow_other_workers, resources=resources,
+                              retries=retries, priority=priority)
+
+    def as_current(self):
+        """Context manager: this client is the default one (and dask's scheduler) inside it."""
+        return as_current(self)
+
+    def _dask_schedule(self):
+        """What dask calls to compute while this client is its scheduler."""
+        return self.get if not self.asynchronous else self._refuse_async_dask
+
+    def _refuse_async_dask(self, *args, **kwargs):
+        raise RuntimeError("Attempting to use an asynchronous Client in a synchronous context of "
+                           "`dask.compute`: use `await client.compute(...)` instead")
+
+    @staticmethod
+    def _refuse(actors=None, **kwargs) -> None:
+        if kwargs:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
+        if actors:
+            raise ValueError("actors are not supported")
 
     def _check_running(self) -> None:
         if self.status not in ("running",):

@@ -73,6 +73,43 @@ def substitute(obj: Any, data: dict) -> Any:
     return obj
 
 
+class _GraphPickling(threading.local):
+    """While the client pickles a dask graph node: the keys of our futures met inside it
+    (``Future.__reduce__`` records them, see :mod:`runtime.collections`).  While a
+    worker unpickles such a node: the values those futures stand for."""
+
+    keys: set | None = None
+    values: dict | None = None
+
+
+graph_pickling = _GraphPickling()
+
+
+def graph_future_value(key: Hashable) -> Any:
+    """What a future inside a dask graph node unpickles to on the worker: its value."""
+    values = graph_pickling.values
+    if values is None or key not in values:
+        raise RuntimeError(f"the future {key!r} inside a task was unpickled outside its task")
+    return values[key]
+
+
+def run_graph_node(node: Any, values: dict) -> Any:
+    """Run one node of a dask graph (a ``dask._task_spec`` object) with its dependencies'
+    values, as dask defines it: ``node(values)``."""
+    return node(values)
+
+
+def run_graph_node_bytes(node_b: bytes, values: dict) -> Any:
+    """:func:`run_graph_node` for a node pickled with our futures inside it: each
+    unpickles as the value of its key."""
+    graph_pickling.values = values
+    try:
+        (node,), _ = pickle.loads(node_b)
+    finally:
+        graph_pickling.values = None
+    return node(values)
+
+
 def dumps_args(args: tuple, kwargs: dict) -> bytes:
     """Pickle a task's arguments: plain pickle when it can, cloudpickle otherwise."""
     try:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
 from collections import deque, namedtuple
 from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .errors import ClusterTimeoutError, FutureCancelledError, RemoteTraceback
+from .execution import graph_future_value, graph_pickling
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import Client
@@ -131,7 +133,18 @@ class Future:
     def __repr__(self) -> str:
         return f"<Future: {self.status}, key: {self.key!r}>"
 
+    #: dask treats objects with this flag (and a ``key``) as references to
+    #: keys of the scheduler: futures inside dask graphs become dependencies.
+    __dask_future__ = True
+
+    def __dask_tokenize__(self):
+        return ("runtime.Future", self.key)
+
     def __reduce__(self):
+        keys = graph_pickling.keys
+        if keys is not None:  # inside a dask graph node: a dependency (runtime.collections)
+            keys.add(self.key)
+            return (graph_future_value, (self.key,))
         raise TypeError(
             f"a Future ({self.key!r}) cannot be pickled on its own; pass it as an argument "
             "to submit/map (it is replaced by its value on the worker)"
@@ -226,6 +239,8 @@ class Future:
 def _unpack_futures(fs) -> list[Future]:
     if isinstance(fs, Future):
         return [fs]
+    if is_dask_collection(fs):
+        return futures_of(fs)
     if isinstance(fs, dict):
         fs = fs.values()
     out = []
@@ -234,6 +249,49 @@ def _unpack_futures(fs) -> list[Future]:
             raise TypeError(f"expected Futures, got {type(f).__name__}")
         out.append(f)
     return out
+
+
+def is_dask_collection(obj: Any) -> bool:
+    """Whether ``obj`` is a dask collection (without importing dask when it was never imported)."""
+    if "dask" not in sys.modules:
+        return False
+    from dask.base import is_dask_collection as is_coll
+
+    return is_coll(obj)
+
+
+def futures_of(obj: Any) -> list[Future]:
+    """The futures inside ``obj``: a future, a (nested) list/tuple/set/dict of them, or a
+    persisted dask collection.
+
+    Args:
+        obj: what to search.
+
+    Returns:
+        The distinct futures, in the order found.
+    """
+    seen: set = set()
+    out: list[Future] = []
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, Future):
+            if id(o) not in seen:
+                seen.add(id(o))
+                out.append(o)
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(reversed(list(o)))
+        elif isinstance(o, dict):
+            stack.extend(reversed(list(o.values())))
+        elif is_dask_collection(o):
+            graph = o.__dask_graph__()
+            stack.extend(reversed([v for v in graph.values()
+                                   if isinstance(v, (Future, list, tuple, dict, set))]))
+    # One future per key, as dask.distributed does.
+    by_key: dict = {}
+    for f in out:
+        by_key.setdefault(f.key, f)
+    return list(by_key.values())
 
 
 def wait(fs, timeout: float | None = None, return_when: str = ALL_COMPLETED) -> DoneAndNotDoneFutures:

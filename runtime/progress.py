@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from .futures import Future
+from .futures import Future, futures_of, is_dask_collection
 from .utils import key_split
 
 #: Seconds between redraws.
@@ -41,6 +41,8 @@ def _flatten(items: Iterable[Any]) -> list[Future]:
             out.extend(_flatten(x.values()))
         elif isinstance(x, (list, tuple, set, frozenset)):
             out.extend(_flatten(x))
+        elif is_dask_collection(x):  # a persisted collection
+            out.extend(futures_of(x))
         else:
             raise TypeError(f"progress() takes futures (or collections of them), not "
                             f"{type(x).__name__}")
