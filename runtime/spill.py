@@ -189,6 +189,9 @@ class SpillBuffer(MutableMapping):
         self._unpicklable: set[Hashable] = set()
         self._memory_total = 0
         self._disk_total = 0
+        #: Bytes written to spill files since the start (never decreases): how much
+        #: a computation spilled, after its files are gone.
+        self.spilled_bytes_total = 0
         self._warned_no_room = False
         self._closed = False
         self._created_directory = not os.path.isdir(self.spill_directory)
@@ -390,6 +393,7 @@ class SpillBuffer(MutableMapping):
         self._names.add(name)
         self._slow[key] = (name, size)
         self._disk_total += size
+        self.spilled_bytes_total += size
         self._unpicklable.discard(key)
         logger.debug("Spilled %r to disk (%d bytes)", key, size)
         return _SPILLED
