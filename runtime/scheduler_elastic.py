@@ -12,6 +12,16 @@ running worker also holds is copied to the running worker with the least data
 (``AcquireReplicasMsg``).  When the copies exist it is removed "safely": the
 tasks still running there are placed again without counting against
 ``allowed_failures``.
+
+Scaling down with held data: an idle worker that holds data (results a
+client still holds) is as closable as an empty one -- retiring it moves its
+unique data to the workers that stay -- as long as that data fits in what
+stays with headroom: the memory limits of the workers left must be at least
+``memory_ratio`` (2) times the bytes stored, and at least one worker must be
+left to take it.  ``adaptive_target`` asks for fewer workers exactly when
+``workers_to_close`` would close some; :meth:`ElasticMixin.adaptive_sizing`
+also says how many idle workers were kept only because their data would not
+fit (the adaptive log reports it).
 """
 
 from __future__ import annotations
@@ -19,11 +29,41 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
 
 from .scheduler_records import AcquireReplicasMsg, TaskState, WorkerState
 from .statemachine import Msg
 
 Key = Hashable
+
+#: Closing workers must leave at least this many times the stored bytes in memory limits.
+DEFAULT_MEMORY_RATIO = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveSizing:
+    """How many workers adaptive scaling wants, and why (see :meth:`ElasticMixin.adaptive_sizing`).
+
+    Attributes:
+        target: workers wanted (what ``adaptive_target`` returns).
+        work: workers the work alone wants (queued and running tasks, memory pressure).
+        workers: workers counted (all but the retiring ones).
+        busy: workers running tasks.
+        kept_for_data: idle workers kept only because the data they would hand
+            over does not fit in the workers that would stay (``memory_ratio`` rule).
+        stored: bytes held by the workers counted.
+        limit: their memory limits, summed (0: no limits known).
+        memory_ratio: the headroom rule in force.
+    """
+
+    target: int
+    work: int
+    workers: int
+    busy: int
+    kept_for_data: int
+    stored: int
+    limit: int
+    memory_ratio: float
 
 
 class ElasticMixin:
@@ -61,10 +101,18 @@ class ElasticMixin:
                          key: Callable[[WorkerState], Hashable] | None = None,
                          minimum: int | None = None, target: int | None = None,
                          attribute: str = "address") -> list:
-        """Workers that are cheap to close: idle first, least data first.
+        """Workers that are cheap to close: idle ones, least data first.
+
+        An idle worker that holds data is a candidate like any idle worker
+        (retiring it moves its unique data to the workers that stay), but only
+        while the data fits in what stays: the memory limits left must be at
+        least ``memory_ratio`` times the bytes stored, and when any data is
+        held at least one worker must stay to take it.  Candidates are taken
+        least data first and the first that does not fit ends the list.
 
         Args:
-            memory_ratio: keep this many times the stored bytes in memory limits (default 2).
+            memory_ratio: keep this many times the stored bytes in memory limits (default 2;
+                0 turns the rule off).
             n: close at most this many workers.
             key: group workers (e.g. by batch job); a group is closed whole or not at all.
             minimum: keep at least this many workers.
@@ -87,7 +135,7 @@ class ElasticMixin:
             (g for g in groups.values() if idle(g)),
             key=lambda g: (sum(ws.nbytes for ws in g), len(g)),
         )
-        memory_ratio = 2 if memory_ratio is None else memory_ratio
+        memory_ratio = DEFAULT_MEMORY_RATIO if memory_ratio is None else memory_ratio
         limit = sum(ws.memory_limit for ws in workers)
         stored = sum(ws.nbytes for ws in workers)
         remaining = len(workers)
@@ -99,6 +147,8 @@ class ElasticMixin:
                 continue  # a group is closed whole or not at all
             if minimum is not None and remaining - len(group) < minimum:
                 break
+            if stored and remaining - len(group) < 1:
+                break  # the data needs a worker to go to
             group_limit = sum(ws.memory_limit for ws in group)
             if limit and stored and (limit - group_limit) < memory_ratio * stored:
                 break
@@ -107,13 +157,27 @@ class ElasticMixin:
             limit -= group_limit
         return [getattr(ws, attribute) for ws in chosen]
 
-    def adaptive_target(self, target_duration: float = 5.0) -> int:
+    def adaptive_target(self, target_duration: float = 5.0, memory_ratio: float | None = None) -> int:
         """How many workers the current work wants (used by adaptive scaling).
 
         Enough workers to finish the queued and running work in
         ``target_duration`` seconds, at least one per ready task up to the
-        number of tasks, and more when memory is more than 60% used.
+        number of tasks, and more when memory is more than 60% used.  Below
+        the current number only by the workers that ``workers_to_close``
+        would close: idle ones, including those that hold data as long as it
+        fits in the workers that stay (see :meth:`adaptive_sizing`).
         """
+        return self.adaptive_sizing(target_duration, memory_ratio).target
+
+    def adaptive_sizing(self, target_duration: float = 5.0,
+                        memory_ratio: float | None = None) -> AdaptiveSizing:
+        """:meth:`adaptive_target` with its reasons (for the adaptive log).
+
+        Args:
+            target_duration: finish the queued and running work in about this many seconds.
+            memory_ratio: the headroom rule of :meth:`workers_to_close` (default 2).
+        """
+        memory_ratio = DEFAULT_MEMORY_RATIO if memory_ratio is None else memory_ratio
         workers = [ws for ws in self.workers.values() if ws.status != "closing_gracefully"]
         nthreads = max(1, sum(ws.nthreads for ws in workers))
         threads_per_worker = nthreads / max(1, len(workers))
@@ -129,12 +193,20 @@ class ElasticMixin:
         memory = 0
         if limit and stored > 0.6 * limit:
             memory = 2 * len(workers)
-        target = max(cpu, memory)
-        # Never ask to drop workers that hold data or run work.
-        busy = sum(1 for ws in workers if ws.processing or ws.has_what)
-        if target < len(workers):
-            target = max(target, min(busy, len(workers)), 1 if ntasks else 0)
-        return target
+        wanted = max(cpu, memory)
+        busy = sum(1 for ws in workers if ws.processing)
+        target, kept = wanted, 0
+        if wanted < len(workers):
+            # Drop only the workers that could be closed now (idle, their data
+            # fits in what stays), as many as the work allows.
+            floor = max(wanted, 1 if ntasks else 0)
+            closable = len(self.workers_to_close(memory_ratio=memory_ratio, target=floor))
+            target = len(workers) - closable
+            if memory_ratio and stored:
+                kept = len(self.workers_to_close(memory_ratio=0, target=floor)) - closable
+        return AdaptiveSizing(target=target, work=wanted, workers=len(workers), busy=busy,
+                              kept_for_data=kept, stored=stored, limit=limit,
+                              memory_ratio=memory_ratio)
 
     # ------------------------------------------------------------------ moving data
 

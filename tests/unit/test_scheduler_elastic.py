@@ -461,19 +461,18 @@ def test_adaptive_target_grows_with_task_durations():
 def test_adaptive_target_doubles_under_memory_pressure(state):
     state.add_worker(A, memory_limit=100)
     state.add_worker(B, memory_limit=100)
-    put(state, "x", [A], 100)
-    assert state.adaptive_target() == 1  # no work: just the worker holding data
-    put(state, "y", [B], 30)  # 130 > 60% of 200
+    put(state, "x", [A], 50)
+    assert state.adaptive_target() == 1  # no work: B may go, x fits in A with headroom
+    put(state, "y", [B], 80)  # 130 > 60% of 200
     assert state.adaptive_target() == 4
 
 
 def test_adaptive_target_never_below_busy_workers(state):
     for w in (A, B, C):
         state.add_worker(w)
-    put(state, "a", [A], 1)
-    put(state, "b", [B], 1)
-    assert state.adaptive_target() == 2  # C may go, A and B hold data
-    state.update_graph("c", {"t": SPEC}, ["t"], restrictions={"t": [C]})
+    state.update_graph("c", {"t": SPEC, "u": SPEC}, ["t", "u"], restrictions={"t": [A], "u": [B]})
+    assert state.adaptive_target() == 2  # C may go, A and B run work
+    state.update_graph("c", {"v": SPEC}, ["v"], restrictions={"v": [C]})
     assert state.adaptive_target() == 3
 
 
@@ -483,6 +482,119 @@ def test_adaptive_target_ignores_retiring_workers(state):
     put(state, "a", [A], 1)
     state.retire_plan([A])
     assert state.adaptive_target() == 0
+
+
+# ----------------------------------------------------------------------------- idle workers holding data
+
+
+MB = 1_000_000
+
+
+def job_of(ws) -> str:
+    """Workers named ``<job>-<i>`` belong to ``<job>`` (as batch-job workers are named)."""
+    return str(ws.name).rsplit("-", 1)[0]
+
+
+def held_results_on_three_jobs(state: SchedulerState, per_worker: dict[str, int]) -> dict[str, list[str]]:
+    """Issue 18's scenario: 3 jobs of 2 idle workers (1 GB limit each) whose results a client holds.
+
+    ``per_worker`` gives each worker's number of 2 MB results; returns ``{job: [addresses]}``.
+    """
+    jobs: dict[str, list[str]] = {}
+    for i, (address, count) in enumerate(per_worker.items()):
+        job = f"job{i // 2}"
+        state.add_worker(address, name=f"{job}-{i % 2}", memory_limit=1000 * MB)
+        jobs.setdefault(job, []).append(address)
+        for k in range(count):
+            compute_on(state, f"r-{address}-{k}", address, 2 * MB)
+    return jobs
+
+
+SIX = [f"tcp://10.0.1.{i}:100{i}" for i in range(6)]
+
+
+def test_idle_workers_holding_results_may_go_down_to_one(state):
+    held_results_on_three_jobs(state, dict.fromkeys(SIX, 16))  # 96 results, 192 MB
+    sizing = state.adaptive_sizing()
+    # 192 MB need 384 MB of limits: one worker of 1 GB is enough room.
+    assert (sizing.target, sizing.work, sizing.busy, sizing.kept_for_data) == (1, 0, 0, 0)
+    assert state.adaptive_target() == 1
+    assert (sizing.stored, sizing.limit) == (192 * MB, 6000 * MB)
+
+
+def test_jobs_holding_the_least_data_are_closed_first_and_one_is_left(state):
+    counts = [20, 20, 4, 4, 12, 12]
+    jobs = held_results_on_three_jobs(state, dict(zip(SIX, counts, strict=True)))
+    closing = state.workers_to_close(key=job_of)
+    # job1 (16 results) then job2 (24); job0 is left to take the data.
+    assert closing == jobs["job1"] + jobs["job2"]
+    assert state.workers_to_close(key=job_of, attribute="name") == [
+        "job1-0", "job1-1", "job2-0", "job2-1"]
+
+
+def test_retiring_jobs_together_moves_each_key_once_to_the_workers_that_stay(state):
+    jobs = held_results_on_three_jobs(state, dict(zip(SIX, [20, 20, 4, 4, 12, 12], strict=True)))
+    closing = state.workers_to_close(key=job_of)
+    unique = {ts.key for a in closing for ts in state.workers[a].has_what}
+    msgs, plan = state.retire_plan(closing)
+    stay = set(jobs["job0"])
+    assert set(plan) == unique and len(unique) == 32
+    assert set(plan.values()) == stay  # nothing lands on a worker that goes
+    moved = [k for m in of_type(msgs, AcquireReplicasMsg) for k in m.who_has]
+    assert sorted(moved, key=str) == sorted(unique, key=str)  # each key once
+    assert {m.worker for m in of_type(msgs, AcquireReplicasMsg)} == stay
+    # Spread by load: the two staying workers end up even.
+    per = {w: sum(1 for r in plan.values() if r == w) for w in stay}
+    assert sorted(per.values()) == [16, 16]
+    # Once the copies landed, the retired workers go safely and nothing is lost.
+    for worker, keys in acquires(msgs).items():
+        for key in keys:
+            state.add_keys(worker, [key])
+    for a in closing:
+        state.remove_worker(a, safe=True)
+    state.validate_state()
+    assert all(state.tasks[k].state == "memory" and holders(state, k) <= stay for k in unique)
+    assert state.adaptive_target() == 1
+
+
+def test_idle_workers_whose_data_does_not_fit_are_kept_and_counted(state):
+    for w in (A, B, C):
+        state.add_worker(w, memory_limit=100)
+    for w in (A, B, C):
+        put(state, f"x-{w}", [w], 40)
+    # 120 bytes need 240 of limits: closing any worker leaves only 200.
+    sizing = state.adaptive_sizing()
+    assert (sizing.target, sizing.work, sizing.kept_for_data) == (3, 0, 2)
+    assert state.workers_to_close() == []
+    # A looser rule lets two of them go (one must stay to take the data).
+    loose = state.adaptive_sizing(memory_ratio=1)
+    assert (loose.target, loose.kept_for_data) == (2, 1)
+    assert state.adaptive_target(memory_ratio=0) == 1
+    assert state.adaptive_sizing(memory_ratio=0).kept_for_data == 0
+
+
+def test_the_last_worker_holding_data_is_never_closed(state):
+    state.add_worker(A)
+    state.add_worker(B)
+    put(state, "a", [A], 10)
+    put(state, "b", [B], 20)
+    # No memory limits: the ratio rule cannot speak, but the data needs somewhere to go.
+    assert state.workers_to_close() == [A]
+    assert state.workers_to_close(memory_ratio=0) == [A]
+    assert state.adaptive_target() == 1
+    state.client_releases_keys(["a", "b"], "c")
+    assert sorted(state.workers_to_close()) == sorted([A, B])
+    assert state.adaptive_target() == 0
+
+
+def test_a_job_with_one_busy_worker_stays_while_its_idle_sibling_holds_data(state):
+    jobs = held_results_on_three_jobs(state, dict.fromkeys(SIX[:4], 1))
+    busy = jobs["job0"][0]
+    state.update_graph("c", {"t": SPEC}, ["t"], restrictions={"t": [busy]})
+    assert state.workers_to_close(key=job_of) == jobs["job1"]
+    assert state.adaptive_sizing().busy == 1
+    # The lone busy worker is kept; its idle sibling may go on its own (ungrouped count).
+    assert state.adaptive_target() == 1
 
 
 # ----------------------------------------------------------------------------- replicate_plan
