@@ -26,23 +26,44 @@ Rules:
   target, busy jobs (newest first: their data moves before they go).
   ``adapt`` closes only idle jobs, and only after the same job was chosen
   ``wait_count`` times in a row (a short lull does not throw jobs away).
+- Idle jobs whose workers hold data (results a client keeps) are closable
+  too: the scheduler lists them when their data fits in the workers that
+  stay, least data first, and closing them moves the data first.  The jobs
+  closed by one decision retire *together*, so their data goes to workers
+  that stay and no key moves twice in one scale-down.  To keep it so,
+  ``adapt`` holds back a running job that is ready to go while other running
+  jobs chosen with it are still counting to ``wait_count`` (at most another
+  ``wait_count`` decisions), then closes them in one decision.
 
-:class:`Adaptive` is only the handle ``cluster.adapt()`` returns: the
-settings in force and ``stop()``.
+:class:`Adaptive` is the handle ``cluster.adapt()`` returns: the settings
+in force, ``stop()``, and ``log``: what adaptive scaling did and why it kept
+workers (also logged at INFO by the ``jobqueue.adaptive`` logger).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from runtime.utils import format_bytes
+
 from .states import JobState
 
 if TYPE_CHECKING:
+    from runtime.scheduler_elastic import AdaptiveSizing
+
     from .core import JobQueueCluster
+
+logger = logging.getLogger(__name__)
+
+#: Entries kept in ``Adaptive.log``.
+LOG_LENGTH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +164,27 @@ class ScalingPolicy:
         surplus = len(counted) - wanted
         chosen = self._candidates(counted, obs.closable)[:surplus]
         self._chosen = {jid: self._chosen.get(jid, 0) + 1 for jid in chosen}
-        ready = tuple(jid for jid in chosen if self._chosen[jid] >= self.wait_count)
+        ready = [jid for jid in chosen if self._chosen[jid] >= self.wait_count]
+        if self.mode == "adapt":
+            ready = self._together(ready, chosen, {j.id for j in counted if j.state == JobState.RUNNING})
         for jid in ready:
             del self._chosen[jid]
-        return Decision(close=ready)
+        return Decision(close=tuple(ready))
+
+    def _together(self, ready: list[str], chosen: list[str], running: set[str]) -> list[str]:
+        """Hold back running jobs that are ready while other chosen running jobs still count.
+
+        Jobs closed in one decision retire together (their data goes to jobs
+        that stay, each key moved once); closing one now and its peer a
+        decision later could move the first one's data twice.  A job is held
+        back at most ``wait_count`` decisions beyond its own ``wait_count``.
+        Pending jobs hold no data and are never held back.
+        """
+        counting = [jid for jid in chosen if jid in running and jid not in ready]
+        if not counting:
+            return ready
+        return [jid for jid in ready
+                if jid not in running or self._chosen[jid] >= 2 * self.wait_count]
 
     def _candidates(self, counted: list[JobView], closable: Sequence[str]) -> list[str]:
         pending = [j.id for j in reversed(counted) if j.state == JobState.PENDING]
@@ -201,6 +239,9 @@ class Adaptive:
         interval: seconds between two decisions.
         target_duration: the work should take about this long (seconds) with the workers wanted.
         policy: the pure decision maker (limits in jobs, ``wait_count``).
+        log: ``(time.time(), message)`` of what adaptive scaling did or declined
+            to do (the last :data:`LOG_LENGTH`): jobs closed with the data they
+            held, idle workers kept because their data would not fit elsewhere.
     """
 
     def __init__(self, cluster: JobQueueCluster, interval: float, target_duration: float,
@@ -209,6 +250,32 @@ class Adaptive:
         self.interval = interval
         self.target_duration = target_duration
         self.policy = policy
+        self.log: deque[tuple[float, str]] = deque(maxlen=LOG_LENGTH)
+        self._kept: tuple[int, int] = (0, 0)
+
+    def record(self, message: str) -> None:
+        """Add ``message`` to :attr:`log` and log it at INFO."""
+        self.log.append((time.time(), message))
+        logger.info("adapt: %s", message)
+
+    def observe(self, sizing: AdaptiveSizing) -> None:
+        """Say (once per change) when idle workers are kept only because their data would not fit.
+
+        Workers that the minimum keeps anyway are not counted.
+        """
+        minimum = self.policy.minimum_jobs * self.policy.processes
+        n = min(sizing.kept_for_data, sizing.workers - minimum)
+        kept = (n, sizing.stored) if n > 0 else (0, 0)
+        if kept == self._kept:
+            return
+        self._kept = kept
+        if n > 0:
+            self.record(kept_message(sizing, n))
+
+    def __repr__(self) -> str:
+        p = self.policy
+        return (f"<Adaptive jobs=[{p.minimum_jobs}, {p.maximum_jobs}] interval={self.interval:g}s "
+                f"wait_count={p.wait_count} target_duration={self.target_duration:g}s>")
 
     def stop(self) -> None:
         """Stop adapting; the jobs running now stay (call ``scale`` to change them)."""
@@ -218,11 +285,17 @@ class Adaptive:
             cluster._target_workers = sum(
                 len(j.workers) for j in cluster._table.active()) or cluster._target_workers
 
-    def __repr__(self) -> str:
-        p = self.policy
-        return (f"<Adaptive jobs=[{p.minimum_jobs}, {p.maximum_jobs}] interval={self.interval:g}s "
-                f"wait_count={p.wait_count} target_duration={self.target_duration:g}s>")
+
+def kept_message(sizing: AdaptiveSizing, n: int | None = None) -> str:
+    """Why ``n`` (default: ``sizing.kept_for_data``) idle workers stay: the data would not fit."""
+    n = sizing.kept_for_data if n is None else n
+    need = sizing.memory_ratio * sizing.stored
+    return (f"keeping {n} idle worker{'' if n == 1 else 's'} that could go: the "
+            f"{format_bytes(sizing.stored)} of data held on the cluster would not fit with headroom "
+            f"in the workers that would stay (memory_ratio={sizing.memory_ratio:g}: "
+            f"{format_bytes(need)} of memory limits needed, {format_bytes(sizing.limit)} in all "
+            f"{sizing.workers} workers); they stay until less data is held")
 
 
-
-__all__ = ["Adaptive", "Decision", "JobView", "Observation", "ScalingPolicy", "adapt_limits"]
+__all__ = ["Adaptive", "Decision", "JobView", "Observation", "ScalingPolicy", "adapt_limits",
+           "kept_message"]

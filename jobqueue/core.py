@@ -20,7 +20,11 @@ and explicit ``scale()`` calls from interleaving):
    decision: submit jobs, close jobs.  Closing a running job retires all its
    workers through the scheduler (their unique data moves to other workers
    first, ``retire_workers``) and only then cancels the job; a pending job
-   is just cancelled.
+   is just cancelled.  The jobs of one decision retire in ONE
+   ``retire_workers`` call, so their data goes to workers that stay and each
+   key moves once.  Under ``adapt`` a job that got work between the decision
+   and its retirement (checked in the same event-loop step as the retirement
+   starts) is kept: closing never interrupts a task.
 
 Jobs that end by themselves -- workers retired at their walltime-derived
 lifetime -- drop out of the count, so the next step submits a replacement
@@ -74,6 +78,7 @@ from runtime.errors import ClusterTimeoutError
 from runtime.loop import loop_runner, sync
 from runtime.scheduler import Scheduler
 from runtime.security import Security, resolve_security
+from runtime.utils import format_bytes
 
 from .adaptive import Adaptive, Observation, ScalingPolicy, adapt_limits
 from .commands import Runner, run_blocking, run_command
@@ -704,9 +709,11 @@ class JobQueueCluster(BatchSystem):
                                else " without starting a worker")
 
     async def _reconcile(self) -> None:
-        if self._adaptive is not None:
-            target = self.scheduler.adaptive_target(self._adaptive.target_duration)
-            policy = self._adaptive.policy
+        adaptive = self._adaptive
+        if adaptive is not None:
+            sizing = self.scheduler.state.adaptive_sizing(adaptive.target_duration)
+            adaptive.observe(sizing)
+            target, policy = sizing.target, adaptive.policy
         else:
             target, policy = self._target_workers, self._policy
         obs = Observation(target, self._table.views(self.spec.lifetime.ending_after),
@@ -714,9 +721,10 @@ class JobQueueCluster(BatchSystem):
         decision = policy.decide(obs)
         if decision.submit and self._submission_allowed():
             await self._submit(decision.submit)
-        for jid in decision.close:
-            self._table[jid].closing = True
-            self._spawn(self._close_job(jid))
+        if decision.close:
+            for jid in decision.close:
+                self._table[jid].closing = True
+            self._spawn(self._close_jobs(list(decision.close), idle_only=policy.mode == "adapt"))
 
     def _submission_allowed(self) -> bool:
         failures = self._table.failures_in_a_row
@@ -788,20 +796,57 @@ class JobQueueCluster(BatchSystem):
         logger.info("cancelled %s jobs %s", self.system, ", ".join(ids))
         return True
 
-    async def _close_job(self, jid: str) -> None:
-        """Retire the job's workers (their data moves first), then cancel the job."""
-        job = self._table[jid]
-        addresses = list(job.workers.values())
+    async def _close_jobs(self, ids: list[str], idle_only: bool = False) -> None:
+        """Retire the workers of these jobs together (their data moves first), then cancel them.
+
+        One ``retire_workers`` call for all of them: the scheduler marks every
+        one of their workers as retiring before it plans the moves, so the data
+        goes to workers that stay and no key is moved twice.  If the workers
+        cannot retire (no room for their data elsewhere, or it did not move in
+        time) the jobs are kept.
+
+        Args:
+            ids: the jobs to close.
+            idle_only: keep a job whose workers got work since the decision
+                (``adapt``: closing never interrupts a task).
+        """
+        state = self.scheduler.state
+        jobs = [self._table[jid] for jid in ids if jid in self._table]
+        if idle_only:
+            for job in [j for j in jobs if j.workers]:
+                if any(state.workers[a].processing for a in job.workers.values()
+                       if a in state.workers):
+                    logger.info("%s job %s got work since it was chosen to close; keeping it",
+                                self.system, job.id)
+                    job.closing = False
+                    jobs.remove(job)
+        with_workers = [j for j in jobs if j.workers]
+        addresses = [a for j in with_workers for a in j.workers.values()]
         if addresses:
+            # Nothing between this check and retire_workers' planning yields to the loop.
+            present = [state.workers[a] for a in addresses if a in state.workers]
+            held = sum(ws.nbytes for ws in present)
+            if self._adaptive is not None and idle_only:
+                self._adaptive.record(
+                    f"closing idle job{'' if len(with_workers) == 1 else 's'} "
+                    f"{', '.join(j.id for j in with_workers)} ({len(addresses)} workers); "
+                    f"{format_bytes(held)} of data on them moves to the workers that stay first")
             retired = await self.scheduler.retire_workers(workers=addresses, close_workers=True,
                                                           remove=True)
             still = [a for a in addresses if a in self.scheduler.state.workers]
             if not retired and still:
-                logger.warning("%s job %s: its workers could not retire (no other worker could "
-                               "take their data); keeping the job", self.system, jid)
-                job.closing = False
-                return
-        await self._cancel([jid])
-
+                kept = [j for j in with_workers if set(j.workers.values()) & set(still)]
+                logger.warning("%s job%s %s: the workers could not retire (no other worker could "
+                               "take their data, or it did not move in time); keeping %s",
+                               self.system, "" if len(kept) == 1 else "s",
+                               ", ".join(j.id for j in kept), "it" if len(kept) == 1 else "them")
+                if self._adaptive is not None and idle_only:
+                    self._adaptive.record(f"could not retire the workers of job(s) "
+                                          f"{', '.join(j.id for j in kept)}; keeping them")
+                for j in kept:
+                    j.closing = False
+                jobs = [j for j in jobs if j not in kept]
+        if jobs:
+            await self._cancel([j.id for j in jobs])
 
 __all__ = ["Adaptive", "JobQueueCluster"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from jobqueue.adaptive import Decision, JobView, Observation, ScalingPolicy, adapt_limits
+from jobqueue.adaptive import Adaptive, Decision, JobView, Observation, ScalingPolicy, adapt_limits
 from jobqueue.states import JobState
 from jobqueue.tracking import JobTable
+from runtime.scheduler_elastic import AdaptiveSizing
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -128,6 +131,75 @@ def test_closable_list_only_names_counted_jobs():
     policy = ScalingPolicy(1)
     js = jobs(("1", R, 1, "closing"), ("2", R, 1))
     assert policy.decide(Observation(0, js, ["1", "9", "2"])) == Decision(close=("2",))
+
+
+def test_adapt_closes_jobs_chosen_together_in_one_decision():
+    # Job 3 goes idle first; a decision later job 2 too: without holding job 3
+    # back, its data could move onto job 2 and then move again.
+    policy = ScalingPolicy(2, minimum_jobs=1, wait_count=3, mode="adapt")
+    js = jobs(("1", R, 2), ("2", R, 2), ("3", R, 2))
+    assert policy.decide(Observation(4, js, ["3"])) == Decision()
+    assert policy.decide(Observation(0, js, ["3", "2"])) == Decision()
+    assert policy.decide(Observation(0, js, ["3", "2"])) == Decision()  # 3 is ready, 2 is not
+    assert policy.decide(Observation(0, js, ["3", "2"])) == Decision(close=("3", "2"))
+
+
+def test_adapt_holds_a_ready_job_back_at_most_wait_count_more_decisions():
+    # Job 2's peer keeps changing (3, 4, 3, ...): job 2 goes alone after 2 * wait_count.
+    policy = ScalingPolicy(1, wait_count=2, mode="adapt")
+    js = jobs(("1", R, 1), ("2", R, 1), ("3", R, 1), ("4", R, 1))
+    peers = ["3", "4", "3", "4"]
+    decisions = [policy.decide(Observation(2, js, ["2", peer])) for peer in peers]
+    assert decisions == [Decision(), Decision(), Decision(), Decision(close=("2",))]
+
+
+def test_adapt_never_holds_back_pending_jobs():
+    policy = ScalingPolicy(1, wait_count=2, mode="adapt")
+    js = jobs(("1", R, 1), ("2", R, 1), ("3", P, 0))
+    assert policy.decide(Observation(1, js, [])) == Decision()
+    # Job 2 is still counting, yet the pending job 3 (no data) goes as soon as it is ready.
+    assert policy.decide(Observation(0, js, ["2"])) == Decision(close=("3",))
+    assert policy.decide(Observation(0, js, ["2"])) == Decision(close=("2",))
+
+
+class _Cluster:
+    """Stands in for the cluster ``Adaptive`` keeps a weak reference to."""
+
+
+def sizing(kept: int, stored: int = 120, target: int = 3) -> AdaptiveSizing:
+    return AdaptiveSizing(target=target, work=0, workers=3, busy=0, kept_for_data=kept,
+                          stored=stored, limit=300, memory_ratio=2.0)
+
+
+def test_adaptive_log_says_once_when_idle_workers_are_kept_for_their_data(caplog):
+    caplog.set_level(logging.INFO, logger="jobqueue.adaptive")
+    cluster = _Cluster()
+    adaptive = Adaptive(cluster, 1.0, 5.0, ScalingPolicy(1, mode="adapt"))
+    adaptive.observe(sizing(0, target=0))
+    assert not adaptive.log
+    for _ in range(3):
+        adaptive.observe(sizing(2))  # the same news each decision: said once
+    assert len(adaptive.log) == 1
+    message = adaptive.log[0][1]
+    assert message.startswith("keeping 2 idle workers that could go")
+    assert "would not fit" in message and "memory_ratio=2" in message and "240 B" in message
+    assert f"adapt: {message}" in caplog.text
+    adaptive.observe(sizing(1, stored=100, target=2))  # changed: said again
+    adaptive.observe(sizing(0, target=1))  # fits now: nothing to say
+    adaptive.observe(sizing(1, stored=100, target=2))
+    assert [m.split(":")[0] for _, m in adaptive.log] == [
+        "keeping 2 idle workers that could go", "keeping 1 idle worker that could go",
+        "keeping 1 idle worker that could go"]
+
+
+def test_adaptive_log_does_not_count_workers_the_minimum_keeps():
+    cluster = _Cluster()
+    adaptive = Adaptive(cluster, 1.0, 5.0, ScalingPolicy(1, minimum_jobs=2, mode="adapt"))
+    adaptive.observe(sizing(2))  # 3 workers, 2 kept by the minimum anyway
+    assert [m.split(":")[0] for _, m in adaptive.log] == ["keeping 1 idle worker that could go"]
+    adaptive = Adaptive(cluster, 1.0, 5.0, ScalingPolicy(1, minimum_jobs=3, mode="adapt"))
+    adaptive.observe(sizing(2))
+    assert not adaptive.log
 
 
 # ----------------------------------------------------------------------------- the job table

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 
 import pytest
 
@@ -93,6 +94,73 @@ def test_adapt_up_and_down_under_load(slurm: Slurm, tmp_path):
         assert len(submitted) <= 4  # pending jobs counted: no over-submission
         assert {j.state for j in cluster.jobs.values()} <= {JobState.CANCELLED, JobState.DONE}
         slurm.wait_gone(submitted)
+
+
+# Issue 18's scenario, shrunk for CI (96 tasks of 1.5 s there): more jobs than the
+# minimum start for a burst whose results the client keeps, then everything idles.
+HELD_TASKS = 64
+HELD_DELAY = 1.0
+HELD_BYTES = 2_000_000
+
+
+def held_result(i: int, delay: float, runs: str) -> bytes:
+    """Sleep, leave one file per execution in ``runs``, return 2 MB that only ``i`` makes."""
+    import os
+    import time
+    import uuid
+
+    time.sleep(delay)
+    with open(os.path.join(runs, f"{i}-{uuid.uuid4().hex}"), "w"):
+        pass
+    return i.to_bytes(4, "big") * (HELD_BYTES // 4)
+
+
+def test_adapt_gives_idle_jobs_back_while_the_client_holds_their_results(slurm: Slurm, tmp_path):
+    """Issue 18: held results do not pin jobs; their data moves, nothing is recomputed."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with make(slurm, tmp_path, cores=2, memory="2GB", processes=2) as cluster:
+        adaptive = cluster.adapt(minimum=2, maximum=6, interval="1s")
+        state = cluster.scheduler.state
+        with Client(cluster) as client:
+            futures = client.map(held_result, range(HELD_TASKS), delay=HELD_DELAY, runs=str(runs))
+            most = 0
+
+            def burst_done() -> bool:
+                nonlocal most
+                most = max(most, len(active_ids(cluster)))
+                assert most <= 3
+                return all(f.done() for f in futures)
+
+            wait(burst_done, 120, lambda: f"the burst to finish: {cluster.jobs}")
+            idle_at = time.monotonic()
+            assert most == 3, f"adapt never went above {most} jobs"  # more than the minimum's 1
+            held = sum(ws.nbytes for ws in state.workers.values())
+            assert held >= HELD_TASKS * HELD_BYTES
+
+            def at_minimum() -> bool:
+                return len(active_ids(cluster)) == 1 and len(state.workers) == 2
+
+            wait(at_minimum, 30, lambda: f"2 workers in 1 job: {len(state.workers)} workers, "
+                                         f"jobs {cluster.jobs}, log {list(adaptive.log)}")
+            settled = time.monotonic() - idle_at
+            closed = [jid for jid, j in cluster.jobs.items() if not j.state.active]
+            assert len(closed) == 2 and all(cluster.jobs[j].state == JobState.CANCELLED
+                                            for j in closed), cluster.jobs
+            slurm.wait_gone(closed)
+            # Everything the client holds is on the two workers that stayed.
+            assert sum(ws.nbytes for ws in state.workers.values()) >= HELD_TASKS * HELD_BYTES
+            results = client.gather(futures)
+            assert all(r == i.to_bytes(4, "big") * (HELD_BYTES // 4) for i, r in enumerate(results))
+            executions = Counter(name.split("-")[0] for name in os.listdir(runs))
+            assert executions == Counter({str(i): 1 for i in range(HELD_TASKS)})  # no recomputation
+            messages = [m for _, m in adaptive.log]
+            assert any(m.startswith("closing idle job") and "moves to the workers that stay" in m
+                       for m in messages), messages
+            logging.getLogger(__name__).info("settled at the minimum %.1fs after going idle",
+                                             settled)
+        ids = list(cluster.jobs)
+    assert not set(ids) & set(slurm.jobs())  # close() left the queue empty
 
 
 @pytest.mark.slow
