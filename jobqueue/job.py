@@ -55,6 +55,7 @@ from typing import Any
 import jinja2
 
 import templates as shipped_templates
+from runtime.process import python_command
 
 from .errors import TemplateError
 from .units import exact_size, parse_duration, parse_memory, parse_walltime, seconds_text
@@ -344,7 +345,7 @@ def make_spec(*, cores: Any = None, memory: Any = None, processes: Any = None,
 
 def worker_command(spec: JobSpec, scheduler_address: str, job_id_variable: str,
                    credentials_file: str | None = None) -> str:
-    """The shell line that starts the job's workers (one ``python -m cluster worker``).
+    """The shell line that starts the job's workers (one ``python -P -m cluster worker``).
 
     The worker name is ``<job_name>-${<job_id_variable>}``: the shell fills in
     the batch system's job id when the job runs.
@@ -356,7 +357,9 @@ def worker_command(spec: JobSpec, scheduler_address: str, job_id_variable: str,
         credentials_file: the path of the workers' TLS credentials file
             (``--tls-credentials``); only the path goes into the script.
     """
-    args = [spec.python, "-m", "cluster", "worker", scheduler_address,
+    # python_command: -P (or its bootstrap), so that the job's working directory --
+    # often a shared project directory -- is not on the workers' sys.path.
+    args = [*python_command("cluster", "worker", executable=spec.python), scheduler_address,
             "--nworkers", str(spec.processes), "--nthreads", str(spec.nthreads),
             "--memory-limit", exact_size(spec.worker_memory),
             "--nanny" if spec.nanny else "--no-nanny"]

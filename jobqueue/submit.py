@@ -66,6 +66,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from runtime.process import python_command
+
 from .commands import DEFAULT_TIMEOUT, CommandResult, Runner, run_command
 from .errors import CancelError, CommandError
 from .job import (
@@ -358,8 +360,10 @@ def launch_command(spec: MPIJobSpec) -> str:
         words = [spec.launcher, f"--ntasks={spec.ntasks}", f"--cpus-per-task={spec.cpus_per_task}"]
     else:
         words = [spec.launcher, "-n", str(spec.ntasks)]
-    words += [*spec.launcher_args, spec.python, "-m", "cluster", "--nthreads",
-              str(spec.cpus_per_task)]
+    # -P (or its bootstrap): the job's working directory is not on the ranks' sys.path;
+    # the script's own directory is, as with ``python script.py``.
+    words += [*spec.launcher_args, *python_command("cluster", executable=spec.python),
+              "--nthreads", str(spec.cpus_per_task)]
     if spec.memory is not None:
         words += ["--memory-limit", exact_size(spec.memory)]
     words += [*spec.cluster_args, spec.script, *spec.args]

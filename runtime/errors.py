@@ -11,6 +11,7 @@ Tree::
     │   └── UnknownOperationError    a message named an operation nobody handles
     ├── AddressError                 an address string we cannot parse
     ├── EncryptionRequiredError      a plain tcp:// address where security requires encryption
+    ├── UnsafePathError              a file or directory another user owns or can write (also PermissionError)
     ├── InvalidTransition            a state machine was asked for a move its table lacks
     ├── InvalidStateError            validate=True found a broken invariant
     ├── KilledWorker                 a task took down too many workers (allowed_failures)
@@ -93,6 +94,24 @@ class AddressError(ClusterError, ValueError):
 
 class EncryptionRequiredError(ClusterError, ValueError):
     """A plain ``tcp://`` address was given where ``Security.require_encryption`` is set."""
+
+
+class UnsafePathError(ClusterError, PermissionError):
+    """A file or directory we were to trust is owned by another user, is a symbolic
+    link, or can be written by others (its message names the path and the problem).
+
+    Args:
+        message: the path, what is wrong with it, and what to do.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        # PermissionError (an OSError) would take a one-argument args as errno-less
+        # message; keep args as given so that it pickles and prints as given.
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class InvalidTransition(ClusterError):
@@ -231,4 +250,5 @@ __all__ = [
     "TaskError",
     "TaskSerializationError",
     "UnknownOperationError",
+    "UnsafePathError",
 ]

@@ -1,7 +1,13 @@
 """Worker processes: start one, watch it, stop it without leaving it behind.
 
-A worker process is ``python -m runtime.worker_process '<json options>'``
-started with a pipe on its standard input.  The child treats end-of-file on
+A worker process is ``python -P -m runtime.worker_process '<json options>'``
+started with a pipe on its standard input.  ``-P`` (Python 3.11+; a small
+``-c`` bootstrap that drops the entry before anything is imported on 3.10)
+keeps the working directory off the child's ``sys.path``: a module that
+another user planted in a shared working directory is never imported by a
+worker.  The child imports what we import from ``PYTHONPATH``, which
+:func:`child_environment` fills with our ``sys.path`` minus the working
+directory and minus directories another user can write.  The child treats end-of-file on
 that pipe as "my parent is gone": it closes itself.  So a crashed or killed
 parent never leaves orphans, and a normal stop is just closing the pipe, then
 SIGTERM, then SIGKILL, each after a grace period.
@@ -40,6 +46,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from .errors import ClusterError, ClusterTimeoutError
+from .files import writable_by_others
 
 if TYPE_CHECKING:
     from .security import Security
@@ -56,12 +63,84 @@ class WorkerProcessError(ClusterError):
     """A worker process failed to start (its message says why)."""
 
 
+#: Run by ``python -c`` where ``-P`` is missing (Python 3.10) or the interpreter is not
+#: ours: drop the working directory that ``-c`` put first on ``sys.path`` before
+#: importing anything (``sys`` is built in), then run the module as ``-m`` would.
+BOOTSTRAP = ('import sys; getattr(sys.flags, "safe_path", 0) or sys.path.pop(0); '
+              'import runpy; runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)')
+
+_warned_path_entries: set[str] = set()
+
+
+def python_command(module: str, *args: str, executable: str | None = None) -> list[str]:
+    """The command line of ``python -m module args`` without the working directory on
+    the child's ``sys.path``: ``-P`` when ``executable`` is our interpreter and it has
+    it (3.11+), else a ``-c`` bootstrap that any Python 3 runs.
+    """
+    exe = executable or sys.executable
+    if exe == sys.executable and sys.version_info >= (3, 11):
+        return [exe, "-P", "-m", module, *args]
+    return [exe, "-c", BOOTSTRAP, module, *args]
+
+
+def _main_script_directory() -> str | None:
+    """The directory of the script ``__main__`` was run from (``python script.py``), if any."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or getattr(main, "__spec__", None) is not None:  # -m, -c, interactive
+        return None
+    return os.path.dirname(os.path.realpath(path))
+
+
+def inherited_path() -> list[str]:
+    """Our ``sys.path`` entries that a child may import from.
+
+    Left out: relative entries (``''`` is the working directory); the working
+    directory itself, unless it is the directory of the script we run (which
+    ``python script.py`` puts on ``sys.path`` on purpose); and any entry
+    another user owns or can write to (logged once at WARNING; inside our
+    interpreter's prefix silently, as the child finds those itself).  Entries
+    listed in ``PYTHONPATH`` stay: the user asked for them.
+    """
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:
+        cwd = None
+    explicit = {os.path.realpath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                if p and os.path.isabs(p)}
+    script_dir = _main_script_directory()
+    prefixes = tuple(os.path.realpath(p) + os.sep
+                     for p in {sys.prefix, sys.base_prefix, sys.exec_prefix} if p)
+    paths: list[str] = []
+    for entry in sys.path:
+        if not isinstance(entry, str) or not entry or not os.path.isabs(entry):
+            continue
+        if not (os.path.isdir(entry) or os.path.isfile(entry)):
+            continue
+        real = os.path.realpath(entry)
+        if real not in explicit:
+            if real == cwd and real != script_dir:
+                continue
+            problem = writable_by_others(entry)
+            if problem:
+                if not (real + os.sep).startswith(prefixes) and entry not in _warned_path_entries:
+                    _warned_path_entries.add(entry)
+                    logger.warning(
+                        "not passing %s on to worker processes' sys.path: it %s, so another "
+                        "user could plant modules there (put it in PYTHONPATH to pass it anyway)",
+                        entry, problem)
+                continue
+        if entry not in paths:
+            paths.append(entry)
+    return paths
+
+
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Our environment, with ``sys.path`` passed on so the child imports what we import."""
+    """Our environment, with our importable ``sys.path`` (:func:`inherited_path`) in
+    ``PYTHONPATH`` so that the child imports what we import."""
     env = dict(os.environ)
-    paths = [p for p in sys.path if p and os.path.isdir(p)]
     old = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
+    env["PYTHONPATH"] = os.pathsep.join(inherited_path() + ([old] if old else []))
     if extra:
         env.update({str(k): str(v) for k, v in extra.items()})
     return env
@@ -97,7 +176,7 @@ WARM_FLAG = "--options-from-stdin"
 
 
 class _WarmChild:
-    """A ``python -m runtime.worker_process --options-from-stdin`` waiting for its options.
+    """A ``python -P -m runtime.worker_process --options-from-stdin`` waiting for its options.
 
     Started with :class:`subprocess.Popen` (no event loop needed), so that it
     can be started before anything else -- before ``MPI_Init``, say.  Its
@@ -114,7 +193,8 @@ class _WarmChild:
         read_fd, write_fd = os.pipe()
         try:
             self.popen = subprocess.Popen(
-                [executable, "-m", "runtime.worker_process", WARM_FLAG, "--ready-fd", str(write_fd)],
+                python_command("runtime.worker_process", WARM_FLAG, "--ready-fd", str(write_fd),
+                               executable=executable),
                 stdin=subprocess.PIPE, env=env, pass_fds=(write_fd,), start_new_session=True)
         except BaseException:
             os.close(read_fd)
@@ -357,7 +437,7 @@ class WorkerProcess:
                     os.close(read_fd)
                 return self
         options = json.dumps({"scheduler_ip": self.scheduler_address, **self.worker_kwargs})
-        args = [sys.executable, "-m", "runtime.worker_process", options]
+        args = python_command("runtime.worker_process", options)
         if self.worker_class:
             args += ["--worker-class", self.worker_class]
         read_fd = write_fd = security_fd = None

@@ -23,7 +23,6 @@ import random
 import shutil
 import socket
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Hashable, Iterable, MutableMapping
@@ -38,6 +37,12 @@ from .core import BatchedSend, Server, Status, unpack_reply
 from .dashboard.worker import WorkerDiagnosticsMixin
 from .errors import ClusterError, CommClosedError, CommError
 from .execution import TaskThreadPool, get_current_task, get_worker, sizeof  # noqa: F401
+from .files import (
+    make_private_subdirectory,
+    open_private_directory,
+    open_scratch_root,
+    write_private_file,
+)
 from .security import resolve_security
 from .statemachine import Instruction, Msg
 from .utils import (
@@ -74,6 +79,9 @@ from .worker_state import (
 logger = logging.getLogger(__name__)
 
 Key = Hashable
+
+#: The directory in ``local_directory`` that uploaded files go to (on ``sys.path``).
+UPLOADS_DIRECTORY = "uploads"
 
 #: Results at most this big travel with ``task-finished`` to the waiting client.
 SMALL_RESULT = 16 * 1024
@@ -162,7 +170,11 @@ class Worker(WorkerDiagnosticsMixin, Server):
         name: a name for this worker, unique in the cluster.
         memory_limit: see :func:`parse_memory_limit` (reported; enforced by the Nanny).
         resources: abstract resources this worker has, e.g. ``{"GPU": 2}``.
-        local_directory: where files go (default: a fresh temporary directory).
+        local_directory: where the worker's own directory goes: a directory of
+            ours, or a shared sticky one (``/tmp``) in which we use
+            ``cluster-worker-space-<uid>`` (default: that in ``$TMPDIR``).  See
+            :func:`runtime.files.open_scratch_root`; one that others could
+            tamper with is refused (:class:`~runtime.errors.UnsafePathError`).
         death_timeout: give up and close if the scheduler cannot be reached
             for this long (``"60s"``).
         reconnect: reconnect when the scheduler connection breaks (else close).
@@ -252,6 +264,9 @@ class Worker(WorkerDiagnosticsMixin, Server):
         local_directory = local_directory or local_dir
         self._local_directory_root = local_directory
         self.local_directory = ""
+        self._local_directory_fd: int | None = None
+        self._temporary_root: str | None = None
+        self._uploads_directory: str | None = None
         self.data: MutableMapping = data if data is not None else {}
         self.state = WorkerState(nthreads=nthreads, data=self.data, resources=self.resources,
                                  validate=validate,
@@ -329,15 +344,7 @@ class Worker(WorkerDiagnosticsMixin, Server):
             host = listen_host(self.host, self.interface, self.scheduler_addr)
             listen_at = f"{protocol}://{unparse_host_port(host, self.port)}"
         await self.listen(listen_at)
-        if self._local_directory_root is None:
-            root = os.path.join(tempfile.gettempdir(), "cluster-worker-space")
-        else:
-            root = self._local_directory_root
-        os.makedirs(root, exist_ok=True)
-        self.local_directory = tempfile.mkdtemp(prefix="worker-", dir=root)
-        self._own_local_directory = True
-        if self.local_directory not in sys.path:
-            sys.path.insert(0, self.local_directory)
+        self._make_local_directory()
         if not self._user_data and self.memory_limit and (
             self.memory_target_fraction or self.memory_spill_fraction
         ):
@@ -360,6 +367,32 @@ class Worker(WorkerDiagnosticsMixin, Server):
             lifetime = self.lifetime + random.uniform(-self.lifetime_stagger, self.lifetime_stagger)
             self.spawn(self._close_after(max(lifetime, 0.0)))
         logger.info("Worker %s (name=%r) registered with %s", self.address, self.name, self.scheduler_addr)
+
+    def _make_local_directory(self) -> None:
+        """A fresh 0700 ``worker-*`` directory in a scratch root only we can write
+        (see :func:`runtime.files.open_scratch_root`).  Not put on ``sys.path``:
+        only the ``uploads`` directory inside it is, once a file is uploaded."""
+        root, root_fd, temporary = open_scratch_root(self._local_directory_root)
+        try:
+            name, self._local_directory_fd = make_private_subdirectory(root_fd, "worker-")
+        finally:
+            os.close(root_fd)
+        self._temporary_root = root if temporary else None
+        self.local_directory = os.path.join(root, name)
+        self._own_local_directory = True
+
+    def _remove_local_directory(self) -> None:
+        if self._local_directory_fd is not None:
+            os.close(self._local_directory_fd)
+            self._local_directory_fd = None
+        if self._own_local_directory and self.local_directory:
+            if self._uploads_directory is not None:
+                with suppress(ValueError):
+                    sys.path.remove(self._uploads_directory)
+            shutil.rmtree(self.local_directory, ignore_errors=True)
+            if self._temporary_root is not None:
+                with suppress(OSError):
+                    os.rmdir(self._temporary_root)
 
     async def _register(self) -> None:
         from .comm import connect
@@ -591,10 +624,7 @@ class Worker(WorkerDiagnosticsMixin, Server):
         close_data = getattr(self.data, "close", None)
         if close_data is not None and not self._user_data:
             close_data()
-        if self._own_local_directory and self.local_directory:
-            with suppress(ValueError):
-                sys.path.remove(self.local_directory)
-            shutil.rmtree(self.local_directory, ignore_errors=True)
+        self._remove_local_directory()
         self._mark_closed()
         return "OK"
 
@@ -745,15 +775,27 @@ class Worker(WorkerDiagnosticsMixin, Server):
         return result
 
     def upload_file(self, filename: str, data: bytes, load: bool = True) -> dict:
-        """Save a file in ``local_directory``; import it if it is a Python module or archive."""
+        """Save a file in ``<local_directory>/uploads``; import it if it is a Python module
+        or archive.
+
+        That directory (0700, ours) goes on ``sys.path`` with the first upload;
+        the local directory itself never does.
+        """
         import importlib
 
         name = os.path.basename(filename)
         if not name or name in (".", ".."):
             raise ValueError(f"invalid file name {filename!r}")
-        path = os.path.join(self.local_directory, name)
-        with open(path, "wb") as f:
-            f.write(data)
+        uploads = self._uploads_directory
+        if uploads is None:
+            uploads = os.path.join(self.local_directory, UPLOADS_DIRECTORY)
+            with suppress(FileExistsError):
+                os.mkdir(UPLOADS_DIRECTORY, 0o700, dir_fd=self._local_directory_fd)
+            os.close(open_private_directory(uploads, "uploads directory", create=False))
+            self._uploads_directory = uploads
+            if uploads not in sys.path:
+                sys.path.insert(0, uploads)
+        path = write_private_file(os.path.join(uploads, name), data)
         if load and name.endswith((".py", ".zip", ".egg")):
             if name.endswith((".zip", ".egg")) and path not in sys.path:
                 sys.path.insert(0, path)

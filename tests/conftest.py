@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 
@@ -10,6 +11,14 @@ import psutil
 import pytest
 
 from runtime.security import Security
+
+#: Worker processes import the test modules' functions by name.  They do not get
+#: the working directory on sys.path (runtime.process.inherited_path), so the
+#: repository root is named explicitly, as a user names theirs in PYTHONPATH.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def _snapshot():

@@ -791,7 +791,7 @@ async def test_upload_file(tmp_path):
             assert set(replies) == {w.address for w in workers}
             assert all(r["status"] == "OK" for r in replies.values())
             for w in workers:
-                assert (pathlib.Path(w.local_directory) / path.name).read_text() == path.read_text()
+                assert (pathlib.Path(w.local_directory) / "uploads" / path.name).read_text() == path.read_text()
             fs = [c.submit(import_value, modname, workers=[w.address], pure=False) for w in workers]
             assert await c.gather(fs) == ["from an uploaded module"] * 2
     finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,7 @@ import jobqueue
 from jobqueue import JobState, MPIJob, SubmitError, mpi_job_script, submit_mpi_job
 from jobqueue.commands import CommandResult
 from jobqueue.submit_cli import main
+from runtime.process import BOOTSTRAP
 
 from . import test_pbs_fake
 from .conftest import Slurm, run
@@ -42,6 +44,8 @@ fake_pbs = test_pbs_fake.fake_pbs
 
 REPO = Path(__file__).resolve().parents[2]
 PY = "/opt/py/bin/python"
+#: How a job script runs ``python -m`` without the job's working directory on sys.path.
+BOOT = shlex.quote(BOOTSTRAP)
 VENV_BIN = Path(sys.executable).parent
 MPIEXEC = VENV_BIN / "mpiexec"
 #: MPICH inside the test jobs: one node, loopback only.
@@ -127,7 +131,7 @@ def test_slurm_minimal_script_exactly(in_tmp, capsys):
         #SBATCH --ntasks=4
         #SBATCH --cpus-per-task=1
 
-        exec mpirun -n 4 {PY} -m cluster --nthreads 1 script.py
+        exec mpirun -n 4 {PY} -c {BOOT} cluster --nthreads 1 script.py
         """)
 
 
@@ -160,7 +164,7 @@ def test_slurm_every_option_exactly(in_tmp, capsys):
         export NOTE='it'"'"'s here'
         module load mpi
         cd /work
-        exec srun --ntasks=64 --cpus-per-task=4 --mpi=pmi2 --cpu-bind=cores {PY} -m cluster --nthreads 4 --memory-limit 8GB --interface ib0 --no-nanny script.py --year 2024 'a b'
+        exec srun --ntasks=64 --cpus-per-task=4 --mpi=pmi2 --cpu-bind=cores {PY} -c {BOOT} cluster --nthreads 4 --memory-limit 8GB --interface ib0 --no-nanny script.py --year 2024 'a b'
         """)
     assert not Path("/scratch/logs").exists()  # --dry-run creates nothing
 
@@ -175,7 +179,7 @@ def test_pbs_minimal_script_exactly(in_tmp, capsys):
         #PBS -l select=2:ncpus=1:mpiprocs=1
 
         cd "$PBS_O_WORKDIR"
-        exec mpirun -n 2 {PY} -m cluster --nthreads 1 script.py
+        exec mpirun -n 2 {PY} -c {BOOT} cluster --nthreads 1 script.py
         """)
 
 
@@ -204,7 +208,7 @@ def test_pbs_every_option_exactly(in_tmp, capsys):
         cd "$PBS_O_WORKDIR"
         export A=1
         module load mpi
-        exec /opt/mpich/bin/mpiexec -n 16 -ppn 8 {PY} -m cluster --nthreads 2 --memory-limit 4GiB --interface ib0 script.py 'a b'
+        exec /opt/mpich/bin/mpiexec -n 16 -ppn 8 {PY} -c {BOOT} cluster --nthreads 2 --memory-limit 4GiB --interface ib0 script.py 'a b'
         """)
 
 
@@ -215,7 +219,7 @@ def test_python_api_renders_what_the_cli_shows(in_tmp, capsys, system):
     assert status == 0
     assert out == mpi_job_script("script.py", ["a b"], system=system, ntasks=3,
                                  walltime="00:10:00", memory="2GB", env={"X": 1})
-    assert f"{sys.executable} -m cluster" in out  # the default Python is this one
+    assert f"{sys.executable} -P -m cluster" in out  # the default Python is this one (3.11+: -P)
 
 
 @pytest.mark.parametrize("system", ["slurm", "pbs"])
@@ -247,13 +251,13 @@ def test_arguments_reach_the_launcher_intact(in_tmp, capsys):
                           timeout=20, env={**os.environ, "HOME": "/nowhere"})
     assert done.returncode == 0, done.stderr
     assert json.loads(record.read_text()) == [
-        "-n", "2", PY, "-m", "cluster", "--nthreads", "1", "script.py", *AWKWARD_ARGS]
+        "-n", "2", PY, "-c", BOOTSTRAP, "cluster", "--nthreads", "1", "script.py", *AWKWARD_ARGS]
 
 
 def test_options_after_the_script_are_the_scripts(in_tmp, capsys):
     _, out, _ = cli(capsys, "--system", "slurm", "-n", "2", "--python", PY, "--dry-run",
                     "script.py", "--system", "pbs", "--dry-run")
-    assert out.endswith(f"{PY} -m cluster --nthreads 1 script.py --system pbs --dry-run\n")
+    assert out.endswith(f"{PY} -c {BOOT} cluster --nthreads 1 script.py --system pbs --dry-run\n")
     assert "#SBATCH" in out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shlex
 import subprocess
 import textwrap
 
@@ -16,11 +17,14 @@ import pytest
 
 from jobqueue import PBSCluster, SLURMCluster, TemplateError
 from jobqueue.job import default_margin, plan_lifetime
+from runtime.process import BOOTSTRAP
 
 pytestmark = pytest.mark.timeout(30)
 
 ADDRESS = "tcp://127.0.0.1:8786"
 PY = "/opt/py/bin/python"
+#: How a job script runs ``python -m`` without the job's working directory on sys.path.
+BOOT = shlex.quote(BOOTSTRAP)
 
 
 def script(cls, **options) -> str:
@@ -48,7 +52,7 @@ def test_slurm_minimal_script_exactly():
         #SBATCH --mem=954M
         #SBATCH --time=00:30:00
 
-        {PY} -m cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{SLURM_JOB_ID}}"
+        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{SLURM_JOB_ID}}"
         """)
 
 
@@ -80,7 +84,7 @@ def test_slurm_every_option_exactly(tmp_path):
         export NOTE='it'"'"'s here'
         module load python
         cd /work
-        {PY} -m cluster worker {ADDRESS} --nworkers 4 --nthreads 2 --memory-limit 4GiB --no-nanny --death-timeout 120s --lifetime 3600s --lifetime-stagger 300s --local-directory '/tmp/$USER' --interface ib0 --name "analysis-${{SLURM_JOB_ID}}" --resources GPU=1
+        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 4 --nthreads 2 --memory-limit 4GiB --no-nanny --death-timeout 120s --lifetime 3600s --lifetime-stagger 300s --local-directory '/tmp/$USER' --interface ib0 --name "analysis-${{SLURM_JOB_ID}}" --resources GPU=1
         echo done
         """)
     path = tmp_path / "job.sh"
@@ -97,7 +101,7 @@ def test_pbs_minimal_script_exactly():
         #PBS -l select=1:ncpus=1:mem=954mb
         #PBS -l walltime=00:30:00
 
-        {PY} -m cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{PBS_JOBID}}"
+        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{PBS_JOBID}}"
         """)
 
 
@@ -124,7 +128,7 @@ def test_pbs_every_option_exactly(tmp_path):
 
         export A=1
         source activate env
-        {PY} -m cluster worker {ADDRESS} --nworkers 6 --nthreads 6 --memory-limit 30GiB --nanny --death-timeout 30s --local-directory /local --interface ib0 --name "pbs-w-${{PBS_JOBID}}" --reconnect
+        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 6 --nthreads 6 --memory-limit 30GiB --nanny --death-timeout 30s --local-directory /local --interface ib0 --name "pbs-w-${{PBS_JOBID}}" --reconnect
         date
         """)
     path = tmp_path / "job.sh"
@@ -204,7 +208,7 @@ def test_user_template_extends_ours(tmp_path):
     assert 'echo "starting hpc-worker"' in text
     assert "ignored" not in text
     assert text.splitlines()[0] == "#!/usr/bin/env bash"
-    assert "-m cluster worker" in text
+    assert f"-c {BOOT} cluster worker" in text
 
 
 def test_user_template_replaces_ours(tmp_path):
