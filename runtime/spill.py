@@ -34,6 +34,12 @@ Theory of operation:
   value would take the disk tier over ``max_spill`` (or the disk write fails),
   the value stays in memory, eviction stops for now, and a warning is logged
   the first time.
+* **Files** – the spill directory is created 0700 (or, if it exists, must be
+  ours, not a link, and not writable by others: :func:`runtime.files.open_private_directory`)
+  and held open; every spill file is created relative to that descriptor
+  with ``O_EXCL|O_NOFOLLOW`` and mode 0600, read with ``O_NOFOLLOW``, and
+  removed relative to it.  Nobody else can read a spilled value, or swap in
+  a file (or the directory) of their own for us to unpickle.
 * **Threads** – all state is guarded by one ``threading.RLock``: the event loop
   inserts results while task threads read their dependencies.  Disk I/O happens
   under the lock, which keeps the two tiers consistent at the price of
@@ -53,6 +59,7 @@ from typing import Any
 
 from .comm.serialize import box_large, dumps, loads, nbytes
 from .execution import sizeof as default_sizeof
+from .files import O_CLOEXEC, O_NOFOLLOW, create_private_file, open_private_directory
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +93,10 @@ def _layout(lengths: list[int]) -> tuple[list[int], int]:
     return offsets, end
 
 
-def _write_all(f, data) -> None:
+def _write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
     while view.nbytes:
-        written = f.write(view)
-        view = view[written:]
+        view = view[os.write(fd, view):]
 
 
 class _MemoryView(Mapping):
@@ -163,6 +169,8 @@ class SpillBuffer(MutableMapping):
 
     Raises:
         ValueError: ``target`` or ``max_spill`` is negative.
+        UnsafePathError: ``spill_directory`` exists but is not ours, is a
+            symbolic link, or others can write to it.
         OSError: ``spill_directory`` cannot be created.
     """
 
@@ -194,8 +202,9 @@ class SpillBuffer(MutableMapping):
         self.spilled_bytes_total = 0
         self._warned_no_room = False
         self._closed = False
-        self._created_directory = not os.path.isdir(self.spill_directory)
-        os.makedirs(self.spill_directory, exist_ok=True)
+        self._created_directory = not os.path.lexists(self.spill_directory)
+        os.makedirs(os.path.dirname(self.spill_directory), exist_ok=True)
+        self._dir_fd = open_private_directory(self.spill_directory, "spill directory")
         self.memory: Mapping = _MemoryView(self)
         self.disk: Mapping = _DiskView(self)
 
@@ -371,25 +380,32 @@ class SpillBuffer(MutableMapping):
             return _NO_ROOM
         name = self._file_name(key)
         path = os.path.join(self.spill_directory, name)
+        fd = -1
         try:
-            with open(path, "wb", buffering=0) as f:
-                header = _HEAD.pack(_MAGIC, len(frames)) + struct.pack(
-                    f"<{len(lengths)}Q", *lengths
-                )
-                _write_all(f, header)
-                pos = len(header)
-                for frame, offset, length in zip(frames, offsets, lengths, strict=True):
-                    if offset > pos:
-                        _write_all(f, bytes(offset - pos))
-                    _write_all(f, frame)
-                    pos = offset + length
-        except OSError as e:
             try:
-                os.unlink(path)
-            except OSError:
-                pass
+                fd = create_private_file(name, self._dir_fd)
+            except FileExistsError:  # a leftover in our own directory: never reuse it
+                os.unlink(name, dir_fd=self._dir_fd)
+                fd = create_private_file(name, self._dir_fd)
+            header = _HEAD.pack(_MAGIC, len(frames)) + struct.pack(f"<{len(lengths)}Q", *lengths)
+            _write_all(fd, header)
+            pos = len(header)
+            for frame, offset, length in zip(frames, offsets, lengths, strict=True):
+                if offset > pos:
+                    _write_all(fd, bytes(offset - pos))
+                _write_all(fd, frame)
+                pos = offset + length
+        except OSError as e:
+            if fd >= 0:
+                try:
+                    os.unlink(name, dir_fd=self._dir_fd)
+                except OSError:
+                    pass
             self._warn_no_room("Keeping %r in memory: could not write %s: %s", key, path, e)
             return _NO_ROOM
+        finally:
+            if fd >= 0:
+                os.close(fd)
         self._names.add(name)
         self._slow[key] = (name, size)
         self._disk_total += size
@@ -414,7 +430,8 @@ class SpillBuffer(MutableMapping):
         path = os.path.join(self.spill_directory, name)
         buf = bytearray(size)
         view = memoryview(buf)
-        with open(path, "rb", buffering=0) as f:
+        fd = os.open(name, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC, dir_fd=self._dir_fd)
+        with open(fd, "rb", buffering=0) as f:
             pos = 0
             while pos < size:
                 n = f.readinto(view[pos:])
@@ -457,7 +474,7 @@ class SpillBuffer(MutableMapping):
         self._names.discard(name)
         self._disk_total -= size
         try:
-            os.unlink(os.path.join(self.spill_directory, name))
+            os.unlink(name, dir_fd=self._dir_fd)
         except FileNotFoundError:
             logger.warning("Spill file of %r was already gone", key)
         except OSError as e:
@@ -489,6 +506,7 @@ class SpillBuffer(MutableMapping):
                 return
             self.clear()
             self._closed = True
+            os.close(self._dir_fd)
             if self._created_directory:
                 try:
                     os.rmdir(self.spill_directory)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,11 @@ import uuid
 
 import pytest
 
+from runtime import Scheduler, Worker
+from runtime.errors import UnsafePathError
+from runtime.files import SCRATCH_ROOT_PREFIX, scratch_root_name
 from runtime.process import inherited_path, python_command
+from tests.helpers import gen_test
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -157,3 +162,77 @@ def test_planted_module_in_shared_cwd_never_imports_in_workers(other_user, share
     assert not info["json"].startswith(shared_dir)
     assert shared_dir not in info["path"] and "" not in info["path"]
     assert not [n for n in os.listdir(shared_dir) if n.startswith("PWNED")]
+
+
+# ----------------------------------------------------------------------------- scratch directories
+
+
+async def _worker_directory(**worker_kwargs) -> tuple[str, list[str]]:
+    """Start a scheduler and a spilling worker; return the worker's directory and its
+    spill directory's files once a value spilled."""
+    async with Scheduler(dashboard_address=None) as s:
+        async with Worker(s.address, nthreads=1, memory_limit="100MB", **worker_kwargs) as w:
+            w.data.evict()  # nothing yet
+            w.data["spilled"] = b"x" * 1000
+            w.data.evict()
+            storage = os.path.join(w.local_directory, "storage")
+            return w.local_directory, [stat.filemode(os.lstat(os.path.join(storage, n)).st_mode)
+                                       for n in os.listdir(storage)]
+
+
+@needs_root
+@gen_test(timeout=60)
+async def test_scratch_root_planted_by_another_user_is_bypassed(other_user, shared_dir,
+                                                                 monkeypatch, caplog):
+    user, uid = other_user
+    planted = os.path.join(shared_dir, scratch_root_name())
+    as_user(user, "mkdir", "-m", "0777", planted)
+    assert os.stat(planted).st_uid == uid
+    monkeypatch.setattr(tempfile, "tempdir", shared_dir)  # as TMPDIR=shared would
+    with caplog.at_level("WARNING", logger="runtime.files"):
+        local, modes = await _worker_directory()
+    assert not local.startswith(planted + os.sep)
+    assert os.path.dirname(os.path.dirname(local)).startswith(shared_dir)
+    assert modes == ["-rw-------"]
+    assert os.listdir(planted) == []  # nothing of ours went there
+    assert any(planted in r.getMessage() and f"belongs to user id {uid}" in r.getMessage()
+               for r in caplog.records)
+    assert not [n for n in os.listdir(shared_dir) if n != scratch_root_name()]  # removed again
+
+
+@needs_root
+@gen_test(timeout=60)
+async def test_scratch_root_replaced_by_a_link_is_bypassed(other_user, shared_dir):
+    user, _ = other_user
+    theirs = os.path.join(shared_dir, "theirs")
+    as_user(user, "mkdir", "-m", "0777", theirs)
+    planted = os.path.join(shared_dir, scratch_root_name())
+    as_user(user, "ln", "-s", theirs, planted)
+    local, _ = await _worker_directory(local_directory=shared_dir)
+    assert not os.path.realpath(local).startswith(theirs)
+    assert os.listdir(theirs) == []
+
+
+@needs_root
+@gen_test(timeout=60)
+async def test_another_users_directory_is_refused_as_local_directory(other_user, shared_dir):
+    user, uid = other_user
+    theirs = os.path.join(shared_dir, "theirs")
+    as_user(user, "mkdir", "-m", "0777", theirs)
+    async with Scheduler(dashboard_address=None) as s:
+        with pytest.raises(UnsafePathError, match=rf"local_directory {theirs}: it belongs to "
+                                                  rf"user id {uid}"):
+            await Worker(s.address, nthreads=1, local_directory=theirs)
+
+
+@needs_root
+@gen_test(timeout=60)
+async def test_we_start_while_another_users_scratch_root_exists(other_user, shared_dir,
+                                                                monkeypatch):
+    user, uid = other_user
+    theirs = os.path.join(shared_dir, f"{SCRATCH_ROOT_PREFIX}{uid}")
+    as_user(user, "mkdir", "-m", "0755", theirs)
+    monkeypatch.setattr(tempfile, "tempdir", shared_dir)
+    local, _ = await _worker_directory()
+    assert os.path.dirname(local) == os.path.join(shared_dir, scratch_root_name())
+    assert stat.S_IMODE(os.stat(os.path.dirname(local)).st_mode) == 0o700
