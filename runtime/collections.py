@@ -115,6 +115,27 @@ def _cull(dsk: dict, wanted: list) -> dict:
     return out
 
 
+def _collapse_aliases(dsk: dict, wanted: list) -> dict:
+    """``dsk`` without aliases whose target only they use: the target takes the
+    alias's key (``{'x': f(), 'y': Alias('x')}`` runs as ``{'y': f()}``), a task
+    and a round trip fewer each; dask's graphs have many (an array's chunks
+    renamed by the next layer)."""
+    from dask._task_spec import Alias, resolve_aliases
+
+    if not any(type(v) is Alias for v in dsk.values()):
+        return dsk
+    dependents: dict = {k: set() for k in dsk}
+    for k, node in dsk.items():
+        for d in node.dependencies:
+            if d in dependents:
+                dependents[d].add(k)
+    try:
+        return resolve_aliases(dsk, set(wanted), dependents)
+    except Exception:  # pragma: no cover - a node kind that cannot be copied: run as is
+        logger.debug("could not collapse the graph's aliases", exc_info=True)
+        return dsk
+
+
 def _check_acyclic(dsk: dict) -> None:
     """Raise ValueError naming a key on a cycle of ``dsk`` (iterative DFS, linear)."""
     state: dict = {}  # key -> 1 on the current path, 2 done
@@ -224,7 +245,7 @@ def translate_graph(client: Client, dsk: Any, keys: Any, *, annotations: Mapping
     if missing:
         raise ValueError(f"the output key {missing[0]!r} is neither a task of the graph nor a future "
                          "of this client")
-    dsk = _cull(dsk, wanted)
+    dsk = _collapse_aliases(_cull(dsk, wanted), wanted)
     global_ann = dict(dask.get_annotations())
     if workers is not None:
         global_ann["workers"] = [workers] if isinstance(workers, str) else list(workers)
@@ -445,8 +466,8 @@ def client_compute(client: Client, collections: Any, *, sync: bool = False, opti
             i += 1
         else:
             out.append(c)
-    if sync:
-        out = client.gather(out)
+    if sync:  # gather returns an awaitable with an asynchronous client: no indexing it here
+        return client.gather(out[0] if singleton else out)
     return out[0] if singleton else out
 
 
@@ -564,6 +585,7 @@ class _DaskImportHook(importlib.abc.MetaPathFinder):
 
             def exec_module(self, module):
                 loader.exec_module(module)
+                sys.modules["dask"].config = module  # not set on the package until we return
                 _on_dask_imported()
 
         spec.loader = Loader()

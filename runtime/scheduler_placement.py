@@ -17,6 +17,10 @@ DEFAULT_TASK_DURATION = 0.5
 SATURATION_SECONDS = 0.05
 #: Never hold more than this many tasks per thread on one worker.
 MAX_TASKS_PER_THREAD = 1000
+#: A group of sibling tasks is root-ish above this many tasks (and twice the threads) ...
+ROOTISH_MIN_GROUP = 8
+#: ... when all of them together read at most this many inputs.
+ROOTISH_MAX_INPUTS = 4
 #: Assumed network bandwidth (bytes/s) for transfer-cost estimates.
 BANDWIDTH = 100e6
 
@@ -90,9 +94,37 @@ class PlacementMixin:
         return self.task_duration.get(ts.prefix, default)
 
     def _ready_target(self, ts: TaskState) -> str:
-        if not ts.dependencies and not (ts.worker_restrictions or ts.host_restrictions or ts.resource_restrictions):
+        if (ts.rootish or not ts.dependencies) and not (
+                ts.worker_restrictions or ts.host_restrictions or ts.resource_restrictions):
             return "queued"
         return "processing"
+
+    def mark_rootish(self, new: Iterable[TaskState]) -> None:
+        """Mark the new tasks that are *root-ish*: many siblings (same prefix, more than
+        :data:`ROOTISH_MIN_GROUP` and twice the cluster's threads) that together read
+        at most :data:`ROOTISH_MAX_INPUTS` inputs, like chunks sliced from one array.
+
+        They are queued like tasks without inputs, so that workers take them
+        as they have room instead of all at once (what keeps a reduction over
+        more data than the workers' memory streaming); their inputs are few,
+        so placing them without regard to where the inputs are costs little.
+        """
+        threads = sum(ws.nthreads for ws in self.workers.values())
+        groups: dict[str, list[TaskState]] = {}
+        for ts in new:
+            if ts.dependencies:
+                groups.setdefault(ts.prefix, []).append(ts)
+        for group in groups.values():
+            if len(group) <= max(ROOTISH_MIN_GROUP, 2 * threads):
+                continue
+            inputs: set[TaskState] = set()
+            for ts in group:
+                inputs.update(ts.dependencies)
+                if len(inputs) > ROOTISH_MAX_INPUTS:
+                    break
+            else:
+                for ts in group:
+                    ts.rootish = True
 
     def _fill_workers(self, stimulus_id: str) -> None:
         """Hand queued tasks to workers with room, highest priority first."""

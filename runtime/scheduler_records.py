@@ -113,7 +113,7 @@ class TaskState:
         "waiting_on", "waiters", "who_wants", "who_has", "processing_on", "nbytes", "type",
         "retries", "suspicious", "exception", "traceback", "exception_blame", "erred_on",
         "worker_restrictions", "host_restrictions", "resource_restrictions",
-        "loose_restrictions", "long_running", "__weakref__",
+        "loose_restrictions", "long_running", "rootish", "__weakref__",
     )
 
     def __init__(self, key: Key, run_spec: bytes | None, prefix: str | None = None):
@@ -142,6 +142,9 @@ class TaskState:
         self.resource_restrictions: dict[str, float] | None = None
         self.loose_restrictions = False
         self.long_running = False
+        #: One of many siblings reading a few shared inputs (e.g. the chunks read
+        #: from one array): queued like tasks without inputs (see SchedulerState).
+        self.rootish = False
 
     def __repr__(self) -> str:
         return f"<TaskState {self.key!r} {self.state}>"

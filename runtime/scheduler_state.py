@@ -19,7 +19,13 @@ touches sockets, threads or the event loop; time comes from the injected
 
 Scheduling policy: a ready task with no dependencies and no restrictions is
 *queued* (ordered by priority) and handed to workers as they have room, so
-that load follows real progress; a task with dependencies or restrictions goes
+that load follows real progress; so is a *root-ish* task, one of a large group
+of siblings that together read only a few inputs (chunks sliced from one
+array; see :meth:`PlacementMixin.mark_rootish`).  This is what keeps a
+reduction over more data than the workers' memory streaming: the inputs are
+made only as fast as the reductions consume them, in priority order (a dask
+graph's priorities are :func:`dask.order.order`'s).  A task with dependencies
+or restrictions goes
 straight to the worker that minimises its expected start time (queue wait plus
 the time to move the data it lacks).  A worker "has room" while it holds fewer
 than two tasks per thread, or while the expected duration of what it holds is
@@ -393,7 +399,7 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
         for dts in ts.dependents:
             if dts.state == "waiting":
                 dts.waiting_on.add(ts)
-            elif dts.state in ("processing", "no-worker"):
+            elif dts.state in ("processing", "no-worker", "queued"):
                 # Its input is gone: place it again once the input is back.
                 recs[dts.key] = "waiting"
         recs.update(self._released_common(ts))

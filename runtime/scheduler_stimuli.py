@@ -224,6 +224,7 @@ class StimuliMixin:
             ts.retries = int(retries.get(ts.key, 0))
             up = user_priority.get(ts.key, 0) if isinstance(user_priority, dict) else user_priority
             ts.priority = (-up, next(self._priority_counter))
+        self.mark_rootish(new)
         for key in keys:
             ts = self.tasks.get(key)
             if ts is None:

@@ -261,20 +261,27 @@ async def read_scheduler_info(path: str, timeout: float) -> dict:
     """The contents of a scheduler file (``"address"``, and ``"security"``: the path
     of its credentials file when the scheduler uses TLS), waiting up to ``timeout``.
 
+    The file must be ours, a regular file (not a link), and not writable by
+    group or others: another user who wrote it first could send our workers
+    and clients to their scheduler (:func:`runtime.files.read_trusted_file`).
+
     Raises:
         ConnectionTimeoutError: naming the file, when it is still missing or incomplete.
+        UnsafePathError: the file is someone else's, a link, or writable by others.
     """
     import asyncio
     import json
     import time
 
     from .errors import ConnectionTimeoutError
+    from .files import read_trusted_file
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with open(path) as f:
-                info = json.load(f)
+            info = json.loads(read_trusted_file(
+                path, "scheduler file",
+                advice="a scheduler file must be written by your own scheduler; remove it"))
             if isinstance(info, dict) and isinstance(info.get("address"), str):
                 return info
         except (FileNotFoundError, ValueError):
@@ -290,10 +297,23 @@ async def read_scheduler_info(path: str, timeout: float) -> dict:
 _HEX_SUFFIX = re.compile(r"-[0-9a-f]{8,}$")
 
 
+#: Prefixes of the names that start tuple keys (dask's chunk keys ``(name, i, j)``):
+#: thousands of keys share one name, so the regular expression runs once per name.
+_TUPLE_PREFIXES: dict[str, str] = {}
+
+
 def key_split(key: Hashable) -> str:
     """The prefix of a task key, used to group tasks: ``'inc-1a2b3c4d5e' -> 'inc'``."""
     if isinstance(key, tuple) and key:
-        key = key[0]
+        name = key[0]
+        if type(name) is str:
+            prefix = _TUPLE_PREFIXES.get(name)
+            if prefix is None:
+                if len(_TUPLE_PREFIXES) > 10_000:
+                    _TUPLE_PREFIXES.clear()
+                prefix = _TUPLE_PREFIXES[name] = _HEX_SUFFIX.sub("", name) or name
+            return prefix
+        key = name
     if isinstance(key, bytes):
         key = key.decode(errors="replace")
     if not isinstance(key, str):
