@@ -366,6 +366,9 @@ def worker_parser(prog: str = "python -m cluster worker") -> _Command:
     cmd.option("--dashboard-address", metavar="ADDR",
                help="serve them here instead, e.g. :9100 (implies --dashboard; with --nworkers "
                     "> 1 use port 0)")
+    cmd.flag("tls", help="--no-tls: accept a --scheduler-file that leads to a plain tcp:// "
+                         "scheduler (no TLS: anyone who can reach the ports can run code as "
+                         "you); without it such a file is refused")
     _tls_options(cmd, "worker")
     return cmd.finish()
 
@@ -682,6 +685,12 @@ def worker_command(argv: Sequence[str], prog: str = "python -m cluster worker",
         cmd.parser.error("--nanny-port needs --nanny (there is no nanny with --no-nanny)")
     if not nanny and args.lifetime_restart:
         cmd.parser.error("--lifetime-restart needs --nanny (a nanny starts the fresh worker)")
+    security = _security(cmd, args, "worker", from_env)
+    if args.tls is False:
+        if security is not None:
+            cmd.parser.error("--no-tls excludes --tls-credentials and --tls-ca-file/--tls-cert/"
+                             "--tls-key")
+        security = False  # the user opted into plain TCP
     n = args.nworkers or 1
     nthreads = args.nthreads or max(1, _usable_cores() // n)
     worker_ports = _ports(cmd, args.worker_port, n, "--worker-port")
@@ -692,7 +701,7 @@ def worker_command(argv: Sequence[str], prog: str = "python -m cluster worker",
         local_directory=args.local_directory, death_timeout=args.death_timeout,
         lifetime=args.lifetime, lifetime_stagger=args.lifetime_stagger,
         lifetime_restart=args.lifetime_restart, interface=args.interface, host=args.host,
-        reconnect=args.reconnect, security=_security(cmd, args, "worker", from_env),
+        reconnect=args.reconnect, security=security,
     )
     if args.dashboard is not False and args.dashboard_address is not None:
         common["dashboard_address"] = args.dashboard_address

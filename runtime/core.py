@@ -106,7 +106,8 @@ class Server:
         if self.scheduler_addr is None:
             info = await read_scheduler_info(self.scheduler_file, self.death_timeout or 60.0)
             if not self._security_given:
-                security = security_from_scheduler_info(info, self.scheduler_file)
+                security = security_from_scheduler_info(
+                    info, self.scheduler_file, allow_plain=getattr(self, "_no_tls", False))
                 if security is not None:
                     self._set_security(security, role)
             self.scheduler_addr = info["address"]

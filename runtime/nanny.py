@@ -156,6 +156,7 @@ class Nanny(Server):
                              "another process)")
         if scheduler_ip is None and scheduler_file is None:
             raise ValueError("Nanny needs the scheduler's address or scheduler_file")
+        self._no_tls = security is False  # opted into plain TCP (scheduler files)
         security = resolve_security(security, owner="Nanny")
         self._set_security(security, "worker")
         self._security_given = security is not None

@@ -298,10 +298,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
             info["security"] = self._credentials_file
             write_private_file(path, json.dumps(info, indent=2, default=str))
             return
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=2, default=str)
-        os.replace(tmp, path)
+        write_private_file(path, json.dumps(info, indent=2, default=str))
 
     async def _periodic_checks(self) -> None:
         interval = 0.5

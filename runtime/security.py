@@ -56,6 +56,9 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from . import files as _files
+from .errors import EncryptionRequiredError
+
 logger = logging.getLogger(__name__)
 
 #: The roles that have a certificate of their own (a nanny uses the worker's).
@@ -430,25 +433,19 @@ class Security:
         """Read a file written by :meth:`to_file`.
 
         Raises:
-            PermissionError: the file can be read or written by others than its
-                owner, or its owner is not us.
+            UnsafePathError: (a ``PermissionError``) the file can be read or
+                written by others than its owner, its owner is not us, or it is
+                a symbolic link.
             ValueError: the file is not a security file.
             OSError: it cannot be read.
         """
-        with open(path) as f:
-            st = os.fstat(f.fileno())
-            if st.st_mode & 0o077:
-                raise PermissionError(
-                    f"credentials file {path} is accessible by others (mode "
-                    f"{st.st_mode & 0o777:04o}); it must be readable only by its owner: "
-                    f"chmod 600 {path}")
-            if st.st_uid != os.geteuid():
-                raise PermissionError(f"credentials file {path} belongs to user id {st.st_uid}, "
-                                      f"not to us ({os.geteuid()}): refusing it")
-            try:
-                data = json.load(f)
-            except ValueError as e:
-                raise ValueError(f"{path} is not a credentials file: {e}") from None
+        text = _files.read_trusted_file(
+            path, "credentials file", secret=True,
+            advice=f"it must be yours and readable only by you: chmod 600 {path}")
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{path} is not a credentials file: {e}") from None
         if not isinstance(data, dict) or data.get("format") != _FILE_FORMAT:
             raise ValueError(f"{path} is not a credentials file (format {_FILE_FORMAT} expected)")
         return cls.from_dict(data)
@@ -490,14 +487,28 @@ def resolve_security(security: Security | bool | None, default: bool = False,
                     "credentials) or False/None (no TLS)")
 
 
-def security_from_scheduler_info(info: dict, scheduler_file: str) -> Security | None:
+def security_from_scheduler_info(info: dict, scheduler_file: str,
+                                 allow_plain: bool = False) -> Security | None:
     """The credentials a scheduler file points to (``None`` if it names none).
 
+    A file that names no credentials and a plain ``tcp://`` address is refused
+    unless ``allow_plain`` (the user opted out of TLS: ``security=False``,
+    ``--no-tls``): whoever wrote such a file first would have our workers run
+    their tasks, or our client unpickle their replies.
+
     Raises:
+        EncryptionRequiredError: a plain ``tcp://`` address without ``allow_plain``.
         PermissionError / ValueError / OSError: see :meth:`Security.from_file`.
     """
     path = info.get("security")
     if not path:
+        address = str(info.get("address", ""))
+        if address.startswith("tcp://") and not allow_plain:
+            raise EncryptionRequiredError(
+                f"scheduler file {scheduler_file} leads to {address}, a scheduler without TLS: "
+                "refusing it, since anyone who can reach that port (or who wrote the file) "
+                "could run code as you. To use a cluster without TLS anyway, opt in: "
+                "security=False (Client, Worker, Nanny) or --no-tls (python -m cluster worker)")
         return None
     if not os.path.isabs(path):
         path = os.path.join(os.path.dirname(os.path.abspath(scheduler_file)), path)
@@ -512,25 +523,10 @@ def credentials_path(scheduler_file: str) -> str:
 def write_private_file(path: str, text: str) -> None:
     """Write ``text`` to ``path`` atomically, readable and writable only by the user (0600).
 
-    The file is created with mode 0600 from the start (never briefly readable
-    by others) under a temporary name, then renamed over ``path``.
+    Through :func:`runtime.files.write_private_file`: a random temporary name
+    created ``O_EXCL|O_NOFOLLOW`` with mode 0600, then renamed over ``path``.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        with os.fdopen(fd, "w") as f:
-            fd = -1
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    _files.write_private_file(path, text)
 
 
 def _read_text(value: str) -> str:

@@ -223,6 +223,7 @@ class Worker(WorkerDiagnosticsMixin, Server):
             raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp', 'tls' and 'inproc'")
         if scheduler_ip is None and scheduler_file is None:
             raise ValueError("Worker needs the scheduler's address or scheduler_file")
+        self._no_tls = security is False  # opted into plain TCP (scheduler files)
         security = resolve_security(security, owner="Worker")
         self._set_security(security, "worker")
         self._security_given = security is not None

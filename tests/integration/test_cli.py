@@ -149,7 +149,7 @@ def computed_once(client: Client, key) -> bool:
                    "--dashboard-address", "CLUSTER_PORT"]),
     ("worker", ["ADDRESS", "--scheduler-file", "--nworkers", "--nthreads", "--memory-limit",
                 "--name", "--no-nanny", "--lifetime", "--death-timeout", "--resources",
-                "--worker-port", "--no-reconnect", "--dashboard-address", "CLUSTER_NTHREADS",
+                "--worker-port", "--no-reconnect", "--dashboard-address", "--no-tls", "CLUSTER_NTHREADS",
                 "SIGTERM"]),
 ])
 def test_help(tmp_path, command, options):
@@ -242,14 +242,15 @@ def test_cluster_from_the_command_line(tmp_path, launch):
     sched_file = tmp_path / "scheduler.json"
     scheduler = launch("scheduler", "scheduler", "--port", "0", "--scheduler-file", str(sched_file))
     # two workers without nannies; the command line beats CLUSTER_NTHREADS
-    plain = launch("plain", "worker", "--scheduler-file", str(sched_file), "--nworkers", "2",
+    # --no-tls: a plain tcp:// scheduler file is accepted only with the opt-out of TLS
+    plain = launch("plain", "worker", "--scheduler-file", str(sched_file), "--no-tls", "--nworkers", "2",
                    "--no-nanny", "--nthreads", "2", "--name", "plain", "--memory-limit", "1GB",
                    "--resources", "GPU=2,MEM=10e9", env=command_env(CLUSTER_NTHREADS="3"))
     # one worker with a nanny, its threads from the environment
     nannied = launch("nannied", "worker", "--scheduler-file", str(sched_file), "--name", "nanny-w",
-                     "--memory-limit", "2GB", env=command_env(CLUSTER_NTHREADS="3"))
+                     "--memory-limit", "2GB", env=command_env(CLUSTER_NTHREADS="3", CLUSTER_TLS="0"))
     read_address(sched_file)
-    with Client(scheduler_file=str(sched_file), timeout=20) as client:
+    with Client(scheduler_file=str(sched_file), timeout=20, security=False) as client:
         until_sync(lambda: len(client.scheduler_info()["workers"]) == 3, timeout=30,
                    interval=0.05, what="three workers")
         workers = workers_by_name(client)
@@ -307,10 +308,10 @@ def test_dashboard_options_of_the_commands(tmp_path, launch):
     sched_file = tmp_path / "scheduler.json"
     launch("scheduler", "scheduler", "--port", "0", "--scheduler-file", str(sched_file),
            "--dashboard-address", "127.0.0.1:0")
-    worker = launch("worker", "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
-                    "--name", "dash", "--dashboard-address", "127.0.0.1:0")
+    worker = launch("worker", "worker", "--scheduler-file", str(sched_file), "--no-tls",
+                    "--nthreads", "1", "--name", "dash", "--dashboard-address", "127.0.0.1:0")
     read_address(sched_file)
-    with Client(scheduler_file=str(sched_file), timeout=20) as client:
+    with Client(scheduler_file=str(sched_file), timeout=20, security=False) as client:
         until_sync(lambda: len(client.scheduler_info()["workers"]) == 1, timeout=30,
                    interval=0.05, what="the worker")
         assert client.submit(inc, 1).result() == 2
@@ -329,7 +330,7 @@ def test_dashboard_options_of_the_commands(tmp_path, launch):
     quiet = launch("quiet", "scheduler", "--port", "0", "--scheduler-file", str(sched_file2),
                    "--no-dashboard")
     read_address(sched_file2)
-    with Client(scheduler_file=str(sched_file2), timeout=20) as client:
+    with Client(scheduler_file=str(sched_file2), timeout=20, security=False) as client:
         assert client.dashboard_link is None
         client.shutdown()
     assert quiet.wait(20) == 0, quiet.stderr

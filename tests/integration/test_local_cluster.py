@@ -163,8 +163,8 @@ async def test_scheduler_file_async(tmp_path):
     async with Scheduler(scheduler_file=str(path)) as s:
         info = json.loads(path.read_text())
         assert info["address"] == s.address
-        async with Worker(scheduler_file=str(path), nthreads=1) as w, \
-                Client(scheduler_file=str(path), asynchronous=True) as c:
+        async with Worker(scheduler_file=str(path), nthreads=1, security=False) as w, \
+                Client(scheduler_file=str(path), asynchronous=True, security=False) as c:
             assert w.scheduler_addr == s.address
             assert await c.submit(inc, 1) == 2
             assert set(s.workers) == {w.address}

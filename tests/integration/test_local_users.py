@@ -20,8 +20,8 @@ import uuid
 
 import pytest
 
-from runtime import Scheduler, Worker
-from runtime.errors import UnsafePathError
+from runtime import Client, Scheduler, Worker
+from runtime.errors import EncryptionRequiredError, UnsafePathError
 from runtime.files import SCRATCH_ROOT_PREFIX, scratch_root_name
 from runtime.process import inherited_path, python_command
 from tests.helpers import gen_test
@@ -236,3 +236,50 @@ async def test_we_start_while_another_users_scratch_root_exists(other_user, shar
     local, _ = await _worker_directory()
     assert os.path.dirname(local) == os.path.join(shared_dir, scratch_root_name())
     assert stat.S_IMODE(os.stat(os.path.dirname(local)).st_mode) == 0o700
+
+
+# ----------------------------------------------------------------------------- scheduler files
+
+
+@needs_root
+@gen_test(timeout=60)
+async def test_scheduler_file_written_by_another_user_is_refused(other_user, shared_dir):
+    user, uid = other_user
+    path = os.path.join(shared_dir, "scheduler.json")
+    plant(user, path, json.dumps({"address": "tcp://127.0.0.1:1", "type": "Scheduler"}))
+    as_user(user, "chmod", "0644", path)
+    for security in (None, False):  # even with the opt-out of TLS
+        with pytest.raises(UnsafePathError, match=rf"scheduler file {path}: it belongs to "
+                                                  rf"user id {uid}"):
+            await Worker(scheduler_file=path, nthreads=1, security=security, death_timeout=5)
+    with pytest.raises(UnsafePathError, match="belongs to user id"):
+        await Client(scheduler_file=path, asynchronous=True, security=False, timeout=5)
+
+
+@needs_root
+@gen_test(timeout=60)
+async def test_scheduler_file_planted_link_is_replaced_not_followed(other_user, shared_dir,
+                                                                    tmp_path):
+    user, _ = other_user
+    mine = tmp_path / "unrelated"
+    mine.write_text("keep me")
+    path = os.path.join(shared_dir, "scheduler.json")
+    as_user(user, "ln", "-s", str(mine), path)
+    async with Scheduler(dashboard_address=None, scheduler_file=path) as s:
+        assert not os.path.islink(path)
+        assert json.loads(open(path).read())["address"] == s.address
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert mine.read_text() == "keep me"
+
+
+@gen_test(timeout=60)
+async def test_plain_scheduler_file_needs_the_opt_out_of_tls(tmp_path):
+    path = str(tmp_path / "scheduler.json")
+    async with Scheduler(dashboard_address=None, scheduler_file=path) as s:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with pytest.raises(EncryptionRequiredError, match="security=False"):
+            await Worker(scheduler_file=path, nthreads=1, death_timeout=5)
+        with pytest.raises(EncryptionRequiredError, match="--no-tls"):
+            await Client(scheduler_file=path, asynchronous=True, timeout=5)
+        async with Worker(scheduler_file=path, nthreads=1, security=False) as w:
+            assert w.scheduler_addr == s.address

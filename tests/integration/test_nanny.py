@@ -107,7 +107,7 @@ def registered(s: Scheduler, nanny: Nanny, other_than_pid: int | None = None) ->
 async def test_worker_runs_in_child_process_with_env(tmp_path):
     sched_file = str(tmp_path / "scheduler.json")
     async with Scheduler(validate=True, scheduler_file=sched_file) as s:
-        async with Nanny(scheduler_file=sched_file, nthreads=2, name="n0",
+        async with Nanny(scheduler_file=sched_file, nthreads=2, name="n0", security=False,
                          env={"MY_VAR": "x"}) as nanny:
             assert nanny.status == Status.running
             assert nanny.address.startswith("tcp://127.0.0.1:")

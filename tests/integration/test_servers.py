@@ -415,8 +415,9 @@ async def test_scheduler_file_roundtrip(tmp_path):
         assert info["address"] == s.address
         assert info["id"] == s.id
         assert not list(path.parent.glob("*.tmp"))
-        async with Worker(scheduler_file=str(path), nthreads=1) as w, \
-                Client(scheduler_file=str(path), asynchronous=True) as c:
+        # A plain tcp:// scheduler file needs the opt-out of TLS (security=False).
+        async with Worker(scheduler_file=str(path), nthreads=1, security=False) as w, \
+                Client(scheduler_file=str(path), asynchronous=True, security=False) as c:
             assert w.scheduler_addr == s.address
             assert c.scheduler_address == s.address
             assert set(s.workers) == {w.address}
@@ -427,8 +428,8 @@ async def test_scheduler_file_roundtrip(tmp_path):
 @gen_test(timeout=20)
 async def test_worker_and_client_wait_for_scheduler_file(tmp_path):
     path = tmp_path / "scheduler.json"
-    w = Worker(scheduler_file=str(path), nthreads=1)
-    c = Client(scheduler_file=str(path), asynchronous=True, timeout=10)
+    w = Worker(scheduler_file=str(path), nthreads=1, security=False)
+    c = Client(scheduler_file=str(path), asynchronous=True, timeout=10, security=False)
     w_start = asyncio.ensure_future(w._start())
     c_start = asyncio.ensure_future(c._start())
     try:

@@ -15,6 +15,7 @@ import stat
 import pytest
 
 from runtime import security as security_module
+from runtime.errors import EncryptionRequiredError
 from runtime.security import (
     FIELDS,
     Security,
@@ -270,7 +271,11 @@ def test_security_from_scheduler_info(sec, tmp_path):
     assert cred == str(sched) + ".credentials"
     sec.to_file(cred)
     assert security_from_scheduler_info({"address": "tls://x:1", "security": cred}, str(sched)) == sec
-    assert security_from_scheduler_info({"address": "tcp://x:1"}, str(sched)) is None
+    # plain tcp:// only for a user who opted out of TLS
+    assert security_from_scheduler_info({"address": "tcp://x:1"}, str(sched),
+                                        allow_plain=True) is None
+    with pytest.raises(EncryptionRequiredError, match=r"security=False .* --no-tls"):
+        security_from_scheduler_info({"address": "tcp://x:1"}, str(sched))
 
 
 def test_resolve_security():
