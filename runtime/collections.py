@@ -136,6 +136,29 @@ def _collapse_aliases(dsk: dict, wanted: list) -> dict:
         return dsk
 
 
+def _refuse_local_shuffles(dsk: dict) -> None:
+    """Refuse dask's shuffles that are wrong on a cluster: "disk" (each worker writes
+    partd files to its own machine's disk, which the workers of other nodes cannot
+    read) and "p2p" (runs on dask.distributed's workers only).
+
+    Raises:
+        NotImplementedError: naming the method and what to use instead.
+    """
+    for k in dsk:
+        name = k[0] if type(k) is tuple and k else k
+        if type(name) is str and name.startswith(_LOCAL_SHUFFLES):
+            method = "p2p" if name.startswith(_LOCAL_SHUFFLES[0]) else "disk"
+            raise NotImplementedError(
+                f"this graph uses dask's {method!r} shuffle (task {k!r}), which is not right on "
+                "a cluster; use the task-based one: method='tasks', or dask.config.set("
+                "{'dataframe.shuffle.method': 'tasks', 'array.rechunk.method': 'tasks'}) "
+                "(what a default Client sets)")
+
+
+#: Names of the tasks that give those shuffles away: p2p's barrier, disk's partd.
+_LOCAL_SHUFFLES = ("shuffle-barrier-", "zpartd-")
+
+
 def _check_acyclic(dsk: dict) -> None:
     """Raise ValueError naming a key on a cycle of ``dsk`` (iterative DFS, linear)."""
     state: dict = {}  # key -> 1 on the current path, 2 done
@@ -246,6 +269,7 @@ def translate_graph(client: Client, dsk: Any, keys: Any, *, annotations: Mapping
         raise ValueError(f"the output key {missing[0]!r} is neither a task of the graph nor a future "
                          "of this client")
     dsk = _collapse_aliases(_cull(dsk, wanted), wanted)
+    _refuse_local_shuffles(dsk)
     global_ann = dict(dask.get_annotations())
     if workers is not None:
         global_ann["workers"] = [workers] if isinstance(workers, str) else list(workers)
@@ -506,26 +530,25 @@ _registered_lock = threading.Lock()
 _saved_config: dict = {}  # dask's settings before our first client took over
 _hook_installed = False
 
-#: The dask settings a default client sets: itself as the scheduler, and the
-#: dataframe shuffle that is right on a multi-node cluster (the task-based one;
-#: dask's "disk" shuffle writes to one machine's local disk).
-_SHUFFLE_KEY = "dataframe.shuffle.method"
+#: The dask settings a default client sets besides itself as the scheduler: the
+#: dataframe shuffle and array rechunk methods that are right on a multi-node
+#: cluster, the task-based ones (dask's "disk" shuffle writes to one machine's
+#: local disk; "p2p" needs dask.distributed's workers).
+_TASK_METHODS = ("dataframe.shuffle.method", "array.rechunk.method")
 
 
 def _apply_config() -> None:
     """Make dask's config follow ``_registered`` (called with the lock held)."""
     import dask
 
-    cfg = dask.config.config
     if not _saved_config:
-        _saved_config["scheduler"] = cfg.get("scheduler")
-        _saved_config["shuffle"] = dask.config.get(_SHUFFLE_KEY, None)
+        _saved_config.update({k: dask.config.get(k, None) for k in ("scheduler", *_TASK_METHODS)})
     if _registered:
         client = _registered[-1]
-        dask.config.set({"scheduler": client._dask_schedule(), _SHUFFLE_KEY: "tasks"})
+        dask.config.set({"scheduler": client._dask_schedule(), **dict.fromkeys(_TASK_METHODS, "tasks")})
         return
-    dask.config.set({"scheduler": _saved_config.pop("scheduler"),
-                     _SHUFFLE_KEY: _saved_config.pop("shuffle")})
+    dask.config.set(dict(_saved_config))
+    _saved_config.clear()
 
 
 def register_as_dask_scheduler(client: Client) -> None:
