@@ -116,9 +116,13 @@ def parse_head(head: bytes) -> Request:
     if "transfer-encoding" in headers:
         raise BadRequest("request bodies are not accepted")
     length = headers.get("content-length", "0")
-    if not length.isdigit() or int(length) != 0:
+    # isascii: str.isdigit() accepts '²', which int() then refuses.
+    if not (length.isascii() and length.isdigit()) or int(length) != 0:
         raise BadRequest("request bodies are not accepted")
-    url = urllib.parse.urlsplit(target)
+    try:
+        url = urllib.parse.urlsplit(target)
+    except ValueError:  # e.g. '//[': an unclosed IPv6 netloc
+        raise BadRequest(f"malformed request target {target[:80]!r}") from None
     query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
     return Request(method, urllib.parse.unquote(url.path), query, headers)
 
@@ -228,7 +232,8 @@ class HTTPServer:
                 keep_alive = request.headers.get("connection", "").lower() != "close"
                 how = self._authorised(request, writer)
                 if how is None:
-                    logger.warning("%s: refused %s %s from %s: no valid token or certificate",
+                    # %r: a path with an encoded newline must not forge a log line.
+                    logger.warning("%s: refused %s %r from %s: no valid token or certificate",
                                    self.name, request.method, request.path[:200],
                                    writer.get_extra_info("peername"))
                     response = Response("this page needs the cluster's access token: open the "

@@ -53,6 +53,18 @@ def _check_worker_options(worker_kwargs: dict, nanny: bool, worker_class: Any) -
                         f"(neither LocalCluster options nor options of its workers)")
 
 
+_warned_no_tls = False
+
+
+def _warn_no_tls_once() -> None:
+    """Warn (once per process) that a cluster without TLS trusts whoever reaches its ports."""
+    global _warned_no_tls
+    if not _warned_no_tls:
+        _warned_no_tls = True
+        logger.warning("LocalCluster without TLS (security=False or protocol='tcp'): anyone who "
+                       "can reach its ports -- every user of this machine -- can run code as you")
+
+
 class LocalCluster:
     """A scheduler and ``n_workers`` workers on this machine.
 
@@ -106,6 +118,8 @@ class LocalCluster:
         # Secure by default (where dask.distributed needs security=True): we
         # launch these servers ourselves, so we can make their credentials.
         self.security = resolve_security(security, default=protocol in (None, "tls"))
+        if self.security is None and protocol != "inproc":
+            _warn_no_tls_once()
         if protocol is None:
             secure = self.security is not None and (self.security.has_tls()
                                                     or self.security.require_encryption)

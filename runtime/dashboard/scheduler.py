@@ -138,7 +138,11 @@ class SchedulerDiagnosticsMixin:
             return
         self.http_server = server
         self.services["dashboard"] = port
-        logger.info("Dashboard at %s", self.dashboard_link)
+        # Never the token: logs (batch output files) are often readable by others.
+        link = (self.dashboard_link or "").split("?token=", 1)[0]
+        logger.info("Dashboard at %s%s", link, "" if token is None else
+                    " (needs its access token: read client.dashboard_link or "
+                    "scheduler.dashboard_link)")
 
     async def _stop_dashboard(self) -> None:
         self.server_log.detach()
