@@ -145,8 +145,8 @@ def test_adapt_gives_idle_jobs_back_while_the_client_holds_their_results(slurm: 
                                          f"jobs {cluster.jobs}, log {list(adaptive.log)}")
             settled = time.monotonic() - idle_at
             closed = [jid for jid, j in cluster.jobs.items() if not j.state.active]
-            assert len(closed) == 2 and all(cluster.jobs[j].state == JobState.CANCELLED
-                                            for j in closed), cluster.jobs
+            assert len(closed) == len(cluster.jobs) - 1 >= 2, cluster.jobs
+            assert all(cluster.jobs[j].state == JobState.CANCELLED for j in closed), cluster.jobs
             slurm.wait_gone(closed)
             # Everything the client holds is on the two workers that stayed.
             assert sum(ws.nbytes for ws in state.workers.values()) >= HELD_TASKS * HELD_BYTES
