@@ -31,7 +31,9 @@ from .core import BatchedSend, Server, Status
 from .dashboard.scheduler import SchedulerDiagnosticsMixin
 from .errors import CommClosedError, CommError
 from .scheduler_data import SchedulerDataMixin, scatter_to_workers  # noqa: F401  (re-exported)
+from .scheduler_events import TickEvent
 from .scheduler_ops import SchedulerOpsMixin
+from .scheduler_records import CloseScheduler, RemoveWorker
 from .scheduler_state import SchedulerState, TaskState, WorkerState
 from .security import (
     credentials_path,
@@ -48,7 +50,6 @@ logger = logging.getLogger(__name__)
 Key = Hashable
 
 #: Seconds between re-estimates of every worker's expected load.
-REEVALUATE_OCCUPANCY_INTERVAL = 5.0
 
 
 class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin, Server):
@@ -101,11 +102,11 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
         if allowed_failures is not None and (not isinstance(allowed_failures, int) or allowed_failures < 0):
             raise ValueError(f"allowed_failures={allowed_failures!r}: expected a non-negative integer")
         self.state = SchedulerState(validate=validate,
-                                    allowed_failures=3 if allowed_failures is None else allowed_failures)
+                                    allowed_failures=3 if allowed_failures is None else allowed_failures,
+                                    worker_ttl=parse_timedelta(worker_ttl),
+                                    idle_timeout=parse_timedelta(idle_timeout))
         self.validate = validate
         self.scheduler_file = scheduler_file
-        self.worker_ttl = parse_timedelta(worker_ttl)
-        self.idle_timeout = parse_timedelta(idle_timeout)
         self.interface = interface
         self.host = host
         self.port = port
@@ -124,7 +125,6 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
         self.worker_plugins: dict[str, bytes] = {}
         self._plugin_seen = 0
         self.time_started = time.time()
-        self._last_activity = time.monotonic()
         self._stimulus_counter = 0
         self._held: list[Msg] | None = None
         self.handlers.update({
@@ -300,35 +300,41 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
             return
         write_private_file(path, json.dumps(info, indent=2, default=str))
 
+    @property
+    def worker_ttl(self) -> float | None:
+        """Seconds without a heartbeat after which a worker is removed (the state decides)."""
+        return self.state.worker_ttl
+
+    @worker_ttl.setter
+    def worker_ttl(self, value) -> None:
+        self.state.worker_ttl = parse_timedelta(value)
+
+    @property
+    def idle_timeout(self) -> float | None:
+        """Seconds without work after which the scheduler closes (the state decides)."""
+        return self.state.idle_timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, value) -> None:
+        self.state.idle_timeout = parse_timedelta(value)
+
     async def _periodic_checks(self) -> None:
+        """Tell the state the time now and then (:class:`TickEvent`); carry out what it decides."""
         interval = 0.5
         if self.worker_ttl:
             interval = min(interval, self.worker_ttl / 4)
-        last_reevaluation = time.monotonic()
         while self.status == Status.running:
             await asyncio.sleep(interval)
-            now = time.monotonic()
-            if now - last_reevaluation > REEVALUATE_OCCUPANCY_INTERVAL:
-                # Task durations drift as they are learned; re-align the
-                # workers' expected load now and then rather than per task.
-                last_reevaluation = now
-                self.state.reevaluate_occupancy()
-                self._send(self.state.transitions({}, self._stimulus("reevaluate-occupancy")))
-            if self.worker_ttl:
-                for ws in list(self.state.workers.values()):
-                    if now - ws.last_seen > self.worker_ttl:
-                        logger.warning("worker %s missed its heartbeat for %.1fs; removing it",
-                                       ws.address, now - ws.last_seen)
-                        await self.remove_worker(ws.address, stimulus_id=self._stimulus("worker-ttl"))
-            if self.idle_timeout:
-                busy = (any(ws.processing for ws in self.state.workers.values())
-                        or self.state.unrunnable or any(ts.state == "queued" for _, _, ts in self.state.queued))
-                if busy:
-                    self._last_activity = now
-                elif now - self._last_activity > self.idle_timeout:
-                    logger.info("scheduler idle for %.0fs; closing", self.idle_timeout)
+            for instr in self.state.handle(TickEvent(time.monotonic(), self._stimulus("tick"))):
+                if isinstance(instr, RemoveWorker):
+                    logger.warning("worker %s %s; removing it", instr.worker, instr.reason)
+                    await self.remove_worker(instr.worker, stimulus_id=instr.stimulus_id)
+                elif isinstance(instr, CloseScheduler):
+                    logger.info("scheduler %s; closing", instr.reason)
                     self.spawn(self.close())
                     return
+                else:
+                    self._send([instr])
 
     async def close(self, fast: bool = False, close_workers: bool = False) -> None:
         """Close the scheduler (and, with ``close_workers``, its workers)."""
@@ -654,7 +660,6 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
                      submitting_task=None, retries: dict | None = None, user_priority=0,
                      actors=None, fifo_timeout=0) -> None:
         """Add new computations from a client."""
-        self._last_activity = time.monotonic()
         self._send(self.state.update_graph(
             client, tasks or {}, keys, dependencies=dependencies, restrictions=restrictions,
             loose_restrictions=loose_restrictions, resources=resources, retries=retries,

@@ -134,3 +134,13 @@ class UpdateDataEvent(SchedulerEvent):
     nbytes: dict = field(default_factory=dict)
     client: str | None = None
     stimulus_id: str = "update-data"
+
+
+@dataclass(slots=True)
+class TickEvent(SchedulerEvent):
+    """Time passed: ``now`` on the scheduler's monotonic clock.  Worker TTL, idle
+    timeout and the periodic load re-estimate are decided from it."""
+
+    handler = "tick"
+    now: float
+    stimulus_id: str = "tick"

@@ -12,7 +12,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from .statemachine import Msg
+from .statemachine import Instruction, Msg
 from .utils import key_split
 
 Key = Hashable
@@ -72,6 +72,21 @@ class KeyInMemoryMsg(Msg):
     workers: list
     #: The pickled value, when the worker sent a small result along.
     data: bytes | None = None
+
+
+@dataclass(slots=True)
+class RemoveWorker(Instruction):
+    """Remove a worker (for the shell: it also closes the worker's stream)."""
+
+    worker: str
+    reason: str
+
+
+@dataclass(slots=True)
+class CloseScheduler(Instruction):
+    """Close the scheduler (idle for longer than ``idle_timeout``)."""
+
+    reason: str
 
 
 @dataclass(slots=True)

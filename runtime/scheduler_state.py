@@ -86,14 +86,26 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
             it fails with :class:`KilledWorker`.
         clock: source of time, injected so that tests control it.
         transition_log_length: entries kept for ``story``.
+        worker_ttl: seconds without a heartbeat after which a tick removes a worker.
+        idle_timeout: seconds without work after which a tick asks to close.
     """
 
     def __init__(self, validate: bool = False, allowed_failures: int = 3,
                  clock: Callable[[], float] = time.monotonic,
-                 transition_log_length: int = 100_000):
+                 transition_log_length: int = 100_000, worker_ttl: float | None = None,
+                 idle_timeout: float | None = None):
         self.validate = validate
         self.allowed_failures = allowed_failures
         self.clock = clock
+        #: Remove a worker not heard from for this long (seconds; ``None``: never).
+        self.worker_ttl = worker_ttl
+        #: Ask to close after this long without work (seconds; ``None``: never).
+        self.idle_timeout = idle_timeout
+        #: When the scheduler last had work, on the clock of :class:`TickEvent`.
+        self.last_activity: float | None = None
+        #: A graph arrived since the last tick (counts as activity then).
+        self._new_work = False
+        self._last_reevaluation: float | None = None
         self.tasks: dict[Key, TaskState] = {}
         self.workers: dict[str, WorkerState] = {}
         self.clients: dict[str, ClientState] = {}

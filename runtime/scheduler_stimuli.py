@@ -14,14 +14,19 @@ from .errors import KilledWorker, ScatteredDataLost
 from .scheduler_records import (
     CancelledKeyMsg,
     ClientState,
+    CloseScheduler,
     FreeKeysMsg,
     KeyInMemoryMsg,
     RefreshWhoHasMsg,
+    RemoveWorker,
     TaskErredClientMsg,
     TaskState,
     WorkerState,
 )
 from .statemachine import Msg
+
+#: Seconds between re-estimates of the workers' expected load (see ``tick``).
+REEVALUATE_OCCUPANCY_INTERVAL = 5.0
 
 Key = Hashable
 
@@ -162,6 +167,46 @@ class StimuliMixin:
             ws.metrics = metrics
         return True
 
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float, stimulus_id: str = "tick") -> list:
+        """Time passed (a :class:`~runtime.scheduler_events.TickEvent`): decide what is due.
+
+        * every :data:`REEVALUATE_OCCUPANCY_INTERVAL` the workers' expected load
+          is re-estimated from the task durations learned since (and workers
+          that gained room are filled);
+        * a worker not heard from for ``worker_ttl`` is to be removed
+          (:class:`RemoveWorker`; the shell also closes its stream);
+        * after ``idle_timeout`` with no task queued, waiting for a worker or
+          running, the scheduler is to close (:class:`CloseScheduler`).
+        """
+        out: list = []
+        last = self._last_reevaluation
+        if last is None:
+            self._last_reevaluation = now
+        elif now - last > REEVALUATE_OCCUPANCY_INTERVAL:
+            # Task durations drift as they are learned; re-align the workers'
+            # expected load now and then rather than per task.
+            self._last_reevaluation = now
+            self.reevaluate_occupancy()
+            out.extend(self.transitions({}, stimulus_id))
+        if self.worker_ttl:
+            for ws in self.workers.values():
+                silent = now - ws.last_seen
+                if silent > self.worker_ttl:
+                    out.append(RemoveWorker(stimulus_id, ws.address,
+                                            f"missed its heartbeat for {silent:.1f}s"))
+        if self.idle_timeout:
+            busy = (self._new_work or self.unrunnable
+                    or any(ws.processing for ws in self.workers.values())
+                    or any(ts.state == "queued" for _, _, ts in self.queued))
+            self._new_work = False
+            if busy or self.last_activity is None:
+                self.last_activity = now
+            elif now - self.last_activity > self.idle_timeout:
+                out.append(CloseScheduler(stimulus_id, f"idle for {now - self.last_activity:.0f}s"))
+        return out
+
     # ------------------------------------------------------------------ graphs
 
     def update_graph(self, client: str, tasks: dict[Key, bytes | None], keys: Iterable[Key],
@@ -180,6 +225,7 @@ class StimuliMixin:
         The graph must be acyclic (:meth:`check_graph`).
         """
         cs = self.add_client(client)
+        self._new_work = True
         dependencies = dependencies or {}
         keys = list(keys)
         tasks = self._needed(tasks, keys, dependencies)
