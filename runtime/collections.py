@@ -211,7 +211,7 @@ def _per_key_annotations(dsk: dict, by_type: Mapping[str, Any], global_: Mapping
         for k in dsk:
             v = _annotation_for(per_key, k) if per_key is not None else None
             if v is None and glob is not None:
-                v = _annotation_for(glob, k)
+                v = glob(k) if callable(glob) else glob  # a dict value (resources) is the value itself
             if v is not None:
                 got[k] = v
         if got:
