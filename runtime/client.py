@@ -403,6 +403,19 @@ class Client(ClientOpsMixin):
 
     # ------------------------------------------------------------------ references
 
+    def _state_for_new_task(self, key: Key) -> FutureState:
+        """The state of a key being submitted (again): a cancelled, lost or failed one
+        is pending again, as the scheduler runs it again (a failed task is retried
+        when submitted anew)."""
+        st = self._get_state(key)
+        if st.status in ("cancelled", "lost", "error"):
+            st.status = "pending"
+            st.exception = None
+            st.traceback = ""
+            if st._event is not None:
+                self._on_loop(st.event.clear)
+        return st
+
     def _get_state(self, key: Key) -> FutureState:
         with self._ref_lock:
             st = self.futures.get(key)
@@ -509,12 +522,7 @@ class Client(ClientOpsMixin):
         key, piece = task_piece(self, func, func_b, args, kwargs, key, pure)
         msg = graph_msg({key: piece}, [key], workers, resources, retries, priority,
                         allow_other_workers)
-        st = self._get_state(key)
-        if st.status in ("cancelled", "lost"):
-            st.status = "pending"
-            if st._event is not None:
-                self._on_loop(st.event.clear)
-        future = Future(key, self, st)
+        future = Future(key, self, self._state_for_new_task(key))
         self._send(msg)
         return future
 

@@ -389,12 +389,7 @@ def _futures_for(client: Client, wanted: list) -> dict:
     for k in wanted:
         if k in out:
             continue
-        st = client._get_state(k)
-        if st.status in ("cancelled", "lost"):
-            st.status = "pending"
-            if st._event is not None:
-                client._on_loop(st.event.clear)
-        out[k] = Future(k, client, st)
+        out[k] = Future(k, client, client._state_for_new_task(k))
     return out
 
 
@@ -428,6 +423,16 @@ def _expr_of(collections: list, optimize_graph: bool, **kwargs):
     from dask.base import collections_to_expr
 
     return collections_to_expr(collections, optimize_graph, **kwargs)
+
+
+def _composite_exprs(expr: Any) -> list[bool]:
+    """Per collection of a (not yet optimized) sequence expression: whether dask
+    rebuilds it as a composite collection after persist (newer dask only)."""
+    from dask import _expr as dx
+
+    composite = getattr(dx, "CompositeExpr", None)
+    seq = list(expr.operands) if isinstance(expr, dx._ExprSequence) else [expr]
+    return [composite is not None and isinstance(e, composite) for e in seq]
 
 
 def _annotations(collections: list, expr: Any) -> dict:
@@ -505,21 +510,26 @@ def client_persist(client: Client, collections: Any, *, optimize_graph: bool = T
     if not all(dask.is_dask_collection(c) for c in colls):
         bad = next(c for c in colls if not dask.is_dask_collection(c))
         raise TypeError(f"persist takes dask collections, not {type(bad).__name__}")
-    expr = _expr_of(colls, optimize_graph).optimize()
-    from dask._expr import _ExprSequence
-
-    exprs = list(expr.operands) if isinstance(expr, _ExprSequence) else [expr]
+    expr = _expr_of(colls, optimize_graph)
+    composite = _composite_exprs(expr)
+    expr = expr.optimize()
+    # One entry of keys per collection, in order (dask's sequence expressions).
     per_coll: list[list] = []
-    for e in exprs:
+    for ks_nested in expr.__dask_keys__():
         ks: list = []
-        _flatten_keys(e.__dask_keys__(), ks)
+        _flatten_keys(ks_nested, ks)
         per_coll.append(ks)
     all_keys = [k for ks in per_coll for k in ks]
     _, futures = submit_graph(client, expr, all_keys, annotations=_annotations(colls, expr), **options)
     out = []
-    for c, ks in zip(colls, per_coll, strict=True):
-        rebuild, args = c.__dask_postpersist__()
-        out.append(rebuild({k: futures[k] for k in ks}, *args))
+    for i, (c, ks) in enumerate(zip(colls, per_coll, strict=True)):
+        if composite[i]:
+            from dask.base import _rebuild_composite_collection
+
+            out.append(_rebuild_composite_collection(c, ks, futures, cull_to_child_keys=True))
+        else:
+            rebuild, args = c.__dask_postpersist__()
+            out.append(rebuild({k: futures[k] for k in ks}, *args))
     return out[0] if singleton else out
 
 

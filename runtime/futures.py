@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import sys
 import threading
 from collections import deque, namedtuple
@@ -105,7 +106,20 @@ class FutureState:
         exc = self.exception
         if exc is None:  # pragma: no cover
             raise RuntimeError(f"no exception recorded for {key!r}")
-        raise exc.with_traceback(None) from RemoteTraceback(self.traceback, self.worker)
+        raise _fresh_copy(exc) from RemoteTraceback(self.traceback, self.worker)
+
+
+def _fresh_copy(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` to raise: the raised one gains a traceback whose frames may hold
+    futures of the key; raising the stored object itself would keep them (and so the
+    key on the cluster) alive as long as the state is."""
+    try:
+        new = copy.copy(exc)
+    except Exception:
+        new = exc
+    if type(new) is not type(exc):  # pragma: no cover - an odd __reduce__
+        new = exc
+    return new.with_traceback(None)
 
 
 class Future:

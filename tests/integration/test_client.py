@@ -173,6 +173,26 @@ async def scatter(c, *args, **kwargs):
 # ----------------------------------------------------------------------------- submit
 
 
+def read_file(path):
+    with open(path) as f:
+        return f.read()
+
+
+@gen_test(timeout=20)
+async def test_failed_pure_task_runs_again_when_submitted_again(tmp_path):
+    """A failed key is not a cached failure: submitting it again runs it again, also
+    while a future of the first failure is still held."""
+    path = tmp_path / "input.txt"
+    async with gen_cluster() as (c, s, workers):
+        first = c.submit(read_file, str(path))
+        with pytest.raises(FileNotFoundError):
+            await first
+        path.write_text("here now")
+        again = c.submit(read_file, str(path))
+        assert again.key == first.key
+        assert await again == "here now"
+
+
 @gen_test(timeout=20)
 async def test_submit_key_and_purity():
     async with gen_cluster() as (c, s, workers):

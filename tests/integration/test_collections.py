@@ -489,10 +489,6 @@ def test_persist_list_of_dataframes(c):
     pd.testing.assert_frame_equal(p2.compute(scheduler=c), df[df.a > 10])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="client_persist splits the optimized expression by _ExprSequence operands; "
-                          "several array/bag/delayed collections give one _HLGExprSequence (whose "
-                          "operands are merged groups), so zip(colls, per_coll, strict=True) fails")
 @pytest.mark.parametrize("kinds", ["arrays", "bag+dataframe", "array+dataframe", "dask.persist"])
 def test_persist_list_of_several_collections(c, kinds):
     x = da.arange(100, chunks=10)
@@ -704,10 +700,6 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(strict=True, reason="graph nodes are pickled with plain pickle first "
-                                       "(execution.dumps_args): a function of the user's script is "
-                                       "pickled by reference as __main__.double, which the worker "
-                                       "process cannot import (AttributeError on the worker)")
 def test_functions_of_the_users_script_run_in_graphs(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(_MAIN_FUNCTION)
@@ -856,11 +848,6 @@ def test_failing_task_in_a_collection_raises_its_own_exception_with_remote_trace
         c.get({"fail-a": 13, "fail-b": (fail_on, "fail-a", 13)}, "fail-b")
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="FutureState.raise_exception re-raises the stored exception object: the "
-                          "traceback it gains holds frames that hold Futures of the key, and the state "
-                          "(kept by client.futures) holds the exception, so a failed key is never "
-                          "released; computing the same graph again returns the stale error")
 def test_failed_keys_are_released_and_recomputable(c, tmp_path):
     path = tmp_path / "input.txt"
     x = dask.delayed(read_text)(str(path))  # the same key both times (a token of the path)
