@@ -51,6 +51,10 @@ def _can_build_offline() -> bool:
 
 
 def _run(argv, **kwargs) -> subprocess.CompletedProcess:
+    # Without the PYTHONPATH tests/conftest.py sets (the repository root, for
+    # worker processes): through it pip would see the work tree's egg-info
+    # and take the wheel as installed already.
+    kwargs.setdefault("env", {k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, **kwargs)
     assert proc.returncode == 0, f"{argv} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
