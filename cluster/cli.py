@@ -21,7 +21,7 @@ the same in one 0600 file written by :meth:`Security.to_file` (what the jobs of
 their command line).  Without them, a worker given a scheduler file that
 names credentials (written by a TLS scheduler) uses those.
 
-``scheduler`` runs one :class:`~runtime.scheduler.Scheduler` until it closes
+``scheduler`` runs one :class:`~runtime.scheduler.server.Scheduler` until it closes
 (a client's ``shutdown()``, ``--idle-timeout``) or SIGTERM/SIGINT closes it.
 
 ``worker`` runs ``--nworkers`` :class:`~runtime.nanny.Nanny` objects (each
@@ -61,7 +61,7 @@ from runtime.options import (
     positive_int,
     resources,
 )
-from runtime.scheduler import Scheduler
+from runtime.scheduler.server import Scheduler
 from runtime.security import Security
 from runtime.worker import Worker
 from runtime.worker_process import GRACEFUL_SIGNAL_TIMEOUT

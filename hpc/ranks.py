@@ -10,7 +10,7 @@ blocking) and the signals (:class:`SignalCatcher`), and is the only thread
 that decides when the rank ends.
 
 Scheduler rank (:func:`serve_scheduler`): start the
-:class:`~runtime.scheduler.Scheduler`, broadcast its address (or the reason
+:class:`~runtime.scheduler.server.Scheduler`, broadcast its address (or the reason
 it did not start), then either run the user's script -- once every worker
 rank's worker has registered, or the startup deadline passed -- or, in
 service mode, wait until the scheduler closes (``client.shutdown()``,
@@ -66,7 +66,7 @@ from .roles import scheduler_host
 
 if TYPE_CHECKING:
     from runtime.nanny import Nanny
-    from runtime.scheduler import Scheduler
+    from runtime.scheduler.server import Scheduler
     from runtime.worker import Worker
 
 # Each role imports the servers it runs (a worker rank needs no Scheduler, and
@@ -355,7 +355,7 @@ def routable_address(processor_names: Sequence[str], me: str) -> str:
             ip = socket.gethostbyname(name)
         except OSError:
             continue
-        from runtime.scheduler import get_ip_for
+        from runtime.scheduler.server import get_ip_for
 
         local = get_ip_for(ip)
         if not local.startswith("127."):
@@ -444,7 +444,7 @@ def serve_scheduler(job: Job, opts: ClusterOptions, processor_names: Sequence[st
                 # never written where other users (or other jobs) could read them.
                 security = Security.temporary() if opts.secure else None
 
-                from runtime.scheduler import Scheduler
+                from runtime.scheduler.server import Scheduler
 
                 async def start() -> Scheduler:
                     return await Scheduler(host=host, security=security, **opts.scheduler_kwargs())

@@ -56,7 +56,7 @@ from runtime.utils import format_bytes
 from .states import JobState
 
 if TYPE_CHECKING:
-    from runtime.scheduler_elastic import AdaptiveSizing
+    from runtime.scheduler.elastic import AdaptiveSizing
 
     from .core import JobQueueCluster
 

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The cluster starts a :class:`~runtime.scheduler.Scheduler` on its event loop
+The cluster starts a :class:`~runtime.scheduler.server.Scheduler` on its event loop
 (the shared background loop for a synchronous cluster, the caller's for
 ``asynchronous=True``).  Each batch job runs the rendered job script, which
 starts ``processes`` nanny-managed workers with ``python -m cluster worker``;
@@ -76,7 +76,7 @@ from typing import Any
 
 from runtime.errors import ClusterTimeoutError
 from runtime.loop import loop_runner, sync
-from runtime.scheduler import Scheduler
+from runtime.scheduler.server import Scheduler
 from runtime.security import Security, resolve_security
 from runtime.utils import format_bytes
 

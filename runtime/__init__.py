@@ -20,7 +20,7 @@ _LAZY = {
     "LocalCluster": ".local",
     "Nanny": ".nanny",
     "Scheduler": ".scheduler",
-    "SchedulerPlugin": ".scheduler_ops",
+    "SchedulerPlugin": ".scheduler.ops",
     "Security": ".security",
     "Worker": ".worker",
 }

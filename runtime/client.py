@@ -801,7 +801,7 @@ class Client(ClientOpsMixin):
         # Register the futures before the data lands so the report finds them.
         futures = {k: Future(k, self) for k in keyed}
         if direct:
-            from .scheduler_data import scatter_to_workers
+            from .scheduler.data import scatter_to_workers
 
             info = await self.rpc.call(self._address, "identity")
             candidates = list(info["workers"])

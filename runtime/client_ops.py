@@ -131,7 +131,7 @@ class ClientOpsMixin:
         return self._scheduler_call("register_worker_plugin", plugin=dumps_function(plugin), name=name)
 
     def register_scheduler_plugin(self, plugin: Any, name: str | None = None, idempotent: bool = False):
-        """Add a plugin to the scheduler (see ``runtime.scheduler_ops.SchedulerPlugin``)."""
+        """Add a plugin to the scheduler (see ``runtime.scheduler.ops.SchedulerPlugin``)."""
         return self._scheduler_call("add_plugin", plugin=dumps_function(plugin), name=name,
                                     idempotent=idempotent)
 

@@ -24,7 +24,7 @@ from .errors import ClusterTimeoutError
 from .loop import loop_runner, sync
 from .nanny import Nanny
 from .process import WorkerProcess
-from .scheduler import Scheduler
+from .scheduler.server import Scheduler
 from .security import resolve_security
 from .worker import Worker
 

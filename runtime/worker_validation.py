@@ -1,7 +1,7 @@
 """Invariant checks of the worker's state (``validate=True``).
 
 A mixin of :class:`runtime.worker_state.WorkerState`, like
-:mod:`runtime.scheduler_validation` for the scheduler.
+:mod:`runtime.scheduler.validation` for the scheduler.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The scheduler's status page, JSON endpoints, ``/metrics``, task stream and logs.
 
-:class:`SchedulerDiagnosticsMixin` is mixed into :class:`runtime.scheduler.Scheduler`.
+:class:`SchedulerDiagnosticsMixin` is mixed into :class:`runtime.scheduler.server.Scheduler`.
 The scheduler shell calls :meth:`~SchedulerDiagnosticsMixin._record_task` for
 each ``task-finished``/``task-erred`` message (one deque append and a counter:
 the only per-task cost), starts the HTTP server once it listens and closes it

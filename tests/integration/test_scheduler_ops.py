@@ -1,4 +1,4 @@
-"""Loopback tests of the scheduler's cluster-wide operations (:mod:`runtime.scheduler_ops`)
+"""Loopback tests of the scheduler's cluster-wide operations (:mod:`runtime.scheduler.ops`)
 and the worker's side of them: retiring, replicating, rebalancing, plugins,
 graceful close, lifetimes, memory pause, addresses and proxies.
 

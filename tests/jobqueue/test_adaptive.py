@@ -9,7 +9,7 @@ import pytest
 from jobqueue.adaptive import Adaptive, Decision, JobView, Observation, ScalingPolicy, adapt_limits
 from jobqueue.states import JobState
 from jobqueue.tracking import JobTable
-from runtime.scheduler_elastic import AdaptiveSizing
+from runtime.scheduler.elastic import AdaptiveSizing
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -10,8 +10,8 @@ import pytest
 
 from runtime import messages
 from runtime.graph import graph_msg
-from runtime.scheduler import Scheduler
-from runtime.scheduler_state import SchedulerState
+from runtime.scheduler.server import Scheduler
+from runtime.scheduler.state import SchedulerState
 from runtime.worker_events import (
     AddKeysMsg,
     LongRunningMsg,

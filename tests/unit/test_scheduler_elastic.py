@@ -1,5 +1,5 @@
 """Pure tests of the elasticity planning of :class:`SchedulerState`
-(:mod:`runtime.scheduler_elastic`): worker status, graceful retirement,
+(:mod:`runtime.scheduler.elastic`): worker status, graceful retirement,
 choosing workers to close, adaptive sizing, replication, rebalancing,
 occupancy re-evaluation and restart.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.scheduler_state import (
+from runtime.scheduler.state import (
     DEFAULT_TASK_DURATION,
     AcquireReplicasMsg,
     CancelledKeyMsg,
@@ -762,7 +762,7 @@ def test_reevaluate_occupancy_uses_current_task_durations(state):
 
 
 def test_reevaluate_occupancy_includes_transfer_cost(state):
-    from runtime.scheduler_state import BANDWIDTH
+    from runtime.scheduler.state import BANDWIDTH
 
     state.add_worker(A)
     state.add_worker(B)

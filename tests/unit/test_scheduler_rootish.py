@@ -8,8 +8,8 @@ inputs (a matmul's blocks) still go straight to the worker holding their data.
 
 from __future__ import annotations
 
-from runtime.scheduler_records import ComputeTaskMsg
-from runtime.scheduler_state import SchedulerState
+from runtime.scheduler.records import ComputeTaskMsg
+from runtime.scheduler.state import SchedulerState
 
 A = "tcp://10.0.0.1:1001"
 B = "tcp://10.0.0.2:1002"

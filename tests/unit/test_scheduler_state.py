@@ -1,4 +1,4 @@
-"""Pure state-machine tests for :class:`runtime.scheduler_state.SchedulerState`.
+"""Pure state-machine tests for :class:`runtime.scheduler.state.SchedulerState`.
 
 No sockets, no event loop, no threads: the machine is driven through its
 stimulus methods and :meth:`SchedulerState.handle`, time comes from a fake
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from runtime.errors import InvalidStateError, InvalidTransition, KilledWorker, ScatteredDataLost
-from runtime.scheduler_events import (
+from runtime.scheduler.events import (
     AddKeysEvent,
     AddWorkerEvent,
     CancelEvent,
@@ -25,7 +25,7 @@ from runtime.scheduler_events import (
     UpdateDataEvent,
     UpdateGraphEvent,
 )
-from runtime.scheduler_state import (
+from runtime.scheduler.state import (
     BANDWIDTH,
     DEFAULT_TASK_DURATION,
     SATURATION_SECONDS,

@@ -4,10 +4,10 @@ whatever the test says it is)."""
 
 from __future__ import annotations
 
-from runtime.scheduler_events import AddWorkerEvent, TaskFinishedEvent, TickEvent, UpdateGraphEvent
-from runtime.scheduler_records import CloseScheduler, ComputeTaskMsg, RemoveWorker
-from runtime.scheduler_state import SchedulerState
-from runtime.scheduler_stimuli import REEVALUATE_OCCUPANCY_INTERVAL
+from runtime.scheduler.events import AddWorkerEvent, TaskFinishedEvent, TickEvent, UpdateGraphEvent
+from runtime.scheduler.records import CloseScheduler, ComputeTaskMsg, RemoveWorker
+from runtime.scheduler.state import SchedulerState
+from runtime.scheduler.stimuli import REEVALUATE_OCCUPANCY_INTERVAL
 
 A = "tcp://10.0.0.1:1001"
 B = "tcp://10.0.0.2:1002"

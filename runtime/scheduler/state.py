@@ -42,16 +42,17 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
-from .errors import InvalidStateError, InvalidTransition, ScatteredDataLost
-from .scheduler_elastic import ElasticMixin
-from .scheduler_placement import (  # noqa: F401  (re-exported)
+from ..errors import InvalidStateError, InvalidTransition, ScatteredDataLost
+from ..statemachine import Msg, TransitionLog
+from .elastic import ElasticMixin
+from .placement import (  # noqa: F401  (re-exported)
     BANDWIDTH,
     DEFAULT_TASK_DURATION,
     MAX_TASKS_PER_THREAD,
     SATURATION_SECONDS,
     PlacementMixin,
 )
-from .scheduler_records import (  # noqa: F401  (re-exported)
+from .records import (  # noqa: F401  (re-exported)
     AcquireReplicasMsg,
     CancelledKeyMsg,
     ClientState,
@@ -64,9 +65,8 @@ from .scheduler_records import (  # noqa: F401  (re-exported)
     TaskState,
     WorkerState,
 )
-from .scheduler_stimuli import StimuliMixin
-from .scheduler_validation import ValidationMixin
-from .statemachine import Msg, TransitionLog
+from .stimuli import StimuliMixin
+from .validation import ValidationMixin
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import time
 from collections import defaultdict
 from collections.abc import Hashable, Iterable
 
-from .comm.serialize import box_large
-from .errors import CommError
-from .utils import parse_timedelta
+from ..comm.serialize import box_large
+from ..errors import CommError
+from ..utils import parse_timedelta
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class SchedulerDataMixin:
         Raises:
             ClusterTimeoutError: no worker arrived within ``timeout`` seconds.
         """
-        from .errors import ClusterTimeoutError
+        from ..errors import ClusterTimeoutError
 
         data = data or {}
         deadline = time.monotonic() + (parse_timedelta(timeout) or 0)

@@ -26,24 +26,24 @@ from collections.abc import Hashable, Iterable
 from contextlib import suppress
 from typing import Any
 
-from . import messages
-from .core import BatchedSend, Server, Status
-from .dashboard.scheduler import SchedulerDiagnosticsMixin
-from .errors import CommClosedError, CommError
-from .scheduler_data import SchedulerDataMixin, scatter_to_workers  # noqa: F401  (re-exported)
-from .scheduler_events import TickEvent
-from .scheduler_ops import SchedulerOpsMixin
-from .scheduler_records import CloseScheduler, RemoveWorker
-from .scheduler_state import SchedulerState, TaskState, WorkerState
-from .security import (
+from .. import messages
+from ..core import BatchedSend, Server, Status
+from ..dashboard.scheduler import SchedulerDiagnosticsMixin
+from ..errors import CommClosedError, CommError
+from ..security import (
     credentials_path,
     register_local_credentials,
     resolve_security,
     unregister_local_credentials,
     write_private_file,
 )
-from .statemachine import Msg
-from .utils import get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
+from ..statemachine import Msg
+from ..utils import get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
+from .data import SchedulerDataMixin, scatter_to_workers  # noqa: F401  (re-exported)
+from .events import TickEvent
+from .ops import SchedulerOpsMixin
+from .records import CloseScheduler, RemoveWorker
+from .state import SchedulerState, TaskState, WorkerState
 
 logger = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
-from .scheduler_records import AcquireReplicasMsg, TaskState, WorkerState
-from .statemachine import Msg
+from ..statemachine import Msg
+from .records import AcquireReplicasMsg, TaskState, WorkerState
 
 Key = Hashable
 
@@ -341,7 +341,7 @@ class ElasticMixin:
 
     def _restart_state(self, stimulus_id: str = "restart") -> list[Msg]:
         """Forget every task (the workers are being restarted); clients hear their keys were cancelled."""
-        from .scheduler_records import CancelledKeyMsg
+        from .records import CancelledKeyMsg
 
         out: list[Msg] = []
         for ts in list(self.tasks.values()):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
-from .scheduler_records import TaskState, WorkerState
+from .records import TaskState, WorkerState
 
 #: Expected duration of a task whose prefix we have never seen run.
 DEFAULT_TASK_DURATION = 0.5

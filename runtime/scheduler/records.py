@@ -12,8 +12,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from .statemachine import Instruction, Msg
-from .utils import key_split
+from ..statemachine import Instruction, Msg
+from ..utils import key_split
 
 Key = Hashable
 

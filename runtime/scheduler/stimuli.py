@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Any
 
-from .errors import KilledWorker, ScatteredDataLost
-from .scheduler_records import (
+from ..errors import KilledWorker, ScatteredDataLost
+from ..statemachine import Msg
+from .records import (
     CancelledKeyMsg,
     ClientState,
     CloseScheduler,
@@ -23,7 +24,6 @@ from .scheduler_records import (
     TaskState,
     WorkerState,
 )
-from .statemachine import Msg
 
 #: Seconds between re-estimates of the workers' expected load (see ``tick``).
 REEVALUATE_OCCUPANCY_INTERVAL = 5.0

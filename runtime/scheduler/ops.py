@@ -17,8 +17,8 @@ from collections.abc import Hashable, Iterable
 from contextlib import suppress
 from typing import Any
 
-from .errors import ClusterTimeoutError, CommError
-from .utils import parse_address, parse_host_port, parse_timedelta, unparse_host_port
+from ..errors import ClusterTimeoutError, CommError
+from ..utils import parse_address, parse_host_port, parse_timedelta, unparse_host_port
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ A mixin of :class:`runtime.scheduler_state.SchedulerState`.
 
 from __future__ import annotations
 
-from .errors import InvalidStateError
-from .scheduler_records import TaskState
+from ..errors import InvalidStateError
+from .records import TaskState
 
 
 class ValidationMixin:
