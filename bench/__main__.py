@@ -3,13 +3,15 @@
     python -m bench [--systems ours,dask,mpi] [--workloads ...] [--repeat N]
                     [--quick] [--output bench/RESULTS.md] [--json FILE]
                     [--mpi-sizes 4,8,16]
+    python -m bench collections [--repeat N] [--output bench/RESULTS.md]
 
 Every (system, workload) pair runs in a fresh child process with bounded time;
 a system that cannot be imported, does not start or raises is reported as
 n/a with the reason, and the other systems still run. The ``mpi-launch``
-workload (ours vs dask-mpi, see bench/launch.py) has its own section in the
-report; ``--output`` keeps the section of an existing report that this run did
-not measure. See bench/README.md.
+workload (ours vs dask-mpi, see bench/launch.py) and the ``collections``
+workload (dask collections, ours vs dask.distributed, see bench/dask_collections.py)
+have their own sections in the report; ``--output`` keeps the sections of an
+existing report that this run did not measure. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ import sys
 import tempfile
 
 from bench.common import METRICS, SIZES, SYSTEM_LABELS, SYSTEMS, WORKLOADS, summarize
+from bench.dask_collections import (
+    COLLECTION_SYSTEMS,
+    COLLECTIONS_WORKLOAD,
+    collection_sizes,
+    render_collections_section,
+    run_collections_workload,
+)
 from bench.launch import LAUNCH_WORKLOAD, MPI_SIZES, launch_systems, run_launch_workload
 from bench.procs import become_subreaper, run_child
 from bench.report import (
@@ -36,7 +45,9 @@ from bench.report import (
     render_markdown,
 )
 
-ALL_WORKLOADS = (*WORKLOADS, LAUNCH_WORKLOAD)
+ALL_WORKLOADS = (*WORKLOADS, COLLECTIONS_WORKLOAD, LAUNCH_WORKLOAD)
+#: Workloads with a section of their own (not rows of the main table).
+SECTION_WORKLOADS = (COLLECTIONS_WORKLOAD, LAUNCH_WORKLOAD)
 
 MAX_START_FAILURES = 2
 
@@ -79,6 +90,9 @@ def parse_args(argv):
         description="Benchmark ours vs dask.distributed vs mpi4py.futures "
         "(scheduler + 2 worker processes x 1 thread each).",
     )
+    p.add_argument("workload", nargs="*", metavar="WORKLOAD",
+                   help="workloads to run, the same as --workloads (e.g. `python -m bench "
+                   "collections`)")
     p.add_argument("--systems", type=_csv(SYSTEMS), default=list(SYSTEMS),
                    help="comma-separated subset of ours,dask,mpi (default: all)")
     p.add_argument("--workloads", type=_csv(ALL_WORKLOADS), default=list(ALL_WORKLOADS),
@@ -89,7 +103,8 @@ def parse_args(argv):
     p.add_argument("--output", metavar="MD", help="write the Markdown report here")
     p.add_argument("--json", metavar="FILE", help="write all raw measurements here")
     p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per child process (default 600, --quick 120)")
+                   help="seconds per child process (default 600, --quick 120; collections: "
+                   "default 1500, --quick 300)")
     p.add_argument("--start-timeout", type=float, default=90.0,
                    help="seconds for a child's cluster to become ready (default 90)")
     p.add_argument("--mpi-sizes", type=_sizes, default=None,
@@ -98,8 +113,15 @@ def parse_args(argv):
     p.add_argument("--keep-logs", action="store_true",
                    help="keep the child processes' logs and print where they are")
     args = p.parse_args(argv)
+    if args.workload:
+        bad = [x for x in args.workload if x not in ALL_WORKLOADS]
+        if bad:
+            p.error(f"unknown workload(s) {', '.join(bad)}: choose from {','.join(ALL_WORKLOADS)}")
+        args.workloads = list(dict.fromkeys(args.workload))
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
+    # The 100,000-task graph of `collections` takes minutes on dask.distributed.
+    args.collections_timeout = args.timeout or (300.0 if args.quick else 1500.0)
     if args.timeout is None:
         args.timeout = 120.0 if args.quick else 600.0
     if args.mpi_sizes is None:
@@ -207,8 +229,10 @@ def main(argv=None):
     outcomes = {s: {} for s in args.systems}
     dead = {}
     start_failures = {s: 0 for s in args.systems}
-    main_workloads = [wl for wl in args.workloads if wl != LAUNCH_WORKLOAD]
-    launch_results = None
+    main_workloads = [wl for wl in args.workloads if wl not in SECTION_WORKLOADS]
+    launch_results = coll_results = None
+    coll_sys = [s for s in COLLECTION_SYSTEMS if s in args.systems]
+    coll_sizes = collection_sizes(args.quick)
     launch_sys = launch_systems(args.systems)
     tmpdir = tempfile.mkdtemp(prefix="hpc-bench-")
     try:
@@ -242,6 +266,15 @@ def main(argv=None):
                 if not_ready in ("launch", "import") or start_failures[system] >= MAX_START_FAILURES:
                     what = "start" if not_ready == "start" else "import or launch"
                     dead[system] = f"skipped: {workload} could not {what} it ({outcome['reason']})"
+        if COLLECTIONS_WORKLOAD in args.workloads:
+            if coll_sys:
+                coll_results = run_collections_workload(
+                    coll_sys, sizes=coll_sizes, repeat=args.repeat, env=child_env("dask"),
+                    cwd=REPO_ROOT, tmpdir=tmpdir, timeout=args.collections_timeout,
+                    start_timeout=args.start_timeout, keep_logs=args.keep_logs)
+            else:
+                print(f"{COLLECTIONS_WORKLOAD}: n/a (it compares ours and dask.distributed: "
+                      "--systems needs ours or dask)", flush=True)
         if LAUNCH_WORKLOAD in args.workloads:
             if launch_sys:
                 launch_results = run_launch_workload(
@@ -259,27 +292,33 @@ def main(argv=None):
 
     info["loadavg_end"] = loadavg()
     argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    md = launch_md = None
+    md = launch_md = coll_md = None
     if main_workloads:
         table = build_table(values, args.systems, sizes)
         notes = build_notes(outcomes, args.systems)
         md = render_markdown(info, argv_text, table, notes, args.repeat)
         print()
         print(md)
+    if coll_results is not None:
+        coll_md = render_collections_section(info, argv_text, coll_results, coll_sys, coll_sizes,
+                                             args.repeat)
+        print()
+        print(coll_md)
     if launch_results is not None:
         launch_md = render_launch_section(info, argv_text, launch_results, launch_sys,
                                           args.mpi_sizes, args.repeat)
         print()
         print(launch_md)
-    if args.output and (md is not None or launch_md is not None):
+    if args.output and any(x is not None for x in (md, launch_md, coll_md)):
         try:
             with open(args.output) as f:
                 existing = f.read()
         except OSError:
             existing = ""
         with open(args.output, "w") as f:
-            f.write(merge_report(existing, md, launch_md))
-        kept = [what for what, new in (("main", md), ("mpi-launch", launch_md)) if new is None]
+            f.write(merge_report(existing, md, launch_md, coll_md))
+        kept = [what for what, new in (("main", md), ("collections", coll_md),
+                                       ("mpi-launch", launch_md)) if new is None]
         print(f"bench: wrote {args.output}"
               + (f" (kept its {' and '.join(kept)} section from before)" if kept else ""))
     if args.json:
@@ -294,7 +333,8 @@ def main(argv=None):
                     for s, r in launch_results.items()}
             json.dump({"machine": info, "sizes": sizes, "repeat": args.repeat,
                        "values": values, "outcomes": outcomes,
-                       "mpi_launch": launch_json, "mpi_sizes": args.mpi_sizes}, f, indent=1)
+                       "mpi_launch": launch_json, "mpi_sizes": args.mpi_sizes,
+                       "collections": coll_results, "collection_sizes": coll_sizes}, f, indent=1)
         print(f"bench: wrote {args.json}")
     return 0
 

@@ -289,16 +289,39 @@ def render_launch_section(info, args_desc, results, systems, sizes, repeat):
     return "\n".join(out)
 
 
+def _section_markers():
+    from bench.dask_collections import COLLECTIONS_MARKER
+
+    return (COLLECTIONS_MARKER, LAUNCH_MARKER)
+
+
+def split_sections(text):
+    """(main part, {marker: section}) of an existing report; sections start at their marker."""
+    cuts = sorted((text.find(m), m) for m in _section_markers() if m in text)
+    main = text[:cuts[0][0]] if cuts else text
+    sections = {}
+    for i, (pos, marker) in enumerate(cuts):
+        end = cuts[i + 1][0] if i + 1 < len(cuts) else len(text)
+        sections[marker] = text[pos:end]
+    return main.rstrip() + "\n" if main.strip() else "", sections
+
+
 def split_report(text):
     """(main part, launch section) of an existing report; either may be ''."""
-    head, sep, tail = text.partition(LAUNCH_MARKER)
-    return head.rstrip() + "\n" if head.strip() else "", (sep + tail) if sep else ""
+    main, sections = split_sections(text)
+    return main, sections.get(LAUNCH_MARKER, "")
 
 
-def merge_report(existing, main_md, launch_md):
-    """The report to write: parts this run did not produce are kept from ``existing``."""
-    old_main, old_launch = split_report(existing or "")
+def merge_report(existing, main_md, launch_md, collections_md=None):
+    """The report to write: parts this run did not produce are kept from ``existing``.
+
+    Order: the main table, the dask collections section, the MPI launch section.
+    """
+    from bench.dask_collections import COLLECTIONS_MARKER
+
+    old_main, old = split_sections(existing or "")
     main_part = main_md if main_md is not None else old_main
-    launch_part = launch_md if launch_md is not None else old_launch
-    parts = [p.strip("\n") for p in (main_part, launch_part) if p and p.strip()]
+    coll_part = collections_md if collections_md is not None else old.get(COLLECTIONS_MARKER, "")
+    launch_part = launch_md if launch_md is not None else old.get(LAUNCH_MARKER, "")
+    parts = [p.strip("\n") for p in (main_part, coll_part, launch_part) if p and p.strip()]
     return "\n\n".join(parts) + "\n"

@@ -41,7 +41,8 @@ def import_system(system):
     return Client, LocalCluster
 
 
-def start_cluster(system, Client, LocalCluster):
+def cluster_kwargs(system, LocalCluster):
+    """The keyword arguments of the benchmarks' LocalCluster for ``system``."""
     kwargs = {
         "n_workers": N_WORKERS,
         "threads_per_worker": THREADS_PER_WORKER,
@@ -61,7 +62,11 @@ def start_cluster(system, Client, LocalCluster):
         # (on by default; dask's default is plain TCP), so ours pays for it here.
         if "dashboard_address" in params:
             kwargs["dashboard_address"] = None
-    cluster = LocalCluster(**kwargs)
+    return kwargs
+
+
+def start_cluster(system, Client, LocalCluster):
+    cluster = LocalCluster(**cluster_kwargs(system, LocalCluster))
     try:
         client = Client(cluster)
     except BaseException:

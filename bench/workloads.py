@@ -61,3 +61,37 @@ def rss():
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+# --- helpers of the dask collection workloads (bench/collections_cases.py) ---
+
+
+def frame_part(i, rows, nkeys, seed):
+    """Partition ``i`` of a synthetic table: a unique int ``key`` (a permutation
+    of ``range(i*rows, (i+1)*rows)`` scrambled over all partitions), a group
+    ``g`` in ``range(nkeys)`` and two float columns."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng((seed, i))
+    n = int(rows)
+    key = (np.arange(i * n, (i + 1) * n, dtype=np.int64) * 7919) % (1 << 31)
+    return pd.DataFrame({
+        "key": rng.permutation(key),
+        "g": rng.integers(0, nkeys, n),
+        "x": rng.random(n),
+        "y": rng.random(n),
+    })
+
+
+def index_sorted(part):
+    """Whether a dataframe partition's index is sorted (checks set_index's work)."""
+    return bool(part.index.is_monotonic_increasing)
+
+
+def mod_1000(x):
+    return x % 1000
+
+
+def bag_key(x):
+    return x % 97
