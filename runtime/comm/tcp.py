@@ -25,7 +25,10 @@ deadline of :data:`TLS_HANDSHAKE_TIMEOUT`; only once it has succeeded -- the
 peer's certificate verified against the cluster's CA -- does a framing
 protocol see a byte.  A peer that fails it (plain TCP, no certificate, one
 from another CA, too slow) is closed and logged with its address; nothing it
-sent is parsed, let alone unpickled.
+sent is parsed, let alone unpickled.  Pending handshakes are bounded in
+number, overall and per peer host, and their failures are logged at a bounded
+rate (:mod:`runtime.comm.admission`): a flood of stalled connections costs
+neither all our memory nor all our descriptors.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import CommClosedError, ProtocolError, TLSError
+from ..system import raise_fd_limit
 from ..utils import parse_host_port, unparse_host_port
 from . import core
+from .admission import Admission
+from .admission import describe as _describe
 from .core import HEADER, MAGIC, Backend, Comm, Listener
 from .serialize import dumps, loads
 
@@ -433,13 +439,6 @@ def _addresses(transport) -> tuple[str, str]:
     return unparse_host_port(*local[:2]), unparse_host_port(*peer[:2])
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return f"{type(exc).__name__}: {exc.reason}"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 class TCPListener(Listener):
     """Listens on ``host:port`` (port 0 = any free port)."""
 
@@ -471,6 +470,7 @@ class TCPListener(Listener):
         return task
 
     async def start(self) -> None:
+        raise_fd_limit()
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             self._protocol_factory(), self.host or None, self.port,
@@ -510,8 +510,17 @@ class TLSListener(TCPListener):
     pauses reading in ``connection_made``, so ``start_tls`` after accepting is
     not an option either.)
 
+    Handshakes in progress are bounded by an :class:`~runtime.comm.admission.Admission`
+    (at most ``max_pending`` at a time, ``max_pending_per_peer`` per peer
+    host; a stalled one makes room for a newcomer), which also logs failed
+    handshakes at a bounded rate.
+
     Args:
         ssl_context: a server context that requires client certificates.
+        max_pending: most handshakes in progress (default
+            :data:`runtime.comm.admission.MAX_PENDING`).
+        max_pending_per_peer: most of them from one host (default
+            :data:`runtime.comm.admission.MAX_PENDING_PER_PEER`).
 
     Raises:
         TLSError: no ``ssl_context``.
@@ -522,7 +531,8 @@ class TLSListener(TCPListener):
     accept_batch = 64
 
     def __init__(self, location: str, handler: Callable[[Comm], Awaitable[None]],
-                 ssl_context: ssl.SSLContext | None = None, **kwargs):
+                 ssl_context: ssl.SSLContext | None = None, max_pending: int | None = None,
+                 max_pending_per_peer: int | None = None, **kwargs):
         if ssl_context is None:
             raise TLSError(f"listening on tls://{location} needs TLS credentials: pass "
                            "security= with a CA and this server's certificate and key "
@@ -532,9 +542,13 @@ class TLSListener(TCPListener):
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handshakes: set[asyncio.Task] = set()
+        self._unstarted: dict[asyncio.Task, socket.socket] = {}
         self._resume: asyncio.TimerHandle | None = None
+        self._max_pending = (max_pending, max_pending_per_peer)
+        self.admission: Admission | None = None
 
     async def start(self) -> None:
+        raise_fd_limit()
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
@@ -552,6 +566,8 @@ class TLSListener(TCPListener):
             raise
         self._sock, self._loop = sock, loop
         self._bound = sock.getsockname()[:2]
+        self.admission = Admission(self.listen_address, "TLS handshake", *self._max_pending,
+                                   log=logger)
         loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
@@ -560,7 +576,7 @@ class TLSListener(TCPListener):
             return
         for _ in range(self.accept_batch):
             try:
-                conn, _ = sock.accept()
+                conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as e:  # out of file descriptors or memory: back off for a second
@@ -570,31 +586,48 @@ class TLSListener(TCPListener):
                 self._resume = self._loop.call_later(1.0, self._resume_accepting)
                 return
             conn.setblocking(False)
-            task = asyncio.ensure_future(self._handshake(conn))
+            peer = unparse_host_port(*addr[:2]) if isinstance(addr, tuple) else str(addr)
+            host = addr[0] if isinstance(addr, tuple) else peer
+            tasks: list[asyncio.Task] = []
+            # Cutting a pending handshake cancels its task, which aborts the transport.
+            token = self.admission.admit(host, lambda tasks=tasks: tasks[0].cancel())
+            if token is None:  # no room: closed before it costs anything
+                conn.close()
+                continue
+            task = asyncio.ensure_future(self._handshake(conn, peer, token))
+            tasks.append(task)
+            self._unstarted[task] = conn
             self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task) -> None:
+        self._handshakes.discard(task)
+        conn = self._unstarted.pop(task, None)
+        if conn is not None:  # cancelled before it ran: the socket is still ours
+            conn.close()
 
     def _resume_accepting(self) -> None:
         self._resume = None
         if self._sock is not None:
             self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
-    async def _handshake(self, conn: socket.socket) -> None:
-        try:
-            peer = unparse_host_port(*conn.getpeername()[:2])
-        except OSError:
-            peer = "a peer that already left"
+    async def _handshake(self, conn: socket.socket, peer: str, token: int) -> None:
+        self._unstarted.pop(asyncio.current_task(), None)
         loop = asyncio.get_running_loop()
         try:
-            # The transport owns the socket from here on, and closes it on failure.
+            # The transport owns the socket from here on, and closes it on failure
+            # (also when we are cancelled to make room: that aborts the handshake).
             await loop.connect_accepted_socket(lambda: _FramedProtocol(self._accept), conn,
                                                ssl=self.ssl_context,
                                                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            logger.warning("%s: TLS handshake with %s failed; connection closed unread: %s",
-                           self.listen_address, peer, _describe(e))
+            if self.admission is not None:
+                self.admission.done(token, peer, e)
+            return
+        if self.admission is not None:
+            self.admission.done(token, peer)
 
     def stop(self) -> None:
         sock, self._sock = self._sock, None
@@ -607,6 +640,8 @@ class TLSListener(TCPListener):
             sock.close()
         for task in list(self._handshakes):
             task.cancel()
+        if self.admission is not None:
+            self.admission.close()
 
 
 class TCPBackend(Backend):
