@@ -76,6 +76,7 @@ from typing import Any
 
 from runtime.errors import ClusterTimeoutError
 from runtime.loop import loop_runner, sync
+from runtime.scheduler import elastic
 from runtime.scheduler.server import Scheduler
 from runtime.security import Security, resolve_security
 from runtime.utils import format_bytes
@@ -711,7 +712,7 @@ class JobQueueCluster(BatchSystem):
     async def _reconcile(self) -> None:
         adaptive = self._adaptive
         if adaptive is not None:
-            sizing = self.scheduler.state.adaptive_sizing(adaptive.target_duration)
+            sizing = elastic.adaptive_sizing(self.scheduler.state, adaptive.target_duration)
             adaptive.observe(sizing)
             target, policy = sizing.target, adaptive.policy
         else:

@@ -1,8 +1,8 @@
 """Elasticity of the cluster, pure part: which workers to close, how many to want,
 and the data moves that retiring, replicating and rebalancing need.
 
-A mixin of :class:`runtime.scheduler_state.SchedulerState` (no IO).  The IO
-shell (:mod:`runtime.scheduler_ops`) sends the planned messages, waits until
+Plain functions over a :class:`~runtime.scheduler.state.SchedulerState` (no IO).  The IO
+shell (:mod:`runtime.scheduler.ops`) sends the planned messages, waits until
 the replicas have landed, and only then removes workers, so that retiring a
 worker never loses data.
 
@@ -19,7 +19,7 @@ unique data to the workers that stay -- as long as that data fits in what
 stays with headroom: the memory limits of the workers left must be at least
 ``memory_ratio`` (2) times the bytes stored, and at least one worker must be
 left to take it.  ``adaptive_target`` asks for fewer workers exactly when
-``workers_to_close`` would close some; :meth:`ElasticMixin.adaptive_sizing`
+``workers_to_close`` would close some; :func:`adaptive_sizing`
 also says how many idle workers were kept only because their data would not
 fit (the adaptive log reports it).
 """
@@ -30,9 +30,13 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..statemachine import Msg
 from .records import AcquireReplicasMsg, TaskState, WorkerState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .state import SchedulerState
 
 Key = Hashable
 
@@ -42,7 +46,7 @@ DEFAULT_MEMORY_RATIO = 2.0
 
 @dataclass(frozen=True, slots=True)
 class AdaptiveSizing:
-    """How many workers adaptive scaling wants, and why (see :meth:`ElasticMixin.adaptive_sizing`).
+    """How many workers adaptive scaling wants, and why (see :func:`adaptive_sizing`).
 
     Attributes:
         target: workers wanted (what ``adaptive_target`` returns).
@@ -66,297 +70,294 @@ class AdaptiveSizing:
     memory_ratio: float
 
 
-class ElasticMixin:
-    """Retirement, replication, rebalancing and sizing for :class:`SchedulerState`."""
+# ------------------------------------------------------------------ status
 
-    # ------------------------------------------------------------------ status
+def set_worker_status(state: SchedulerState, address: str, status: str, stimulus_id: str = "worker-status") -> list[Msg]:
+    """``running``, ``paused`` (memory pressure) or ``closing_gracefully``.
 
-    def set_worker_status(self, address: str, status: str, stimulus_id: str = "worker-status") -> list[Msg]:
-        """``running``, ``paused`` (memory pressure) or ``closing_gracefully``.
+    Raises:
+        ValueError: for another status, naming the accepted ones.
+    """
+    if status not in ("running", "paused", "closing_gracefully"):
+        raise ValueError(f"status={status!r}: accepted values are 'running', 'paused', 'closing_gracefully'")
+    ws = state.workers.get(address)
+    if ws is None or ws.status == status:
+        return []
+    if ws.status == "closing_gracefully" and status == "paused":
+        return []  # retiring wins over pausing
+    ws.status = status
+    state.placement.check_idle_saturated(ws)
+    recs: dict[Key, str] = {}
+    if status == "running":
+        # Back in service: tasks that had nowhere to run may run here now.
+        for ts in list(state.unrunnable):
+            valid = state.placement.valid_workers(ts)
+            if valid is None or ws in valid or (ts.loose_restrictions and not valid):
+                recs[ts.key] = "processing"
+    return state.transitions(recs, stimulus_id)  # and the queue fills it
 
-        Raises:
-            ValueError: for another status, naming the accepted ones.
-        """
-        if status not in ("running", "paused", "closing_gracefully"):
-            raise ValueError(f"status={status!r}: accepted values are 'running', 'paused', 'closing_gracefully'")
-        ws = self.workers.get(address)
-        if ws is None or ws.status == status:
-            return []
-        if ws.status == "closing_gracefully" and status == "paused":
-            return []  # retiring wins over pausing
-        ws.status = status
-        self.check_idle_saturated(ws)
-        recs: dict[Key, str] = {}
-        if status == "running":
-            # Back in service: tasks that had nowhere to run may run here now.
-            for ts in list(self.unrunnable):
-                valid = self.valid_workers(ts)
-                if valid is None or ws in valid or (ts.loose_restrictions and not valid):
-                    recs[ts.key] = "processing"
-        return self.transitions(recs, stimulus_id)  # and the queue fills it
+# ------------------------------------------------------------------ choosing workers
 
-    # ------------------------------------------------------------------ choosing workers
+def workers_to_close(state: SchedulerState, memory_ratio: float | None = None, n: int | None = None,
+                     key: Callable[[WorkerState], Hashable] | None = None,
+                     minimum: int | None = None, target: int | None = None,
+                     attribute: str = "address") -> list:
+    """Workers that are cheap to close: idle ones, least data first.
 
-    def workers_to_close(self, memory_ratio: float | None = None, n: int | None = None,
-                         key: Callable[[WorkerState], Hashable] | None = None,
-                         minimum: int | None = None, target: int | None = None,
-                         attribute: str = "address") -> list:
-        """Workers that are cheap to close: idle ones, least data first.
+    An idle worker that holds data is a candidate like any idle worker
+    (retiring it moves its unique data to the workers that stay), but only
+    while the data fits in what stays: the memory limits left must be at
+    least ``memory_ratio`` times the bytes stored, and when any data is
+    held at least one worker must stay to take it.  Candidates are taken
+    least data first and the first that does not fit ends the list.
 
-        An idle worker that holds data is a candidate like any idle worker
-        (retiring it moves its unique data to the workers that stay), but only
-        while the data fits in what stays: the memory limits left must be at
-        least ``memory_ratio`` times the bytes stored, and when any data is
-        held at least one worker must stay to take it.  Candidates are taken
-        least data first and the first that does not fit ends the list.
+    Args:
+        memory_ratio: keep this many times the stored bytes in memory limits (default 2;
+            0 turns the rule off).
+        n: close at most this many workers.
+        key: group workers (e.g. by batch job); a group is closed whole or not at all.
+        minimum: keep at least this many workers.
+        target: close down to this many workers.
+        attribute: which attribute of each worker to return.
+    """
+    workers = [ws for ws in state.workers.values() if ws.status != "closing_gracefully"]
+    if target is not None and n is None:
+        n = len(workers) - target
+    if n is not None and n <= 0:
+        return []
+    groups: dict[Hashable, list[WorkerState]] = defaultdict(list)
+    for ws in workers:
+        groups[key(ws) if key is not None else ws.address].append(ws)
 
-        Args:
-            memory_ratio: keep this many times the stored bytes in memory limits (default 2;
-                0 turns the rule off).
-            n: close at most this many workers.
-            key: group workers (e.g. by batch job); a group is closed whole or not at all.
-            minimum: keep at least this many workers.
-            target: close down to this many workers.
-            attribute: which attribute of each worker to return.
-        """
-        workers = [ws for ws in self.workers.values() if ws.status != "closing_gracefully"]
-        if target is not None and n is None:
-            n = len(workers) - target
-        if n is not None and n <= 0:
-            return []
-        groups: dict[Hashable, list[WorkerState]] = defaultdict(list)
-        for ws in workers:
-            groups[key(ws) if key is not None else ws.address].append(ws)
+    def idle(group: list[WorkerState]) -> bool:
+        return all(not ws.processing for ws in group)
 
-        def idle(group: list[WorkerState]) -> bool:
-            return all(not ws.processing for ws in group)
+    candidates = sorted(
+        (g for g in groups.values() if idle(g)),
+        key=lambda g: (sum(ws.nbytes for ws in g), len(g)),
+    )
+    memory_ratio = DEFAULT_MEMORY_RATIO if memory_ratio is None else memory_ratio
+    limit = sum(ws.memory_limit for ws in workers)
+    stored = sum(ws.nbytes for ws in workers)
+    remaining = len(workers)
+    chosen: list[WorkerState] = []
+    for group in candidates:
+        if n is not None and len(chosen) >= n:
+            break
+        if n is not None and len(chosen) + len(group) > n:
+            continue  # a group is closed whole or not at all
+        if minimum is not None and remaining - len(group) < minimum:
+            break
+        if stored and remaining - len(group) < 1:
+            break  # the data needs a worker to go to
+        group_limit = sum(ws.memory_limit for ws in group)
+        if limit and stored and (limit - group_limit) < memory_ratio * stored:
+            break
+        chosen.extend(group)
+        remaining -= len(group)
+        limit -= group_limit
+    return [getattr(ws, attribute) for ws in chosen]
 
-        candidates = sorted(
-            (g for g in groups.values() if idle(g)),
-            key=lambda g: (sum(ws.nbytes for ws in g), len(g)),
-        )
-        memory_ratio = DEFAULT_MEMORY_RATIO if memory_ratio is None else memory_ratio
-        limit = sum(ws.memory_limit for ws in workers)
-        stored = sum(ws.nbytes for ws in workers)
-        remaining = len(workers)
-        chosen: list[WorkerState] = []
-        for group in candidates:
-            if n is not None and len(chosen) >= n:
-                break
-            if n is not None and len(chosen) + len(group) > n:
-                continue  # a group is closed whole or not at all
-            if minimum is not None and remaining - len(group) < minimum:
-                break
-            if stored and remaining - len(group) < 1:
-                break  # the data needs a worker to go to
-            group_limit = sum(ws.memory_limit for ws in group)
-            if limit and stored and (limit - group_limit) < memory_ratio * stored:
-                break
-            chosen.extend(group)
-            remaining -= len(group)
-            limit -= group_limit
-        return [getattr(ws, attribute) for ws in chosen]
+def adaptive_target(state: SchedulerState, target_duration: float = 5.0, memory_ratio: float | None = None) -> int:
+    """How many workers the current work wants (used by adaptive scaling).
 
-    def adaptive_target(self, target_duration: float = 5.0, memory_ratio: float | None = None) -> int:
-        """How many workers the current work wants (used by adaptive scaling).
+    Enough workers to finish the queued and running work in
+    ``target_duration`` seconds, at least one per ready task up to the
+    number of tasks, and more when memory is more than 60% used.  Below
+    the current number only by the workers that ``workers_to_close``
+    would close: idle ones, including those that hold data as long as it
+    fits in the workers that stay (see :meth:`adaptive_sizing`).
+    """
+    return adaptive_sizing(state, target_duration, memory_ratio).target
 
-        Enough workers to finish the queued and running work in
-        ``target_duration`` seconds, at least one per ready task up to the
-        number of tasks, and more when memory is more than 60% used.  Below
-        the current number only by the workers that ``workers_to_close``
-        would close: idle ones, including those that hold data as long as it
-        fits in the workers that stay (see :meth:`adaptive_sizing`).
-        """
-        return self.adaptive_sizing(target_duration, memory_ratio).target
+def adaptive_sizing(state: SchedulerState, target_duration: float = 5.0,
+                    memory_ratio: float | None = None) -> AdaptiveSizing:
+    """:meth:`adaptive_target` with its reasons (for the adaptive log).
 
-    def adaptive_sizing(self, target_duration: float = 5.0,
-                        memory_ratio: float | None = None) -> AdaptiveSizing:
-        """:meth:`adaptive_target` with its reasons (for the adaptive log).
+    Args:
+        target_duration: finish the queued and running work in about this many seconds.
+        memory_ratio: the headroom rule of :meth:`workers_to_close` (default 2).
+    """
+    memory_ratio = DEFAULT_MEMORY_RATIO if memory_ratio is None else memory_ratio
+    workers = [ws for ws in state.workers.values() if ws.status != "closing_gracefully"]
+    nthreads = max(1, sum(ws.nthreads for ws in workers))
+    threads_per_worker = nthreads / max(1, len(workers))
+    queued = [ts for _, _, ts in state.queued if ts.state == "queued"]
+    work = sum(ws.occupancy for ws in workers)
+    work += sum(state.placement.get_task_duration(ts) for ts in queued)
+    work += sum(state.placement.get_task_duration(ts) for ts in state.unrunnable)
+    cpu = math.ceil(work / max(target_duration, 1e-9) / threads_per_worker)
+    ntasks = len(queued) + len(state.unrunnable) + sum(len(ws.processing) for ws in workers)
+    cpu = min(cpu, math.ceil(ntasks / threads_per_worker))
+    limit = sum(ws.memory_limit for ws in workers)
+    stored = sum(ws.nbytes for ws in workers)
+    memory = 0
+    if limit and stored > 0.6 * limit:
+        memory = 2 * len(workers)
+    wanted = max(cpu, memory)
+    busy = sum(1 for ws in workers if ws.processing)
+    target, kept = wanted, 0
+    if wanted < len(workers):
+        # Drop only the workers that could be closed now (idle, their data
+        # fits in what stays), as many as the work allows.
+        floor = max(wanted, 1 if ntasks else 0)
+        closable = len(workers_to_close(state, memory_ratio=memory_ratio, target=floor))
+        target = len(workers) - closable
+        if memory_ratio and stored:
+            kept = len(workers_to_close(state, memory_ratio=0, target=floor)) - closable
+    return AdaptiveSizing(target=target, work=wanted, workers=len(workers), busy=busy,
+                          kept_for_data=kept, stored=stored, limit=limit,
+                          memory_ratio=memory_ratio)
 
-        Args:
-            target_duration: finish the queued and running work in about this many seconds.
-            memory_ratio: the headroom rule of :meth:`workers_to_close` (default 2).
-        """
-        memory_ratio = DEFAULT_MEMORY_RATIO if memory_ratio is None else memory_ratio
-        workers = [ws for ws in self.workers.values() if ws.status != "closing_gracefully"]
-        nthreads = max(1, sum(ws.nthreads for ws in workers))
-        threads_per_worker = nthreads / max(1, len(workers))
-        queued = [ts for _, _, ts in self.queued if ts.state == "queued"]
-        work = sum(ws.occupancy for ws in workers)
-        work += sum(self.get_task_duration(ts) for ts in queued)
-        work += sum(self.get_task_duration(ts) for ts in self.unrunnable)
-        cpu = math.ceil(work / max(target_duration, 1e-9) / threads_per_worker)
-        ntasks = len(queued) + len(self.unrunnable) + sum(len(ws.processing) for ws in workers)
-        cpu = min(cpu, math.ceil(ntasks / threads_per_worker))
-        limit = sum(ws.memory_limit for ws in workers)
-        stored = sum(ws.nbytes for ws in workers)
-        memory = 0
-        if limit and stored > 0.6 * limit:
-            memory = 2 * len(workers)
-        wanted = max(cpu, memory)
-        busy = sum(1 for ws in workers if ws.processing)
-        target, kept = wanted, 0
-        if wanted < len(workers):
-            # Drop only the workers that could be closed now (idle, their data
-            # fits in what stays), as many as the work allows.
-            floor = max(wanted, 1 if ntasks else 0)
-            closable = len(self.workers_to_close(memory_ratio=memory_ratio, target=floor))
-            target = len(workers) - closable
-            if memory_ratio and stored:
-                kept = len(self.workers_to_close(memory_ratio=0, target=floor)) - closable
-        return AdaptiveSizing(target=target, work=wanted, workers=len(workers), busy=busy,
-                              kept_for_data=kept, stored=stored, limit=limit,
-                              memory_ratio=memory_ratio)
+# ------------------------------------------------------------------ moving data
 
-    # ------------------------------------------------------------------ moving data
+def running_recipients(state: SchedulerState, exclude: Iterable[WorkerState] = ()) -> list[WorkerState]:
+    excluded = set(exclude)
+    return sorted((ws for ws in state.workers.values() if ws.status == "running" and ws not in excluded),
+                  key=lambda ws: ws.nbytes)
 
-    def _recipients(self, exclude: Iterable[WorkerState] = ()) -> list[WorkerState]:
-        excluded = set(exclude)
-        return sorted((ws for ws in self.workers.values() if ws.status == "running" and ws not in excluded),
-                      key=lambda ws: ws.nbytes)
+def retire_plan(state: SchedulerState, addresses: Iterable[str], stimulus_id: str = "retire") -> tuple[list[Msg], dict[Key, str]]:
+    """Mark workers ``closing_gracefully`` and plan copies of the data only they hold.
 
-    def retire_plan(self, addresses: Iterable[str], stimulus_id: str = "retire") -> tuple[list[Msg], dict[Key, str]]:
-        """Mark workers ``closing_gracefully`` and plan copies of the data only they hold.
-
-        Returns:
-            The instructions to send, and ``{key: recipient}`` for every key that
-            must land before the workers may go.  If no running worker is left to
-            take data that must be kept, the keys map to ``""``: the caller must
-            not remove those workers.
-        """
-        retiring = [self.workers[a] for a in addresses if a in self.workers]
-        for ws in retiring:
-            ws.status = "closing_gracefully"
-            self.check_idle_saturated(ws)
-        retiring_set = set(retiring)
-        recipients = self._recipients(retiring_set)
-        load = {ws: ws.nbytes for ws in recipients}
-        moves: dict[WorkerState, dict[Key, list[str]]] = defaultdict(dict)
-        nbytes: dict[WorkerState, dict[Key, int]] = defaultdict(dict)
-        plan: dict[Key, str] = {}
-        for ws in retiring:
-            for ts in ws.has_what:
-                if ts.key in plan or not (ts.who_has <= retiring_set):
-                    continue
-                if not recipients:
-                    plan[ts.key] = ""
-                    continue
-                target = min(recipients, key=load.__getitem__)
-                load[target] += ts.get_nbytes()
-                moves[target][ts.key] = [w.address for w in ts.who_has]
-                nbytes[target][ts.key] = ts.get_nbytes()
-                plan[ts.key] = target.address
-        out: list[Msg] = [AcquireReplicasMsg(stimulus_id, ws.address, who_has, nbytes[ws])
-                          for ws, who_has in moves.items()]
-        out.extend(self.transitions({}, stimulus_id))
-        return out, plan
-
-    def replicate_plan(self, keys: Iterable[Key], n: int | None = None, workers: Iterable[str] | None = None,
-                       stimulus_id: str = "replicate") -> tuple[list[Msg], dict[str, list[Key]]]:
-        """Plan copies so each key is on ``n`` of ``workers`` (all by default), and which extra
-        replicas to drop.
-
-        Returns:
-            ``(instructions, {worker: [keys to drop]})``.
-        """
-        pool = [self.workers[w] for w in (workers if workers is not None else self.workers) if w in self.workers]
-        if n is not None and n < 1:
-            raise ValueError(f"replicate(n={n!r}): n must be at least 1 (replicate never deletes data)")
-        pool = [ws for ws in pool if ws.status == "running"]
-        n = len(pool) if n is None else min(n, len(pool))
-        moves: dict[WorkerState, dict[Key, list[str]]] = defaultdict(dict)
-        nbytes: dict[WorkerState, dict[Key, int]] = defaultdict(dict)
-        drops: dict[str, list[Key]] = defaultdict(list)
-        load = {ws: ws.nbytes for ws in pool}
-        for key in keys:
-            ts = self.tasks.get(key)
-            if ts is None or ts.state != "memory":
+    Returns:
+        The instructions to send, and ``{key: recipient}`` for every key that
+        must land before the workers may go.  If no running worker is left to
+        take data that must be kept, the keys map to ``""``: the caller must
+        not remove those workers.
+    """
+    retiring = [state.workers[a] for a in addresses if a in state.workers]
+    for ws in retiring:
+        ws.status = "closing_gracefully"
+        state.placement.check_idle_saturated(ws)
+    retiring_set = set(retiring)
+    recipients = running_recipients(state, retiring_set)
+    load = {ws: ws.nbytes for ws in recipients}
+    moves: dict[WorkerState, dict[Key, list[str]]] = defaultdict(dict)
+    nbytes: dict[WorkerState, dict[Key, int]] = defaultdict(dict)
+    plan: dict[Key, str] = {}
+    for ws in retiring:
+        for ts in ws.has_what:
+            if ts.key in plan or not (ts.who_has <= retiring_set):
                 continue
-            have = [ws for ws in pool if ws in ts.who_has]
-            if len(have) < n:
-                lacking = sorted((ws for ws in pool if ws not in ts.who_has), key=load.__getitem__)
-                for ws in lacking[: n - len(have)]:
-                    moves[ws][key] = [w.address for w in ts.who_has]
-                    nbytes[ws][key] = ts.get_nbytes()
-                    load[ws] += ts.get_nbytes()
-            elif len(have) > n:
-                for ws in sorted(have, key=load.__getitem__, reverse=True)[: len(have) - n]:
-                    drops[ws.address].append(key)
-                    load[ws] -= ts.get_nbytes()
-        out: list[Msg] = [AcquireReplicasMsg(stimulus_id, ws.address, who_has, nbytes[ws])
-                          for ws, who_has in moves.items()]
-        return out, dict(drops)
+            if not recipients:
+                plan[ts.key] = ""
+                continue
+            target = min(recipients, key=load.__getitem__)
+            load[target] += ts.get_nbytes()
+            moves[target][ts.key] = [w.address for w in ts.who_has]
+            nbytes[target][ts.key] = ts.get_nbytes()
+            plan[ts.key] = target.address
+    out: list[Msg] = [AcquireReplicasMsg(stimulus_id, ws.address, who_has, nbytes[ws])
+                      for ws, who_has in moves.items()]
+    out.extend(state.transitions({}, stimulus_id))
+    return out, plan
 
-    def rebalance_plan(self, keys: Iterable[Key] | None = None, workers: Iterable[str] | None = None,
-                       stimulus_id: str = "rebalance") -> tuple[list[Msg], dict[str, list[Key]]]:
-        """Plan moves so that each worker holds about the mean number of bytes.
+def replicate_plan(state: SchedulerState, keys: Iterable[Key], n: int | None = None, workers: Iterable[str] | None = None,
+                   stimulus_id: str = "replicate") -> tuple[list[Msg], dict[str, list[Key]]]:
+    """Plan copies so each key is on ``n`` of ``workers`` (all by default), and which extra
+    replicas to drop.
 
-        Senders above the mean give their largest keys to the receivers most
-        below it, until each side reaches the mean.
+    Returns:
+        ``(instructions, {worker: [keys to drop]})``.
+    """
+    pool = [state.workers[w] for w in (workers if workers is not None else state.workers) if w in state.workers]
+    if n is not None and n < 1:
+        raise ValueError(f"replicate(n={n!r}): n must be at least 1 (replicate never deletes data)")
+    pool = [ws for ws in pool if ws.status == "running"]
+    n = len(pool) if n is None else min(n, len(pool))
+    moves: dict[WorkerState, dict[Key, list[str]]] = defaultdict(dict)
+    nbytes: dict[WorkerState, dict[Key, int]] = defaultdict(dict)
+    drops: dict[str, list[Key]] = defaultdict(list)
+    load = {ws: ws.nbytes for ws in pool}
+    for key in keys:
+        ts = state.tasks.get(key)
+        if ts is None or ts.state != "memory":
+            continue
+        have = [ws for ws in pool if ws in ts.who_has]
+        if len(have) < n:
+            lacking = sorted((ws for ws in pool if ws not in ts.who_has), key=load.__getitem__)
+            for ws in lacking[: n - len(have)]:
+                moves[ws][key] = [w.address for w in ts.who_has]
+                nbytes[ws][key] = ts.get_nbytes()
+                load[ws] += ts.get_nbytes()
+        elif len(have) > n:
+            for ws in sorted(have, key=load.__getitem__, reverse=True)[: len(have) - n]:
+                drops[ws.address].append(key)
+                load[ws] -= ts.get_nbytes()
+    out: list[Msg] = [AcquireReplicasMsg(stimulus_id, ws.address, who_has, nbytes[ws])
+                      for ws, who_has in moves.items()]
+    return out, dict(drops)
 
-        Returns:
-            ``(instructions to copy, {sender: [keys to drop once copied]})``.
-        """
-        pool = [self.workers[w] for w in (workers if workers is not None else self.workers) if w in self.workers]
-        pool = [ws for ws in pool if ws.status == "running"]
-        if len(pool) < 2:
-            return [], {}
-        wanted = None if keys is None else set(keys)
-        load = {ws: sum(ts.get_nbytes() for ts in ws.has_what if wanted is None or ts.key in wanted) for ws in pool}
-        mean = sum(load.values()) / len(pool)
-        senders = sorted((ws for ws in pool if load[ws] > mean), key=load.__getitem__, reverse=True)
-        moves: dict[WorkerState, dict[Key, list[str]]] = defaultdict(dict)
-        nbytes: dict[WorkerState, dict[Key, int]] = defaultdict(dict)
-        drops: dict[str, list[Key]] = defaultdict(list)
-        for sender in senders:
-            items = sorted((ts for ts in sender.has_what if wanted is None or ts.key in wanted),
-                           key=TaskState.get_nbytes, reverse=True)
-            for ts in items:
-                if load[sender] <= mean:
-                    break
-                size = ts.get_nbytes()
-                receivers = [ws for ws in pool if ws not in ts.who_has and load[ws] + size <= mean + 1]
-                if not receivers:
-                    continue
-                receiver = min(receivers, key=load.__getitem__)
-                moves[receiver][ts.key] = [sender.address]
-                nbytes[receiver][ts.key] = size
-                drops[sender.address].append(ts.key)
-                load[receiver] += size
-                load[sender] -= size
-        out: list[Msg] = [AcquireReplicasMsg(stimulus_id, ws.address, who_has, nbytes[ws])
-                          for ws, who_has in moves.items()]
-        return out, dict(drops)
+def rebalance_plan(state: SchedulerState, keys: Iterable[Key] | None = None, workers: Iterable[str] | None = None,
+                   stimulus_id: str = "rebalance") -> tuple[list[Msg], dict[str, list[Key]]]:
+    """Plan moves so that each worker holds about the mean number of bytes.
 
-    def reevaluate_occupancy(self, worker_index: int = 0) -> None:
-        """Recompute each worker's expected work from the current task durations."""
-        for ws in self.workers.values():
-            total = 0.0
-            for ts in ws.processing:
-                d = 0.0 if ts.long_running else self.get_task_duration(ts) + self.get_comm_cost(ts, ws)
-                ws.processing[ts] = d
-                total += d
-            ws.occupancy = total
-            self.check_idle_saturated(ws)
+    Senders above the mean give their largest keys to the receivers most
+    below it, until each side reaches the mean.
 
-    def _restart_state(self, stimulus_id: str = "restart") -> list[Msg]:
-        """Forget every task (the workers are being restarted); clients hear their keys were cancelled."""
-        from .records import CancelledKeyMsg
+    Returns:
+        ``(instructions to copy, {sender: [keys to drop once copied]})``.
+    """
+    pool = [state.workers[w] for w in (workers if workers is not None else state.workers) if w in state.workers]
+    pool = [ws for ws in pool if ws.status == "running"]
+    if len(pool) < 2:
+        return [], {}
+    wanted = None if keys is None else set(keys)
+    load = {ws: sum(ts.get_nbytes() for ts in ws.has_what if wanted is None or ts.key in wanted) for ws in pool}
+    mean = sum(load.values()) / len(pool)
+    senders = sorted((ws for ws in pool if load[ws] > mean), key=load.__getitem__, reverse=True)
+    moves: dict[WorkerState, dict[Key, list[str]]] = defaultdict(dict)
+    nbytes: dict[WorkerState, dict[Key, int]] = defaultdict(dict)
+    drops: dict[str, list[Key]] = defaultdict(list)
+    for sender in senders:
+        items = sorted((ts for ts in sender.has_what if wanted is None or ts.key in wanted),
+                       key=TaskState.get_nbytes, reverse=True)
+        for ts in items:
+            if load[sender] <= mean:
+                break
+            size = ts.get_nbytes()
+            receivers = [ws for ws in pool if ws not in ts.who_has and load[ws] + size <= mean + 1]
+            if not receivers:
+                continue
+            receiver = min(receivers, key=load.__getitem__)
+            moves[receiver][ts.key] = [sender.address]
+            nbytes[receiver][ts.key] = size
+            drops[sender.address].append(ts.key)
+            load[receiver] += size
+            load[sender] -= size
+    out: list[Msg] = [AcquireReplicasMsg(stimulus_id, ws.address, who_has, nbytes[ws])
+                      for ws, who_has in moves.items()]
+    return out, dict(drops)
 
-        out: list[Msg] = []
-        for ts in list(self.tasks.values()):
-            for cs in ts.who_wants:
-                out.append(CancelledKeyMsg(stimulus_id, cs.client_key, ts.key, "restart"))
-                cs.wants_what.discard(ts)
-            ts.who_wants.clear()
-        for ws in self.workers.values():
-            ws.processing.clear()
-            ws.has_what.clear()
-            ws.nbytes = 0
-            ws.occupancy = 0.0
-            ws.long_running.clear()
-            self.check_idle_saturated(ws)
-        self.tasks.clear()
-        self.queued.clear()
-        self.unrunnable.clear()
-        return out
+def reevaluate_occupancy(state: SchedulerState, worker_index: int = 0) -> None:
+    """Recompute each worker's expected work from the current task durations."""
+    for ws in state.workers.values():
+        total = 0.0
+        for ts in ws.processing:
+            d = 0.0 if ts.long_running else state.placement.get_task_duration(ts) + state.placement.get_comm_cost(ts, ws)
+            ws.processing[ts] = d
+            total += d
+        ws.occupancy = total
+        state.placement.check_idle_saturated(ws)
+
+def restart_state(state: SchedulerState, stimulus_id: str = "restart") -> list[Msg]:
+    """Forget every task (the workers are being restarted); clients hear their keys were cancelled."""
+    from .records import CancelledKeyMsg
+
+    out: list[Msg] = []
+    for ts in list(state.tasks.values()):
+        for cs in ts.who_wants:
+            out.append(CancelledKeyMsg(stimulus_id, cs.client_key, ts.key, "restart"))
+            cs.wants_what.discard(ts)
+        ts.who_wants.clear()
+    for ws in state.workers.values():
+        ws.processing.clear()
+        ws.has_what.clear()
+        ws.nbytes = 0
+        ws.occupancy = 0.0
+        ws.long_running.clear()
+        state.placement.check_idle_saturated(ws)
+    state.tasks.clear()
+    state.queued.clear()
+    state.unrunnable.clear()
+    return out

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import ClusterTimeoutError, CommError
 from ..utils import parse_address, parse_host_port, parse_timedelta, unparse_host_port
+from . import elastic
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +59,11 @@ class SchedulerOpsMixin:
         """Workers that are cheap to close (see ``SchedulerState.workers_to_close``)."""
         if isinstance(key, bytes):
             key = pickle.loads(key)
-        return self.state.workers_to_close(memory_ratio, n, key, minimum, target, attribute)
+        return elastic.workers_to_close(self.state, memory_ratio, n, key, minimum, target, attribute)
 
     def adaptive_target(self, target_duration: Any = "5s") -> int:
         """How many workers the current work wants."""
-        return self.state.adaptive_target(parse_timedelta(target_duration))
+        return elastic.adaptive_target(self.state, parse_timedelta(target_duration))
 
     async def retire_workers(self, workers: Iterable[str] | None = None, remove: bool = True,
                              close_workers: bool = False, names: Iterable[Any] | None = None,
@@ -88,21 +89,21 @@ class SchedulerOpsMixin:
             wanted = set(names)
             workers = [a for a, ws in self.state.workers.items() if ws.name in wanted or str(ws.name) in wanted]
         elif workers is None:
-            workers = self.workers_to_close(**kwargs)
+            workers = elastic.workers_to_close(self, **kwargs)
         workers = [w for w in workers if w in self.state.workers]
         if not workers:
             return {}
         stimulus_id = self._stimulus("retire-workers")
         info = {w: self.state.workers[w].identity() for w in workers}
-        instrs, plan = self.state.retire_plan(workers, stimulus_id)
+        instrs, plan = elastic.retire_plan(self.state, workers, stimulus_id)
         self._send(instrs)
         if any(r == "" for r in plan.values()) and await self._recipient_joined(workers, wait_for_recipient):
-            instrs, plan = self.state.retire_plan(workers, stimulus_id)
+            instrs, plan = elastic.retire_plan(self.state, workers, stimulus_id)
             self._send(instrs)
         if any(r == "" for r in plan.values()):
             logger.warning("cannot retire %s: no other worker to take its unique data", workers)
             for w in workers:
-                self._send(self.state.set_worker_status(w, "running", stimulus_id))
+                self._send(elastic.set_worker_status(self.state, w, "running", stimulus_id))
             return {}
         deadline = time.monotonic() + (parse_timedelta(timeout) or 60.0)
         rounds = 0
@@ -112,7 +113,7 @@ class SchedulerOpsMixin:
                        and not any(ws.address not in workers for ws in self.state.tasks[k].who_has)]
             if not pending:
                 # Tasks that finished there meanwhile made new unique data: move it too.
-                instrs, more = self.state.retire_plan(workers, stimulus_id)
+                instrs, more = elastic.retire_plan(self.state, workers, stimulus_id)
                 more = {k: r for k, r in more.items() if k not in plan}
                 if not more or rounds >= 5 or any(r == "" for r in more.values()):
                     break
@@ -124,7 +125,7 @@ class SchedulerOpsMixin:
                 logger.warning("retiring %s: %d keys did not move in time; keeping the workers",
                                workers, len(pending))
                 for w in workers:
-                    self._send(self.state.set_worker_status(w, "running", stimulus_id))
+                    self._send(elastic.set_worker_status(self.state, w, "running", stimulus_id))
                 return {}
             await asyncio.sleep(0.01)
         for w in workers:
@@ -181,7 +182,7 @@ class SchedulerOpsMixin:
         Raises:
             ClusterTimeoutError: the copies did not land within ``timeout``.
         """
-        instrs, drops = self.state.replicate_plan(list(keys), n, workers, self._stimulus("replicate"))
+        instrs, drops = elastic.replicate_plan(self.state, list(keys), n, workers, self._stimulus("replicate"))
         self._send(instrs)
         await self._await_replicas(self._targets_of(instrs), parse_timedelta(timeout) or 60.0)
         if delete:
@@ -195,7 +196,7 @@ class SchedulerOpsMixin:
         Raises:
             ClusterTimeoutError: the copies did not land within ``timeout``.
         """
-        instrs, drops = self.state.rebalance_plan(keys, workers, self._stimulus("rebalance"))
+        instrs, drops = elastic.rebalance_plan(self.state, keys, workers, self._stimulus("rebalance"))
         self._send(instrs)
         await self._await_replicas(self._targets_of(instrs), parse_timedelta(timeout) or 60.0)
         self._drop_replicas(drops)
@@ -213,7 +214,7 @@ class SchedulerOpsMixin:
         """
         timeout = parse_timedelta(timeout) or 30.0
         stimulus_id = self._stimulus("restart")
-        self._send(self.state._restart_state(stimulus_id))
+        self._send(elastic.restart_state(self.state, stimulus_id))
         nannies = {a: ws.nanny for a, ws in self.state.workers.items() if ws.nanny}
         n_before = len(nannies)
         for addr in list(self.state.workers):

@@ -1,6 +1,6 @@
 """Placement policy of the scheduler: which worker runs a task, and when.
 
-A mixin of :class:`runtime.scheduler_state.SchedulerState` (pure, no IO); see
+:class:`Placement`, a part of :class:`~runtime.scheduler.state.SchedulerState` (pure, no IO); see
 that module's docstring for the policy in words.
 """
 
@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .records import TaskState, WorkerState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .state import SchedulerState
 
 #: Expected duration of a task whose prefix we have never seen run.
 DEFAULT_TASK_DURATION = 0.5
@@ -25,8 +29,19 @@ ROOTISH_MAX_INPUTS = 4
 BANDWIDTH = 100e6
 
 
-class PlacementMixin:
-    """Worker choice, restrictions and saturation for :class:`SchedulerState`."""
+class Placement:
+    """Which worker runs a task, and when: a part of :class:`SchedulerState`.
+
+    Reads the state's workers, tasks and queue; changes only the queue and the
+    ``idle``/``saturated`` sets, and moves tasks only through the state's
+    transition table.
+
+    Args:
+        state: the state machine this placement serves.
+    """
+
+    def __init__(self, state: SchedulerState):
+        self.state = state
 
     # ------------------------------------------------------------------ placement
 
@@ -37,23 +52,23 @@ class PlacementMixin:
         """
         s: set[WorkerState] | None = None
         if ts.worker_restrictions:
-            s = {self.workers[w] for w in ts.worker_restrictions if w in self.workers}
+            s = {self.state.workers[w] for w in ts.worker_restrictions if w in self.state.workers}
         if ts.host_restrictions:
             # A name not known when the task arrived may be a worker that joined since.
-            hs = {self.workers[a] for h in ts.host_restrictions
-                  for a in self.host_info.get(h, {}).get("addresses", ())}
-            hs.update(self.workers[self.aliases[h]] for h in ts.host_restrictions if h in self.aliases)
+            hs = {self.state.workers[a] for h in ts.host_restrictions
+                  for a in self.state.host_info.get(h, {}).get("addresses", ())}
+            hs.update(self.state.workers[self.state.aliases[h]] for h in ts.host_restrictions if h in self.state.aliases)
             s = hs if s is None else s | hs
         if ts.resource_restrictions:
-            rs = {ws for ws in self.workers.values()
+            rs = {ws for ws in self.state.workers.values()
                   if all(ws.resources.get(r, 0) >= q for r, q in ts.resource_restrictions.items())}
             s = rs if s is None else s & rs
         if s is None:
             return None
         return {ws for ws in s if ws.status == "running"}
 
-    def _running_workers(self) -> list[WorkerState]:
-        return [ws for ws in self.workers.values() if ws.status == "running"]
+    def running_workers(self) -> list[WorkerState]:
+        return [ws for ws in self.state.workers.values() if ws.status == "running"]
 
     def decide_worker(self, ts: TaskState) -> WorkerState | None:
         """The worker that should run ``ts``, or ``None`` if none can."""
@@ -61,15 +76,15 @@ class PlacementMixin:
         if valid is not None and not valid and ts.loose_restrictions:
             valid = None
             if ts.resource_restrictions:
-                valid = {ws for ws in self._running_workers()
+                valid = {ws for ws in self.running_workers()
                          if all(ws.resources.get(r, 0) >= q for r, q in ts.resource_restrictions.items())}
         if valid is None:
             candidates: Iterable[WorkerState]
             holders = {ws for dts in ts.dependencies for ws in dts.who_has if ws.status == "running"}
-            if holders and len(holders) < len(self.workers):
+            if holders and len(holders) < len(self.state.workers):
                 candidates = holders
             else:
-                candidates = self._running_workers()
+                candidates = self.running_workers()
         else:
             candidates = valid
         best = None
@@ -91,9 +106,9 @@ class PlacementMixin:
 
     def get_task_duration(self, ts: TaskState, default: float = DEFAULT_TASK_DURATION) -> float:
         """Expected compute time of ``ts``, from what its prefix took before."""
-        return self.task_duration.get(ts.prefix, default)
+        return self.state.task_duration.get(ts.prefix, default)
 
-    def _ready_target(self, ts: TaskState) -> str:
+    def ready_target(self, ts: TaskState) -> str:
         if (ts.rootish or not ts.dependencies) and not (
                 ts.worker_restrictions or ts.host_restrictions or ts.resource_restrictions):
             return "queued"
@@ -109,7 +124,7 @@ class PlacementMixin:
         more data than the workers' memory streaming); their inputs are few,
         so placing them without regard to where the inputs are costs little.
         """
-        threads = sum(ws.nthreads for ws in self.workers.values())
+        threads = sum(ws.nthreads for ws in self.state.workers.values())
         groups: dict[str, list[TaskState]] = {}
         for ts in new:
             if ts.dependencies:
@@ -126,13 +141,13 @@ class PlacementMixin:
                 for ts in group:
                     ts.rootish = True
 
-    def _fill_workers(self, stimulus_id: str) -> None:
+    def fill_workers(self, stimulus_id: str) -> None:
         """Hand queued tasks to workers with room, highest priority first."""
-        queue = self.queued
+        queue = self.state.queued
         if not queue:
             return
         while queue:
-            candidates = [ws for ws in self.workers.values() if ws.status == "running" and self._has_room(ws)]
+            candidates = [ws for ws in self.state.workers.values() if ws.status == "running" and self.has_room(ws)]
             if not candidates:
                 return
             # One task per worker per pass, least loaded first, so that a burst
@@ -145,24 +160,24 @@ class PlacementMixin:
                         break
                 else:
                     return
-                self.transition(ts.key, "processing", stimulus_id, worker=ws)
+                self.state.transition(ts.key, "processing", stimulus_id, worker=ws)
 
     def check_idle_saturated(self, ws: WorkerState) -> None:
         """Keep the ``idle`` and ``saturated`` sets up to date for one worker."""
         if ws.status != "running":
-            self.idle.pop(ws.address, None)
-            self.saturated.discard(ws)
+            self.state.idle.pop(ws.address, None)
+            self.state.saturated.discard(ws)
             return
         if len(ws.processing) < ws.nthreads:
-            self.idle[ws.address] = ws
+            self.state.idle[ws.address] = ws
         else:
-            self.idle.pop(ws.address, None)
-        if self._has_room(ws):
-            self.saturated.discard(ws)
+            self.state.idle.pop(ws.address, None)
+        if self.has_room(ws):
+            self.state.saturated.discard(ws)
         else:
-            self.saturated.add(ws)
+            self.state.saturated.add(ws)
 
-    def _has_room(self, ws: WorkerState) -> bool:
+    def has_room(self, ws: WorkerState) -> bool:
         n = len(ws.processing) - len(ws.long_running)
         if n < 2 * ws.nthreads:
             return True

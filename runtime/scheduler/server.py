@@ -39,6 +39,7 @@ from ..security import (
 )
 from ..statemachine import Msg
 from ..utils import get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
+from . import elastic
 from .data import SchedulerDataMixin, scatter_to_workers  # noqa: F401  (re-exported)
 from .events import TickEvent
 from .ops import SchedulerOpsMixin
@@ -215,27 +216,27 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
         return self.state.task_duration
 
     def decide_worker(self, ts: TaskState) -> WorkerState | None:
-        return self.state.decide_worker(ts)
+        return self.state.placement.decide_worker(ts)
 
     def worker_objective(self, ts: TaskState, ws: WorkerState) -> tuple:
-        return self.state.worker_objective(ts, ws)
+        return self.state.placement.worker_objective(ts, ws)
 
     def valid_workers(self, ts: TaskState):
-        return self.state.valid_workers(ts)
+        return self.state.placement.valid_workers(ts)
 
     def get_task_duration(self, ts: TaskState, default: float = 0.5) -> float:
-        return self.state.get_task_duration(ts, default)
+        return self.state.placement.get_task_duration(ts, default)
 
     def get_comm_cost(self, ts: TaskState, ws: WorkerState) -> float:
-        return self.state.get_comm_cost(ts, ws)
+        return self.state.placement.get_comm_cost(ts, ws)
 
     def reevaluate_occupancy(self, worker_index: int = 0) -> None:
         """Re-estimate every worker's expected load from current task durations (also periodic)."""
-        self.state.reevaluate_occupancy(worker_index)
+        elastic.reevaluate_occupancy(self.state, worker_index)
         self._send(self.state.transitions({}, self._stimulus("reevaluate-occupancy")))
 
     def check_idle_saturated(self, ws: WorkerState, occ: float | None = None) -> None:
-        self.state.check_idle_saturated(ws)
+        self.state.placement.check_idle_saturated(ws)
 
     def transition(self, key: Key, finish: str, *args, **kwargs) -> dict:
         """Move one task and return the follow-up recommendations (not yet carried out)."""
@@ -540,7 +541,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
         return "OK"
 
     def _on_worker_status_change(self, worker: str, status: str, stimulus_id: str = "") -> None:
-        self._send(self.state.set_worker_status(worker, status, self._stimulus("worker-status-change")))
+        self._send(elastic.set_worker_status(self.state, worker, status, self._stimulus("worker-status-change")))
 
     def heartbeat_worker(self, address: str, metrics: dict | None = None) -> dict:
         known = self.state.worker_heartbeat(address, metrics)

@@ -21,7 +21,7 @@ Scheduling policy: a ready task with no dependencies and no restrictions is
 *queued* (ordered by priority) and handed to workers as they have room, so
 that load follows real progress; so is a *root-ish* task, one of a large group
 of siblings that together read only a few inputs (chunks sliced from one
-array; see :meth:`PlacementMixin.mark_rootish`).  This is what keeps a
+array; see :meth:`Placement.mark_rootish`).  This is what keeps a
 reduction over more data than the workers' memory streaming: the inputs are
 made only as fast as the reductions consume them, in priority order (a dask
 graph's priorities are :func:`dask.order.order`'s).  A task with dependencies
@@ -44,13 +44,13 @@ from typing import Any
 
 from ..errors import InvalidStateError, InvalidTransition, ScatteredDataLost
 from ..statemachine import Msg, TransitionLog
-from .elastic import ElasticMixin
+from . import validation
 from .placement import (  # noqa: F401  (re-exported)
     BANDWIDTH,
     DEFAULT_TASK_DURATION,
     MAX_TASKS_PER_THREAD,
     SATURATION_SECONDS,
-    PlacementMixin,
+    Placement,
 )
 from .records import (  # noqa: F401  (re-exported)
     AcquireReplicasMsg,
@@ -66,7 +66,6 @@ from .records import (  # noqa: F401  (re-exported)
     WorkerState,
 )
 from .stimuli import StimuliMixin
-from .validation import ValidationMixin
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ Key = Hashable
 # ----------------------------------------------------------------------------- the machine
 
 
-class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin):
+class SchedulerState(StimuliMixin):
     """The scheduler's state and its transition table (no IO).
 
     Args:
@@ -122,6 +121,8 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
         self._priority_counter = itertools.count()
         self._queue_counter = itertools.count()
         self._instructions: list[Msg] = []
+        #: Which worker runs a task, and when (a part with its own methods).
+        self.placement = Placement(self)
         self.TRANSITIONS: dict[tuple[str, str], Callable] = {
             ("released", "waiting"): self._released_waiting,
             ("released", "forgotten"): self._released_forgotten,
@@ -180,7 +181,7 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
         if ts.state != start:
             self._log(ts, start, ts.state, recs, stimulus_id)
         if self.validate and ts.state != "forgotten":
-            self.validate_task(ts)
+            validation.validate_task(self, ts)
         return recs
 
     def _log(self, ts: TaskState, start: str, finish: str, recs: dict, stimulus_id: str) -> None:
@@ -197,9 +198,9 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
             key, finish = recs.popitem()
             new = self.transition(key, finish, stimulus_id)
             recs.update(new)
-        self._fill_workers(stimulus_id)
+        self.placement.fill_workers(stimulus_id)
         if self.validate:
-            self.validate_state()
+            validation.validate_state(self)
         out, self._instructions = self._instructions, []
         return out
 
@@ -244,7 +245,7 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
             ws.long_running.discard(ts)
             ts.long_running = False
         if ws.address in self.workers:
-            self.check_idle_saturated(ws)
+            self.placement.check_idle_saturated(ws)
         return ws
 
     def _report_memory(self, ts: TaskState, stimulus_id: str, data: bytes | None = None) -> None:
@@ -282,7 +283,7 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
                 if dts.state == "released":
                     recs[dts.key] = "waiting"
         if not ts.waiting_on:
-            recs[ts.key] = self._ready_target(ts)
+            recs[ts.key] = self.placement.ready_target(ts)
         return recs
 
     def _waiting_queued(self, ts: TaskState, stimulus_id: str) -> dict:
@@ -296,7 +297,7 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
         return {}
 
     def _ready_processing(self, ts: TaskState, stimulus_id: str, worker: WorkerState | None = None) -> dict:
-        ws = worker or self.decide_worker(ts)
+        ws = worker or self.placement.decide_worker(ts)
         if ws is None:
             # No valid worker: the state does not change; park it instead.
             return {} if ts.state == "queued" else {ts.key: "no-worker"}
@@ -304,10 +305,10 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
             self.unrunnable.discard(ts)
         ts.state = "processing"
         ts.processing_on = ws
-        duration = self.get_task_duration(ts) + self.get_comm_cost(ts, ws)
+        duration = self.placement.get_task_duration(ts) + self.placement.get_comm_cost(ts, ws)
         ws.processing[ts] = duration
         ws.occupancy += duration
-        self.check_idle_saturated(ws)
+        self.placement.check_idle_saturated(ws)
         who_has = {}
         nbytes = {}
         for dts in ts.dependencies:
@@ -339,7 +340,7 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
             if ts in dts.waiting_on:
                 dts.waiting_on.discard(ts)
                 if not dts.waiting_on and dts.state == "waiting":
-                    recs[dts.key] = self._ready_target(dts)
+                    recs[dts.key] = self.placement.ready_target(dts)
         for dts in ts.dependencies:
             dts.waiters.discard(ts)
             if not dts.waiters and not dts.who_wants and dts.state == "memory":
@@ -361,7 +362,7 @@ class SchedulerState(StimuliMixin, PlacementMixin, ElasticMixin, ValidationMixin
             if ts in dts.waiting_on:
                 dts.waiting_on.discard(ts)
                 if not dts.waiting_on and dts.state == "waiting":
-                    recs[dts.key] = self._ready_target(dts)
+                    recs[dts.key] = self.placement.ready_target(dts)
         self._report_memory(ts, stimulus_id)
         return recs
 

@@ -1,6 +1,6 @@
 """Stimuli of the scheduler's state machine: what clients and workers tell it.
 
-A mixin of :class:`runtime.scheduler_state.SchedulerState`.  Each method turns
+A mixin of :class:`runtime.scheduler.state.SchedulerState`.  Each method turns
 one event into recommendations, runs them through the transition table
 (``self.transitions``) and returns the resulting instructions.
 """
@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import KilledWorker, ScatteredDataLost
 from ..statemachine import Msg
+from . import elastic, validation
 from .records import (
     CancelledKeyMsg,
     ClientState,
@@ -92,14 +93,14 @@ class StimuliMixin:
         hi = self.host_info.setdefault(host, {"addresses": set(), "nthreads": 0})
         hi["addresses"].add(address)
         hi["nthreads"] += nthreads
-        self.check_idle_saturated(ws)
+        self.placement.check_idle_saturated(ws)
         recs: dict[Key, str] = {}
         for key in keys:  # data the worker brings along (a reconnect)
             ts = self.tasks.get(key)
             if ts is not None and ts.state == "memory":
                 self._add_replica(ts, ws)
         for ts in list(self.unrunnable):
-            valid = self.valid_workers(ts)
+            valid = self.placement.valid_workers(ts)
             if valid is None or ws in valid or (ts.loose_restrictions and not valid):
                 recs[ts.key] = "processing"
         return self.transitions(recs, stimulus_id)
@@ -188,7 +189,7 @@ class StimuliMixin:
             # Task durations drift as they are learned; re-align the workers'
             # expected load now and then rather than per task.
             self._last_reevaluation = now
-            self.reevaluate_occupancy()
+            elastic.reevaluate_occupancy(self)
             out.extend(self.transitions({}, stimulus_id))
         if self.worker_ttl:
             for ws in self.workers.values():
@@ -270,7 +271,7 @@ class StimuliMixin:
             ts.retries = int(retries.get(ts.key, 0))
             up = user_priority.get(ts.key, 0) if isinstance(user_priority, dict) else user_priority
             ts.priority = (-up, next(self._priority_counter))
-        self.mark_rootish(new)
+        self.placement.mark_rootish(new)
         for key in keys:
             ts = self.tasks.get(key)
             if ts is None:
@@ -478,7 +479,7 @@ class StimuliMixin:
         ws.long_running.add(ts)
         ws.occupancy -= ws.processing[ts]
         ws.processing[ts] = 0.0
-        self.check_idle_saturated(ws)
+        self.placement.check_idle_saturated(ws)
         return self.transitions({}, stimulus_id)
 
     def reschedule(self, key: Key, worker: str | None = None, stimulus_id: str = "reschedule") -> list[Msg]:
@@ -590,6 +591,6 @@ class StimuliMixin:
                     out.append(KeyInMemoryMsg(stimulus_id, client, ts.key, ts.type or "",
                                               [w.address for w in ts.who_has]))
         if self.validate:
-            self.validate_state()
+            validation.validate_state(self)
         return out
 

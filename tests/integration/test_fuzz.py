@@ -55,6 +55,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.comm.core import HEADER, MAGIC, MAX_FRAMES, MAX_MESSAGE_SIZE
+from runtime.scheduler import validation
 from runtime.utils import parse_address, parse_host_port
 from tests.helpers import gen_cluster, until
 
@@ -673,7 +674,7 @@ def test_fuzz_servers_stay_up_and_leak_nothing(target):
                                   lambda: describe_tasks(s))
             await until_described(lambda: not w.state.tasks, "the worker's tasks to go",
                                   lambda: describe_worker_tasks(w, s))
-            s.state.validate_state()
+            validation.validate_state(s.state)
             w.state.validate_state()
             # Every comm the fuzz opened is closed again.
             await until_described(lambda: fds() <= fds0 + 2 * max(0, pooled() - pooled0),

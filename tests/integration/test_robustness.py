@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from runtime.comm.core import HEADER, MAGIC, MAX_FRAMES, MAX_MESSAGE_SIZE
+from runtime.scheduler import validation
 from runtime.utils import parse_address, parse_host_port
 from tests.helpers import gen_cluster, gen_test, until
 
@@ -483,7 +484,7 @@ async def test_client_that_disconnects_mid_message_leaves_no_half_state(cut, how
                     what=f"the scheduler's tables back to {before} (now {_tables(s)})")
         await until(lambda: not workers[0].state.tasks, timeout=10,
                     what="the worker to forget the raw client's task")
-        s.state.validate_state()
+        validation.validate_state(s.state)
         await client_still_works(c, 8)
 
 
@@ -538,6 +539,6 @@ async def test_client_process_killed_after_submit_leaves_only_what_others_want()
         # threads return (a running task cannot be interrupted).
         await until(lambda: set(w.state.tasks) <= {mine.key}, timeout=15,
                     what=f"the worker to forget them (now {set(w.state.tasks)})")
-        s.state.validate_state()
+        validation.validate_state(s.state)
         assert await mine == 2
         await client_still_works(c, 9)

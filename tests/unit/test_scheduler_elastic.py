@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from runtime.scheduler import elastic, validation
 from runtime.scheduler.state import (
     DEFAULT_TASK_DURATION,
     AcquireReplicasMsg,
@@ -106,83 +107,83 @@ def compute_on(state: SchedulerState, key, worker: str, nbytes: int, client: str
 def test_set_worker_status_rejects_unknown_status(state):
     state.add_worker(A)
     with pytest.raises(ValueError, match="'running', 'paused', 'closing_gracefully'"):
-        state.set_worker_status(A, "sleeping")
+        elastic.set_worker_status(state, A, "sleeping")
     assert state.workers[A].status == "running"
     # Checked before looking the worker up.
     with pytest.raises(ValueError):
-        state.set_worker_status("tcp://nowhere:1", "busy")
+        elastic.set_worker_status(state, "tcp://nowhere:1", "busy")
 
 
 def test_set_worker_status_on_unknown_worker_or_same_status_is_a_noop(state):
     state.add_worker(A)
-    assert state.set_worker_status("tcp://nowhere:1", "paused") == []
-    assert state.set_worker_status(A, "running") == []
+    assert elastic.set_worker_status(state, "tcp://nowhere:1", "paused") == []
+    assert elastic.set_worker_status(state, A, "running") == []
     assert state.workers[A].status == "running"
 
 
 def test_paused_worker_gets_no_new_tasks(state):
     state.add_worker(A)
     state.add_worker(B)
-    assert state.set_worker_status(A, "paused") == []
+    assert elastic.set_worker_status(state, A, "paused") == []
     assert state.workers[A].status == "paused"
     assert A not in state.idle
     out = state.update_graph("c", {f"x-{i}": SPEC for i in range(6)}, [f"x-{i}" for i in range(6)])
     assert set(computes(out).values()) == {B}
     assert not state.workers[A].processing
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_paused_worker_back_to_running_takes_from_the_queue(state):
     state.add_worker(A)
-    state.set_worker_status(A, "paused")
+    elastic.set_worker_status(state, A, "paused")
     keys = [f"x-{i}" for i in range(3)]
     out = state.update_graph("c", dict.fromkeys(keys, SPEC), keys)
     assert computes(out) == {}
     assert {state.tasks[k].state for k in keys} == {"queued"}
-    out = state.set_worker_status(A, "running")
+    out = elastic.set_worker_status(state, A, "running")
     placed = computes(out)
     assert placed and set(placed.values()) == {A}
     assert A in state.idle or state.workers[A].processing
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_task_with_dependency_on_paused_worker_runs_elsewhere(state):
     state.add_worker(A)
     state.add_worker(B)
     compute_on(state, "x", A, nbytes=10)
-    state.set_worker_status(A, "paused")
+    elastic.set_worker_status(state, A, "paused")
     out = state.update_graph("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]})
     assert computes(out) == {"y": B}
     (msg,) = of_type(out, ComputeTaskMsg)
     assert msg.who_has == {"x": [A]}  # a paused worker still serves its data
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_restricted_task_waits_for_paused_worker(state):
     state.add_worker(A)
     state.add_worker(B)
-    state.set_worker_status(A, "paused")
+    elastic.set_worker_status(state, A, "paused")
     out = state.update_graph("c", {"r": SPEC}, ["r"], restrictions={"r": [A]})
     assert computes(out) == {}
     assert state.tasks["r"].state == "no-worker"
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_restricted_task_runs_when_paused_worker_resumes(state):
     state.add_worker(A)
     state.add_worker(B)
-    state.set_worker_status(A, "paused")
+    elastic.set_worker_status(state, A, "paused")
     state.update_graph("c", {"r": SPEC}, ["r"], restrictions={"r": [A]})
     assert state.tasks["r"].state == "no-worker"
-    out = state.set_worker_status(A, "running")
+    out = elastic.set_worker_status(state, A, "running")
     assert computes(out) == {"r": A}
 
 
 def test_retiring_wins_over_pausing(state):
     state.add_worker(A)
     state.add_worker(B)
-    state.retire_plan([A])
-    assert state.set_worker_status(A, "paused") == []
+    elastic.retire_plan(state, [A])
+    assert elastic.set_worker_status(state, A, "paused") == []
     assert state.workers[A].status == "closing_gracefully"
 
 
@@ -192,7 +193,7 @@ def test_retiring_wins_over_pausing(state):
 def test_retire_plan_marks_workers_closing_and_they_get_no_new_tasks(state):
     for w in (A, B, C):
         state.add_worker(w)
-    out, plan = state.retire_plan([A])
+    out, plan = elastic.retire_plan(state, [A])
     assert (out, plan) == ([], {})
     assert state.workers[A].status == "closing_gracefully"
     assert A not in state.idle and state.workers[A] not in state.saturated
@@ -207,7 +208,7 @@ def test_retire_plan_marks_workers_closing_and_they_get_no_new_tasks(state):
     # Loosely restricted: runs elsewhere.
     out = state.update_graph("c", {"l": SPEC}, ["l"], restrictions={"l": [A]}, loose_restrictions=["l"])
     assert computes(out).get("l") in (B, C)
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_retire_plan_moves_only_keys_held_solely_by_retiring_workers(state):
@@ -218,12 +219,12 @@ def test_retire_plan_moves_only_keys_held_solely_by_retiring_workers(state):
     compute_on(state, "shared", A, nbytes=100)
     state.add_keys(B, ["shared"])
     assert holders(state, "shared") == {A, B}
-    out, plan = state.retire_plan([A], stimulus_id="retire-1")
+    out, plan = elastic.retire_plan(state, [A], stimulus_id="retire-1")
     assert plan == {"only-a": C}  # to the running worker with the least data
     assert acquires(out) == {C: {"only-a": [A]}}
     (msg,) = of_type(out, AcquireReplicasMsg)
     assert msg.stimulus_id == "retire-1" and msg.nbytes == {"only-a": 100}
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_retire_plan_spreads_keys_over_recipients_by_load(state):
@@ -232,7 +233,7 @@ def test_retire_plan_spreads_keys_over_recipients_by_load(state):
     compute_on(state, "on-b", B, nbytes=50)
     compute_on(state, "x", A, nbytes=100)
     compute_on(state, "y", A, nbytes=100)
-    out, plan = state.retire_plan([A])
+    out, plan = elastic.retire_plan(state, [A])
     # x goes to C (0 bytes); then C holds 100 and B only 50, so y goes to B.
     assert plan == {"x": C, "y": B}
     assert acquires(out) == {C: {"x": [A]}, B: {"y": [A]}}
@@ -244,7 +245,7 @@ def test_retire_plan_of_several_workers_moves_keys_they_share(state):
     compute_on(state, "ab", A, nbytes=10)
     state.add_keys(B, ["ab"])
     compute_on(state, "b", B, nbytes=10)
-    out, plan = state.retire_plan([A, B])
+    out, plan = elastic.retire_plan(state, [A, B])
     assert plan == {"ab": C, "b": C}
     assert acquires(out) == {C: {"ab": [A, B], "b": [B]}}
     assert {state.workers[w].status for w in (A, B)} == {"closing_gracefully"}
@@ -253,9 +254,9 @@ def test_retire_plan_of_several_workers_moves_keys_they_share(state):
 def test_retire_plan_never_sends_data_to_paused_or_retiring_workers(state):
     for w in (A, B, C):
         state.add_worker(w)
-    state.set_worker_status(B, "paused")
+    elastic.set_worker_status(state, B, "paused")
     compute_on(state, "x", A, nbytes=10)
-    out, plan = state.retire_plan([A])
+    out, plan = elastic.retire_plan(state, [A])
     assert plan == {"x": C}
     assert set(acquires(out)) == {C}
 
@@ -264,13 +265,13 @@ def test_retire_plan_without_recipients_maps_keys_to_empty_string(state):
     state.add_worker(A)
     state.add_worker(B)
     compute_on(state, "x", A, nbytes=10)
-    state.set_worker_status(B, "paused")
-    out, plan = state.retire_plan([A])
+    elastic.set_worker_status(state, B, "paused")
+    out, plan = elastic.retire_plan(state, [A])
     assert plan == {"x": ""}
     assert of_type(out, AcquireReplicasMsg) == []
     # Nothing was lost meanwhile.
     assert state.tasks["x"].state == "memory" and holders(state, "x") == {A}
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_retire_then_safe_remove_loses_nothing_and_is_not_suspicious():
@@ -280,7 +281,7 @@ def test_retire_then_safe_remove_loses_nothing_and_is_not_suspicious():
     compute_on(state, "x", A, nbytes=100)
     state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [A]}, loose_restrictions=["busy"])
     assert where(state, "busy") == A
-    out, plan = state.retire_plan([A])
+    out, plan = elastic.retire_plan(state, [A])
     recipient = plan["x"]
     assert recipient in (B, C)
     # The recipient fetched it.
@@ -296,7 +297,7 @@ def test_retire_then_safe_remove_loses_nothing_and_is_not_suspicious():
     assert ts.suspicious == 0 and ts.erred_on == set()
     assert computes(out) == {"busy": where(state, "busy")}
     assert where(state, "busy") in (B, C)
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_unsafe_remove_of_retiring_worker_still_counts():
@@ -305,7 +306,7 @@ def test_unsafe_remove_of_retiring_worker_still_counts():
     state.add_worker(A)
     state.add_worker(B)
     state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [A]}, loose_restrictions=["busy"])
-    state.retire_plan([A])
+    elastic.retire_plan(state, [A])
     out = state.remove_worker(A)
     (msg,) = of_type(out, TaskErredClientMsg)
     assert msg.key == "busy"
@@ -315,17 +316,17 @@ def test_dependent_of_data_on_retiring_worker_runs_elsewhere(state):
     state.add_worker(A)
     state.add_worker(B)
     compute_on(state, "x", A, nbytes=10)
-    state.retire_plan([A])
+    elastic.retire_plan(state, [A])
     out = state.update_graph("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]})
     assert computes(out) == {"y": B}
 
 
 def test_retired_worker_can_be_set_running_again(state):
     state.add_worker(A)
-    state.retire_plan([A])
+    elastic.retire_plan(state, [A])
     out = state.update_graph("c", {"q": SPEC}, ["q"])
     assert state.tasks["q"].state == "queued" and computes(out) == {}
-    out = state.set_worker_status(A, "running")
+    out = elastic.set_worker_status(state, A, "running")
     assert computes(out) == {"q": A}
 
 
@@ -338,11 +339,11 @@ def test_workers_to_close_idle_and_least_data_first(state):
     put(state, "b", [B], 300)
     put(state, "c", [C], 100)
     state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [D]})
-    assert state.workers_to_close(memory_ratio=0) == [A, C, B]  # D is busy
-    assert state.workers_to_close(memory_ratio=0, n=1) == [A]
-    assert state.workers_to_close(memory_ratio=0, n=2) == [A, C]
-    assert state.workers_to_close(memory_ratio=0, n=0) == []
-    assert state.workers_to_close(memory_ratio=0, attribute="name") == [A, C, B]
+    assert elastic.workers_to_close(state, memory_ratio=0) == [A, C, B]  # D is busy
+    assert elastic.workers_to_close(state, memory_ratio=0, n=1) == [A]
+    assert elastic.workers_to_close(state, memory_ratio=0, n=2) == [A, C]
+    assert elastic.workers_to_close(state, memory_ratio=0, n=0) == []
+    assert elastic.workers_to_close(state, memory_ratio=0, attribute="name") == [A, C, B]
 
 
 def test_workers_to_close_idle_before_busy(state):
@@ -350,29 +351,29 @@ def test_workers_to_close_idle_before_busy(state):
     state.add_worker(B)
     put(state, "a", [A], 10_000)  # A holds a lot, but B is busy
     state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [B]})
-    assert state.workers_to_close(memory_ratio=0, n=1) == [A]
+    assert elastic.workers_to_close(state, memory_ratio=0, n=1) == [A]
 
 
 def test_workers_to_close_target_and_minimum(state):
     for w in (A, B, C, D):
         state.add_worker(w)
-    assert len(state.workers_to_close(target=3)) == 1
-    assert len(state.workers_to_close(target=1)) == 3
-    assert state.workers_to_close(target=4) == []
-    assert state.workers_to_close(target=10) == []
-    assert len(state.workers_to_close(minimum=3)) == 1
-    assert len(state.workers_to_close(n=3, minimum=2)) == 2
+    assert len(elastic.workers_to_close(state, target=3)) == 1
+    assert len(elastic.workers_to_close(state, target=1)) == 3
+    assert elastic.workers_to_close(state, target=4) == []
+    assert elastic.workers_to_close(state, target=10) == []
+    assert len(elastic.workers_to_close(state, minimum=3)) == 1
+    assert len(elastic.workers_to_close(state, n=3, minimum=2)) == 2
     # Retiring workers are not counted nor proposed again.
-    state.retire_plan([A])
-    assert A not in state.workers_to_close()
-    assert len(state.workers_to_close(target=2)) == 1
+    elastic.retire_plan(state, [A])
+    assert A not in elastic.workers_to_close(state)
+    assert len(elastic.workers_to_close(state, target=2)) == 1
 
 
 def test_workers_to_close_attribute_name(state):
     state.add_worker(A, name="alice")
     state.add_worker(B, name="bob")
     put(state, "b", [B], 10)
-    assert state.workers_to_close(memory_ratio=0, n=1, attribute="name") == ["alice"]
+    assert elastic.workers_to_close(state, memory_ratio=0, n=1, attribute="name") == ["alice"]
 
 
 def test_workers_to_close_keeps_enough_memory(state):
@@ -381,9 +382,9 @@ def test_workers_to_close_keeps_enough_memory(state):
     put(state, "x", [C], 60)
     # 300 bytes of limits for 60 bytes: closing A leaves 200 >= 2 * 60, closing
     # B as well would leave 100 < 120.
-    assert state.workers_to_close() == [A]
-    assert state.workers_to_close(memory_ratio=1) == [A, B]
-    assert state.workers_to_close(memory_ratio=4) == []
+    assert elastic.workers_to_close(state) == [A]
+    assert elastic.workers_to_close(state, memory_ratio=1) == [A, B]
+    assert elastic.workers_to_close(state, memory_ratio=4) == []
 
 
 def test_workers_to_close_groups_closed_whole(state):
@@ -398,8 +399,8 @@ def test_workers_to_close_groups_closed_whole(state):
         return ws.host
 
     # h2 has a busy worker: the whole group stays.
-    assert sorted(state.workers_to_close(memory_ratio=0, key=by_host)) == [A, B]
-    assert state.workers_to_close(memory_ratio=0, key=by_host, minimum=3) == []
+    assert sorted(elastic.workers_to_close(state, memory_ratio=0, key=by_host)) == [A, B]
+    assert elastic.workers_to_close(state, memory_ratio=0, key=by_host, minimum=3) == []
 
 
 def test_workers_to_close_groups_respect_n_and_target(state):
@@ -410,18 +411,18 @@ def test_workers_to_close_groups_respect_n_and_target(state):
         return ws.host
 
     # "at most n workers" / "down to target workers": no 2-worker group fits.
-    assert state.workers_to_close(memory_ratio=0, key=by_host, n=1) == []
-    assert state.workers_to_close(memory_ratio=0, key=by_host, target=3) == []
+    assert elastic.workers_to_close(state, memory_ratio=0, key=by_host, n=1) == []
+    assert elastic.workers_to_close(state, memory_ratio=0, key=by_host, target=3) == []
 
 
 # ----------------------------------------------------------------------------- adaptive_target
 
 
 def test_adaptive_target_zero_without_work(state):
-    assert state.adaptive_target() == 0
+    assert elastic.adaptive_target(state) == 0
     state.add_worker(A)
     state.add_worker(B)
-    assert state.adaptive_target() == 0
+    assert elastic.adaptive_target(state) == 0
 
 
 def test_adaptive_target_grows_with_queued_work():
@@ -430,13 +431,13 @@ def test_adaptive_target_grows_with_queued_work():
     state.update_graph("c", dict.fromkeys(keys, SPEC), keys)
     assert {ts.state for ts in state.tasks.values()} == {"queued"}
     # 10 tasks of 0.5 s expected each: 5 s of work.
-    assert state.adaptive_target(target_duration=5) == 1
-    assert state.adaptive_target(target_duration=1) == 5
+    assert elastic.adaptive_target(state, target_duration=5) == 1
+    assert elastic.adaptive_target(state, target_duration=1) == 5
     # Never more workers than tasks.
-    assert state.adaptive_target(target_duration=0.01) == 10
+    assert elastic.adaptive_target(state, target_duration=0.01) == 10
     state.add_worker(A)
     assert len(state.workers[A].processing) == 2  # the rest stays queued
-    assert state.adaptive_target(target_duration=1) == 5
+    assert elastic.adaptive_target(state, target_duration=1) == 5
 
 
 def test_adaptive_target_grows_with_task_durations():
@@ -451,37 +452,37 @@ def test_adaptive_target_grows_with_task_durations():
     keys = [("slow", i) for i in range(1, 5)]
     state.update_graph("c", dict.fromkeys(keys, SPEC), keys)
     # 4 tasks of 4 s: 16 s of work; in 5 s that needs 4 workers.
-    assert state.adaptive_target(target_duration=5) == 4
+    assert elastic.adaptive_target(state, target_duration=5) == 4
     # The same number of quick tasks needs fewer workers.
     state.task_duration["slow"] = 0.1
-    state.reevaluate_occupancy()
-    assert state.adaptive_target(target_duration=5) == 1
+    elastic.reevaluate_occupancy(state)
+    assert elastic.adaptive_target(state, target_duration=5) == 1
 
 
 def test_adaptive_target_doubles_under_memory_pressure(state):
     state.add_worker(A, memory_limit=100)
     state.add_worker(B, memory_limit=100)
     put(state, "x", [A], 50)
-    assert state.adaptive_target() == 1  # no work: B may go, x fits in A with headroom
+    assert elastic.adaptive_target(state) == 1  # no work: B may go, x fits in A with headroom
     put(state, "y", [B], 80)  # 130 > 60% of 200
-    assert state.adaptive_target() == 4
+    assert elastic.adaptive_target(state) == 4
 
 
 def test_adaptive_target_never_below_busy_workers(state):
     for w in (A, B, C):
         state.add_worker(w)
     state.update_graph("c", {"t": SPEC, "u": SPEC}, ["t", "u"], restrictions={"t": [A], "u": [B]})
-    assert state.adaptive_target() == 2  # C may go, A and B run work
+    assert elastic.adaptive_target(state) == 2  # C may go, A and B run work
     state.update_graph("c", {"v": SPEC}, ["v"], restrictions={"v": [C]})
-    assert state.adaptive_target() == 3
+    assert elastic.adaptive_target(state) == 3
 
 
 def test_adaptive_target_ignores_retiring_workers(state):
     state.add_worker(A)
     state.add_worker(B)
     put(state, "a", [A], 1)
-    state.retire_plan([A])
-    assert state.adaptive_target() == 0
+    elastic.retire_plan(state, [A])
+    assert elastic.adaptive_target(state) == 0
 
 
 # ----------------------------------------------------------------------------- idle workers holding data
@@ -515,28 +516,28 @@ SIX = [f"tcp://10.0.1.{i}:100{i}" for i in range(6)]
 
 def test_idle_workers_holding_results_may_go_down_to_one(state):
     held_results_on_three_jobs(state, dict.fromkeys(SIX, 16))  # 96 results, 192 MB
-    sizing = state.adaptive_sizing()
+    sizing = elastic.adaptive_sizing(state)
     # 192 MB need 384 MB of limits: one worker of 1 GB is enough room.
     assert (sizing.target, sizing.work, sizing.busy, sizing.kept_for_data) == (1, 0, 0, 0)
-    assert state.adaptive_target() == 1
+    assert elastic.adaptive_target(state) == 1
     assert (sizing.stored, sizing.limit) == (192 * MB, 6000 * MB)
 
 
 def test_jobs_holding_the_least_data_are_closed_first_and_one_is_left(state):
     counts = [20, 20, 4, 4, 12, 12]
     jobs = held_results_on_three_jobs(state, dict(zip(SIX, counts, strict=True)))
-    closing = state.workers_to_close(key=job_of)
+    closing = elastic.workers_to_close(state, key=job_of)
     # job1 (16 results) then job2 (24); job0 is left to take the data.
     assert closing == jobs["job1"] + jobs["job2"]
-    assert state.workers_to_close(key=job_of, attribute="name") == [
+    assert elastic.workers_to_close(state, key=job_of, attribute="name") == [
         "job1-0", "job1-1", "job2-0", "job2-1"]
 
 
 def test_retiring_jobs_together_moves_each_key_once_to_the_workers_that_stay(state):
     jobs = held_results_on_three_jobs(state, dict(zip(SIX, [20, 20, 4, 4, 12, 12], strict=True)))
-    closing = state.workers_to_close(key=job_of)
+    closing = elastic.workers_to_close(state, key=job_of)
     unique = {ts.key for a in closing for ts in state.workers[a].has_what}
-    msgs, plan = state.retire_plan(closing)
+    msgs, plan = elastic.retire_plan(state, closing)
     stay = set(jobs["job0"])
     assert set(plan) == unique and len(unique) == 32
     assert set(plan.values()) == stay  # nothing lands on a worker that goes
@@ -552,9 +553,9 @@ def test_retiring_jobs_together_moves_each_key_once_to_the_workers_that_stay(sta
             state.add_keys(worker, [key])
     for a in closing:
         state.remove_worker(a, safe=True)
-    state.validate_state()
+    validation.validate_state(state)
     assert all(state.tasks[k].state == "memory" and holders(state, k) <= stay for k in unique)
-    assert state.adaptive_target() == 1
+    assert elastic.adaptive_target(state) == 1
 
 
 def test_idle_workers_whose_data_does_not_fit_are_kept_and_counted(state):
@@ -563,14 +564,14 @@ def test_idle_workers_whose_data_does_not_fit_are_kept_and_counted(state):
     for w in (A, B, C):
         put(state, f"x-{w}", [w], 40)
     # 120 bytes need 240 of limits: closing any worker leaves only 200.
-    sizing = state.adaptive_sizing()
+    sizing = elastic.adaptive_sizing(state)
     assert (sizing.target, sizing.work, sizing.kept_for_data) == (3, 0, 2)
-    assert state.workers_to_close() == []
+    assert elastic.workers_to_close(state) == []
     # A looser rule lets two of them go (one must stay to take the data).
-    loose = state.adaptive_sizing(memory_ratio=1)
+    loose = elastic.adaptive_sizing(state, memory_ratio=1)
     assert (loose.target, loose.kept_for_data) == (2, 1)
-    assert state.adaptive_target(memory_ratio=0) == 1
-    assert state.adaptive_sizing(memory_ratio=0).kept_for_data == 0
+    assert elastic.adaptive_target(state, memory_ratio=0) == 1
+    assert elastic.adaptive_sizing(state, memory_ratio=0).kept_for_data == 0
 
 
 def test_the_last_worker_holding_data_is_never_closed(state):
@@ -579,22 +580,22 @@ def test_the_last_worker_holding_data_is_never_closed(state):
     put(state, "a", [A], 10)
     put(state, "b", [B], 20)
     # No memory limits: the ratio rule cannot speak, but the data needs somewhere to go.
-    assert state.workers_to_close() == [A]
-    assert state.workers_to_close(memory_ratio=0) == [A]
-    assert state.adaptive_target() == 1
+    assert elastic.workers_to_close(state) == [A]
+    assert elastic.workers_to_close(state, memory_ratio=0) == [A]
+    assert elastic.adaptive_target(state) == 1
     state.client_releases_keys(["a", "b"], "c")
-    assert sorted(state.workers_to_close()) == sorted([A, B])
-    assert state.adaptive_target() == 0
+    assert sorted(elastic.workers_to_close(state)) == sorted([A, B])
+    assert elastic.adaptive_target(state) == 0
 
 
 def test_a_job_with_one_busy_worker_stays_while_its_idle_sibling_holds_data(state):
     jobs = held_results_on_three_jobs(state, dict.fromkeys(SIX[:4], 1))
     busy = jobs["job0"][0]
     state.update_graph("c", {"t": SPEC}, ["t"], restrictions={"t": [busy]})
-    assert state.workers_to_close(key=job_of) == jobs["job1"]
-    assert state.adaptive_sizing().busy == 1
+    assert elastic.workers_to_close(state, key=job_of) == jobs["job1"]
+    assert elastic.adaptive_sizing(state).busy == 1
     # The lone busy worker is kept; its idle sibling may go on its own (ungrouped count).
-    assert state.adaptive_target() == 1
+    assert elastic.adaptive_target(state) == 1
 
 
 # ----------------------------------------------------------------------------- replicate_plan
@@ -605,22 +606,22 @@ def test_replicate_plan_makes_n_copies_on_least_loaded_workers(state):
         state.add_worker(w)
     put(state, "x", [A], 10)
     put(state, "load", [B], 1000)
-    out, drops = state.replicate_plan(["x"], n=2, stimulus_id="rep")
+    out, drops = elastic.replicate_plan(state, ["x"], n=2, stimulus_id="rep")
     assert drops == {}
     assert acquires(out) == {C: {"x": [A]}}
     assert of_type(out, AcquireReplicasMsg)[0].nbytes == {"x": 10}
-    out, drops = state.replicate_plan(["x"])  # n=None: every worker
+    out, drops = elastic.replicate_plan(state, ["x"])  # n=None: every worker
     assert drops == {} and acquires(out) == {B: {"x": [A]}, C: {"x": [A]}}
     # Plans do not change the state until the workers report.
     assert holders(state, "x") == {A}
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_replicate_plan_n_larger_than_cluster_is_capped(state):
     state.add_worker(A)
     state.add_worker(B)
     put(state, "x", [A], 10)
-    out, drops = state.replicate_plan(["x"], n=10)
+    out, drops = elastic.replicate_plan(state, ["x"], n=10)
     assert acquires(out) == {B: {"x": [A]}} and drops == {}
 
 
@@ -630,12 +631,12 @@ def test_replicate_plan_drops_extra_replicas_from_most_loaded(state):
     put(state, "x", [A, B, C], 10)
     put(state, "heavy", [C], 1000)
     put(state, "medium", [B], 500)
-    out, drops = state.replicate_plan(["x"], n=1)
+    out, drops = elastic.replicate_plan(state, ["x"], n=1)
     assert out == []
     assert drops == {C: ["x"], B: ["x"]}
-    out, drops = state.replicate_plan(["x"], n=2)
+    out, drops = elastic.replicate_plan(state, ["x"], n=2)
     assert out == [] and drops == {C: ["x"]}
-    out, drops = state.replicate_plan(["x"], n=3)
+    out, drops = elastic.replicate_plan(state, ["x"], n=3)
     assert out == [] and drops == {}
 
 
@@ -643,9 +644,9 @@ def test_replicate_plan_only_uses_running_workers(state):
     for w in (A, B, C, D):
         state.add_worker(w)
     put(state, "x", [A], 10)
-    state.set_worker_status(B, "paused")
-    state.retire_plan([C])
-    out, drops = state.replicate_plan(["x"], n=4)
+    elastic.set_worker_status(state, B, "paused")
+    elastic.retire_plan(state, [C])
+    out, drops = elastic.replicate_plan(state, ["x"], n=4)
     assert acquires(out) == {D: {"x": [A]}} and drops == {}
 
 
@@ -654,7 +655,7 @@ def test_replicate_plan_restricted_to_workers_and_skips_unknown_keys(state):
         state.add_worker(w)
     put(state, "x", [A, B], 10)
     state.update_graph("c", {"pending": SPEC}, ["pending"], restrictions={"pending": [A]})
-    out, drops = state.replicate_plan(["x", "pending", "unknown"], n=1, workers=[C])
+    out, drops = elastic.replicate_plan(state, ["x", "pending", "unknown"], n=1, workers=[C])
     # Replicas outside the pool are not dropped; keys not in memory are skipped.
     assert acquires(out) == {C: {"x": [A, B]}} and drops == {}
 
@@ -664,7 +665,7 @@ def test_replicate_plan_never_drops_the_last_replica(state):
     state.add_worker(B)
     put(state, "x", [A, B], 10)
     try:
-        _, drops = state.replicate_plan(["x"], n=0)
+        _, drops = elastic.replicate_plan(state, ["x"], n=0)
     except ValueError:
         return
     dropped = {w for w, keys in drops.items() if "x" in keys}
@@ -679,12 +680,12 @@ def test_rebalance_plan_moves_largest_keys_to_the_emptiest_worker(state):
     state.add_worker(B)
     for key, nbytes in (("k40", 40), ("k30", 30), ("k20", 20), ("k10", 10)):
         put(state, key, [A], nbytes)
-    out, drops = state.rebalance_plan(stimulus_id="rb")
+    out, drops = elastic.rebalance_plan(state, stimulus_id="rb")
     # Mean 50: k40 fits on B, k30 and k20 would overshoot, k10 fills it up.
     assert acquires(out) == {B: {"k40": [A], "k10": [A]}}
     assert of_type(out, AcquireReplicasMsg)[0].nbytes == {"k40": 40, "k10": 10}
     assert {w: sorted(ks) for w, ks in drops.items()} == {A: ["k10", "k40"]}
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_rebalance_plan_many_senders_and_receivers(state):
@@ -693,7 +694,7 @@ def test_rebalance_plan_many_senders_and_receivers(state):
     for i in range(4):
         put(state, f"a{i}", [A], 10)
         put(state, f"b{i}", [B], 10)
-    out, drops = state.rebalance_plan()
+    out, drops = elastic.rebalance_plan(state)
     moved_to = acquires(out)
     assert set(moved_to) == {C, D}
     assert {w: len(ks) for w, ks in moved_to.items()} == {C: 2, D: 2}
@@ -708,23 +709,23 @@ def test_rebalance_plan_no_move_when_balanced(state):
     state.add_worker(B)
     put(state, "a", [A], 50)
     put(state, "b", [B], 50)
-    assert state.rebalance_plan() == ([], {})
+    assert elastic.rebalance_plan(state) == ([], {})
 
 
 def test_rebalance_plan_does_not_overshoot_the_mean(state):
     state.add_worker(A)
     state.add_worker(B)
     put(state, "huge", [A], 1000)  # cannot be split: moving it only swaps the imbalance
-    assert state.rebalance_plan() == ([], {})
+    assert elastic.rebalance_plan(state) == ([], {})
 
 
 def test_rebalance_plan_needs_two_running_workers(state):
     state.add_worker(A)
     put(state, "a", [A], 50)
-    assert state.rebalance_plan() == ([], {})
+    assert elastic.rebalance_plan(state) == ([], {})
     state.add_worker(B)
-    state.set_worker_status(B, "paused")
-    assert state.rebalance_plan() == ([], {})
+    elastic.set_worker_status(state, B, "paused")
+    assert elastic.rebalance_plan(state) == ([], {})
 
 
 def test_rebalance_plan_only_given_keys(state):
@@ -733,7 +734,7 @@ def test_rebalance_plan_only_given_keys(state):
     put(state, "x1", [A], 10)
     put(state, "x2", [A], 10)
     put(state, "other", [A], 1000)
-    out, drops = state.rebalance_plan(keys=["x1", "x2"])
+    out, drops = elastic.rebalance_plan(state, keys=["x1", "x2"])
     assert len(acquires(out)[B]) == 1
     assert "other" not in acquires(out)[B]
     assert len(drops[A]) == 1
@@ -749,16 +750,16 @@ def test_reevaluate_occupancy_uses_current_task_durations(state):
     ws = state.workers[A]
     assert ws.occupancy == pytest.approx(2 * DEFAULT_TASK_DURATION)
     state.task_duration["f"] = 3.0
-    state.reevaluate_occupancy()
+    elastic.reevaluate_occupancy(state)
     assert ws.occupancy == pytest.approx(6.0)
     assert set(ws.processing.values()) == {3.0}
-    state.validate_state()
+    validation.validate_state(state)
     # A seceded (long-running) task no longer counts.
     state.handle_long_running(f1, A)
-    state.reevaluate_occupancy()
+    elastic.reevaluate_occupancy(state)
     assert ws.processing[state.tasks[f1]] == 0.0
     assert ws.occupancy == pytest.approx(3.0)
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_reevaluate_occupancy_includes_transfer_cost(state):
@@ -769,9 +770,9 @@ def test_reevaluate_occupancy_includes_transfer_cost(state):
     compute_on(state, "x", A, nbytes=int(BANDWIDTH))  # one second to move
     state.update_graph("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]}, restrictions={"y": [B]})
     state.task_duration["y"] = 2.0
-    state.reevaluate_occupancy()
+    elastic.reevaluate_occupancy(state)
     assert state.workers[B].occupancy == pytest.approx(3.0)
-    state.validate_state()
+    validation.validate_state(state)
 
 
 # ----------------------------------------------------------------------------- _restart_state
@@ -788,7 +789,7 @@ def test_restart_state_forgets_everything_and_cancels_client_keys(state):
     put(state, "s", [B], 5, client="c1")
     states_before = {ts.state for ts in state.tasks.values()}
     assert {"memory", "processing", "queued", "no-worker"} <= states_before
-    out = state._restart_state("restart-1")
+    out = elastic.restart_state(state, "restart-1")
     assert all(isinstance(m, CancelledKeyMsg) for m in out)
     assert {(m.client, m.key) for m in out} == {
         ("c1", "y"), ("c1", "s"), ("c2", "y"), ("c2", "r"),
@@ -800,7 +801,7 @@ def test_restart_state_forgets_everything_and_cancels_client_keys(state):
         assert not ws.processing and not ws.has_what and ws.nbytes == 0 and ws.occupancy == 0
         assert ws.address in state.idle
     assert all(not cs.wants_what for cs in state.clients.values())
-    state.validate_state()
+    validation.validate_state(state)
     # The machine works normally afterwards.
     out = state.update_graph("c1", {"x": SPEC}, ["x"])
     assert set(computes(out)) == {"x"}

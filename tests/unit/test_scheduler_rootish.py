@@ -8,6 +8,7 @@ inputs (a matmul's blocks) still go straight to the worker holding their data.
 
 from __future__ import annotations
 
+from runtime.scheduler import validation
 from runtime.scheduler.records import ComputeTaskMsg
 from runtime.scheduler.state import SchedulerState
 
@@ -85,4 +86,4 @@ def test_queued_rootish_task_waits_again_when_its_input_is_lost():
     state.remove_worker(A)  # the only copy of the input is gone
     assert state.tasks["array"].state in ("processing", "queued", "waiting")
     assert all(state.tasks[k].state == "waiting" for k in queued)
-    state.validate_state()
+    validation.validate_state(state)

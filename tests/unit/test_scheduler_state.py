@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from runtime.errors import InvalidStateError, InvalidTransition, KilledWorker, ScatteredDataLost
+from runtime.scheduler import validation
 from runtime.scheduler.events import (
     AddKeysEvent,
     AddWorkerEvent,
@@ -300,7 +301,7 @@ def test_invalid_transition_raises_and_changes_nothing(state, setup_state, finis
     assert repr(finish) in str(err)
     assert state.tasks["x"].state == setup_state
     assert len(state.log.entries) == n_entries
-    state.validate_state()
+    validation.validate_state(state)
 
 
 def test_transition_to_current_state_is_a_noop(state):
@@ -391,10 +392,10 @@ def test_validate_state_detects_corruption(state, corrupt):
     state.update_graph("c", {"x": SPEC, "x2": SPEC, "q": SPEC, "y": SPEC}, ["x", "x2", "q", "y"],
                        dependencies={"y": ["x"]})
     assert states(state) == {"x": "processing", "x2": "processing", "q": "queued", "y": "waiting"}
-    state.validate_state()
+    validation.validate_state(state)
     corrupt(state)
     with pytest.raises(InvalidStateError):
-        state.validate_state()
+        validation.validate_state(state)
 
 
 def test_validate_runs_after_every_stimulus(state):
@@ -413,7 +414,7 @@ def test_validate_task_names_the_task(state):
     ts = state.tasks["x"]
     ts.state = "memory"  # claimed in memory, held nowhere
     with pytest.raises(InvalidStateError, match="'x'"):
-        state.validate_task(ts)
+        validation.validate_task(state, ts)
 
 
 def test_add_worker_rejects_duplicate_address_and_name(state):
@@ -569,9 +570,9 @@ def test_dependent_goes_to_worker_with_most_data(state):
     assert msg.who_has == {"big": [A], "small": [B]}
     assert msg.nbytes == {"big": 10**9, "small": 10}
     z = state.tasks["z"]
-    assert state.get_comm_cost(z, state.workers[A]) == pytest.approx(10 / BANDWIDTH)
-    assert state.get_comm_cost(z, state.workers[B]) == pytest.approx(10**9 / BANDWIDTH)
-    assert state.get_comm_cost(z, state.workers[C]) == pytest.approx((10**9 + 10) / BANDWIDTH)
+    assert state.placement.get_comm_cost(z, state.workers[A]) == pytest.approx(10 / BANDWIDTH)
+    assert state.placement.get_comm_cost(z, state.workers[B]) == pytest.approx(10**9 / BANDWIDTH)
+    assert state.placement.get_comm_cost(z, state.workers[C]) == pytest.approx((10**9 + 10) / BANDWIDTH)
     # The expected duration sent along includes the transfer.
     assert msg.duration == pytest.approx(DEFAULT_TASK_DURATION + 10 / BANDWIDTH)
     assert ts_big.get_nbytes() == 10**9
@@ -587,10 +588,10 @@ def test_worker_objective_weighs_queue_and_transfer(state):
     wa, wb = state.workers[A], state.workers[B]
     # z went to B (no transfer); now B is busy.
     assert z.processing_on is wb
-    assert state.worker_objective(z, wa) == (wa.occupancy / 2 + 2.0, wa.nbytes)
-    assert state.worker_objective(z, wb) == (wb.occupancy + 0.0, wb.nbytes)
-    assert state.get_task_duration(z) == DEFAULT_TASK_DURATION
-    assert state.get_task_duration(z, default=9.0) == 9.0
+    assert state.placement.worker_objective(z, wa) == (wa.occupancy / 2 + 2.0, wa.nbytes)
+    assert state.placement.worker_objective(z, wb) == (wb.occupancy + 0.0, wb.nbytes)
+    assert state.placement.get_task_duration(z) == DEFAULT_TASK_DURATION
+    assert state.placement.get_task_duration(z, default=9.0) == 9.0
 
 
 def test_data_holder_preferred_even_when_busier(state):
@@ -660,8 +661,8 @@ def test_resource_restrictions(state):
     assert placed["y"] in (A, B)
     msg = next(m for m in of_type(out, ComputeTaskMsg) if m.key == "x")
     assert msg.resource_restrictions == {"GPU": 2}
-    assert state.valid_workers(state.tasks["x"]) == {state.workers[B]}
-    assert state.valid_workers(state.tasks["y"]) == {state.workers[A], state.workers[B]}
+    assert state.placement.valid_workers(state.tasks["x"]) == {state.workers[B]}
+    assert state.placement.valid_workers(state.tasks["y"]) == {state.workers[A], state.workers[B]}
 
 
 def test_resource_and_worker_restrictions_intersect(state):
@@ -669,13 +670,13 @@ def test_resource_and_worker_restrictions_intersect(state):
     state.add_worker(B)
     state.update_graph("c", {"x": SPEC}, ["x"], restrictions={"x": [B]}, resources={"x": {"GPU": 1}})
     assert state.tasks["x"].state == "no-worker"
-    assert state.valid_workers(state.tasks["x"]) == set()
+    assert state.placement.valid_workers(state.tasks["x"]) == set()
 
 
 def test_unrestricted_task_has_no_valid_worker_set(state):
     state.add_worker(A)
     state.update_graph("c", {"x": SPEC}, ["x"])
-    assert state.valid_workers(state.tasks["x"]) is None
+    assert state.placement.valid_workers(state.tasks["x"]) is None
 
 
 def test_loose_restrictions_fall_back_to_any_worker(state):
@@ -1200,10 +1201,10 @@ def test_check_idle_saturated_respects_status(state):
     state.add_worker(A)
     ws = state.workers[A]
     ws.status = "paused"
-    state.check_idle_saturated(ws)
+    state.placement.check_idle_saturated(ws)
     assert A not in state.idle and ws not in state.saturated
     ws.status = "running"
-    state.check_idle_saturated(ws)
+    state.placement.check_idle_saturated(ws)
     assert state.idle == {A: ws}
 
 
