@@ -15,7 +15,14 @@ so this module speaks just enough HTTP/1.1:
   :data:`IDLE_TIMEOUT` idle seconds;
 * a malformed request is answered ``400`` and its connection closed; a route
   that raises is answered ``500`` and logged.  Nothing a peer sends stops the
-  server.
+  server;
+* connections are bounded: the server accepts them itself, gives a TLS
+  handshake :data:`HANDSHAKE_TIMEOUT` seconds, holds at most
+  :data:`MAX_UNAUTHORISED` connections that have not yet made an authorised
+  request (:data:`MAX_UNAUTHORISED_PER_PEER` per peer host; an old one makes
+  room for a newcomer, see :class:`runtime.comm.admission.Admission`) and at
+  most :data:`MAX_CONNECTIONS` in all; a refused request (``403``) closes its
+  connection, and refusals and failed handshakes are logged at a bounded rate.
 
 With an ``ssl.SSLContext`` the same routes are served over HTTPS.  With a
 ``token`` every request must be authorised: by a client certificate the
@@ -23,8 +30,11 @@ context verified (Prometheus or a Python client holding the cluster's
 credentials), by ``Authorization: Bearer <token>``, by ``?token=<token>``
 (the link a user opens in a browser; it also sets an ``HttpOnly``,
 ``SameSite=Strict`` cookie so the page's own requests need no token), or by
-that cookie.  Anything else is answered ``403``.  :meth:`HTTPServer.close`
-closes the listener and every open connection.
+that cookie.  Anything else is answered ``403``.  The cookie is named after
+the server's port (:attr:`HTTPServer.cookie_name`): browsers keep cookies per
+host, not per port, so the pages of several clusters on one host each keep
+their own.  :meth:`HTTPServer.close` closes the listener and every open
+connection.
 """
 
 from __future__ import annotations
@@ -33,10 +43,15 @@ import asyncio
 import errno
 import hmac
 import logging
+import socket
 import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from .comm.admission import Admission
+from .system import raise_fd_limit
+from .utils import unparse_host_port
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +62,17 @@ HEAD_TIMEOUT = 10.0
 #: Seconds an idle keep-alive connection stays open.
 IDLE_TIMEOUT = 15.0
 
-#: Cookie that carries the access token after a ``?token=`` request.
+#: Seconds a client has to complete the TLS handshake (asyncio's default is 60).
+HANDSHAKE_TIMEOUT = 10.0
+#: Most connections open at once; a newcomer beyond is closed at once.
+MAX_CONNECTIONS = 256
+#: Most connections open at once that have not made an authorised request yet.
+MAX_UNAUTHORISED = 128
+#: Of those, most from one peer host.
+MAX_UNAUTHORISED_PER_PEER = 32
+
+#: Prefix of the cookie that carries the access token after a ``?token=``
+#: request; the cookie itself is ``<prefix>_<port>`` (:attr:`HTTPServer.cookie_name`).
 TOKEN_COOKIE = "hpc_cluster_token"
 
 _REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
@@ -160,15 +185,29 @@ class HTTPServer:
         self.ssl_context = ssl_context
         self.token = token
         self.name = name
-        self.server: asyncio.base_events.Server | None = None
         self.host = ""
         self.port = 0
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resume: asyncio.TimerHandle | None = None
+        self._tasks: dict[asyncio.Task, socket.socket | None] = {}  # socket: not yet handed over
         self._writers: set[asyncio.StreamWriter] = set()
+        self.admission: Admission | None = None
         self.requests_served = 0
 
     @property
     def scheme(self) -> str:
         return "https" if self.ssl_context is not None else "http"
+
+    @property
+    def cookie_name(self) -> str:
+        """The token cookie's name: one per port, so clusters on one host do not share it."""
+        return f"{TOKEN_COOKIE}_{self.port}"
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (handshaking, reading or idle)."""
+        return len(self._tasks)
 
     async def listen(self, host: str, port: int, fallback_to_random: bool = True) -> int:
         """Listen on ``host:port`` and return the port.
@@ -180,35 +219,128 @@ class HTTPServer:
         Raises:
             OSError: the address cannot be used.
         """
+        raise_fd_limit()
+        loop = asyncio.get_running_loop()
         try:
-            self.server = await asyncio.start_server(self._serve, host, port, ssl=self.ssl_context,
-                                                     limit=MAX_HEAD, backlog=64)
+            sock = await self._bind(loop, host, port)
         except OSError as e:
             if not (fallback_to_random and port and e.errno == errno.EADDRINUSE):
                 raise
-            self.server = await asyncio.start_server(self._serve, host, 0, ssl=self.ssl_context,
-                                                     limit=MAX_HEAD, backlog=64)
+            sock = await self._bind(loop, host, 0)
             logger.warning("%s: port %d is in use; serving on port %d instead", self.name, port,
-                           self.server.sockets[0].getsockname()[1])
+                           sock.getsockname()[1])
+        self._sock, self._loop = sock, loop
         self.host = host
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.port = sock.getsockname()[1]
+        self.admission = Admission(
+            f"{self.name} at {unparse_host_port(host, self.port)}",
+            "TLS handshake" if self.ssl_context is not None else "connection",
+            MAX_UNAUTHORISED, MAX_UNAUTHORISED_PER_PEER, log=logger)
+        loop.add_reader(sock.fileno(), self._on_readable)
         return self.port
+
+    @staticmethod
+    async def _bind(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        family, type_, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(128)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(64):
+            try:
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # out of descriptors or memory: back off for a second
+                logger.error("%s: accepting connections failed (%s); trying again in 1 s",
+                             self.name, e)
+                self._loop.remove_reader(sock.fileno())
+                self._resume = self._loop.call_later(1.0, self._resume_accepting)
+                return
+            if len(self._tasks) >= MAX_CONNECTIONS:
+                conn.close()
+                self.admission.refuse()
+                continue
+            host = addr[0] if isinstance(addr, tuple) else str(addr)
+            peer = unparse_host_port(*addr[:2]) if isinstance(addr, tuple) else host
+            tasks: list[asyncio.Task] = []
+            token = self.admission.admit(host, lambda tasks=tasks: tasks[0].cancel())
+            if token is None:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            task = asyncio.ensure_future(self._connection(conn, peer, token))
+            tasks.append(task)
+            self._tasks[task] = conn
+            task.add_done_callback(self._connection_done)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if self._sock is not None:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _connection_done(self, task: asyncio.Task) -> None:
+        conn = self._tasks.pop(task, None)
+        if conn is not None:  # cancelled before it ran: the socket is still ours
+            conn.close()
+
+    async def _connection(self, conn: socket.socket, peer: str, token: int) -> None:
+        """Handshake (with a deadline), then serve requests; ``token`` is our admission."""
+        self._tasks[asyncio.current_task()] = None  # the transport owns the socket now
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_HEAD, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self.ssl_context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl_context is not None else None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.admission.done(token, peer, e)
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        try:
+            await self._serve(reader, writer, token, peer)
+        finally:
+            self.admission.done(token)  # no-op once an authorised request released it
 
     async def close(self) -> None:
         """Stop listening and close every open connection."""
-        if self.server is not None:
-            self.server.close()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._resume is not None:
+                self._resume.cancel()
+                self._resume = None
+            else:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
         for w in list(self._writers):
             w.transport.abort()
         self._writers.clear()
-        if self.server is not None:
-            try:
-                await asyncio.wait_for(self.server.wait_closed(), 2.0)
-            except (asyncio.TimeoutError, OSError):  # pragma: no cover
-                pass
-            self.server = None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        if self.admission is not None:
+            self.admission.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     token: int | None = None, peer: str = "") -> None:
         self._writers.add(writer)
         try:
             first = True
@@ -233,18 +365,29 @@ class HTTPServer:
                 how = self._authorised(request, writer)
                 if how is None:
                     # %r: a path with an encoded newline must not forge a log line.
-                    logger.warning("%s: refused %s %r from %s: no valid token or certificate",
-                                   self.name, request.method, request.path[:200],
-                                   writer.get_extra_info("peername"))
+                    reason = (f"{request.method} {request.path[:200]!r} without a valid token "
+                              "or certificate")
+                    if token is not None:
+                        self.admission.done(token)
+                        token = None
+                    if self.admission is not None:  # logged at a bounded rate
+                        self.admission.failed(peer, reason, label="requests refused",
+                                              template="refused {reason} from {address}")
+                    else:  # pragma: no cover - not listening
+                        logger.warning("%s: refused %s from %s", self.name, reason, peer)
                     response = Response("this page needs the cluster's access token: open the "
                                         "dashboard_link the cluster reports (it ends in "
                                         "?token=...)\n", 403)
+                    keep_alive = False  # no idle connections for those without the token
                 else:
+                    if token is not None and self.admission is not None:
+                        self.admission.done(token)  # authorised: no longer counted as pending
+                        token = None
                     response = await self._respond(request)
                     if how == "query":
                         response.headers["Set-Cookie"] = (
-                            f"{TOKEN_COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
-                            + ("; Secure" if self.ssl_context is not None else ""))
+                            f"{self.cookie_name}={self.token}; Path=/; HttpOnly; "
+                            "SameSite=Strict" + ("; Secure" if self.ssl_context is not None else ""))
                 writer.write(render(response, head_only=request.method == "HEAD",
                                     keep_alive=keep_alive))
                 self.requests_served += 1
@@ -277,9 +420,10 @@ class HTTPServer:
         auth = request.headers.get("authorization", "")
         if auth[:7].lower() == "bearer " and same(auth[7:].strip()):
             return "header"
+        cookie = self.cookie_name
         for part in request.headers.get("cookie", "").split(";"):
             name, _, value = part.strip().partition("=")
-            if name == TOKEN_COOKIE and same(value):
+            if name == cookie and same(value):
                 return "cookie"
         return None
 

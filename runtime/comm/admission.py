@@ -92,11 +92,11 @@ class Admission:
         self._per_peer: Counter[str] = Counter()
         self._tokens = itertools.count()
         # this interval's failures beyond the full lines, and connections the caps closed
-        self._reasons: Counter[str] = Counter()
-        self._peers: Counter[str] = Counter()
+        self._reasons: Counter[tuple[str, str]] = Counter()  # (label, reason)
+        self._peers: Counter[tuple[str, str]] = Counter()  # (label, address)
         self._refused = 0
         self._cut = 0
-        self._logged: set[str] = set()
+        self._logged: set[tuple[str, str]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._since_trim = 0
         #: Totals since the start, for tests and diagnostics.
@@ -145,6 +145,10 @@ class Admission:
             return True
         return False  # pragma: no cover - the caps imply an entry
 
+    def refuse(self) -> None:
+        """Count a connection closed at once for another cap of the owner's (logged per interval)."""
+        self._note_refused()
+
     def _note_refused(self) -> None:
         self._refused += 1
         self.refused_total += 1
@@ -174,17 +178,32 @@ class Admission:
         entry = self._release(token)
         if entry is None or error is None:
             return
+        self.failed(address or entry.peer, error)
+
+    def failed(self, address: str, error: BaseException | str, label: str = "",
+               template: str = "") -> None:
+        """Log (at a bounded rate) that the connection from ``address`` failed: ``error``.
+
+        Args:
+            address: the peer's ``host:port``.
+            error: an exception or the reason as text.
+            label: what happened, for the summary line (default ``"<what>s failed"``).
+            template: the full line, with ``{address}`` and ``{reason}`` (default:
+                ``"<what> with {address} failed; connection closed unread: {reason}"``).
+        """
         reason = error if isinstance(error, str) else describe(error)
+        label = label or f"{self.what}s failed"
         self.failed_total += 1
         self._since_trim += 1
         self._arm()
-        if reason not in self._logged and len(self._logged) < FULL_LINES:
-            self._logged.add(reason)
-            self.log.warning("%s: %s with %s failed; connection closed unread: %s",
-                             self.name, self.what, address or entry.peer, reason)
+        if (label, reason) not in self._logged and len(self._logged) < FULL_LINES:
+            self._logged.add((label, reason))
+            text = (template or f"{self.what} with {{address}} failed; connection closed "
+                    "unread: {reason}").format(address=address, reason=reason)
+            self.log.warning("%s: %s", self.name, text)
             return
-        self._reasons[reason] += 1
-        self._peers[address or entry.peer] += 1
+        self._reasons[label, reason] += 1
+        self._peers[label, address] += 1
 
     # ------------------------------------------------------------------ the log
 
@@ -208,19 +227,19 @@ class Admission:
             self._arm()
 
     def _summarise(self, seconds: float | None) -> bool:
-        failed = sum(self._reasons.values())
-        if not (failed or self._refused or self._cut):
+        if not (self._reasons or self._refused or self._cut):
             return False
         parts = []
-        if failed:
-            reasons = ", ".join(f"{r} x{n}" for r, n in self._reasons.most_common(4))
-            if len(self._reasons) > 4:
-                reasons += ", ..."
-            peers = ", ".join(p for p, _ in self._peers.most_common(EXAMPLE_PEERS))
-            if len(self._peers) > EXAMPLE_PEERS:
-                peers += f" and {len(self._peers) - EXAMPLE_PEERS} more"
-            parts.append(f"{failed} more {self.what}s failed, connections closed unread "
-                         f"({reasons}), from {peers}")
+        for label in dict.fromkeys(label for label, _ in self._reasons):
+            reasons = Counter({r: n for (lb, r), n in self._reasons.items() if lb == label})
+            peers = Counter({a: n for (lb, a), n in self._peers.items() if lb == label})
+            text = ", ".join(f"{r} x{n}" for r, n in reasons.most_common(4))
+            if len(reasons) > 4:
+                text += ", ..."
+            who = ", ".join(a for a, _ in peers.most_common(EXAMPLE_PEERS))
+            if len(peers) > EXAMPLE_PEERS:
+                who += f" and {len(peers) - EXAMPLE_PEERS} more"
+            parts.append(f"{sum(reasons.values())} more {label} ({text}), from {who}")
         if self._refused or self._cut:
             parts.append(f"{self._refused + self._cut} connections were closed unread to stay "
                          f"within {self.max_pending} pending {self.what}s ({self.max_per_peer} "

@@ -20,7 +20,7 @@ import pytest
 
 from runtime import Client, Scheduler, Security
 from runtime.http import TOKEN_COOKIE
-from tests.helpers import gen_cluster, gen_test, until
+from tests.helpers import gen_cluster, gen_test, until, until_sync
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -181,11 +181,17 @@ async def test_dashboard_is_https_and_needs_the_token_or_a_cluster_certificate()
             assert status == 403 and "token" in text, url
         # The link itself opens the page and hands out the cookie for the page's own requests.
         cookie = await asyncio.get_running_loop().run_in_executor(None, _cookie_of, link, anonymous)
-        assert cookie.startswith(f"{TOKEN_COOKIE}={token};") and "HttpOnly" in cookie
+        # Named per port: browsers keep cookies per host, and other clusters may share it.
+        name = f"{TOKEN_COOKIE}_{s.http_server.port}"
+        assert s.http_server.cookie_name == name
+        assert cookie.startswith(f"{name}={token};") and "HttpOnly" in cookie
         assert "Secure" in cookie and "SameSite=Strict" in cookie
         status, _, _ = await fetch(f"{base(s)}/metrics", anonymous,
-                                        headers={"Cookie": f"{TOKEN_COOKIE}={token}"})
+                                        headers={"Cookie": f"{name}={token}"})
         assert status == 200
+        status, _, _ = await fetch(f"{base(s)}/metrics", anonymous,  # another port's name
+                                   headers={"Cookie": f"{TOKEN_COOKIE}_1={token}"})
+        assert status == 403
         status, _, text = await fetch(f"{base(s)}/metrics", anonymous,
                                            headers={"Authorization": f"Bearer {token}"})
         assert status == 200 and "cluster_scheduler_workers" in text
@@ -415,3 +421,121 @@ async def test_tls_page_opens_in_chromium_from_its_link_alone():
         assert seen["polls"] >= 2 and seen["workers"] == 0, seen
         refused = await run_chromium(binary, *args, s.dashboard_link.split("?", 1)[0])
         assert "access token" in refused and "data-polls" not in refused
+
+
+class WebDriver:
+    """A headless Chromium driven through chromedriver's WebDriver HTTP API (loopback only).
+
+    One browser, one profile, several page loads: what a user does with tabs
+    of several clusters.  ``close()`` ends the session and kills chromedriver's
+    whole process group (the browser included).
+    """
+
+    def __init__(self, binary: str, profile: str):
+        driver = shutil.which("chromedriver")
+        if driver is None:
+            if os.environ.get("CLUSTER_REQUIRE_BROWSER") == "1":
+                pytest.fail("chromedriver is not installed (run scripts/browser.sh); "
+                            "CLUSTER_REQUIRE_BROWSER=1")
+            pytest.skip("chromedriver is not installed (scripts/browser.sh installs it)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen([driver, f"--port={self.port}", "--allowed-ips=127.0.0.1"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.session = ""
+        try:
+            until_sync(self._ready, timeout=30, interval=0.1, what="chromedriver to listen")
+            caps = {"browserName": "chrome", "acceptInsecureCerts": True,
+                    "goog:chromeOptions": {"binary": binary,
+                                           "args": [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]}}
+            self.session = self.call("POST", "/session",
+                                     {"capabilities": {"alwaysMatch": caps}})["sessionId"]
+        except BaseException:
+            self.close()
+            raise
+
+    def _ready(self) -> bool:
+        try:
+            return bool(self.call("GET", "/status")["ready"])
+        except OSError:
+            return False
+
+    def call(self, method: str, path: str, body: dict | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                     method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())["value"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"WebDriver {method} {path}: {e.read()[:500]!r}") from None
+
+    def open(self, url: str) -> None:
+        self.call("POST", f"/session/{self.session}/url", {"url": url})
+
+    def dom(self) -> str:
+        return self.call("POST", f"/session/{self.session}/execute/sync",
+                         {"script": "return document.documentElement.outerHTML", "args": []})
+
+    def cookies(self) -> set[str]:
+        return {c["name"] for c in self.call("GET", f"/session/{self.session}/cookie")}
+
+    def close(self) -> None:
+        try:
+            if self.session:
+                self.call("DELETE", f"/session/{self.session}")
+        except (OSError, AssertionError):
+            pass
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+
+@pytest.mark.timeout(180)
+@gen_test(timeout=160)
+async def test_two_clusters_pages_side_by_side_in_one_browser():
+    """Two TLS schedulers on one host, one browser: each link sets its own cookie (named per
+    port), so after opening the second cluster's page the first one's still loads without
+    its token, and both keep polling.  (With one cookie name for all, the second link's
+    cookie replaced the first and locked the browser out of the first cluster.)"""
+    binary = chromium_binary()
+    loop = asyncio.get_running_loop()
+
+    def run(fn, *args):
+        return loop.run_in_executor(None, fn, *args)
+
+    async def polls_of(driver: WebDriver, url: str) -> dict:
+        await run(driver.open, url)
+        deadline = time.monotonic() + 30
+        while True:  # bounded: the page polls every 500 ms
+            seen = observe(await run(driver.dom))
+            if seen["polls"] >= 2 or time.monotonic() > deadline:
+                return seen
+            await asyncio.sleep(0.2)
+
+    async with Scheduler(security=Security.temporary(), dashboard_address="127.0.0.1:0") as a, \
+            Scheduler(security=Security.temporary(), dashboard_address="127.0.0.1:0") as b:
+        assert a.http_server.cookie_name != b.http_server.cookie_name
+        with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+            driver = await run(WebDriver, binary, profile)
+            try:
+                for s in (a, b):  # each from its link (with the token)
+                    assert (await polls_of(driver, s.dashboard_link))["polls"] >= 2
+                assert {a.http_server.cookie_name, b.http_server.cookie_name} <= await run(
+                    driver.cookies)
+                for s in (a, b):  # and again without: each page's own cookie is still there
+                    seen = await polls_of(driver, s.dashboard_link.split("?", 1)[0])
+                    assert seen["polls"] >= 2, (s.dashboard_link, seen)
+                # A third page without a cookie of its own is still refused.
+                async with Scheduler(security=Security.temporary(),
+                                     dashboard_address="127.0.0.1:0") as c:
+                    await run(driver.open, c.dashboard_link.split("?", 1)[0])
+                    assert "access token" in await run(driver.dom)
+            finally:
+                await run(driver.close)

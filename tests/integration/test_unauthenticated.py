@@ -172,3 +172,61 @@ async def test_caps_per_peer_and_overall_cut_the_oldest_stalled_handshake(sec, m
             for _, writer in stalled:
                 writer.close()
         await until(lambda: listener.admission.pending == 0, what="the stalled ones to go")
+
+
+@gen_test(timeout=60)
+async def test_status_page_cuts_slow_handshakes_and_caps_unauthorised_connections(
+        sec, monkeypatch, caplog):
+    from runtime import http
+
+    caplog.set_level(logging.WARNING, logger="runtime.http")
+    monkeypatch.setattr(http, "HANDSHAKE_TIMEOUT", 0.5)  # 10 s by default (asyncio's: 60 s)
+    monkeypatch.setattr(admission, "EVICT_AFTER", 0.3)
+    async with Scheduler(security=sec, dashboard_address="127.0.0.1:0") as s:
+        server = s.http_server
+        port = server.port
+        # One that says nothing is cut after the handshake timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            start = time.monotonic()
+            try:
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            except ConnectionResetError:
+                pass
+            assert time.monotonic() - start < 5
+        finally:
+            writer.close()
+        await until(lambda: "TLS handshake with 127.0.0.1:" in caplog.text, what="the log line")
+        # A flood from 8 hosts: at most MAX_UNAUTHORISED held (32 per host), the rest closed.
+        monkeypatch.setattr(http, "HANDSHAKE_TIMEOUT", 30)
+        flood = []
+        try:
+            for i in range(400):
+                try:
+                    flood.append(await asyncio.open_connection(
+                        "127.0.0.1", port, local_addr=(f"127.0.0.{2 + i % 8}", 0)))
+                except OSError:
+                    pass
+                assert server.connections <= http.MAX_UNAUTHORISED
+            await until(lambda: server.admission.pending == http.MAX_UNAUTHORISED,
+                        what="the caps to fill")
+            assert server.admission.refused_total + server.admission.cut_total > 0
+            # The link still opens the page (a stalled connection makes room).
+            token = s.dashboard_link.split("?token=", 1)[1]
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+            try:
+                w.write(f"GET /health?token={token} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+                assert (await asyncio.wait_for(r.read(), 10)).startswith(b"HTTP/1.1 200 ")
+            finally:
+                w.close()
+        finally:
+            for _, w in flood:
+                w.close()
+        await until(lambda: server.connections == 0, what="the flood's connections to close")
+        await until(lambda: "connections were closed unread to stay within" in caplog.text,
+                    timeout=15, what="the summary line")
+        lines = [r for r in caplog.records if r.name == "runtime.http"]
+        assert len(lines) < 20, [r.getMessage() for r in lines]
