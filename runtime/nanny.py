@@ -27,6 +27,10 @@ above ``memory_terminate_fraction * memory_limit`` the worker is unregistered
 (its running tasks count as having killed a worker, towards the scheduler's
 ``allowed_failures``) and terminated -- SIGTERM, SIGKILL after
 :attr:`Nanny.memory_terminate_grace` seconds -- and the watcher restarts it.
+On Linux the RSS is read through a descriptor of ``/proc/<pid>/statm`` opened
+once per worker process, so the monitor keeps enforcing the limit when the
+process has run out of descriptors (a flood of connections to a scheduler in
+the same process): a failed check is logged once, not once per interval.
 
 Starting, killing and restarting the child are serialised by one lock.  The
 child closes itself when its stdin pipe reaches end-of-file, so even a nanny
@@ -36,6 +40,7 @@ that dies without closing leaves no orphan worker behind.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import json
 import logging
@@ -61,6 +66,8 @@ from .utils import (
 from .worker import Worker, parse_memory_limit
 
 logger = logging.getLogger(__name__)
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 #: Worker options the nanny sets itself; ``**worker_kwargs`` may not override them.
 _NANNY_OWNED = frozenset({
@@ -229,6 +236,8 @@ class Nanny(Server):
         self._memory_victim: WorkerProcess | None = None
         self._listen_host: str | None = None
         self._listen_protocol = protocol or "tcp"
+        self._statm: tuple[int, int] | None = None  # (pid, descriptor of /proc/<pid>/statm)
+        self._monitor_failing = False
         self.handlers.update({
             "instantiate": self.instantiate,
             "kill": self.kill,
@@ -499,6 +508,7 @@ class Nanny(Server):
                 wp.stopping = True
                 await wp.close(timeout=timeout)
         await self._close_listeners_and_comms()
+        self._close_statm()
         self._mark_closed()
         return "OK"
 
@@ -509,8 +519,62 @@ class Nanny(Server):
             await asyncio.sleep(self.memory_monitor_interval)
             try:
                 await self.memory_monitor()
-            except Exception:
-                logger.exception("memory monitor of nanny %s failed", self.address)
+            except Exception as e:
+                # Once per failing stretch, not once per interval (10 lines a second).
+                if not self._monitor_failing:
+                    self._monitor_failing = True
+                    if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+                        logger.error("memory monitor of nanny %s cannot check its worker: %s "
+                                     "(out of file descriptors); retrying every %gs",
+                                     self.address, e, self.memory_monitor_interval)
+                    else:
+                        logger.exception("memory monitor of nanny %s failed; retrying every "
+                                         "%gs", self.address, self.memory_monitor_interval)
+                else:
+                    logger.debug("memory monitor of nanny %s failed again: %r", self.address, e)
+            else:
+                if self._monitor_failing:
+                    self._monitor_failing = False
+                    logger.info("memory monitor of nanny %s works again", self.address)
+
+    def _close_statm(self) -> None:
+        if self._statm is not None:
+            os.close(self._statm[1])
+            self._statm = None
+
+    def _rss(self, pid: int) -> int | None:
+        """Resident bytes of process ``pid`` (``None``: it has exited).
+
+        Read through a descriptor of ``/proc/<pid>/statm`` kept open while the
+        process lives, so no descriptor is needed per check; elsewhere (or if
+        it cannot be opened) through psutil.
+
+        Raises:
+            OSError: it cannot be read (e.g. ``EMFILE`` before the first read).
+        """
+        if self._statm is not None and self._statm[0] != pid:
+            self._close_statm()
+        if self._statm is None:
+            try:
+                fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                if not os.path.isdir("/proc/self"):  # no procfs here
+                    return self._rss_psutil(pid)
+                return None
+            self._statm = (pid, fd)
+        try:
+            fields = os.pread(self._statm[1], 256, 0).split()
+        except ProcessLookupError:  # exited
+            self._close_statm()
+            return None
+        return int(fields[1]) * _PAGE_SIZE
+
+    @staticmethod
+    def _rss_psutil(pid: int) -> int | None:
+        try:
+            return psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            return None
 
     async def memory_monitor(self) -> str:
         """Check the worker's memory once; terminate and restart it if it is above its limit.
@@ -522,8 +586,10 @@ class Nanny(Server):
                 or not wp.is_alive() or wp.stopping or wp is self._memory_victim):
             return "OK"
         try:
-            rss = psutil.Process(wp.pid).memory_info().rss
+            rss = self._rss(wp.pid)
         except psutil.Error:  # exited meanwhile: the watcher handles it
+            return "OK"
+        if rss is None:  # exited meanwhile: the watcher handles it
             return "OK"
         threshold = self.memory_terminate_fraction * self.memory_limit
         if rss <= threshold:

@@ -253,6 +253,52 @@ async def test_memory_limit_terminates_and_restarts_worker(caplog):
             assert await c.submit(getpid, pure=False) == nanny.pid
 
 
+@gen_test(timeout=50)
+async def test_memory_monitor_keeps_enforcing_the_limit_without_free_descriptors(caplog):
+    """With every descriptor of the process taken (as a connection flood against a scheduler
+    in the same process did), the monitor still reads the worker's memory and stops it, and
+    logs no traceback per interval."""
+    import errno
+    import resource
+
+    caplog.set_level(logging.DEBUG, logger="runtime.nanny")
+    async with Scheduler(validate=True) as s:
+        async with Nanny(s.address, nthreads=1, name="fds", memory_limit="2GB",
+                         memory_monitor_interval="20ms") as nanny:
+            nanny.auto_restart = False
+            wp = nanny.process
+            await until(lambda: nanny._statm is not None, what="the monitor's first check")
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            taken: list[int] = []
+            try:
+                highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+
+                def take_all() -> None:
+                    """Take every free descriptor, as a flood does (bounded by the limit)."""
+                    for _ in range(highest + 16):
+                        try:
+                            taken.append(os.open(os.devnull, os.O_RDONLY))
+                        except OSError as e:
+                            assert e.errno == errno.EMFILE
+                            return
+
+                take_all()
+                with pytest.raises(OSError):
+                    os.close(os.open(os.devnull, os.O_RDONLY))  # truly out of descriptors
+                nanny.memory_limit = 10 * MB  # the idle worker is far above 95% of this now
+                await until(lambda: take_all() or not wp.is_alive(), timeout=30,
+                            what="the worker to be stopped for its memory")
+            finally:
+                for fd in taken:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert nanny._memory_victim is wp
+    records = [r for r in caplog.records if r.name == "runtime.nanny"]
+    assert any("exceeded its memory budget" in r.getMessage() for r in records)
+    assert not [r.getMessage() for r in records if r.exc_info], "tracebacks were logged"
+
+
 @gen_test(timeout=40)
 async def test_restart_kill_instantiate_and_rpc():
     async with Scheduler(validate=True) as s:
