@@ -34,6 +34,13 @@ Theory of operation:
   value would take the disk tier over ``max_spill`` (or the disk write fails),
   the value stays in memory, eviction stops for now, and a warning is logged
   the first time.
+* **A full disk** -- a write that fails with ``ENOSPC`` or ``EDQUOT`` -- is an
+  error the user must see: it is logged at ERROR with the file's path (once
+  per episode, at most once a minute), :attr:`SpillBuffer.no_space` holds the
+  reason, and the ``on_no_space`` callback gets it (the worker pauses and
+  reports it).  :meth:`SpillBuffer.check_space`, called periodically, ends the
+  episode (callback with ``None``) once nothing needs spilling any more or a
+  spill succeeds again.
 * **Files** – the spill directory is created 0700 (or, if it exists, must be
   ours, not a link, and not writable by others: :func:`runtime.files.open_private_directory`)
   and held open; every spill file is created relative to that descriptor
@@ -48,11 +55,13 @@ Theory of operation:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping, MutableMapping
 from typing import Any
@@ -75,6 +84,11 @@ _UNPICKLABLE = "unpicklable"
 _NO_ROOM = "no-room"
 
 _missing = object()
+
+#: Errors of a write that mean the file system (or our quota on it) is full.
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+#: A full disk is logged at ERROR at most this often (seconds); in between at WARNING.
+NO_SPACE_ERROR_INTERVAL = 60.0
 
 
 def _round_up(n: int) -> int:
@@ -166,6 +180,11 @@ class SpillBuffer(MutableMapping):
         max_spill: most bytes the spill files may take; a value that would go
             over it stays in memory.  ``None`` is no limit.
         sizeof: function giving the in-memory size of a value.
+        on_no_space: called with the reason when a spill fails for lack of
+            space on the disk, and with ``None`` when that is over (see
+            :meth:`check_space`); it may be called from any thread that uses
+            the buffer, with the buffer's lock held, so it must only hand the
+            news on (the worker schedules its pause on its event loop).
 
     Raises:
         ValueError: ``target`` or ``max_spill`` is negative.
@@ -180,6 +199,7 @@ class SpillBuffer(MutableMapping):
         target: int | None,
         max_spill: int | None = None,
         sizeof: Callable[[Any], int] = default_sizeof,
+        on_no_space: Callable[[str | None], None] | None = None,
     ):
         if target is not None and target < 0:
             raise ValueError(f"target must be >= 0 or None, got {target!r}")
@@ -201,6 +221,11 @@ class SpillBuffer(MutableMapping):
         #: a computation spilled, after its files are gone.
         self.spilled_bytes_total = 0
         self._warned_no_room = False
+        self.on_no_space = on_no_space
+        #: Why values stay in memory because the spill disk is full (``None``: it is not).
+        self.no_space: str | None = None
+        self._no_space_needed = 0  # bytes of the write that failed
+        self._no_space_logged = -NO_SPACE_ERROR_INTERVAL
         self._closed = False
         self._created_directory = not os.path.lexists(self.spill_directory)
         os.makedirs(os.path.dirname(self.spill_directory), exist_ok=True)
@@ -334,6 +359,8 @@ class SpillBuffer(MutableMapping):
             nothing could be evicted.
         """
         with self._lock:
+            if self.no_space is not None:  # the disk is full: check_space retries
+                return -1
             return self._evict_one(protect=None)
 
     def _evict_one(self, protect: Hashable | None) -> int:
@@ -351,9 +378,9 @@ class SpillBuffer(MutableMapping):
             # _UNPICKLABLE: marked by _spill, try the next one.
         return -1
 
-    def _evict_to_target(self, protect: Hashable | None) -> None:
-        if self.target is None:
-            return
+    def _evict_to_target(self, protect: Hashable | None, retry: bool = False) -> None:
+        if self.target is None or (self.no_space is not None and not retry):
+            return  # while the disk is full, only check_space tries again
         while self._memory_total > self.target:
             if self._evict_one(protect) < 0:
                 return
@@ -401,7 +428,10 @@ class SpillBuffer(MutableMapping):
                     os.unlink(name, dir_fd=self._dir_fd)
                 except OSError:
                     pass
-            self._warn_no_room("Keeping %r in memory: could not write %s: %s", key, path, e)
+            if e.errno in _NO_SPACE_ERRNOS:
+                self._out_of_space(key, path, size, e)
+            else:
+                self._warn_no_room("Keeping %r in memory: could not write %s: %s", key, path, e)
             return _NO_ROOM
         finally:
             if fd >= 0:
@@ -412,7 +442,55 @@ class SpillBuffer(MutableMapping):
         self.spilled_bytes_total += size
         self._unpicklable.discard(key)
         logger.debug("Spilled %r to disk (%d bytes)", key, size)
+        if self.no_space is not None:
+            self._room_again(f"a spill to {path} succeeded")
         return _SPILLED
+
+    def _out_of_space(self, key: Hashable, path: str, size: int, error: OSError) -> None:
+        """A write failed for lack of space: log it (ERROR) and tell ``on_no_space``."""
+        self._no_space_needed = size
+        if self.no_space is not None:
+            logger.debug("Keeping %r in memory: still no space for %s", key, path)
+            return
+        self.no_space = (f"spilling to {path} failed: {error.strerror or error} (the spill "
+                         f"directory's file system is full); results stay in memory")
+        now = time.monotonic()
+        level = logging.ERROR if now - self._no_space_logged >= NO_SPACE_ERROR_INTERVAL \
+            else logging.WARNING
+        self._no_space_logged = now
+        logger.log(level, "Cannot spill %r (%d bytes): %s. Free space there, or give the "
+                   "worker another local_directory.", key, size, self.no_space)
+        if self.on_no_space is not None:
+            self.on_no_space(self.no_space)
+
+    def _room_again(self, why: str) -> None:
+        logger.info("Spilling to %s works again: %s", self.spill_directory, why)
+        self.no_space = None
+        if self.on_no_space is not None:
+            self.on_no_space(None)
+
+    def check_space(self) -> str | None:
+        """End a full-disk episode if it is over; return the reason if it is not.
+
+        It is over when nothing needs spilling any more (the values in memory
+        fit in ``target``), or when the file system has room for the write
+        that failed and spilling down to ``target`` now succeeds.  Cheap while
+        the disk stays full: one ``fstatvfs``.
+        """
+        with self._lock:
+            if self.no_space is None or self._closed:
+                return self.no_space
+            if self.target is None or self._memory_total <= self.target:
+                self._room_again("nothing needs spilling now")
+                return None
+            try:
+                st = os.fstatvfs(self._dir_fd)
+                free = st.f_bavail * st.f_frsize
+            except OSError:  # pragma: no cover - then just try
+                free = self._no_space_needed
+            if free >= self._no_space_needed:
+                self._evict_to_target(protect=None, retry=True)  # a success ends the episode
+            return self.no_space
 
     def _warn_no_room(self, msg: str, *args: Any) -> None:
         level = logging.DEBUG if self._warned_no_room else logging.WARNING

@@ -247,6 +247,8 @@ class Worker(WorkerDiagnosticsMixin, Server):
         self.memory_monitor_interval = parse_timedelta(memory_monitor_interval) or 0.2
         self._user_data = data is not None
         self.paused = False
+        #: Why spilling is impossible (a full disk); the worker stays paused while set.
+        self.spill_pause_reason: str | None = None
         self.resources = dict(resources or {})
         self.death_timeout = parse_timedelta(death_timeout)
         self.reconnect = reconnect
@@ -353,7 +355,8 @@ class Worker(WorkerDiagnosticsMixin, Server):
 
             target = self.memory_target_fraction or self.memory_spill_fraction
             self.data = SpillBuffer(os.path.join(self.local_directory, "storage"),
-                                    target=int(self.memory_limit * target))
+                                    target=int(self.memory_limit * target),
+                                    on_no_space=self._spill_no_space)
             self.state.data = self.data
         self.state.address = self.address
         self.pool = TaskThreadPool(self.nthreads, self._on_results, worker=self,
@@ -512,9 +515,12 @@ class Worker(WorkerDiagnosticsMixin, Server):
                                self.address, format_bytes(rss), self.memory_pause_fraction * 100,
                                format_bytes(limit))
                 self._set_paused(True)
-            elif rss <= self.memory_pause_fraction * limit and self.paused:
+            elif (rss <= self.memory_pause_fraction * limit and self.paused
+                  and self.spill_pause_reason is None):
                 logger.info("worker %s resumed: process memory %s", self.address, format_bytes(rss))
                 self._set_paused(False)
+        if self.spill_pause_reason is not None:
+            self.data.check_space()  # calls _spill_no_space(None) once it can spill again
         evict = getattr(self.data, "evict", None)
         if self.memory_spill_fraction and evict is not None and rss > self.memory_spill_fraction * limit:
             # Python rarely hands freed memory back at once, so count what we
@@ -537,6 +543,25 @@ class Worker(WorkerDiagnosticsMixin, Server):
             # glibc keeps freed heap memory (its mmap threshold grows after a
             # large free); hand it back, or a paused worker might never resume.
             trim_memory()
+
+    def _spill_no_space(self, reason: str | None) -> None:
+        """SpillBuffer hook: its disk is full (pause, with ``reason``) or has room again.
+
+        Called with the buffer's lock held, possibly from a task thread: the
+        pause itself happens on the event loop.
+        """
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._set_spill_pause, reason)
+
+    def _set_spill_pause(self, reason: str | None) -> None:
+        self.spill_pause_reason = reason
+        if reason is not None and not self.paused:
+            logger.error("worker %s paused: %s", self.address, reason)
+            self._set_paused(True)
+        elif reason is None and self.paused:
+            logger.info("worker %s resumed: spilling works again", self.address)
+            self._set_paused(False)  # the memory monitor pauses again if memory is high
 
     def _set_paused(self, paused: bool) -> None:
         self.paused = paused

@@ -120,7 +120,18 @@ class WorkerDiagnosticsMixin:
             cpu = 0.0
         return {"cpu": cpu, "spilled_bytes": getattr(self.data, "disk_total", 0),
                 "transfer_incoming_bytes": self.transfer_incoming_bytes,
-                "transfer_outgoing_bytes": self.transfer_outgoing_bytes}
+                "transfer_outgoing_bytes": self.transfer_outgoing_bytes,
+                "pause_reason": self._pause_reason()}
+
+    def _pause_reason(self) -> str | None:
+        """Why this worker is paused (``None``: it is not), for the scheduler and the client."""
+        if not getattr(self, "paused", False):
+            return None
+        spill = getattr(self, "spill_pause_reason", None)
+        if spill is not None:
+            return spill
+        fraction = getattr(self, "memory_pause_fraction", None) or 0
+        return f"process memory above {fraction:.0%} of memory_limit"
 
     def _worker_json(self) -> dict:
         try:
@@ -128,6 +139,7 @@ class WorkerDiagnosticsMixin:
         except psutil.Error:  # pragma: no cover
             rss = 0
         return {"address": self.address, "name": str(self.name), "status": self.status,
+                "paused": bool(getattr(self, "paused", False)),
                 "nthreads": self.nthreads, "memory": rss, "memory_limit": self.memory_limit,
                 "executing": len(self.state.executing), "ready": len(self.state.ready),
                 "in_memory": len(self.data), "executed": self.executed_count,

@@ -574,3 +574,61 @@ def test_spilled_values_are_independent_copies(spill_dir):
         a[:] = 1
         assert (b == 0).all()
         assert pickle.loads(pickle.dumps(buf["x"])).sum() == 0
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MB tmpfs mounted for the test (needs root, as in CI), unmounted after."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    mount = tmp_path / "small"
+    mount.mkdir(mode=0o700)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs",
+                           str(mount)], capture_output=True, text=True, timeout=30)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True, timeout=30)
+
+
+def test_full_disk_is_an_error_with_the_path_and_ends_when_there_is_room(small_fs, caplog):
+    caplog.set_level(logging.DEBUG, logger="runtime.spill")
+    calls = []
+    directory = small_fs / "spill"
+    buf = SpillBuffer(directory, target=1_000_000, on_no_space=calls.append)
+    try:
+        values = {f"x{i}": bytes([i]) * 500_000 for i in range(12)}  # 6 MB into 2 MB of disk
+        for k, v in values.items():
+            buf[k] = v
+        assert buf.spilled_count >= 1 and buf.no_space is not None
+        assert str(directory) in buf.no_space and "No space left" in buf.no_space
+        assert calls == [buf.no_space]  # told once, not per failed write
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and str(directory) in errors[0].getMessage()
+        assert {k: buf[k] for k in values} == values  # nothing lost
+        assert buf.evict() == -1  # no retries behind check_space's back
+        assert buf.check_space() == buf.no_space  # still full: still the reason
+        # Room again: drop what is on disk and all but 1.5 MB in memory (so 0.5 MB are to
+        # spill); check_space spills and ends the episode.
+        for k in [*buf.disk, *list(buf.memory)[:-3]]:
+            del buf[k]
+        assert buf.check_space() is None and calls[-1] is None
+        assert buf.spilled_count >= 1
+        # Full again, then nothing needs spilling: over as well; logged, not at ERROR again.
+        for i in range(12, 24):
+            buf[f"x{i}"] = bytes([i]) * 500_000
+        assert buf.no_space is not None and calls[-1] == buf.no_space
+        for k in list(buf.memory):
+            del buf[k]
+        assert buf.check_space() is None and calls[-1] is None
+        assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+        check_bookkeeping(buf, directory)
+    finally:
+        buf.close()
