@@ -238,6 +238,12 @@ def read_trusted_file(path: str, what: str, *, secret: bool = False, advice: str
 
 #: Name of a user's own scratch root inside a shared directory (``$TMPDIR``).
 SCRATCH_ROOT_PREFIX = "cluster-worker-space-"
+#: Name of the scratch root inside a directory only we can write (``$XDG_RUNTIME_DIR``).
+PRIVATE_SCRATCH_ROOT = "cluster-worker-space"
+#: ``$XDG_RUNTIME_DIR`` is used for worker directories only with this much free
+#: space: it is usually a RAM-backed tmpfs (10% of memory by default), and
+#: spilled results would fill it -- and the memory spilling is meant to free.
+RUNTIME_DIR_MIN_FREE = 8 << 30
 
 
 def scratch_root_name() -> str:
@@ -245,11 +251,42 @@ def scratch_root_name() -> str:
     return f"{SCRATCH_ROOT_PREFIX}{os.geteuid()}"
 
 
+def _private_runtime_root() -> str | None:
+    """``$XDG_RUNTIME_DIR/cluster-worker-space`` when that directory can be used.
+
+    It must be set, absolute, ours, mode 0700 (as the XDG specification
+    requires: so nobody else can have created anything in it) and have
+    :data:`RUNTIME_DIR_MIN_FREE` bytes free.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not base or not os.path.isabs(base):
+        return None
+    try:
+        st = os.lstat(base)
+        if problem_with(st, directory=True, secret=True) is not None:
+            logger.debug("not using XDG_RUNTIME_DIR=%s: %s", base,
+                         problem_with(st, directory=True, secret=True))
+            return None
+        vfs = os.statvfs(base)
+    except OSError:
+        return None
+    if vfs.f_bavail * vfs.f_frsize < RUNTIME_DIR_MIN_FREE:
+        logger.debug("not using XDG_RUNTIME_DIR=%s for worker directories: less than %d "
+                     "bytes free", base, RUNTIME_DIR_MIN_FREE)
+        return None
+    return os.path.join(base, PRIVATE_SCRATCH_ROOT)
+
+
 def open_scratch_root(local_directory: str | None = None) -> tuple[str, int, bool]:
     """The directory a worker makes its own directory in, which only we can write.
 
-    Without ``local_directory``: ``$TMPDIR/cluster-worker-space-<uid>``.  With
-    one that is ours and that only we can write: that directory.  With a
+    Without ``local_directory``, the first of: ``$TMPDIR/cluster-worker-space-<uid>``
+    when ``$TMPDIR`` itself is ours and private (a per-job scratch directory);
+    ``$XDG_RUNTIME_DIR/cluster-worker-space`` when ``$XDG_RUNTIME_DIR`` is
+    ours, 0700 and has :data:`RUNTIME_DIR_MIN_FREE` bytes free (in neither can
+    another user pre-create the root); else ``$TMPDIR/cluster-worker-space-<uid>``
+    in the shared ``$TMPDIR``, as below.  With a ``local_directory`` that is
+    ours and that only we can write: that directory.  With a
     shared one (such as ``/tmp`` or ``/scratch``: writable by others but
     sticky): ``<it>/cluster-worker-space-<uid>``.  A per-user root created by
     someone else, or made a link or open to others, is not used: a fresh
@@ -267,6 +304,16 @@ def open_scratch_root(local_directory: str | None = None) -> tuple[str, int, boo
     """
     if local_directory is None:
         shared = tempfile.gettempdir()
+        try:
+            tmp_private = problem_with(os.lstat(os.path.realpath(shared)), directory=True) is None
+        except OSError:
+            tmp_private = False
+        private = None if tmp_private else _private_runtime_root()
+        if private is not None:
+            try:
+                return private, open_private_directory(private, "worker scratch directory"), False
+            except (UnsafePathError, OSError) as e:
+                logger.warning("%s; using %s instead", e, shared)
     else:
         given = os.path.abspath(os.path.expanduser(os.fspath(local_directory)))
         with contextlib.suppress(FileExistsError):
@@ -313,6 +360,8 @@ def writable_by_others(path: str) -> str | None:
 
 __all__ = [
     "CREATE_FLAGS",
+    "PRIVATE_SCRATCH_ROOT",
+    "RUNTIME_DIR_MIN_FREE",
     "SCRATCH_ROOT_PREFIX",
     "open_scratch_root",
     "scratch_root_name",

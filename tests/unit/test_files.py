@@ -218,6 +218,72 @@ def test_scratch_root_open_to_others_is_bypassed(tmp_path, caplog):
     os.rmdir(path)
 
 
+@pytest.fixture
+def shared_tmpdir(tmp_path, monkeypatch):
+    """``$TMPDIR`` a shared sticky directory, as ``/tmp`` is."""
+    import tempfile
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    monkeypatch.setenv("TMPDIR", str(shared))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    return shared
+
+
+def test_scratch_root_prefers_a_private_runtime_directory(tmp_path, shared_tmpdir, monkeypatch):
+    """In XDG_RUNTIME_DIR (ours, 0700) nobody else can pre-create the root."""
+    import runtime.files as files
+
+    runtime_dir = tmp_path / "run-user"
+    runtime_dir.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime_dir))
+    monkeypatch.setattr(files, "RUNTIME_DIR_MIN_FREE", 0)
+    path, fd, temporary = open_scratch_root()
+    os.close(fd)
+    assert path == str(runtime_dir / files.PRIVATE_SCRATCH_ROOT) and not temporary
+    assert mode_of(path) == 0o700
+    # Too little room there (it is usually RAM): the per-user root in $TMPDIR.
+    monkeypatch.setattr(files, "RUNTIME_DIR_MIN_FREE", 1 << 62)
+    path, fd, temporary = open_scratch_root()
+    os.close(fd)
+    assert path == str(shared_tmpdir / scratch_root_name()) and not temporary
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o1777])
+def test_runtime_directory_others_can_enter_is_not_used(tmp_path, shared_tmpdir, monkeypatch,
+                                                        mode):
+    import runtime.files as files
+
+    runtime_dir = tmp_path / "run-user"
+    runtime_dir.mkdir()
+    os.chmod(runtime_dir, mode)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime_dir))
+    monkeypatch.setattr(files, "RUNTIME_DIR_MIN_FREE", 0)
+    path, fd, temporary = open_scratch_root()
+    os.close(fd)
+    assert path == str(shared_tmpdir / scratch_root_name())
+    assert not os.path.exists(runtime_dir / files.PRIVATE_SCRATCH_ROOT)
+
+
+def test_private_tmpdir_is_used_before_the_runtime_directory(tmp_path, monkeypatch):
+    import tempfile
+
+    import runtime.files as files
+
+    job_tmp = tmp_path / "job"  # a per-job $TMPDIR, ours alone
+    job_tmp.mkdir(mode=0o700)
+    runtime_dir = tmp_path / "run-user"
+    runtime_dir.mkdir(mode=0o700)
+    monkeypatch.setenv("TMPDIR", str(job_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime_dir))
+    monkeypatch.setattr(files, "RUNTIME_DIR_MIN_FREE", 0)
+    path, fd, temporary = open_scratch_root()
+    os.close(fd)
+    assert path == str(job_tmp / scratch_root_name()) and not temporary
+
+
 def test_local_directory_open_to_others_without_sticky_bit_is_refused(tmp_path):
     d = tmp_path / "open"
     d.mkdir()
