@@ -103,7 +103,9 @@ def check_message(specs: Mapping[str, Spec], op: str, msg: Mapping, context: Any
 
 
 def _check_graph(msg: Mapping, state: Any) -> None:
-    state.check_graph(msg.get("tasks") or {}, msg.get("dependencies") or {})
+    from .scheduler.stimuli import check_graph  # (the scheduler's package imports this module)
+
+    check_graph(state, msg.get("tasks") or {}, msg.get("dependencies") or {})
 
 
 def short_repr(value: Any) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Hashable, Iterable
 from ..comm.serialize import box_large
 from ..errors import CommError
 from ..utils import parse_timedelta
+from .events import UpdateDataEvent
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class SchedulerDataMixin:
         who_has, nbytes, types = await scatter_to_workers(self.rpc, candidates, data, broadcast)
         if self._client_gone(client, who_has):
             return []
-        self._send(self.state.update_data(who_has, nbytes, client, types, self._stimulus("scatter")))
+        self._send(self.state.handle(UpdateDataEvent(who_has, nbytes, client, types, self._stimulus("scatter"))))
         return list(data)
 
     def update_data(self, who_has: dict | None = None, nbytes: dict | None = None,
@@ -106,7 +107,7 @@ class SchedulerDataMixin:
         """Learn that new data has entered the cluster from outside (a direct scatter)."""
         if self._client_gone(client, who_has or {}):
             return "OK"
-        self._send(self.state.update_data(who_has or {}, nbytes, client, types, self._stimulus("update-data")))
+        self._send(self.state.handle(UpdateDataEvent(who_has or {}, nbytes, client, types, self._stimulus("update-data"))))
         return "OK"
 
     def _check_client(self, client: str | None) -> None:

@@ -72,30 +72,6 @@ class AdaptiveSizing:
 
 # ------------------------------------------------------------------ status
 
-def set_worker_status(state: SchedulerState, address: str, status: str, stimulus_id: str = "worker-status") -> list[Msg]:
-    """``running``, ``paused`` (memory pressure) or ``closing_gracefully``.
-
-    Raises:
-        ValueError: for another status, naming the accepted ones.
-    """
-    if status not in ("running", "paused", "closing_gracefully"):
-        raise ValueError(f"status={status!r}: accepted values are 'running', 'paused', 'closing_gracefully'")
-    ws = state.workers.get(address)
-    if ws is None or ws.status == status:
-        return []
-    if ws.status == "closing_gracefully" and status == "paused":
-        return []  # retiring wins over pausing
-    ws.status = status
-    state.placement.check_idle_saturated(ws)
-    recs: dict[Key, str] = {}
-    if status == "running":
-        # Back in service: tasks that had nowhere to run may run here now.
-        for ts in list(state.unrunnable):
-            valid = state.placement.valid_workers(ts)
-            if valid is None or ws in valid or (ts.loose_restrictions and not valid):
-                recs[ts.key] = "processing"
-    return state.transitions(recs, stimulus_id)  # and the queue fills it
-
 # ------------------------------------------------------------------ choosing workers
 
 def workers_to_close(state: SchedulerState, memory_ratio: float | None = None, n: int | None = None,
@@ -340,24 +316,3 @@ def reevaluate_occupancy(state: SchedulerState, worker_index: int = 0) -> None:
         ws.occupancy = total
         state.placement.check_idle_saturated(ws)
 
-def restart_state(state: SchedulerState, stimulus_id: str = "restart") -> list[Msg]:
-    """Forget every task (the workers are being restarted); clients hear their keys were cancelled."""
-    from .records import CancelledKeyMsg
-
-    out: list[Msg] = []
-    for ts in list(state.tasks.values()):
-        for cs in ts.who_wants:
-            out.append(CancelledKeyMsg(stimulus_id, cs.client_key, ts.key, "restart"))
-            cs.wants_what.discard(ts)
-        ts.who_wants.clear()
-    for ws in state.workers.values():
-        ws.processing.clear()
-        ws.has_what.clear()
-        ws.nbytes = 0
-        ws.occupancy = 0.0
-        ws.long_running.clear()
-        state.placement.check_idle_saturated(ws)
-    state.tasks.clear()
-    state.queued.clear()
-    state.unrunnable.clear()
-    return out

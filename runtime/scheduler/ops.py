@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import ClusterTimeoutError, CommError
 from ..utils import parse_address, parse_host_port, parse_timedelta, unparse_host_port
 from . import elastic
+from .events import RestartEvent, WorkerStatusEvent
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class SchedulerOpsMixin:
         if any(r == "" for r in plan.values()):
             logger.warning("cannot retire %s: no other worker to take its unique data", workers)
             for w in workers:
-                self._send(elastic.set_worker_status(self.state, w, "running", stimulus_id))
+                self._send(self.state.handle(WorkerStatusEvent(w, "running", stimulus_id)))
             return {}
         deadline = time.monotonic() + (parse_timedelta(timeout) or 60.0)
         rounds = 0
@@ -125,7 +126,7 @@ class SchedulerOpsMixin:
                 logger.warning("retiring %s: %d keys did not move in time; keeping the workers",
                                workers, len(pending))
                 for w in workers:
-                    self._send(elastic.set_worker_status(self.state, w, "running", stimulus_id))
+                    self._send(self.state.handle(WorkerStatusEvent(w, "running", stimulus_id)))
                 return {}
             await asyncio.sleep(0.01)
         for w in workers:
@@ -214,7 +215,7 @@ class SchedulerOpsMixin:
         """
         timeout = parse_timedelta(timeout) or 30.0
         stimulus_id = self._stimulus("restart")
-        self._send(elastic.restart_state(self.state, stimulus_id))
+        self._send(self.state.handle(RestartEvent(stimulus_id)))
         nannies = {a: ws.nanny for a, ws in self.state.workers.items() if ws.nanny}
         n_before = len(nannies)
         for addr in list(self.state.workers):

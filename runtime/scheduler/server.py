@@ -39,9 +39,27 @@ from ..security import (
 )
 from ..statemachine import Msg
 from ..utils import get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
-from . import elastic
+from . import elastic, stimuli
 from .data import SchedulerDataMixin, scatter_to_workers  # noqa: F401  (re-exported)
-from .events import TickEvent
+from .events import (
+    AddKeysEvent,
+    AddWorkerEvent,
+    CancelEvent,
+    CancelKeyEvent,
+    ClientReleasesKeysEvent,
+    HeartbeatEvent,
+    LongRunningEvent,
+    MissingDataEvent,
+    ReleaseWorkerDataEvent,
+    RemoveClientEvent,
+    RemoveWorkerEvent,
+    RescheduleEvent,
+    TaskErredEvent,
+    TaskFinishedEvent,
+    TickEvent,
+    UpdateGraphEvent,
+    WorkerStatusEvent,
+)
 from .ops import SchedulerOpsMixin
 from .records import CloseScheduler, RemoveWorker
 from .state import SchedulerState, TaskState, WorkerState
@@ -443,7 +461,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
             return
         stimulus_id = self._stimulus("add-worker")
         try:
-            self.state.check_new_worker(address, name)
+            stimuli.check_new_worker(self.state, address, name)
         except ValueError as e:
             await comm.write(("error", e, ""))
             return
@@ -451,9 +469,9 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
         # From here on no await until the stream is in place: work placed on the
         # new worker must find its stream.
         try:
-            instrs = self.state.add_worker(address, nthreads, name, memory_limit, resources, host,
+            instrs = self.state.handle(AddWorkerEvent(address, nthreads, name, memory_limit, resources, host,
                                            pid, nanny, local_directory, services, keys, nbytes,
-                                           stimulus_id=stimulus_id)
+                                           stimulus_id=stimulus_id))
         except ValueError as e:  # a twin registered while we answered
             logger.warning("refusing worker %s: %s", address, e)
             comm.abort()
@@ -522,7 +540,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
         if address not in self.state.workers:
             return "already-removed"
         logger.info("remove worker %s", address)
-        instrs = self.state.remove_worker(address, stimulus_id or self._stimulus("remove-worker"), safe=safe)
+        instrs = self.state.handle(RemoveWorkerEvent(address, stimulus_id or self._stimulus("remove-worker"), safe=safe))
         bs = self.stream_comms.pop(address, None)
         # Send before any await: messages of later stimuli must not overtake these.
         self._send(instrs)
@@ -541,14 +559,14 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
         return "OK"
 
     def _on_worker_status_change(self, worker: str, status: str, stimulus_id: str = "") -> None:
-        self._send(elastic.set_worker_status(self.state, worker, status, self._stimulus("worker-status-change")))
+        self._send(self.state.handle(WorkerStatusEvent(worker, status, self._stimulus("worker-status-change"))))
 
     def heartbeat_worker(self, address: str, metrics: dict | None = None) -> dict:
-        known = self.state.worker_heartbeat(address, metrics)
-        return {"status": "OK" if known else "missing"}
+        self.state.handle(HeartbeatEvent(address, metrics))
+        return {"status": "OK" if address in self.state.workers else "missing"}
 
     def _on_heartbeat(self, worker: str, metrics: dict | None = None) -> None:
-        self.state.worker_heartbeat(worker, metrics)
+        self.state.handle(HeartbeatEvent(worker, metrics))
 
     def _on_worker_closing(self, worker: str, reason: str = "") -> None:
         self.spawn(self.remove_worker(worker, safe=True, close=False,
@@ -557,40 +575,40 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
     def _on_task_finished(self, worker: str, key: Key, nbytes: int = -1, type: str = "",
                           startstops=(), stimulus_id: str = "", data: bytes | None = None) -> None:
         self._record_task(key, worker, startstops, True)
-        self._send(self.state.stimulus_task_finished(key, worker, nbytes, type, startstops,
+        self._send(self.state.handle(TaskFinishedEvent(key, worker, nbytes, type, startstops,
                                                      stimulus_id=self._stimulus("task-finished"),
-                                                     data=data))
+                                                     data=data)))
 
     def _on_task_erred(self, worker: str, key: Key, exception=None, traceback: str = "",
                        startstops=(), stimulus_id: str = "") -> None:
         self._record_task(key, worker, startstops, False)
-        self._send(self.state.stimulus_task_erred(key, worker, exception, traceback, startstops,
-                                                  stimulus_id=self._stimulus("task-erred")))
+        self._send(self.state.handle(TaskErredEvent(key, worker, exception, traceback, startstops,
+                                                  stimulus_id=self._stimulus("task-erred"))))
 
     def _on_add_keys(self, worker: str, keys=(), stimulus_id: str = "") -> None:
-        self._send(self.state.add_keys(worker, keys, self._stimulus("add-keys")))
+        self._send(self.state.handle(AddKeysEvent(worker, keys, self._stimulus("add-keys"))))
 
     def add_keys(self, worker: str, keys: Iterable[Key] = ()) -> str:
         """Learn that ``worker`` holds ``keys``."""
-        self._send(self.state.add_keys(worker, keys, self._stimulus("add-keys")))
+        self._send(self.state.handle(AddKeysEvent(worker, keys, self._stimulus("add-keys"))))
         return "OK"
 
     def _on_missing_data(self, worker: str, key: Key, errant_worker: str | None = None, stimulus_id: str = "") -> None:
-        self._send(self.state.stimulus_missing_data(key, errant_worker, worker, self._stimulus("missing-data")))
+        self._send(self.state.handle(MissingDataEvent(key, errant_worker, worker, self._stimulus("missing-data"))))
 
     def stimulus_missing_data(self, key: Key, errant_worker: str | None = None, worker: str | None = None) -> None:
         """Mark that ``key`` could not be found where expected.  Recover."""
-        self._send(self.state.stimulus_missing_data(key, errant_worker, worker, self._stimulus("missing-data")))
+        self._send(self.state.handle(MissingDataEvent(key, errant_worker, worker, self._stimulus("missing-data"))))
 
     def _on_release_worker_data(self, worker: str, key: Key, stimulus_id: str = "") -> None:
-        self._send(self.state.release_worker_data(key, worker, self._stimulus("release-worker-data")))
+        self._send(self.state.handle(ReleaseWorkerDataEvent(key, worker, self._stimulus("release-worker-data"))))
 
     def _on_reschedule(self, worker: str, key: Key, stimulus_id: str = "") -> None:
         self.reschedule(key, worker)
 
     def reschedule(self, key: Key | None = None, worker: str | None = None) -> None:
         """Place a processing task again, e.g. after it raised ``Reschedule``."""
-        self._send(self.state.reschedule(key, worker, self._stimulus("reschedule")))
+        self._send(self.state.handle(RescheduleEvent(key, worker, self._stimulus("reschedule"))))
 
     def _on_long_running(self, worker: str, key: Key, compute_duration: float | None = None, stimulus_id: str = "") -> None:
         self.handle_long_running(key, worker, compute_duration)
@@ -598,7 +616,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
     def handle_long_running(self, key: Key | None = None, worker: str | None = None,
                             compute_duration: float | None = None) -> None:
         """A task seceded from its worker's thread pool."""
-        self._send(self.state.handle_long_running(key, worker, compute_duration, self._stimulus("long-running")))
+        self._send(self.state.handle(LongRunningEvent(key, worker, compute_duration, self._stimulus("long-running"))))
 
     def stimulus_task_finished(self, key: Key | None = None, worker: str | None = None, **kwargs) -> None:
         """Mark that a task finished on a worker."""
@@ -616,7 +634,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
         if self.status != Status.running:
             await comm.write(("error", CommClosedError("scheduler is closing"), ""))
             return
-        self.state.add_client(client)
+        stimuli.add_client(self.state, client)
         await comm.write(("OK", {"status": "OK", "scheduler": self.id,
                                 "dashboard_link": self.dashboard_link}))
         bs = BatchedSend(comm, name=f"Scheduler->Client {client}")
@@ -634,12 +652,12 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
 
     def remove_client(self, client: str | None = None) -> None:
         """Forget a client; the keys only it wanted are released."""
-        self._send(self.state.remove_client(client, self._stimulus("remove-client")))
+        self._send(self.state.handle(RemoveClientEvent(client, self._stimulus("remove-client"))))
         self._plugin_hook("remove_client", scheduler=self, client=client)
 
     def client_releases_keys(self, keys: Iterable[Key] | None = None, client: str | None = None) -> None:
         """Remove keys from a client's desired set."""
-        self._send(self.state.client_releases_keys(keys or (), client, self._stimulus("client-releases-keys")))
+        self._send(self.state.handle(ClientReleasesKeysEvent(keys or (), client, self._stimulus("client-releases-keys"))))
 
     def client_heartbeat(self, client: str | None = None) -> None:
         cs = self.state.clients.get(client)
@@ -661,22 +679,22 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
                      submitting_task=None, retries: dict | None = None, user_priority=0,
                      actors=None, fifo_timeout=0) -> None:
         """Add new computations from a client."""
-        self._send(self.state.update_graph(
+        self._send(self.state.handle(UpdateGraphEvent(
             client, tasks or {}, keys, dependencies=dependencies, restrictions=restrictions,
             loose_restrictions=loose_restrictions, resources=resources, retries=retries,
             user_priority=user_priority, stimulus_id=self._stimulus("update-graph"),
-        ))
+        )))
         if self.plugins:
             self._plugin_hook("update_graph", self, client=client, keys=list(keys))
 
     def stimulus_cancel(self, keys: Iterable[Key] = (), client: str = "", force: bool = False) -> str:
         """Stop computing ``keys`` for ``client``."""
-        self._send(self.state.stimulus_cancel(keys, client, force, self._stimulus("cancel")))
+        self._send(self.state.handle(CancelEvent(keys, client, force, self._stimulus("cancel"))))
         return "OK"
 
     def cancel_key(self, key: Key, client: str, retries: int = 5, force: bool = False) -> None:
         """Cancel one key and everything that depends on it."""
-        self._send(self.state.cancel_key(key, client, force, self._stimulus("cancel")))
+        self._send(self.state.handle(CancelKeyEvent(key, client, force, self._stimulus("cancel"))))
 
     # ------------------------------------------------------------------ cluster-wide operations
 

@@ -65,7 +65,7 @@ from .records import (  # noqa: F401  (re-exported)
     TaskState,
     WorkerState,
 )
-from .stimuli import StimuliMixin
+from .stimuli import HANDLERS
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ Key = Hashable
 # ----------------------------------------------------------------------------- the machine
 
 
-class SchedulerState(StimuliMixin):
+class SchedulerState:
     """The scheduler's state and its transition table (no IO).
 
     Args:
@@ -210,12 +210,19 @@ class SchedulerState(StimuliMixin):
 
     transition_story = story
 
-    def handle(self, *events: Any) -> list[Msg]:
-        """Dispatch event objects (see :mod:`runtime.scheduler_events`) to their stimulus method."""
-        out: list[Msg] = []
+    def handle(self, *events: Any) -> list:
+        """The one way in: each event (see :mod:`runtime.scheduler.events`) goes to its
+        handler in :data:`runtime.scheduler.stimuli.HANDLERS`; the instructions come out.
+
+        Raises:
+            TypeError: an object that is not a scheduler event.
+        """
+        out: list = []
         for ev in events:
-            handler = getattr(self, ev.handler)
-            out.extend(handler(**ev.kwargs()))
+            handler = HANDLERS.get(type(ev))
+            if handler is None:
+                raise TypeError(f"not a scheduler event: {ev!r}")
+            out.extend(handler(self, ev))
         return out
 
     # ------------------------------------------------------------------ replicas

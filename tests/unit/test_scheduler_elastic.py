@@ -13,6 +13,18 @@ from __future__ import annotations
 import pytest
 
 from runtime.scheduler import elastic, validation
+from runtime.scheduler.events import (
+    AddKeysEvent,
+    AddWorkerEvent,
+    ClientReleasesKeysEvent,
+    LongRunningEvent,
+    RemoveWorkerEvent,
+    RestartEvent,
+    TaskFinishedEvent,
+    UpdateDataEvent,
+    UpdateGraphEvent,
+    WorkerStatusEvent,
+)
 from runtime.scheduler.state import (
     DEFAULT_TASK_DURATION,
     AcquireReplicasMsg,
@@ -84,18 +96,18 @@ def holders(state: SchedulerState, key) -> set:
 
 
 def finish(state: SchedulerState, key, nbytes: int = 1, **kwargs) -> list:
-    return state.stimulus_task_finished(key, where(state, key), nbytes=nbytes, **kwargs)
+    return state.handle(TaskFinishedEvent(key, where(state, key), nbytes=nbytes, **kwargs))
 
 
 def put(state: SchedulerState, key, workers, nbytes: int, client: str = "c") -> None:
     """Data that entered from outside, held by ``workers`` and wanted by ``client``."""
-    state.update_data({key: list(workers)}, {key: nbytes}, client=client)
+    state.handle(UpdateDataEvent({key: list(workers)}, {key: nbytes}, client=client))
     assert state.tasks[key].state == "memory"
 
 
 def compute_on(state: SchedulerState, key, worker: str, nbytes: int, client: str = "c") -> None:
     """A task computed on ``worker`` (so it has a recipe and can be recomputed)."""
-    state.update_graph(client, {key: SPEC}, [key], restrictions={key: [worker]})
+    state.handle(UpdateGraphEvent(client, {key: SPEC}, [key], restrictions={key: [worker]}))
     assert where(state, key) == worker
     finish(state, key, nbytes=nbytes)
     assert holders(state, key) == {worker}
@@ -105,42 +117,42 @@ def compute_on(state: SchedulerState, key, worker: str, nbytes: int, client: str
 
 
 def test_set_worker_status_rejects_unknown_status(state):
-    state.add_worker(A)
+    state.handle(AddWorkerEvent(A))
     with pytest.raises(ValueError, match="'running', 'paused', 'closing_gracefully'"):
-        elastic.set_worker_status(state, A, "sleeping")
+        state.handle(WorkerStatusEvent(A, "sleeping"))
     assert state.workers[A].status == "running"
     # Checked before looking the worker up.
     with pytest.raises(ValueError):
-        elastic.set_worker_status(state, "tcp://nowhere:1", "busy")
+        state.handle(WorkerStatusEvent("tcp://nowhere:1", "busy"))
 
 
 def test_set_worker_status_on_unknown_worker_or_same_status_is_a_noop(state):
-    state.add_worker(A)
-    assert elastic.set_worker_status(state, "tcp://nowhere:1", "paused") == []
-    assert elastic.set_worker_status(state, A, "running") == []
+    state.handle(AddWorkerEvent(A))
+    assert state.handle(WorkerStatusEvent("tcp://nowhere:1", "paused")) == []
+    assert state.handle(WorkerStatusEvent(A, "running")) == []
     assert state.workers[A].status == "running"
 
 
 def test_paused_worker_gets_no_new_tasks(state):
-    state.add_worker(A)
-    state.add_worker(B)
-    assert elastic.set_worker_status(state, A, "paused") == []
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
+    assert state.handle(WorkerStatusEvent(A, "paused")) == []
     assert state.workers[A].status == "paused"
     assert A not in state.idle
-    out = state.update_graph("c", {f"x-{i}": SPEC for i in range(6)}, [f"x-{i}" for i in range(6)])
+    out = state.handle(UpdateGraphEvent("c", {f"x-{i}": SPEC for i in range(6)}, [f"x-{i}" for i in range(6)]))
     assert set(computes(out).values()) == {B}
     assert not state.workers[A].processing
     validation.validate_state(state)
 
 
 def test_paused_worker_back_to_running_takes_from_the_queue(state):
-    state.add_worker(A)
-    elastic.set_worker_status(state, A, "paused")
+    state.handle(AddWorkerEvent(A))
+    state.handle(WorkerStatusEvent(A, "paused"))
     keys = [f"x-{i}" for i in range(3)]
-    out = state.update_graph("c", dict.fromkeys(keys, SPEC), keys)
+    out = state.handle(UpdateGraphEvent("c", dict.fromkeys(keys, SPEC), keys))
     assert computes(out) == {}
     assert {state.tasks[k].state for k in keys} == {"queued"}
-    out = elastic.set_worker_status(state, A, "running")
+    out = state.handle(WorkerStatusEvent(A, "running"))
     placed = computes(out)
     assert placed and set(placed.values()) == {A}
     assert A in state.idle or state.workers[A].processing
@@ -148,11 +160,11 @@ def test_paused_worker_back_to_running_takes_from_the_queue(state):
 
 
 def test_task_with_dependency_on_paused_worker_runs_elsewhere(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     compute_on(state, "x", A, nbytes=10)
-    elastic.set_worker_status(state, A, "paused")
-    out = state.update_graph("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]})
+    state.handle(WorkerStatusEvent(A, "paused"))
+    out = state.handle(UpdateGraphEvent("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]}))
     assert computes(out) == {"y": B}
     (msg,) = of_type(out, ComputeTaskMsg)
     assert msg.who_has == {"x": [A]}  # a paused worker still serves its data
@@ -160,30 +172,30 @@ def test_task_with_dependency_on_paused_worker_runs_elsewhere(state):
 
 
 def test_restricted_task_waits_for_paused_worker(state):
-    state.add_worker(A)
-    state.add_worker(B)
-    elastic.set_worker_status(state, A, "paused")
-    out = state.update_graph("c", {"r": SPEC}, ["r"], restrictions={"r": [A]})
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
+    state.handle(WorkerStatusEvent(A, "paused"))
+    out = state.handle(UpdateGraphEvent("c", {"r": SPEC}, ["r"], restrictions={"r": [A]}))
     assert computes(out) == {}
     assert state.tasks["r"].state == "no-worker"
     validation.validate_state(state)
 
 
 def test_restricted_task_runs_when_paused_worker_resumes(state):
-    state.add_worker(A)
-    state.add_worker(B)
-    elastic.set_worker_status(state, A, "paused")
-    state.update_graph("c", {"r": SPEC}, ["r"], restrictions={"r": [A]})
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
+    state.handle(WorkerStatusEvent(A, "paused"))
+    state.handle(UpdateGraphEvent("c", {"r": SPEC}, ["r"], restrictions={"r": [A]}))
     assert state.tasks["r"].state == "no-worker"
-    out = elastic.set_worker_status(state, A, "running")
+    out = state.handle(WorkerStatusEvent(A, "running"))
     assert computes(out) == {"r": A}
 
 
 def test_retiring_wins_over_pausing(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     elastic.retire_plan(state, [A])
-    assert elastic.set_worker_status(state, A, "paused") == []
+    assert state.handle(WorkerStatusEvent(A, "paused")) == []
     assert state.workers[A].status == "closing_gracefully"
 
 
@@ -192,32 +204,32 @@ def test_retiring_wins_over_pausing(state):
 
 def test_retire_plan_marks_workers_closing_and_they_get_no_new_tasks(state):
     for w in (A, B, C):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     out, plan = elastic.retire_plan(state, [A])
     assert (out, plan) == ([], {})
     assert state.workers[A].status == "closing_gracefully"
     assert A not in state.idle and state.workers[A] not in state.saturated
     keys = [f"x-{i}" for i in range(8)]
-    out = state.update_graph("c", dict.fromkeys(keys, SPEC), keys)
+    out = state.handle(UpdateGraphEvent("c", dict.fromkeys(keys, SPEC), keys))
     assert computes(out) and A not in set(computes(out).values())
     assert not state.workers[A].processing
     # Strictly restricted to the retiring worker: waits instead of running there.
-    out = state.update_graph("c", {"r": SPEC}, ["r"], restrictions={"r": [A]})
+    out = state.handle(UpdateGraphEvent("c", {"r": SPEC}, ["r"], restrictions={"r": [A]}))
     assert computes(out) == {}
     assert state.tasks["r"].state == "no-worker"
     # Loosely restricted: runs elsewhere.
-    out = state.update_graph("c", {"l": SPEC}, ["l"], restrictions={"l": [A]}, loose_restrictions=["l"])
+    out = state.handle(UpdateGraphEvent("c", {"l": SPEC}, ["l"], restrictions={"l": [A]}, loose_restrictions=["l"]))
     assert computes(out).get("l") in (B, C)
     validation.validate_state(state)
 
 
 def test_retire_plan_moves_only_keys_held_solely_by_retiring_workers(state):
     for w in (A, B, C):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     compute_on(state, "big", B, nbytes=500)  # B holds more data than C
     compute_on(state, "only-a", A, nbytes=100)
     compute_on(state, "shared", A, nbytes=100)
-    state.add_keys(B, ["shared"])
+    state.handle(AddKeysEvent(B, ["shared"]))
     assert holders(state, "shared") == {A, B}
     out, plan = elastic.retire_plan(state, [A], stimulus_id="retire-1")
     assert plan == {"only-a": C}  # to the running worker with the least data
@@ -229,7 +241,7 @@ def test_retire_plan_moves_only_keys_held_solely_by_retiring_workers(state):
 
 def test_retire_plan_spreads_keys_over_recipients_by_load(state):
     for w in (A, B, C):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     compute_on(state, "on-b", B, nbytes=50)
     compute_on(state, "x", A, nbytes=100)
     compute_on(state, "y", A, nbytes=100)
@@ -241,9 +253,9 @@ def test_retire_plan_spreads_keys_over_recipients_by_load(state):
 
 def test_retire_plan_of_several_workers_moves_keys_they_share(state):
     for w in (A, B, C):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     compute_on(state, "ab", A, nbytes=10)
-    state.add_keys(B, ["ab"])
+    state.handle(AddKeysEvent(B, ["ab"]))
     compute_on(state, "b", B, nbytes=10)
     out, plan = elastic.retire_plan(state, [A, B])
     assert plan == {"ab": C, "b": C}
@@ -253,8 +265,8 @@ def test_retire_plan_of_several_workers_moves_keys_they_share(state):
 
 def test_retire_plan_never_sends_data_to_paused_or_retiring_workers(state):
     for w in (A, B, C):
-        state.add_worker(w)
-    elastic.set_worker_status(state, B, "paused")
+        state.handle(AddWorkerEvent(w))
+    state.handle(WorkerStatusEvent(B, "paused"))
     compute_on(state, "x", A, nbytes=10)
     out, plan = elastic.retire_plan(state, [A])
     assert plan == {"x": C}
@@ -262,10 +274,10 @@ def test_retire_plan_never_sends_data_to_paused_or_retiring_workers(state):
 
 
 def test_retire_plan_without_recipients_maps_keys_to_empty_string(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     compute_on(state, "x", A, nbytes=10)
-    elastic.set_worker_status(state, B, "paused")
+    state.handle(WorkerStatusEvent(B, "paused"))
     out, plan = elastic.retire_plan(state, [A])
     assert plan == {"x": ""}
     assert of_type(out, AcquireReplicasMsg) == []
@@ -277,17 +289,17 @@ def test_retire_plan_without_recipients_maps_keys_to_empty_string(state):
 def test_retire_then_safe_remove_loses_nothing_and_is_not_suspicious():
     state = make_state(allowed_failures=0)
     for w in (A, B, C):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     compute_on(state, "x", A, nbytes=100)
-    state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [A]}, loose_restrictions=["busy"])
+    state.handle(UpdateGraphEvent("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [A]}, loose_restrictions=["busy"]))
     assert where(state, "busy") == A
     out, plan = elastic.retire_plan(state, [A])
     recipient = plan["x"]
     assert recipient in (B, C)
     # The recipient fetched it.
-    assert state.add_keys(recipient, ["x"]) == []
+    assert state.handle(AddKeysEvent(recipient, ["x"])) == []
     assert holders(state, "x") == {A, recipient}
-    out = state.remove_worker(A, safe=True)
+    out = state.handle(RemoveWorkerEvent(A, safe=True))
     assert of_type(out, LostDataMsg) == []
     assert of_type(out, TaskErredClientMsg) == []  # no KilledWorker, though allowed_failures=0
     assert "x" not in computes(out)  # not recomputed
@@ -303,30 +315,30 @@ def test_retire_then_safe_remove_loses_nothing_and_is_not_suspicious():
 def test_unsafe_remove_of_retiring_worker_still_counts():
     """Contrast: a worker dying while retiring is an ordinary death."""
     state = make_state(allowed_failures=0)
-    state.add_worker(A)
-    state.add_worker(B)
-    state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [A]}, loose_restrictions=["busy"])
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
+    state.handle(UpdateGraphEvent("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [A]}, loose_restrictions=["busy"]))
     elastic.retire_plan(state, [A])
-    out = state.remove_worker(A)
+    out = state.handle(RemoveWorkerEvent(A))
     (msg,) = of_type(out, TaskErredClientMsg)
     assert msg.key == "busy"
 
 
 def test_dependent_of_data_on_retiring_worker_runs_elsewhere(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     compute_on(state, "x", A, nbytes=10)
     elastic.retire_plan(state, [A])
-    out = state.update_graph("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]})
+    out = state.handle(UpdateGraphEvent("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]}))
     assert computes(out) == {"y": B}
 
 
 def test_retired_worker_can_be_set_running_again(state):
-    state.add_worker(A)
+    state.handle(AddWorkerEvent(A))
     elastic.retire_plan(state, [A])
-    out = state.update_graph("c", {"q": SPEC}, ["q"])
+    out = state.handle(UpdateGraphEvent("c", {"q": SPEC}, ["q"]))
     assert state.tasks["q"].state == "queued" and computes(out) == {}
-    out = elastic.set_worker_status(state, A, "running")
+    out = state.handle(WorkerStatusEvent(A, "running"))
     assert computes(out) == {"q": A}
 
 
@@ -335,10 +347,10 @@ def test_retired_worker_can_be_set_running_again(state):
 
 def test_workers_to_close_idle_and_least_data_first(state):
     for w in (A, B, C, D):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     put(state, "b", [B], 300)
     put(state, "c", [C], 100)
-    state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [D]})
+    state.handle(UpdateGraphEvent("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [D]}))
     assert elastic.workers_to_close(state, memory_ratio=0) == [A, C, B]  # D is busy
     assert elastic.workers_to_close(state, memory_ratio=0, n=1) == [A]
     assert elastic.workers_to_close(state, memory_ratio=0, n=2) == [A, C]
@@ -347,16 +359,16 @@ def test_workers_to_close_idle_and_least_data_first(state):
 
 
 def test_workers_to_close_idle_before_busy(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     put(state, "a", [A], 10_000)  # A holds a lot, but B is busy
-    state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [B]})
+    state.handle(UpdateGraphEvent("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [B]}))
     assert elastic.workers_to_close(state, memory_ratio=0, n=1) == [A]
 
 
 def test_workers_to_close_target_and_minimum(state):
     for w in (A, B, C, D):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     assert len(elastic.workers_to_close(state, target=3)) == 1
     assert len(elastic.workers_to_close(state, target=1)) == 3
     assert elastic.workers_to_close(state, target=4) == []
@@ -370,15 +382,15 @@ def test_workers_to_close_target_and_minimum(state):
 
 
 def test_workers_to_close_attribute_name(state):
-    state.add_worker(A, name="alice")
-    state.add_worker(B, name="bob")
+    state.handle(AddWorkerEvent(A, name="alice"))
+    state.handle(AddWorkerEvent(B, name="bob"))
     put(state, "b", [B], 10)
     assert elastic.workers_to_close(state, memory_ratio=0, n=1, attribute="name") == ["alice"]
 
 
 def test_workers_to_close_keeps_enough_memory(state):
     for w in (A, B, C):
-        state.add_worker(w, memory_limit=100)
+        state.handle(AddWorkerEvent(w, memory_limit=100))
     put(state, "x", [C], 60)
     # 300 bytes of limits for 60 bytes: closing A leaves 200 >= 2 * 60, closing
     # B as well would leave 100 < 120.
@@ -388,12 +400,12 @@ def test_workers_to_close_keeps_enough_memory(state):
 
 
 def test_workers_to_close_groups_closed_whole(state):
-    state.add_worker(A, host="h1")
-    state.add_worker(B, host="h1")
-    state.add_worker(C, host="h2")
-    state.add_worker(D, host="h2")
+    state.handle(AddWorkerEvent(A, host="h1"))
+    state.handle(AddWorkerEvent(B, host="h1"))
+    state.handle(AddWorkerEvent(C, host="h2"))
+    state.handle(AddWorkerEvent(D, host="h2"))
     put(state, "c", [C], 10)
-    state.update_graph("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [D]})
+    state.handle(UpdateGraphEvent("c", {"busy": SPEC}, ["busy"], restrictions={"busy": [D]}))
 
     def by_host(ws):
         return ws.host
@@ -405,7 +417,7 @@ def test_workers_to_close_groups_closed_whole(state):
 
 def test_workers_to_close_groups_respect_n_and_target(state):
     for w, h in ((A, "h1"), (B, "h1"), (C, "h2"), (D, "h2")):
-        state.add_worker(w, host=h)
+        state.handle(AddWorkerEvent(w, host=h))
 
     def by_host(ws):
         return ws.host
@@ -420,37 +432,37 @@ def test_workers_to_close_groups_respect_n_and_target(state):
 
 def test_adaptive_target_zero_without_work(state):
     assert elastic.adaptive_target(state) == 0
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     assert elastic.adaptive_target(state) == 0
 
 
 def test_adaptive_target_grows_with_queued_work():
     state = make_state()
     keys = [f"x-{i}" for i in range(10)]
-    state.update_graph("c", dict.fromkeys(keys, SPEC), keys)
+    state.handle(UpdateGraphEvent("c", dict.fromkeys(keys, SPEC), keys))
     assert {ts.state for ts in state.tasks.values()} == {"queued"}
     # 10 tasks of 0.5 s expected each: 5 s of work.
     assert elastic.adaptive_target(state, target_duration=5) == 1
     assert elastic.adaptive_target(state, target_duration=1) == 5
     # Never more workers than tasks.
     assert elastic.adaptive_target(state, target_duration=0.01) == 10
-    state.add_worker(A)
+    state.handle(AddWorkerEvent(A))
     assert len(state.workers[A].processing) == 2  # the rest stays queued
     assert elastic.adaptive_target(state, target_duration=1) == 5
 
 
 def test_adaptive_target_grows_with_task_durations():
     state = make_state()
-    state.add_worker(A)
+    state.handle(AddWorkerEvent(A))
     first = ("slow", 0)
-    state.update_graph("c", {first: SPEC}, [first])
-    state.stimulus_task_finished(first, A, nbytes=1, startstops=[("compute", 0.0, 4.0)])
+    state.handle(UpdateGraphEvent("c", {first: SPEC}, [first]))
+    state.handle(TaskFinishedEvent(first, A, nbytes=1, startstops=[("compute", 0.0, 4.0)]))
     assert state.task_duration["slow"] == 4.0
-    state.client_releases_keys([first], "c")
+    state.handle(ClientReleasesKeysEvent([first], "c"))
     assert not state.workers[A].has_what and state.tasks == {}
     keys = [("slow", i) for i in range(1, 5)]
-    state.update_graph("c", dict.fromkeys(keys, SPEC), keys)
+    state.handle(UpdateGraphEvent("c", dict.fromkeys(keys, SPEC), keys))
     # 4 tasks of 4 s: 16 s of work; in 5 s that needs 4 workers.
     assert elastic.adaptive_target(state, target_duration=5) == 4
     # The same number of quick tasks needs fewer workers.
@@ -460,8 +472,8 @@ def test_adaptive_target_grows_with_task_durations():
 
 
 def test_adaptive_target_doubles_under_memory_pressure(state):
-    state.add_worker(A, memory_limit=100)
-    state.add_worker(B, memory_limit=100)
+    state.handle(AddWorkerEvent(A, memory_limit=100))
+    state.handle(AddWorkerEvent(B, memory_limit=100))
     put(state, "x", [A], 50)
     assert elastic.adaptive_target(state) == 1  # no work: B may go, x fits in A with headroom
     put(state, "y", [B], 80)  # 130 > 60% of 200
@@ -470,16 +482,16 @@ def test_adaptive_target_doubles_under_memory_pressure(state):
 
 def test_adaptive_target_never_below_busy_workers(state):
     for w in (A, B, C):
-        state.add_worker(w)
-    state.update_graph("c", {"t": SPEC, "u": SPEC}, ["t", "u"], restrictions={"t": [A], "u": [B]})
+        state.handle(AddWorkerEvent(w))
+    state.handle(UpdateGraphEvent("c", {"t": SPEC, "u": SPEC}, ["t", "u"], restrictions={"t": [A], "u": [B]}))
     assert elastic.adaptive_target(state) == 2  # C may go, A and B run work
-    state.update_graph("c", {"v": SPEC}, ["v"], restrictions={"v": [C]})
+    state.handle(UpdateGraphEvent("c", {"v": SPEC}, ["v"], restrictions={"v": [C]}))
     assert elastic.adaptive_target(state) == 3
 
 
 def test_adaptive_target_ignores_retiring_workers(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     put(state, "a", [A], 1)
     elastic.retire_plan(state, [A])
     assert elastic.adaptive_target(state) == 0
@@ -504,7 +516,7 @@ def held_results_on_three_jobs(state: SchedulerState, per_worker: dict[str, int]
     jobs: dict[str, list[str]] = {}
     for i, (address, count) in enumerate(per_worker.items()):
         job = f"job{i // 2}"
-        state.add_worker(address, name=f"{job}-{i % 2}", memory_limit=1000 * MB)
+        state.handle(AddWorkerEvent(address, name=f"{job}-{i % 2}", memory_limit=1000 * MB))
         jobs.setdefault(job, []).append(address)
         for k in range(count):
             compute_on(state, f"r-{address}-{k}", address, 2 * MB)
@@ -550,9 +562,9 @@ def test_retiring_jobs_together_moves_each_key_once_to_the_workers_that_stay(sta
     # Once the copies landed, the retired workers go safely and nothing is lost.
     for worker, keys in acquires(msgs).items():
         for key in keys:
-            state.add_keys(worker, [key])
+            state.handle(AddKeysEvent(worker, [key]))
     for a in closing:
-        state.remove_worker(a, safe=True)
+        state.handle(RemoveWorkerEvent(a, safe=True))
     validation.validate_state(state)
     assert all(state.tasks[k].state == "memory" and holders(state, k) <= stay for k in unique)
     assert elastic.adaptive_target(state) == 1
@@ -560,7 +572,7 @@ def test_retiring_jobs_together_moves_each_key_once_to_the_workers_that_stay(sta
 
 def test_idle_workers_whose_data_does_not_fit_are_kept_and_counted(state):
     for w in (A, B, C):
-        state.add_worker(w, memory_limit=100)
+        state.handle(AddWorkerEvent(w, memory_limit=100))
     for w in (A, B, C):
         put(state, f"x-{w}", [w], 40)
     # 120 bytes need 240 of limits: closing any worker leaves only 200.
@@ -575,15 +587,15 @@ def test_idle_workers_whose_data_does_not_fit_are_kept_and_counted(state):
 
 
 def test_the_last_worker_holding_data_is_never_closed(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     put(state, "a", [A], 10)
     put(state, "b", [B], 20)
     # No memory limits: the ratio rule cannot speak, but the data needs somewhere to go.
     assert elastic.workers_to_close(state) == [A]
     assert elastic.workers_to_close(state, memory_ratio=0) == [A]
     assert elastic.adaptive_target(state) == 1
-    state.client_releases_keys(["a", "b"], "c")
+    state.handle(ClientReleasesKeysEvent(["a", "b"], "c"))
     assert sorted(elastic.workers_to_close(state)) == sorted([A, B])
     assert elastic.adaptive_target(state) == 0
 
@@ -591,7 +603,7 @@ def test_the_last_worker_holding_data_is_never_closed(state):
 def test_a_job_with_one_busy_worker_stays_while_its_idle_sibling_holds_data(state):
     jobs = held_results_on_three_jobs(state, dict.fromkeys(SIX[:4], 1))
     busy = jobs["job0"][0]
-    state.update_graph("c", {"t": SPEC}, ["t"], restrictions={"t": [busy]})
+    state.handle(UpdateGraphEvent("c", {"t": SPEC}, ["t"], restrictions={"t": [busy]}))
     assert elastic.workers_to_close(state, key=job_of) == jobs["job1"]
     assert elastic.adaptive_sizing(state).busy == 1
     # The lone busy worker is kept; its idle sibling may go on its own (ungrouped count).
@@ -603,7 +615,7 @@ def test_a_job_with_one_busy_worker_stays_while_its_idle_sibling_holds_data(stat
 
 def test_replicate_plan_makes_n_copies_on_least_loaded_workers(state):
     for w in (A, B, C):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     put(state, "x", [A], 10)
     put(state, "load", [B], 1000)
     out, drops = elastic.replicate_plan(state, ["x"], n=2, stimulus_id="rep")
@@ -618,8 +630,8 @@ def test_replicate_plan_makes_n_copies_on_least_loaded_workers(state):
 
 
 def test_replicate_plan_n_larger_than_cluster_is_capped(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     put(state, "x", [A], 10)
     out, drops = elastic.replicate_plan(state, ["x"], n=10)
     assert acquires(out) == {B: {"x": [A]}} and drops == {}
@@ -627,7 +639,7 @@ def test_replicate_plan_n_larger_than_cluster_is_capped(state):
 
 def test_replicate_plan_drops_extra_replicas_from_most_loaded(state):
     for w in (A, B, C):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     put(state, "x", [A, B, C], 10)
     put(state, "heavy", [C], 1000)
     put(state, "medium", [B], 500)
@@ -642,9 +654,9 @@ def test_replicate_plan_drops_extra_replicas_from_most_loaded(state):
 
 def test_replicate_plan_only_uses_running_workers(state):
     for w in (A, B, C, D):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     put(state, "x", [A], 10)
-    elastic.set_worker_status(state, B, "paused")
+    state.handle(WorkerStatusEvent(B, "paused"))
     elastic.retire_plan(state, [C])
     out, drops = elastic.replicate_plan(state, ["x"], n=4)
     assert acquires(out) == {D: {"x": [A]}} and drops == {}
@@ -652,17 +664,17 @@ def test_replicate_plan_only_uses_running_workers(state):
 
 def test_replicate_plan_restricted_to_workers_and_skips_unknown_keys(state):
     for w in (A, B, C):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     put(state, "x", [A, B], 10)
-    state.update_graph("c", {"pending": SPEC}, ["pending"], restrictions={"pending": [A]})
+    state.handle(UpdateGraphEvent("c", {"pending": SPEC}, ["pending"], restrictions={"pending": [A]}))
     out, drops = elastic.replicate_plan(state, ["x", "pending", "unknown"], n=1, workers=[C])
     # Replicas outside the pool are not dropped; keys not in memory are skipped.
     assert acquires(out) == {C: {"x": [A, B]}} and drops == {}
 
 
 def test_replicate_plan_never_drops_the_last_replica(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     put(state, "x", [A, B], 10)
     try:
         _, drops = elastic.replicate_plan(state, ["x"], n=0)
@@ -676,8 +688,8 @@ def test_replicate_plan_never_drops_the_last_replica(state):
 
 
 def test_rebalance_plan_moves_largest_keys_to_the_emptiest_worker(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     for key, nbytes in (("k40", 40), ("k30", 30), ("k20", 20), ("k10", 10)):
         put(state, key, [A], nbytes)
     out, drops = elastic.rebalance_plan(state, stimulus_id="rb")
@@ -690,7 +702,7 @@ def test_rebalance_plan_moves_largest_keys_to_the_emptiest_worker(state):
 
 def test_rebalance_plan_many_senders_and_receivers(state):
     for w in (A, B, C, D):
-        state.add_worker(w)
+        state.handle(AddWorkerEvent(w))
     for i in range(4):
         put(state, f"a{i}", [A], 10)
         put(state, f"b{i}", [B], 10)
@@ -705,32 +717,32 @@ def test_rebalance_plan_many_senders_and_receivers(state):
 
 
 def test_rebalance_plan_no_move_when_balanced(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     put(state, "a", [A], 50)
     put(state, "b", [B], 50)
     assert elastic.rebalance_plan(state) == ([], {})
 
 
 def test_rebalance_plan_does_not_overshoot_the_mean(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     put(state, "huge", [A], 1000)  # cannot be split: moving it only swaps the imbalance
     assert elastic.rebalance_plan(state) == ([], {})
 
 
 def test_rebalance_plan_needs_two_running_workers(state):
-    state.add_worker(A)
+    state.handle(AddWorkerEvent(A))
     put(state, "a", [A], 50)
     assert elastic.rebalance_plan(state) == ([], {})
-    state.add_worker(B)
-    elastic.set_worker_status(state, B, "paused")
+    state.handle(AddWorkerEvent(B))
+    state.handle(WorkerStatusEvent(B, "paused"))
     assert elastic.rebalance_plan(state) == ([], {})
 
 
 def test_rebalance_plan_only_given_keys(state):
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     put(state, "x1", [A], 10)
     put(state, "x2", [A], 10)
     put(state, "other", [A], 1000)
@@ -744,9 +756,9 @@ def test_rebalance_plan_only_given_keys(state):
 
 
 def test_reevaluate_occupancy_uses_current_task_durations(state):
-    state.add_worker(A, nthreads=2)
+    state.handle(AddWorkerEvent(A, nthreads=2))
     f1, f2 = ("f", 1), ("f", 2)
-    state.update_graph("c", {f1: SPEC, f2: SPEC}, [f1, f2])
+    state.handle(UpdateGraphEvent("c", {f1: SPEC, f2: SPEC}, [f1, f2]))
     ws = state.workers[A]
     assert ws.occupancy == pytest.approx(2 * DEFAULT_TASK_DURATION)
     state.task_duration["f"] = 3.0
@@ -755,7 +767,7 @@ def test_reevaluate_occupancy_uses_current_task_durations(state):
     assert set(ws.processing.values()) == {3.0}
     validation.validate_state(state)
     # A seceded (long-running) task no longer counts.
-    state.handle_long_running(f1, A)
+    state.handle(LongRunningEvent(f1, A))
     elastic.reevaluate_occupancy(state)
     assert ws.processing[state.tasks[f1]] == 0.0
     assert ws.occupancy == pytest.approx(3.0)
@@ -765,10 +777,10 @@ def test_reevaluate_occupancy_uses_current_task_durations(state):
 def test_reevaluate_occupancy_includes_transfer_cost(state):
     from runtime.scheduler.state import BANDWIDTH
 
-    state.add_worker(A)
-    state.add_worker(B)
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
     compute_on(state, "x", A, nbytes=int(BANDWIDTH))  # one second to move
-    state.update_graph("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]}, restrictions={"y": [B]})
+    state.handle(UpdateGraphEvent("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]}, restrictions={"y": [B]}))
     state.task_duration["y"] = 2.0
     elastic.reevaluate_occupancy(state)
     assert state.workers[B].occupancy == pytest.approx(3.0)
@@ -779,17 +791,17 @@ def test_reevaluate_occupancy_includes_transfer_cost(state):
 
 
 def test_restart_state_forgets_everything_and_cancels_client_keys(state):
-    state.add_worker(A)
-    state.add_worker(B)
-    state.update_graph("c1", {"x": SPEC, "y": SPEC}, ["y"], dependencies={"y": ["x"]})
-    state.update_graph("c2", {"y": SPEC, "q-1": SPEC, "q-2": SPEC, "q-3": SPEC, "q-4": SPEC, "q-5": SPEC},
-                       ["y", "q-1", "q-2", "q-3", "q-4", "q-5"])
-    state.update_graph("c2", {"r": SPEC}, ["r"], restrictions={"r": ["tcp://gone:1"]})
+    state.handle(AddWorkerEvent(A))
+    state.handle(AddWorkerEvent(B))
+    state.handle(UpdateGraphEvent("c1", {"x": SPEC, "y": SPEC}, ["y"], dependencies={"y": ["x"]}))
+    state.handle(UpdateGraphEvent("c2", {"y": SPEC, "q-1": SPEC, "q-2": SPEC, "q-3": SPEC, "q-4": SPEC, "q-5": SPEC},
+                       ["y", "q-1", "q-2", "q-3", "q-4", "q-5"]))
+    state.handle(UpdateGraphEvent("c2", {"r": SPEC}, ["r"], restrictions={"r": ["tcp://gone:1"]}))
     finish(state, "x")
     put(state, "s", [B], 5, client="c1")
     states_before = {ts.state for ts in state.tasks.values()}
     assert {"memory", "processing", "queued", "no-worker"} <= states_before
-    out = elastic.restart_state(state, "restart-1")
+    out = state.handle(RestartEvent("restart-1"))
     assert all(isinstance(m, CancelledKeyMsg) for m in out)
     assert {(m.client, m.key) for m in out} == {
         ("c1", "y"), ("c1", "s"), ("c2", "y"), ("c2", "r"),
@@ -803,7 +815,7 @@ def test_restart_state_forgets_everything_and_cancels_client_keys(state):
     assert all(not cs.wants_what for cs in state.clients.values())
     validation.validate_state(state)
     # The machine works normally afterwards.
-    out = state.update_graph("c1", {"x": SPEC}, ["x"])
+    out = state.handle(UpdateGraphEvent("c1", {"x": SPEC}, ["x"]))
     assert set(computes(out)) == {"x"}
     out = finish(state, "x")
     assert [m.key for m in of_type(out, KeyInMemoryMsg)] == ["x"]

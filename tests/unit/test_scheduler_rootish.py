@@ -9,6 +9,12 @@ inputs (a matmul's blocks) still go straight to the worker holding their data.
 from __future__ import annotations
 
 from runtime.scheduler import validation
+from runtime.scheduler.events import (
+    AddWorkerEvent,
+    RemoveWorkerEvent,
+    TaskFinishedEvent,
+    UpdateGraphEvent,
+)
 from runtime.scheduler.records import ComputeTaskMsg
 from runtime.scheduler.state import SchedulerState
 
@@ -23,18 +29,18 @@ def computes(msgs) -> dict:
 
 def two_workers() -> SchedulerState:
     state = SchedulerState(validate=True, clock=lambda: 1000.0)
-    state.add_worker(A, nthreads=1)
-    state.add_worker(B, nthreads=1)
+    state.handle(AddWorkerEvent(A, nthreads=1))
+    state.handle(AddWorkerEvent(B, nthreads=1))
     return state
 
 
 def test_chunks_of_one_array_are_queued_not_piled_on_its_holder():
     state = two_workers()
-    state.update_graph("c", {"array": SPEC}, ["array"])
-    state.stimulus_task_finished("array", A, nbytes=10_000_000)
+    state.handle(UpdateGraphEvent("c", {"array": SPEC}, ["array"]))
+    state.handle(TaskFinishedEvent("array", A, nbytes=10_000_000))
     chunks = [("chunk", i) for i in range(40)]
-    out = state.update_graph("c", dict.fromkeys(chunks, SPEC), chunks,
-                             dependencies={k: ["array"] for k in chunks})
+    out = state.handle(UpdateGraphEvent("c", dict.fromkeys(chunks, SPEC), chunks,
+                             dependencies={k: ["array"] for k in chunks}))
     placed = computes(out)
     # Two per thread on each worker, not forty on the array's holder.
     assert len(placed) == 4
@@ -43,47 +49,47 @@ def test_chunks_of_one_array_are_queued_not_piled_on_its_holder():
     assert all(state.tasks[k].rootish for k in chunks)
     # As chunks finish, queued ones follow, in priority order.
     first = min(placed, key=lambda k: state.tasks[k].priority)
-    out = state.stimulus_task_finished(first, placed[first], nbytes=1000)
+    out = state.handle(TaskFinishedEvent(first, placed[first], nbytes=1000))
     assert len(computes(out)) == 1
 
 
 def test_tasks_with_many_distinct_inputs_are_not_rootish():
     state = two_workers()
     inputs = [("x", i) for i in range(20)]
-    pending = computes(state.update_graph("c", dict.fromkeys(inputs, SPEC), inputs))
+    pending = computes(state.handle(UpdateGraphEvent("c", dict.fromkeys(inputs, SPEC), inputs)))
     while pending:  # run the inputs (root tasks, queued) to completion
         key, worker = next(iter(pending.items()))
         del pending[key]
-        pending.update(computes(state.stimulus_task_finished(key, worker, nbytes=1000)))
+        pending.update(computes(state.handle(TaskFinishedEvent(key, worker, nbytes=1000))))
     assert all(state.tasks[k].state == "memory" for k in inputs)
     products = [("p", i) for i in range(20)]
     deps = {("p", i): [("x", i), ("x", (i + 1) % 20)] for i in range(20)}
-    out = state.update_graph("c", dict.fromkeys(products, SPEC), products, dependencies=deps)
+    out = state.handle(UpdateGraphEvent("c", dict.fromkeys(products, SPEC), products, dependencies=deps))
     assert not any(state.tasks[k].rootish for k in products)
     assert len(computes(out)) == 20  # all placed by data locality at once
 
 
 def test_small_groups_are_not_rootish():
     state = two_workers()
-    state.update_graph("c", {"array": SPEC}, ["array"])
-    state.stimulus_task_finished("array", A, nbytes=1000)
+    state.handle(UpdateGraphEvent("c", {"array": SPEC}, ["array"]))
+    state.handle(TaskFinishedEvent("array", A, nbytes=1000))
     chunks = [("chunk", i) for i in range(4)]
-    out = state.update_graph("c", dict.fromkeys(chunks, SPEC), chunks,
-                             dependencies={k: ["array"] for k in chunks})
+    out = state.handle(UpdateGraphEvent("c", dict.fromkeys(chunks, SPEC), chunks,
+                             dependencies={k: ["array"] for k in chunks}))
     assert not any(state.tasks[k].rootish for k in chunks)
     assert set(computes(out).values()) == {A}  # next to their input
 
 
 def test_queued_rootish_task_waits_again_when_its_input_is_lost():
     state = two_workers()
-    state.update_graph("c", {"array": SPEC}, ["array"])
-    state.stimulus_task_finished("array", A, nbytes=1000)
+    state.handle(UpdateGraphEvent("c", {"array": SPEC}, ["array"]))
+    state.handle(TaskFinishedEvent("array", A, nbytes=1000))
     chunks = [("chunk", i) for i in range(40)]
-    state.update_graph("c", dict.fromkeys(chunks, SPEC), chunks,
-                       dependencies={k: ["array"] for k in chunks})
+    state.handle(UpdateGraphEvent("c", dict.fromkeys(chunks, SPEC), chunks,
+                       dependencies={k: ["array"] for k in chunks}))
     queued = [k for k in chunks if state.tasks[k].state == "queued"]
     assert queued
-    state.remove_worker(A)  # the only copy of the input is gone
+    state.handle(RemoveWorkerEvent(A))  # the only copy of the input is gone
     assert state.tasks["array"].state in ("processing", "queued", "waiting")
     assert all(state.tasks[k].state == "waiting" for k in queued)
     validation.validate_state(state)

@@ -4,7 +4,13 @@ whatever the test says it is)."""
 
 from __future__ import annotations
 
-from runtime.scheduler.events import AddWorkerEvent, TaskFinishedEvent, TickEvent, UpdateGraphEvent
+from runtime.scheduler.events import (
+    AddWorkerEvent,
+    HeartbeatEvent,
+    TaskFinishedEvent,
+    TickEvent,
+    UpdateGraphEvent,
+)
 from runtime.scheduler.records import CloseScheduler, ComputeTaskMsg, RemoveWorker
 from runtime.scheduler.state import SchedulerState
 from runtime.scheduler.stimuli import REEVALUATE_OCCUPANCY_INTERVAL
@@ -31,7 +37,7 @@ def test_silent_worker_is_removed_after_ttl_live_one_kept():
     state.handle(AddWorkerEvent(A), AddWorkerEvent(B))
     assert state.handle(TickEvent(105.0)) == []
     clock.t = 108.0
-    state.worker_heartbeat(B)
+    state.handle(HeartbeatEvent(B))
     out = state.handle(TickEvent(111.0))
     assert [(i.worker, i.reason) for i in of_type(out, RemoveWorker)] == [
         (A, "missed its heartbeat for 11.0s")]
