@@ -211,7 +211,11 @@ async def test_status_page_cuts_slow_handshakes_and_caps_unauthorised_connection
             await until(lambda: server.admission.pending == http.MAX_UNAUTHORISED,
                         what="the caps to fill")
             assert server.admission.refused_total + server.admission.cut_total > 0
-            # The link still opens the page (a stalled connection makes room).
+            # The link still opens the page: the oldest stalled connection makes room once
+            # it has waited EVICT_AFTER (before that a newcomer is closed, and retries).
+            await until(lambda: time.monotonic() - min(
+                e.since for e in server.admission._pending.values()) >= 0.3,
+                what="the oldest stalled connection to be old enough to cut")
             token = s.dashboard_link.split("?token=", 1)[1]
             ctx = ssl.create_default_context()
             ctx.check_hostname = False
