@@ -1,7 +1,7 @@
 """hpc-cluster: run Python work on HPC machines.
 
 ``from cluster import Client, LocalCluster, Scheduler, Worker`` gives the
-distributed runtime, ``SLURMCluster`` and ``PBSCluster`` workers in batch
+distributed runtime, ``SLURMCluster``, ``PBSCluster`` and ``SGECluster`` workers in batch
 jobs; ``python -m cluster`` is the command line.
 """
 
@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 #: Imported on first use, so that ``python -m cluster worker`` (what every batch
 #: job runs) does not load jinja2 and the job-queue layer.
-_JOBQUEUE = ("JobQueueCluster", "PBSCluster", "SLURMCluster")
+_JOBQUEUE = ("JobQueueCluster", "PBSCluster", "SGECluster", "SLURMCluster")
 
 
 #: Taken from :mod:`runtime` on first use (PEP 562), which imports only the
@@ -58,6 +58,7 @@ __all__ = [
     "Nanny",
     "PBSCluster",
     "Reschedule",
+    "SGECluster",
     "SLURMCluster",
     "Scheduler",
     "SchedulerPlugin",

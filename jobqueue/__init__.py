@@ -1,4 +1,4 @@
-"""Batch-queue clusters: workers in SLURM or PBS jobs, scaled by hand or with the load.
+"""Batch-queue clusters: workers in SLURM, PBS or Grid Engine jobs, scaled by hand or with the load.
 
 ``SLURMCluster(cores=8, memory="16GB", walltime="01:00:00").adapt(maximum_jobs=10)``
 starts a scheduler in this process and submits jobs whose workers connect to it.
@@ -7,14 +7,17 @@ Modules: :mod:`~jobqueue.core` (the cluster: start, status, scale, adapt, close)
 :mod:`~jobqueue.job` (options, lifetimes, job scripts), :mod:`~jobqueue.adaptive`
 (pure scaling decisions), :mod:`~jobqueue.tracking` (jobs and their workers),
 :mod:`~jobqueue.commands` (the one subprocess seam), :mod:`~jobqueue.states`,
-:mod:`~jobqueue.units`, :mod:`~jobqueue.errors`, :mod:`~jobqueue.system` (a batch
-system's commands and outputs) and one small module per batch system
-(:mod:`~jobqueue.slurm`, :mod:`~jobqueue.pbs`).  :mod:`~jobqueue.submit` submits one
-MPI job running a script under the MPI launcher (``python -m cluster submit``,
-:func:`submit_mpi_job`).  Templates live in the ``templates`` package.
+:mod:`~jobqueue.units`, :mod:`~jobqueue.errors`, :mod:`~jobqueue.plumbing` (sync/async),
+and one module per batch system in :mod:`~jobqueue.systems` (``slurm``, ``pbs``,
+``sge``: everything about that system), which a cluster holds as a part
+(:mod:`~jobqueue.clusters`: ``SLURMCluster``, ``PBSCluster``, ``SGECluster``).
+:mod:`~jobqueue.submit` submits one MPI job running a script under the MPI
+launcher (``python -m cluster submit``, :func:`submit_mpi_job`).  Templates live
+in the ``templates`` package.
 """
 
 from .adaptive import Decision, JobView, Observation, ScalingPolicy
+from .clusters import PBSCluster, SGECluster, SLURMCluster
 from .commands import CommandResult, run_command
 from .core import Adaptive, JobQueueCluster
 from .errors import (
@@ -28,11 +31,9 @@ from .errors import (
     SubmitError,
     TemplateError,
 )
-from .pbs import PBSCluster
-from .slurm import SLURMCluster
 from .states import JobState, JobStatus
 from .submit import MPIJob, mpi_job_script, submit_mpi_job, submit_mpi_job_async
-from .system import BatchSystem
+from .systems import PBS, SGE, SLURM, SYSTEMS, BatchSystem
 from .tracking import JobInfo
 
 __all__ = [
@@ -53,8 +54,13 @@ __all__ = [
     "JobView",
     "MPIJob",
     "Observation",
+    "PBS",
     "PBSCluster",
+    "SGE",
+    "SGECluster",
+    "SLURM",
     "SLURMCluster",
+    "SYSTEMS",
     "ScalingPolicy",
     "StatusError",
     "SubmitError",

@@ -30,13 +30,13 @@ import asyncio
 import logging
 import os
 import signal
-import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import CommandError, CommandNotFoundError, CommandTimeoutError
+from .plumbing import blocking
 
 logger = logging.getLogger(__name__)
 
@@ -148,34 +148,18 @@ def run_blocking(runner: Runner | Callable[..., Awaitable[CommandResult]], argv:
 
     Used where no event loop of ours can be relied on: interpreter exit and
     finalizers of garbage-collected clusters.  Uses a fresh event loop, in a
-    helper thread if this thread is already running one.
+    helper thread if this thread is already running one
+    (:func:`jobqueue.plumbing.blocking`).
 
     Raises:
-        whatever the runner raised.
+        whatever the runner raised; CommandTimeoutError if it never returned.
     """
-    async def main() -> CommandResult:
-        return await runner(argv, timeout=timeout)
-
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(main())
-    box: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = asyncio.run(main())
-        except BaseException as e:  # handed to the calling thread
-            box["error"] = e
-
-    thread = threading.Thread(target=target, name="jobqueue-blocking-command", daemon=True)
-    thread.start()
-    thread.join(timeout + 10)
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    if "result" not in box:
-        raise CommandTimeoutError(tuple(argv), reason=f"did not finish within {timeout + 10:g}s")
-    return box["result"]  # type: ignore[return-value]
+        return blocking(lambda: runner(argv, timeout=timeout), timeout + 10)
+    except TimeoutError as e:
+        if isinstance(e, CommandTimeoutError):
+            raise
+        raise CommandTimeoutError(tuple(argv), reason=f"did not finish within {timeout + 10:g}s") from None
 
 
 __all__ = ["DEFAULT_TIMEOUT", "CommandResult", "Runner", "check", "run_blocking", "run_command"]

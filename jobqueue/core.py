@@ -71,13 +71,11 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from runtime.errors import ClusterTimeoutError
-from runtime.loop import loop_runner, sync
-from runtime.scheduler import elastic
-from runtime.scheduler.server import Scheduler
+from runtime.scheduler import Scheduler, elastic
 from runtime.security import Security, resolve_security
 from runtime.utils import format_bytes
 
@@ -93,8 +91,9 @@ from .job import (
     render_script,
     worker_command,
 )
+from .plumbing import SyncAsync
 from .states import JobState
-from .system import BatchSystem
+from .systems import BatchSystem, get_system, system_class
 from .tracking import JobInfo, JobTable
 from .units import parse_duration, parse_memory
 
@@ -131,10 +130,17 @@ def _cancel_leftovers(runner: Runner, cancel_argv: tuple[str, ...], ids: set[str
     ids.clear()
 
 
-class JobQueueCluster(BatchSystem):
-    """A scheduler in this process and workers in batch jobs (base of SLURMCluster, PBSCluster).
+class JobQueueCluster(SyncAsync):
+    """A scheduler in this process and workers in batch jobs of one batch system.
+
+    ``JobQueueCluster(system="sge", cores=8, memory="16GB", project="p1")``;
+    :class:`~jobqueue.clusters.SLURMCluster`, ``PBSCluster`` and ``SGECluster``
+    are this class with their system filled in.
 
     Args:
+        system: the batch system: a name (``"slurm"``, ``"pbs"``, ``"sge"``), a
+            :class:`~jobqueue.systems.BatchSystem` class, or an instance (which
+            then carries the system's own options).
         cores: cores of one job (required). Its workers share them: each gets
             ``cores // processes`` threads.
         memory: memory of one job (required), like ``"16GB"`` or ``"8GiB"``;
@@ -189,6 +195,9 @@ class JobQueueCluster(BatchSystem):
         command_timeout: seconds a batch command may take.
         close_timeout: seconds ``close()`` waits for the cancelled jobs to leave the queue.
         runner: the command seam (default :func:`jobqueue.commands.run_command`).
+        **system_options: the batch system's own options (SLURM: ``job_cpu``,
+            ``job_mem``; PBS: ``resource_spec``, ``project``; SGE: ``project``,
+            ``resource_spec``, ``parallel_environment``).
 
     Raises:
         ValueError: an option is missing or has a bad value (named in the message).
@@ -212,7 +221,16 @@ class JobQueueCluster(BatchSystem):
                  asynchronous: bool = False, status_interval: Any = "5s",
                  command_timeout: Any = "60s", close_timeout: Any = "30s",
                  runner: Runner | None = None, security: Security | bool | None = None,
-                 shared_temp_directory: str | os.PathLike | None = None):
+                 shared_temp_directory: str | os.PathLike | None = None,
+                 system: str | type[BatchSystem] | BatchSystem | None = None,
+                 **system_options: Any):
+        chosen = system if system is not None else self.default_system
+        if chosen is None:
+            raise ValueError("system is required: 'slurm', 'pbs' or 'sge' (or use SLURMCluster, "
+                             "PBSCluster, SGECluster)")
+        options = system_class(chosen).fold_options({"account": account, **system_options})
+        account = options.pop("account")
+        self.system: BatchSystem = get_system(chosen, **options)
         self.spec = make_spec(
             cores=cores, memory=memory, processes=processes, queue=queue, account=account,
             walltime=walltime, job_name=job_name, job_extra_directives=job_extra_directives,
@@ -222,7 +240,7 @@ class JobQueueCluster(BatchSystem):
             worker_extra_args=worker_extra_args, python=python, shebang=shebang, env=env,
             nanny=nanny, death_timeout=death_timeout, lifetime=lifetime,
             lifetime_stagger=lifetime_stagger, lifetime_margin=lifetime_margin,
-            template=template, directive_prefix=self.directive_prefix)
+            template=template, directive_prefix=self.system.directive_prefix)
         if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 0:
             raise ValueError(f"n_workers={n_workers!r}: expected a non-negative integer")
         self.scheduler_options = self._scheduler_options(scheduler_options, interface)
@@ -237,7 +255,7 @@ class JobQueueCluster(BatchSystem):
         self.scheduler: Scheduler | None = None
         self.status = "created"
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._table = JobTable(self.spec.worker_names, self.normalize_job_id,
+        self._table = JobTable(self.spec.worker_names, self.system.normalize_job_id,
                                f"{self.spec.job_name}-")
         self._policy = ScalingPolicy(self.spec.processes, mode="scale")
         self._target_workers = n_workers
@@ -251,23 +269,10 @@ class JobQueueCluster(BatchSystem):
         self._tasks: set[asyncio.Task] = set()
         self._next_status = 0.0
         self._paused_until = 0.0
-        self._uses_runner = False
-        if not asynchronous:
-            self.loop = loop_runner.acquire()
-            self._uses_runner = True
-            try:
-                sync(self.loop, self._start)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    sync(self.loop, self._close)
-                self._release_loop()
-                raise
+        self._enter_loop()
 
-    # ------------------------------------------------------------------ per batch system
-
-    def system_values(self) -> dict[str, Any]:
-        """Template values of this batch system (``walltime`` and its own options)."""
-        raise NotImplementedError
+    #: The batch system when none is given (set by SLURMCluster and friends).
+    default_system: type[BatchSystem] | None = None
 
     # ------------------------------------------------------------------ options
 
@@ -342,10 +347,11 @@ class JobQueueCluster(BatchSystem):
         if address is None:
             raise RuntimeError("the cluster has no scheduler yet: start it (await it) or pass "
                                "scheduler_address=")
-        line = worker_command(self.spec, address, self.job_id_variable, self.credentials_file)
-        values = {**common_values(self.spec, line), **self.system_values()}
-        return render_script(self.template_name, values, user_template=self.spec.template,
-                             prefix=self.directive_prefix, skip=self.spec.job_directives_skip)
+        system = self.system
+        line = worker_command(self.spec, address, system.job_id_expression(), self.credentials_file)
+        values = {**common_values(self.spec, line), **system.values(self.spec)}
+        return render_script(system.template_name, values, user_template=self.spec.template,
+                             prefix=system.directive_prefix, skip=self.spec.job_directives_skip)
 
     def scale(self, n: int | None = None, jobs: int | None = None, memory: Any = None,
               cores: int | None = None):
@@ -492,50 +498,14 @@ class JobQueueCluster(BatchSystem):
 
     def close(self, timeout: float | None = None):
         """Close the scheduler, cancel every job of the cluster, wait until they left the queue."""
-        if self.asynchronous:
-            return self._close()
-        if self.status == "closed":
-            self._release_loop()
-            return None
-        try:
-            if self.loop is not None:
-                sync(self.loop, self._close, timeout=timeout)
-        finally:
-            self._release_loop()
-        return None
+        return super().close(timeout)
 
     def __repr__(self) -> str:
         active = self._table.active()
         return (f"{type(self).__name__}({self.scheduler_address!r}, jobs={len(active)}, "
                 f"workers={len(self._registered())}, status={self.status})")
 
-    def __await__(self):
-        return self._start().__await__()
-
-    async def __aenter__(self):
-        await self._start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ plumbing
-
-    def _run(self, func: Callable[[], Any]):
-        if self.asynchronous:
-            return asyncio.ensure_future(func())
-        return sync(self.loop, func)
-
-    def _release_loop(self) -> None:
-        if self._uses_runner:
-            self._uses_runner = False
-            loop_runner.release()
 
     def _registered(self) -> dict[str, str]:
         return self._table.workers()
@@ -580,8 +550,8 @@ class JobQueueCluster(BatchSystem):
                            "scheduler_options={'host': ...})", type(self).__name__,
                            self.scheduler.address)
         self._finalizer = weakref.finalize(self, _cancel_leftovers, self.runner,
-                                           tuple(self.cancel_command), self._live_ids,
-                                           self.system, self.command_timeout)
+                                           tuple(self.system.cancel_command), self._live_ids,
+                                           self.system.title, self.command_timeout)
         self.status = "running"
         self._watcher = asyncio.ensure_future(self._watch())
         if self._target_workers:
@@ -628,7 +598,7 @@ class JobQueueCluster(BatchSystem):
             left = set(self._live_ids)
             if left:
                 logger.warning("%s jobs %s still listed after close(); cancelling them again "
-                               "at exit", self.system, sorted(left))
+                               "at exit", self.system.title, sorted(left))
             else:
                 self._finalizer.detach()
 
@@ -656,7 +626,7 @@ class JobQueueCluster(BatchSystem):
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("%s cluster step failed; retrying in %gs", self.system, interval)
+                logger.exception("%s cluster step failed; retrying in %gs", self.system.title, interval)
 
     async def _scale_now(self) -> None:
         async with self._lock:
@@ -671,7 +641,7 @@ class JobQueueCluster(BatchSystem):
             try:
                 await self._poll_status(grace=2 * self.status_interval + 10)
             except CommandError as e:
-                logger.warning("%s status call failed (job states unchanged): %s", self.system, e)
+                logger.warning("%s status call failed (job states unchanged): %s", self.system.title, e)
         self._apply_workers()
         await self._reconcile()
 
@@ -683,29 +653,29 @@ class JobQueueCluster(BatchSystem):
         for job in self._table.active():
             n = len(job.workers)
             if n > before.get(job.id, 0):
-                logger.info("%s job %s: %d/%d workers connected", self.system, job.id, n,
+                logger.info("%s job %s: %d/%d workers connected", self.system.title, job.id, n,
                             self.spec.processes)
 
     async def _poll_status(self, grace: float) -> None:
         ids = self._table.active_ids()
         if not ids:
             return
-        states = await self.states(self.runner, ids, self.command_timeout)
+        states = await self.system.states(self.runner, ids, self.command_timeout)
         before = {jid: (self._table[jid].native_state, self._table[jid].reason) for jid in ids}
         ended = self._table.apply_status(states, ids, grace)
         for jid in ids:
             job = self._table.jobs.get(jid)
             if job is not None and job.finished is None \
                     and (job.native_state, job.reason) != before[jid]:
-                logger.info("%s job %s is %s%s", self.system, jid, job.native_state,
+                logger.info("%s job %s is %s%s", self.system.title, jid, job.native_state,
                             f" ({job.reason})" if job.reason else "")
         for job in ended:
             self._live_ids.discard(job.id)
             if job.state == JobState.DONE or job.cancel_requested:
-                logger.info("%s job %s ended: %s (%s)", self.system, job.id, job.state,
+                logger.info("%s job %s ended: %s (%s)", self.system.title, job.id, job.state,
                             job.native_state)
             else:
-                logger.warning("%s job %s ended %s (%s)%s", self.system, job.id, job.state,
+                logger.warning("%s job %s ended %s (%s)%s", self.system.title, job.id, job.state,
                                job.native_state, "" if job.ever_workers
                                else " without starting a worker")
 
@@ -740,7 +710,7 @@ class JobQueueCluster(BatchSystem):
                      if self.spec.log_directory else "")
             logger.error("%d %s jobs in a row ended without starting a worker; pausing "
                          "submission for %gs (check the job script: cluster.job_script())%s",
-                         failures, self.system, pause, where)
+                         failures, self.system.title, pause, where)
             return False
         if now < self._paused_until:
             return False
@@ -773,11 +743,11 @@ class JobQueueCluster(BatchSystem):
             with open(path, "w", encoding="utf-8") as f:
                 f.write(script)
             for _ in range(n):
-                jid = await self.submit(self.runner, path, self.command_timeout)
+                jid = await self.system.submit(self.runner, path, self.command_timeout)
                 self._table.add(jid)
                 self._live_ids.add(jid)
                 ids.append(jid)
-                logger.info("submitted %s job %s", self.system, jid)
+                logger.info("submitted %s job %s", self.system.title, jid)
         return ids
 
     async def _cancel(self, ids: Sequence[str]) -> bool:
@@ -785,16 +755,16 @@ class JobQueueCluster(BatchSystem):
             if jid in self._table:
                 self._table[jid].cancel_requested = True
         try:
-            result = await self.cancel(self.runner, ids, self.command_timeout)
+            result = await self.system.cancel(self.runner, ids, self.command_timeout)
         except CommandError as e:
-            logger.error("cancelling %s jobs %s failed: %s", self.system, list(ids), e)
+            logger.error("cancelling %s jobs %s failed: %s", self.system.title, list(ids), e)
             return False
         if result.returncode != 0:
             # Often a job that ended just before: the next status call tells.
-            logger.warning("cancelling %s jobs %s: %s", self.system, list(ids),
+            logger.warning("cancelling %s jobs %s: %s", self.system.title, list(ids),
                            CancelError(result.argv, result.returncode, result.stdout, result.stderr))
             return False
-        logger.info("cancelled %s jobs %s", self.system, ", ".join(ids))
+        logger.info("cancelled %s jobs %s", self.system.title, ", ".join(ids))
         return True
 
     async def _close_jobs(self, ids: list[str], idle_only: bool = False) -> None:
@@ -818,7 +788,7 @@ class JobQueueCluster(BatchSystem):
                 if any(state.workers[a].processing for a in job.workers.values()
                        if a in state.workers):
                     logger.info("%s job %s got work since it was chosen to close; keeping it",
-                                self.system, job.id)
+                                self.system.title, job.id)
                     job.closing = False
                     jobs.remove(job)
         with_workers = [j for j in jobs if j.workers]
@@ -839,7 +809,7 @@ class JobQueueCluster(BatchSystem):
                 kept = [j for j in with_workers if set(j.workers.values()) & set(still)]
                 logger.warning("%s job%s %s: the workers could not retire (no other worker could "
                                "take their data, or it did not move in time); keeping %s",
-                               self.system, "" if len(kept) == 1 else "s",
+                               self.system.title, "" if len(kept) == 1 else "s",
                                ", ".join(j.id for j in kept), "it" if len(kept) == 1 else "them")
                 if self._adaptive is not None and idle_only:
                     self._adaptive.record(f"could not retire the workers of job(s) "

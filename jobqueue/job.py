@@ -343,17 +343,18 @@ def make_spec(*, cores: Any = None, memory: Any = None, processes: Any = None,
     )
 
 
-def worker_command(spec: JobSpec, scheduler_address: str, job_id_variable: str,
+def worker_command(spec: JobSpec, scheduler_address: str, job_id: str,
                    credentials_file: str | None = None) -> str:
     """The shell line that starts the job's workers (one ``python -P -m cluster worker``).
 
-    The worker name is ``<job_name>-${<job_id_variable>}``: the shell fills in
-    the batch system's job id when the job runs.
+    The worker name is ``<job_name>-<job_id>``, ``job_id`` a shell expression
+    (``${SLURM_JOB_ID}``): the shell fills in the batch system's job id when
+    the job runs.
 
     Args:
         spec: the job options.
         scheduler_address: where the workers connect.
-        job_id_variable: the batch system's job-id environment variable.
+        job_id: the shell expression of the job id (:meth:`BatchSystem.job_id_expression`).
         credentials_file: the path of the workers' TLS credentials file
             (``--tls-credentials``); only the path goes into the script.
     """
@@ -377,7 +378,7 @@ def worker_command(spec: JobSpec, scheduler_address: str, job_id_variable: str,
     if credentials_file is not None:
         args += ["--tls-credentials", credentials_file]
     # job_name matches JOB_NAME_PATTERN, so it needs no quoting inside double quotes.
-    name = f'--name "{spec.job_name}-${{{job_id_variable}}}"'
+    name = f'--name "{spec.job_name}-{job_id}"'
     return " ".join([shlex.join(args), name, *(shlex.quote(a) for a in spec.worker_extra_args)])
 
 

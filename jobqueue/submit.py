@@ -11,13 +11,15 @@ worker with ``cpus_per_task`` threads.  It is the batch form of
 - **Options** are checked by :func:`make_mpi_spec` with the helpers of
   :mod:`jobqueue.job` (a bad value raises a ``ValueError``/``TypeError``
   naming it) and frozen in an :class:`MPIJobSpec`.
-- **The script** is ``templates/slurm-mpi.sh.j2`` or ``templates/pbs-mpi.sh.j2``,
-  rendered by :func:`jobqueue.job.render_script` (jinja2, ``StrictUndefined``).
-  Each extends the workers' template of its system (``slurm.sh.j2``,
-  ``pbs.sh.j2``): the directives, extra directives, ``export`` lines and
-  prologue are theirs; the MPI templates replace the resource request
-  (SLURM: ``--ntasks``, ``--cpus-per-task``, ``--mem-per-cpu``; PBS:
-  ``-l select=<ntasks>:ncpus=<cpus>:mpiprocs=1[:mem=<memory>]``) and end with
+- **The script** is the batch system's MPI template (``templates/slurm-mpi.sh.j2``,
+  ``pbs-mpi.sh.j2``, ``sge-mpi.sh.j2``), rendered by
+  :func:`jobqueue.job.render_script` (jinja2, ``StrictUndefined``).  Each
+  extends the workers' template of its system: the directives, extra
+  directives, ``export`` lines and prologue are theirs; the resource request
+  comes from the system (:meth:`~jobqueue.systems.BatchSystem.mpi_values`;
+  SLURM: ``--ntasks``, ``--cpus-per-task``, ``--mem-per-cpu``; PBS:
+  ``-l select=<ntasks>:ncpus=<cpus>:mpiprocs=1[:mem=<memory>]`` or
+  ``resource_spec``; SGE: ``-pe smp <ntasks * cpus>``) and they end with
   ``exec <launch command>``, so that the launcher's exit status -- the
   script's, :mod:`hpc.launcher` -- is the job's.  The script path and its
   arguments are quoted with :func:`shlex.quote`: the script receives them as
@@ -28,8 +30,8 @@ worker with ``cpus_per_task`` threads.  It is the batch form of
   ``<python> -m cluster --nthreads C [--memory-limit M] [cluster args]
   script.py args``.
 - **Submission** goes through the batch system's class methods
-  (:class:`~jobqueue.system.BatchSystem` of :class:`~jobqueue.slurm.SLURMCluster`,
-  :class:`~jobqueue.pbs.PBSCluster`) and so through the one subprocess seam
+  (:class:`~jobqueue.systems.BatchSystem`, one module per system in
+  :mod:`jobqueue.systems`) and so through the one subprocess seam
   (:mod:`jobqueue.commands`): a failing ``sbatch``/``qsub`` raises
   :class:`~jobqueue.errors.SubmitError` with the command, its exit code and
   its output.
@@ -37,7 +39,8 @@ worker with ``cpus_per_task`` threads.  It is the batch form of
   call as the clusters (``squeue --states=all``, ``qstat``).  Once the job is
   finished or no longer listed, one more call asks for its outcome --
   SLURM ``scontrol show job --oneliner ID`` (``ExitCode=3:0``), PBS
-  ``qstat -x -f ID`` (``Exit_status = 3``; Torque's XML form is read too) --
+  ``qstat -x -f ID`` (``Exit_status = 3``; Torque's XML form is read too),
+  SGE ``qacct -j ID`` (``exit_status  3``) --
   so a job that exited non-zero is ``FAILED`` with its exit code even where
   the state table cannot tell (PBS ``F``).  A job that left the batch system
   with no record at all is ``UNKNOWN``, its exit code ``None``.
@@ -53,22 +56,19 @@ command exits with status 1 and its error, without a traceback.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import math
 import os
-import re
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any
 
 from runtime.process import python_command
 
-from .commands import DEFAULT_TIMEOUT, CommandResult, Runner, run_command
+from .commands import DEFAULT_TIMEOUT, Runner, run_command
 from .errors import CancelError, CommandError
 from .job import (
     JOB_NAME_PATTERN,
@@ -78,23 +78,14 @@ from .job import (
     extra_directives,
     render_script,
 )
-from .pbs import PBSCluster
-from .slurm import SLURMCluster
-from .states import JobState, map_state
-from .system import BatchSystem
-from .units import (
-    exact_size,
-    hms,
-    parse_memory,
-    parse_walltime,
-    pbs_memory,
-    slurm_memory,
-    slurm_time,
-)
+from .plumbing import blocking
+from .states import JobState
+from .systems import SYSTEMS as BATCH_SYSTEMS
+from .systems import BatchSystem
+from .systems.base import check_resource_spec, check_word
+from .units import exact_size, parse_memory, parse_walltime
 
 logger = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
 
 #: Default ``job_name`` of a one-shot MPI job.
 DEFAULT_MPI_JOB_NAME = "hpc-mpi"
@@ -105,108 +96,8 @@ DEFAULT_POLL_INTERVAL = 5.0
 #: Status calls in a row that may fail while waiting before the wait gives up.
 STATUS_FAILURES_TOLERATED = 5
 
-#: Launchers that start ranks themselves, by their command's base name.
-SRUN = "srun"
-
-
-# ----------------------------------------------------------------------------- batch systems
-
-
-class _MPIFlavour:
-    """What one batch system needs for an MPI job: template, resources, outcome query."""
-
-    #: ``system=`` value that selects it.
-    name: ClassVar[str] = ""
-    #: The batch system's commands and outputs (the cluster class's class methods).
-    batch: ClassVar[type[BatchSystem]] = BatchSystem
-    #: Our template (package data of :mod:`templates`).
-    template_name: ClassVar[str] = ""
-
-    @classmethod
-    def values(cls, spec: MPIJobSpec) -> dict[str, Any]:
-        """Template values of this system (the shared ones come from :func:`_values`)."""
-        raise NotImplementedError
-
-    @classmethod
-    def outcome_argv(cls, job_id: str) -> list[str]:
-        """The command that reports a job's final state and exit code."""
-        raise NotImplementedError
-
-    @classmethod
-    def parse_outcome(cls, result: CommandResult) -> tuple[JobState | None, int | None]:
-        """``(state, exit code)`` from :meth:`outcome_argv`'s output; ``None`` for what it lacks."""
-        raise NotImplementedError
-
-
-class _SlurmMPI(_MPIFlavour):
-    name = "slurm"
-    batch = SLURMCluster
-    template_name = "slurm-mpi.sh.j2"
-
-    @classmethod
-    def values(cls, spec: MPIJobSpec) -> dict[str, Any]:
-        mem = None
-        if spec.memory is not None:
-            mem = slurm_memory(math.ceil(spec.memory / spec.cpus_per_task))
-        return {
-            "walltime": None if spec.walltime is None else slurm_time(spec.walltime),
-            "mem_per_cpu": mem,
-        }
-
-    @classmethod
-    def outcome_argv(cls, job_id: str) -> list[str]:
-        return ["scontrol", "show", "job", "--oneliner", job_id]
-
-    @classmethod
-    def parse_outcome(cls, result: CommandResult) -> tuple[JobState | None, int | None]:
-        state = code = None
-        m = re.search(r"\bJobState=(\S+)", result.stdout)
-        if m:
-            state = map_state(cls.batch.state_table, m.group(1), cls.batch.system)
-        m = re.search(r"\bExitCode=(\d+):(\d+)", result.stdout)
-        if m:
-            status, signal = int(m.group(1)), int(m.group(2))
-            code = 128 + signal if signal else status
-        return state, code
-
-
-class _PBSMPI(_MPIFlavour):
-    name = "pbs"
-    batch = PBSCluster
-    template_name = "pbs-mpi.sh.j2"
-
-    @classmethod
-    def values(cls, spec: MPIJobSpec) -> dict[str, Any]:
-        chunk = f"select={spec.ntasks}:ncpus={spec.cpus_per_task}:mpiprocs=1"
-        if spec.memory is not None:
-            chunk += f":mem={pbs_memory(spec.memory)}"
-        return {
-            "walltime": None if spec.walltime is None else hms(spec.walltime),
-            "resource_spec": chunk,
-        }
-
-    @classmethod
-    def outcome_argv(cls, job_id: str) -> list[str]:
-        # OpenPBS/PBS Pro: -x includes finished jobs, -f the full record.
-        # Torque reads -x as XML output, which the patterns below read too.
-        return ["qstat", "-x", "-f", job_id]
-
-    @classmethod
-    def parse_outcome(cls, result: CommandResult) -> tuple[JobState | None, int | None]:
-        state = code = None
-        m = re.search(r"(?i)\bjob_state\s*(?:=\s*|>)([A-Z])\b", result.stdout)
-        if m:
-            state = map_state(cls.batch.state_table, m.group(1), cls.batch.system)
-        m = re.search(r"(?i)\bexit_status\s*(?:=\s*|>)(-?\d+)", result.stdout)
-        if m:
-            code = int(m.group(1))
-        return state, code
-
-
-_FLAVOURS: dict[str, type[_MPIFlavour]] = {f.name: f for f in (_SlurmMPI, _PBSMPI)}
-
 #: Accepted ``system=`` values.
-SYSTEMS = tuple(_FLAVOURS)
+SYSTEMS = tuple(BATCH_SYSTEMS)
 
 
 # ----------------------------------------------------------------------------- options
@@ -235,15 +126,13 @@ class MPIJobSpec:
     prologue: tuple[str, ...] = ()
     log_directory: str | None = None
     shebang: str = "#!/usr/bin/env bash"
+    resource_spec: str | None = None
+    parallel_environment: str | None = None
 
     @property
-    def flavour(self) -> type[_MPIFlavour]:
-        return _FLAVOURS[self.system]
-
-    @property
-    def uses_srun(self) -> bool:
-        """The ranks are started by ``srun`` rather than an ``mpirun``-like command."""
-        return os.path.basename(self.launcher) == SRUN
+    def batch(self) -> type[BatchSystem]:
+        """The batch system (its commands, outputs and template values)."""
+        return BATCH_SYSTEMS[self.system]
 
 
 def _check_cluster_args(args: tuple[str, ...]) -> None:
@@ -276,14 +165,15 @@ def make_mpi_spec(script: str | os.PathLike[str], args: Sequence[str] = (), *,
                   cluster_args: Sequence[str] | None = None, python: str | None = None,
                   env: Mapping[str, Any] | None = None, prologue: Sequence[str] | None = None,
                   log_directory: str | os.PathLike[str] | None = None,
-                  shebang: str = "#!/usr/bin/env bash") -> MPIJobSpec:
+                  shebang: str = "#!/usr/bin/env bash", resource_spec: str | None = None,
+                  parallel_environment: str | None = None) -> MPIJobSpec:
     """Check the options of one MPI job and freeze them.
 
     Args:
         script: the Python script rank 0 runs (a path as the job sees it,
             relative to the directory the job is submitted from).
         args: its arguments, passed to it exactly as given.
-        system: ``"slurm"`` or ``"pbs"``.
+        system: ``"slurm"``, ``"pbs"`` or ``"sge"``.
         ntasks: MPI ranks (at least 2: rank 0 runs the scheduler and the
             script, every other rank a worker).
         walltime: the job's time limit (``"01:00:00"``, ``"90m"``; default:
@@ -304,6 +194,11 @@ def make_mpi_spec(script: str | os.PathLike[str], args: Sequence[str] = (), *,
         prologue: shell lines run before the launch (``"module load mpi"``).
         log_directory: where the job's output goes (created at submission).
         shebang: the script's first line.
+        resource_spec: the resource request instead of ours (PBS: ``-l``, default
+            ``select=<ntasks>:ncpus=<cpus>:mpiprocs=1[:mem=<memory>]``; Torque
+            wants ``nodes=1:ppn=<ntasks>``; SGE: ``-l``, default none).
+        parallel_environment: SGE: the parallel environment of the ranks' slots
+            (default ``"smp"``; ``-pe <pe> <ntasks * cpus_per_task>``).
 
     Raises:
         ValueError: a missing or bad value, named in the message (also a
@@ -311,7 +206,7 @@ def make_mpi_spec(script: str | os.PathLike[str], args: Sequence[str] = (), *,
         TypeError: a value of the wrong type, named likewise.
     """
     system_name = system.lower() if isinstance(system, str) else system
-    if system_name not in _FLAVOURS:
+    if system_name not in BATCH_SYSTEMS:
         raise ValueError(f"system={system!r}: expected one of {', '.join(SYSTEMS)}")
     script_path = _one_line(script, "script")
     if not os.path.isfile(script_path):
@@ -328,9 +223,17 @@ def make_mpi_spec(script: str | os.PathLike[str], args: Sequence[str] = (), *,
         raise ValueError(f"job_name={job_name!r}: expected a letter followed by letters, digits, "
                          "'_', '.' or '-'")
     launcher_cmd = _one_line(launcher, "launcher")
-    if system_name != "slurm" and os.path.basename(launcher_cmd) == SRUN:
-        raise ValueError(f"launcher={launcher!r} starts ranks in SLURM jobs only; with "
-                         f"system={system!r} use mpirun or mpiexec")
+    batch = BATCH_SYSTEMS[system_name]
+    for other in BATCH_SYSTEMS.values():
+        if other is not batch and os.path.basename(launcher_cmd) in other.own_launchers:
+            raise ValueError(f"launcher={launcher!r} starts ranks in {other.title} jobs only; "
+                             f"with system={system!r} use mpirun or mpiexec")
+    if parallel_environment is not None and system_name != "sge":
+        raise ValueError(f"parallel_environment={parallel_environment!r}: only Grid Engine "
+                         f"(system='sge') has parallel environments, not system={system!r}")
+    if resource_spec is not None and system_name == "slurm":
+        raise ValueError(f"resource_spec={resource_spec!r}: SLURM takes its resources from "
+                         "ntasks, cpus_per_task and memory (or job_extra_directives)")
     cluster_extra = _strings(cluster_args, "cluster_args")
     _check_cluster_args(cluster_extra)
     shebang_line = _one_line(shebang, "shebang")
@@ -342,12 +245,14 @@ def make_mpi_spec(script: str | os.PathLike[str], args: Sequence[str] = (), *,
         cpus_per_task=cpus, memory=None if memory is None else parse_memory(memory, "memory"),
         queue=_one_line(queue, "queue"), account=_one_line(account, "account"),
         job_name=job_name,
-        job_extra_directives=extra_directives(job_extra_directives,
-                                              _FLAVOURS[system_name].batch.directive_prefix),
+        job_extra_directives=extra_directives(job_extra_directives, batch.directive_prefix),
         launcher=launcher_cmd, launcher_args=_strings(launcher_args, "launcher_args"),
         cluster_args=cluster_extra, python=_one_line(python, "python") or sys.executable,
         env=environment_variables(env), prologue=_strings(prologue, "prologue"),
         log_directory=_one_line(log_directory, "log_directory"), shebang=shebang_line,
+        resource_spec=check_resource_spec(resource_spec),
+        parallel_environment=check_word(parallel_environment, "parallel_environment",
+                                        "the name of a parallel environment, e.g. 'smp'"),
     )
 
 
@@ -356,10 +261,7 @@ def make_mpi_spec(script: str | os.PathLike[str], args: Sequence[str] = (), *,
 
 def launch_command(spec: MPIJobSpec) -> str:
     """The shell line that starts the ranks, every word quoted (the script's arguments too)."""
-    if spec.uses_srun:
-        words = [spec.launcher, f"--ntasks={spec.ntasks}", f"--cpus-per-task={spec.cpus_per_task}"]
-    else:
-        words = [spec.launcher, "-n", str(spec.ntasks)]
+    words = spec.batch.launch_words(spec)
     # -P (or its bootstrap): the job's working directory is not on the ranks' sys.path;
     # the script's own directory is, as with ``python script.py``.
     words += [*spec.launcher_args, *python_command("cluster", executable=spec.python),
@@ -383,7 +285,7 @@ def _values(spec: MPIJobSpec) -> dict[str, Any]:
         "env": dict(spec.env),
         "job_script_prologue": list(spec.prologue),
         "launch_command": launch_command(spec),
-        **spec.flavour.values(spec),
+        **spec.batch.mpi_values(spec),
     }
 
 
@@ -393,9 +295,8 @@ def render_mpi_script(spec: MPIJobSpec) -> str:
     Raises:
         TemplateError: the template uses a value nobody set (named).
     """
-    flavour = spec.flavour
-    return render_script(flavour.template_name, _values(spec),
-                         prefix=flavour.batch.directive_prefix)
+    batch = spec.batch
+    return render_script(batch.mpi_template_name, _values(spec), prefix=batch.directive_prefix)
 
 
 def mpi_job_script(script: str | os.PathLike[str], args: Sequence[str] = (),
@@ -411,20 +312,6 @@ def mpi_job_script(script: str | os.PathLike[str], args: Sequence[str] = (),
 # ----------------------------------------------------------------------------- the job
 
 
-def _blocking(make: Callable[[], Awaitable[_T]]) -> _T:
-    """Run the coroutine ``make()`` to completion from synchronous code."""
-    async def main() -> _T:
-        return await make()
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(main())
-    # Called from a thread that runs an event loop: use a fresh loop in another thread.
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpi-job") as pool:
-        return pool.submit(asyncio.run, main()).result()
-
-
 class MPIJob:
     """A submitted MPI job: its id, state, outcome; wait for it or cancel it.
 
@@ -432,7 +319,7 @@ class MPIJob:
 
     Attributes:
         job_id: the batch system's id.
-        system: ``"slurm"`` or ``"pbs"``.
+        system: ``"slurm"``, ``"pbs"`` or ``"sge"``.
         script: the job script as submitted.
         exit_code: the job's exit code once known (``None`` before, or if the
             batch system kept no record).
@@ -440,7 +327,7 @@ class MPIJob:
 
     def __init__(self, job_id: str, system: str, script: str = "", *,
                  runner: Runner | None = None, command_timeout: float = DEFAULT_TIMEOUT):
-        if system not in _FLAVOURS:
+        if system not in BATCH_SYSTEMS:
             raise ValueError(f"system={system!r}: expected one of {', '.join(SYSTEMS)}")
         self.job_id = job_id
         self.system = system
@@ -448,7 +335,7 @@ class MPIJob:
         self.runner: Runner = runner or run_command
         self.command_timeout = command_timeout
         self.exit_code: int | None = None
-        self._flavour = _FLAVOURS[system]
+        self._batch = BATCH_SYSTEMS[system]
         self._final: JobState | None = None
         self._cancel_requested = False
 
@@ -486,7 +373,7 @@ class MPIJob:
         """
         if self._final is not None:
             return self._final
-        batch = self._flavour.batch
+        batch = self._batch
         listed = await batch.states(self.runner, [self.job_id], self.command_timeout)
         listed_state = listed[self.job_id][1] if self.job_id in listed else None
         if listed_state is not None and not listed_state.finished:
@@ -502,8 +389,8 @@ class MPIJob:
             state = JobState.CANCELLED if cancelled else JobState.FAILED
         elif code == 0 and state is not JobState.CANCELLED:
             state = JobState.DONE
-        elif code is None and state is JobState.DONE and batch is SLURMCluster:
-            code = 0  # COMPLETED: every step exited 0
+        elif code is None and state is JobState.DONE:
+            code = batch.done_exit_code  # SLURM's COMPLETED: every step exited 0
         if state is None:
             state = JobState.UNKNOWN  # gone, and the batch system kept no record
         self._final, self.exit_code = state, code
@@ -511,13 +398,20 @@ class MPIJob:
         return state
 
     async def _outcome(self) -> tuple[JobState | None, int | None]:
-        try:
-            result = await self.runner(self._flavour.outcome_argv(self.job_id),
-                                       timeout=self.command_timeout)
-        except CommandError as e:
-            logger.warning("cannot ask how %s job %s ended: %s", self.system, self.job_id, e)
-            return None, None
-        return self._flavour.parse_outcome(result)
+        batch = self._batch
+        outcome: tuple[JobState | None, int | None] = (None, None)
+        for argv in (batch.outcome_argv(self.job_id), batch.outcome_fallback_argv(self.job_id)):
+            if argv is None:
+                break
+            try:
+                result = await self.runner(argv, timeout=self.command_timeout)
+            except CommandError as e:
+                logger.warning("cannot ask how %s job %s ended: %s", self.system, self.job_id, e)
+                return None, None
+            outcome = batch.parse_outcome(result)
+            if result.returncode == 0 or outcome != (None, None):
+                break
+        return outcome
 
     async def wait_async(self, timeout: float | None = None,
                          poll_interval: float = DEFAULT_POLL_INTERVAL) -> JobState:
@@ -563,7 +457,7 @@ class MPIJob:
         if self._final is not None:
             return
         self._cancel_requested = True
-        result = await self._flavour.batch.cancel(self.runner, [self.job_id],
+        result = await self._batch.cancel(self.runner, [self.job_id],
                                                   self.command_timeout)
         if result.returncode != 0 and not (await self.state_async()).finished:
             raise CancelError(result.argv, result.returncode, result.stdout, result.stderr)
@@ -573,16 +467,16 @@ class MPIJob:
 
     def state(self) -> JobState:
         """The job's state now (see :meth:`state_async`)."""
-        return _blocking(self.state_async)
+        return blocking(self.state_async)
 
     def wait(self, timeout: float | None = None,
              poll_interval: float = DEFAULT_POLL_INTERVAL) -> JobState:
         """Wait until the job has ended; return its final state (see :meth:`wait_async`)."""
-        return _blocking(lambda: self.wait_async(timeout, poll_interval))
+        return blocking(lambda: self.wait_async(timeout, poll_interval))
 
     def cancel(self) -> None:
         """Cancel the job (see :meth:`cancel_async`)."""
-        _blocking(self.cancel_async)
+        blocking(self.cancel_async)
 
 
 async def submit_spec_async(spec: MPIJobSpec, *, runner: Runner | None = None,
@@ -602,7 +496,7 @@ async def submit_spec_async(spec: MPIJobSpec, *, runner: Runner | None = None,
         path = os.path.join(tmp, f"{spec.job_name}.sh")
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
-        job_id = await spec.flavour.batch.submit(runner, path, command_timeout)
+        job_id = await spec.batch.submit(runner, path, command_timeout)
     logger.info("submitted %s MPI job %s (%d ranks): %s", spec.system, job_id, spec.ntasks,
                 spec.script)
     return MPIJob(job_id, spec.system, text, runner=runner, command_timeout=command_timeout)
@@ -641,7 +535,7 @@ def submit_mpi_job(script: str | os.PathLike[str], args: Sequence[str] = (), *,
         JobIdNotFoundError, CommandNotFoundError, CommandTimeoutError: likewise typed.
     """
     spec = make_mpi_spec(script, args, **options)
-    return _blocking(lambda: submit_spec_async(spec, runner=runner,
+    return blocking(lambda: submit_spec_async(spec, runner=runner,
                                                command_timeout=command_timeout))
 
 

@@ -21,11 +21,11 @@ from runtime.options import positive_int
 from .commands import Runner
 from .errors import JobQueueError
 from .job import JOB_NAME_PATTERN, environment_variables
+from .plumbing import blocking
 from .submit import (
     DEFAULT_MPI_JOB_NAME,
     DEFAULT_POLL_INTERVAL,
     SYSTEMS,
-    _blocking,
     make_mpi_spec,
     render_mpi_script,
     submit_spec_async,
@@ -111,7 +111,7 @@ def build_parser(prog: str = "python -m cluster submit") -> argparse.ArgumentPar
     """The argument parser of ``python -m cluster submit``."""
     p = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False,
-        usage=f"{prog} --system {{slurm,pbs}} -n N [options] script.py [args ...]",
+        usage=f"{prog} --system {{slurm,pbs,sge}} -n N [options] script.py [args ...]",
         description="Submit one batch job that runs script.py under the MPI launcher: "
                     "rank 0 runs the scheduler and the script (whose Client() finds the "
                     "cluster), every other rank a worker. Prints the job id.",
@@ -125,7 +125,7 @@ def build_parser(prog: str = "python -m cluster submit") -> argparse.ArgumentPar
         help="MPI ranks (at least 2: rank 0 is the scheduler, the others are workers)")
     add("--walltime", type=_walltime, metavar="TIME",
         help="time limit, like 01:00:00, 1-12:00:00, 90m (default: the batch system's)")
-    add("--queue", help="partition (SLURM) or queue (PBS)")
+    add("--queue", help="partition (SLURM) or queue (PBS, SGE)")
     add("--account", help="account to charge")
     add("--job-name", type=_job_name, default=DEFAULT_MPI_JOB_NAME,
         help=f"the job's name (default: {DEFAULT_MPI_JOB_NAME})")
@@ -143,6 +143,10 @@ def build_parser(prog: str = "python -m cluster submit") -> argparse.ArgumentPar
     add("--cluster-args", type=_words, default=[], metavar="ARGS",
         help="more options of 'python -m cluster', as one string: "
              "--cluster-args='--interface ib0'")
+    add("--resource-spec", metavar="SPEC",
+        help="PBS/SGE: the -l resource request instead of ours, e.g. nodes=1:ppn=4 (Torque)")
+    add("--parallel-environment", metavar="PE",
+        help="SGE: the parallel environment of the ranks' slots (default: smp)")
     add("--python", metavar="PATH", help=f"the Python of the ranks (default: {sys.executable})")
     add("--env", type=_env_pair, action="append", default=[], metavar="NAME=VALUE",
         help="export this variable in the job (repeatable)")
@@ -188,7 +192,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m cluster submi
                 account=ns.account, job_name=ns.job_name,
                 job_extra_directives=ns.job_extra_directives, launcher=ns.launcher,
                 launcher_args=ns.launcher_args, cluster_args=ns.cluster_args, python=ns.python,
-                env=dict(ns.env), prologue=ns.prologue, log_directory=ns.log_directory)
+                env=dict(ns.env), prologue=ns.prologue, log_directory=ns.log_directory,
+                resource_spec=ns.resource_spec, parallel_environment=ns.parallel_environment)
         except (ValueError, TypeError) as e:
             parser.error(_cli_message(str(e)))
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
@@ -198,7 +203,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m cluster submi
             sys.stdout.write(render_mpi_script(spec))
             sys.stdout.flush()
             return 0
-        job = _blocking(lambda: submit_spec_async(spec, runner=runner))
+        job = blocking(lambda: submit_spec_async(spec, runner=runner))
         sys.stdout.write(f"{job.job_id}\n")
         sys.stdout.flush()
         if not ns.wait:

@@ -10,12 +10,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 bash scripts/setup-openmpi.sh
-# A real single-node SLURM for tests/jobqueue, and headless Chromium for the
-# status-page test: both installed from Debian packages and started here, and
-# required (a missing one fails those tests instead of skipping them).
+# Real batch systems for tests/jobqueue -- a single-node SLURM, the Torque-style
+# PBS commands on it (slurm-wlm-torque), a single-node Grid Engine -- and
+# headless Chromium for the status-page test: installed from Debian packages
+# and started here, and required (a missing one fails those tests instead of
+# skipping them).  One `apt-get update` first, so that a fresh machine finds
+# the packages.
+if [ "$(id -u)" = 0 ]; then
+    apt-get update -q -o DPkg::Lock::Timeout=300 >/dev/null 2>&1 || echo "test.sh: apt-get update failed" >&2
+fi
 bash scripts/slurm.sh start
+bash scripts/pbs.sh start >/dev/null
+bash scripts/gridengine.sh start
 bash scripts/browser.sh
-export CLUSTER_REQUIRE_SLURM=1 CLUSTER_REQUIRE_BROWSER=1
+export CLUSTER_REQUIRE_SLURM=1 CLUSTER_REQUIRE_PBS=1 CLUSTER_REQUIRE_SGE=1 CLUSTER_REQUIRE_BROWSER=1
 .venv/bin/ruff check .
 
 status=0

@@ -214,3 +214,122 @@ def _slurm_job_guard(request):
     if "slurm" in request.fixturenames:
         request.getfixturevalue("slurm_jobs_cleanup")
     yield
+
+
+# ----------------------------------------------------------------------------- PBS and Grid Engine
+
+PBS_SH = REPO / "scripts" / "pbs.sh"
+GRIDENGINE_SH = REPO / "scripts" / "gridengine.sh"
+SGE_ENV = {"SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
+
+
+def _required(variable: str) -> bool:
+    return os.environ.get(variable, "") == "1"
+
+
+def _missing(system: str, variable: str, reason: str) -> None:
+    if _required(variable):
+        pytest.fail(f"{system} is required ({variable}=1) but {reason}", pytrace=False)
+    pytest.skip(f"no {system}: {reason} (set {variable}=1 to make this a failure)")
+
+
+def _start(script: Path, system: str, variable: str) -> str:
+    """Run ``bash SCRIPT start`` (quick when already up); its stdout, or skip/fail."""
+    if os.geteuid() != 0:
+        _missing(system, variable, f"scripts/{script.name} needs root")
+    try:
+        proc = run(["bash", str(script), "start"], check=False, timeout=START_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _missing(system, variable, f"`bash scripts/{script.name} start` did not finish: {exc}")
+    if proc.returncode != 0:
+        output = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        _missing(system, variable, f"`bash scripts/{script.name} start` exited "
+                                   f"{proc.returncode}:\n{output}")
+    return proc.stdout
+
+
+@dataclass(frozen=True)
+class Pbs:
+    """The Torque-style commands of slurm-wlm-torque on our SLURM (scripts/pbs.sh)."""
+
+    bin_dir: Path
+    slurm: Slurm
+
+
+@pytest.fixture(scope="session")
+def pbs_commands(slurm: Slurm) -> Pbs:
+    """Install (or find) the PBS commands; skipped without them unless CLUSTER_REQUIRE_PBS=1."""
+    out = _start(PBS_SH, "PBS", "CLUSTER_REQUIRE_PBS").strip().splitlines()
+    bin_dir = Path(out[-1]) if out else Path()
+    if not (bin_dir / "qsub").is_file():
+        _missing("PBS", "CLUSTER_REQUIRE_PBS", f"scripts/pbs.sh printed no directory: {out}")
+    return Pbs(bin_dir, slurm)
+
+
+@pytest.fixture
+def pbs(pbs_commands: Pbs, monkeypatch, tmp_path) -> Pbs:
+    """The PBS commands first on PATH, the test in ``tmp_path``.
+
+    slurm-wlm-torque's qsub names the job's output files ``<script>.o<id>`` in the
+    directory it runs in, whatever ``#PBS -o`` says; so the test runs in ``tmp_path``.
+    Its jobs are SLURM jobs: the ``slurm`` fixture's guard fails a test that leaves one.
+    """
+    monkeypatch.setenv("PATH", f"{pbs_commands.bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    return pbs_commands
+
+
+@dataclass(frozen=True)
+class Sge:
+    """The single-node Grid Engine of scripts/gridengine.sh, as the tests see it."""
+
+    queue: str = "all.q"
+    parallel_environment: str = "smp"
+    slots: int = 8
+
+    def jobs(self) -> dict[str, str]:
+        """Job id -> state of every job in ``qstat -u '*'`` (queued, running, being deleted)."""
+        jobs = {}
+        for line in run(["qstat", "-u", "*"]).stdout.splitlines():
+            fields = line.split()
+            if len(fields) > 4 and fields[0].isdigit():
+                jobs[fields[0]] = fields[4]
+        return jobs
+
+    def wait_gone(self, job_ids: Iterable[str], timeout: float = LEFTOVER_DEADLINE) -> None:
+        """Poll until none of the jobs is in qstat any more."""
+        ids = set(job_ids)
+        wait_until(lambda: not (ids & self.jobs().keys()), timeout,
+                   lambda: f"SGE jobs {sorted(ids & self.jobs().keys())} to leave qstat")
+
+
+@pytest.fixture(scope="session")
+def sge_system() -> Sge:
+    """Start (or find) Grid Engine; skipped without it unless CLUSTER_REQUIRE_SGE=1."""
+    for name, value in SGE_ENV.items():
+        os.environ.setdefault(name, value)
+    _start(GRIDENGINE_SH, "Grid Engine", "CLUSTER_REQUIRE_SGE")
+    sge = Sge()
+    try:
+        sge.jobs()
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        _missing("Grid Engine", "CLUSTER_REQUIRE_SGE", f"qstat does not answer: {exc}")
+    return sge
+
+
+@pytest.fixture
+def sge(sge_system: Sge, monkeypatch, tmp_path):
+    """Grid Engine for one test, run in ``tmp_path``; fails a test that leaves a job in qstat."""
+    monkeypatch.chdir(tmp_path)
+    before = set(sge_system.jobs())
+    yield sge_system
+    left: dict[str, str] = {}
+    try:
+        sge_system.wait_gone(set(sge_system.jobs()) - before)
+        return
+    except AssertionError:
+        left = {i: s for i, s in sge_system.jobs().items() if i not in before}
+    if left:
+        run(["qdel", "-f", *left], check=False)
+        pytest.fail(f"test left {len(left)} Grid Engine job(s) in qstat (now deleted): "
+                    + ", ".join(f"{i} {s}" for i, s in sorted(left.items())), pytrace=False)

@@ -1,9 +1,15 @@
-"""The subprocess seam, the typed errors, and status parsing of recorded batch-system outputs.
+"""The subprocess seam, the typed errors, and status parsing of captured batch-system outputs.
 
 ``run_command`` runs real (harmless) programs here: ``true``, ``sh -c``,
-``sleep``.  The SLURM outputs below are what SLURM 22.05's ``squeue`` prints
-on the test machine; the PBS outputs are recorded from OpenPBS 22 and Torque 6
-(``qstat`` table and error messages), since no PBS server runs here.
+``sleep``.  The outputs below were captured from the real commands on the
+test machine, each labelled with the command line that printed it: SLURM
+22.05's ``squeue``/``scontrol`` (``scripts/slurm.sh``), the Torque-style
+``qsub``/``qstat``/``qdel`` of Debian's ``slurm-wlm-torque`` 22.05 on that
+SLURM (``scripts/pbs.sh``), and Grid Engine 8.1.9's ``qsub``/``qstat``/``qacct``
+(``scripts/gridengine.sh``).  The one exception is OpenPBS's table with an id
+cut to 15 characters and a ``*``: no installable system prints that shape
+(there is no OpenPBS server in Debian), so that sample is written from
+OpenPBS's documented format, as the fake PBS of ``fake_pbs.py`` prints it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import time
 
 import pytest
 
-from jobqueue import PBSCluster, SLURMCluster
 from jobqueue.commands import CommandResult, check, run_blocking, run_command
 from jobqueue.errors import (
     CancelError,
@@ -28,6 +33,7 @@ from jobqueue.errors import (
     TemplateError,
 )
 from jobqueue.states import JobState, JobStatus, map_state
+from jobqueue.systems import PBS, SGE, SLURM
 from runtime.errors import ClusterError
 
 pytestmark = pytest.mark.timeout(30)
@@ -121,11 +127,11 @@ def test_errors_pickle_with_their_fields(error):
 
 
 def test_state_tables_and_unknown_states():
-    assert map_state(SLURMCluster.state_table, "CANCELLED by 0") == JobState.CANCELLED
-    assert map_state(SLURMCluster.state_table, "COMPLETING+") == JobState.COMPLETING
-    assert map_state(SLURMCluster.state_table, "TIMEOUT") == JobState.FAILED
-    assert map_state(SLURMCluster.state_table, "SOMETHING_NEW") == JobState.UNKNOWN
-    assert map_state(PBSCluster.state_table, "E") == JobState.COMPLETING
+    assert map_state(SLURM.state_table, "CANCELLED by 0") == JobState.CANCELLED
+    assert map_state(SLURM.state_table, "COMPLETING+") == JobState.COMPLETING
+    assert map_state(SLURM.state_table, "TIMEOUT") == JobState.FAILED
+    assert map_state(SLURM.state_table, "SOMETHING_NEW") == JobState.UNKNOWN
+    assert map_state(PBS.state_table, "E") == JobState.COMPLETING
     assert JobState.RUNNING.active and not JobState.RUNNING.finished
     assert JobState.FAILED.finished and not JobState.UNKNOWN.finished
     assert str(JobState.PENDING) == "pending"
@@ -134,12 +140,12 @@ def test_state_tables_and_unknown_states():
 # ----------------------------------------------------------------------------- parsing
 
 
-def slurm() -> SLURMCluster:
-    return SLURMCluster(cores=1, memory="1GB", asynchronous=True)
+def slurm() -> type[SLURM]:
+    return SLURM
 
 
-def pbs() -> PBSCluster:
-    return PBSCluster(cores=1, memory="1GB", asynchronous=True)
+def pbs() -> type[PBS]:
+    return PBS
 
 
 def test_slurm_status_argv_is_one_call_for_all_jobs():
@@ -181,6 +187,8 @@ def test_slurm_job_id_from_sbatch():
         c.parse_job_id(CommandResult(("sbatch",), 0, "sbatch: queued\n", ""))
 
 
+# Written from OpenPBS's documented format (not captured: no OpenPBS installs here);
+# the fake PBS of fake_pbs.py prints the same shape.  Long ids cut to 15 characters + '*'.
 OPENPBS_QSTAT = """\
 Job id            Name             User              Time Use S Queue
 ----------------  ---------------- ----------------  -------- - -----
@@ -190,12 +198,57 @@ Job id            Name             User              Time Use S Queue
 10000000000.pbs0* hpc-worker       alice                    0 H workq
 """
 
-TORQUE_QSTAT = """\
-Job ID                    Name             User            Time Use S Queue
-------------------------- ---------------- --------------- -------- - -----
-77.torque-head             hpc-worker       bob             00:00:01 R batch
-78.torque-head             hpc-worker       bob                    0 C batch
-"""
+# Captured: `qstat 58 59 60 99999` of slurm-wlm-torque 22.05 (scripts/pbs.sh) with
+# job 58 finished, 59 running, 60 held (`qsub -h`, shown as Q); 99999 unknown
+# (left out, exit status 0).
+TORQUE_QSTAT = (
+    "Job id              Name             Username        Time Use S Queue          \n"
+    "------------------- ---------------- --------------- -------- - ---------------\n"
+    "58                  hpc-worker       root            00:00:00 C debug          \n"
+    "59                  hpc-worker       root            00:00:00 R debug          \n"
+    "60                  hpc-worker       root            00:00:00 Q debug          \n")
+
+# Captured: `qstat -f 58` of slurm-wlm-torque (its qstat refuses -x: "Unknown option: x").
+TORQUE_QSTAT_F = (
+    "Job Id:\t58\n\tJob_Name = hpc-worker\n\tJob_Owner = root@localhost\n\tjob_state = C\n"
+    "\tqueue = debug\n\tqtime = Wed Dec  2 05:50:47 2026\n\tmtime = Wed Dec  2 05:50:47 2026\n"
+    "\tctime = Wed Dec  2 05:50:47 2026\n\texec_host = vm/1\n\tPriority = 4294901703\n"
+    "\teuser = root(0)\n\tegroup = root(0)\n\tResource_List.walltime = 71582788:15:00\n"
+    "\tResource_List.nodect = 1\n\tResource_List.ncpus = 1\n\n")
+
+# Captured: Grid Engine 8.1.9's `qstat` (scripts/gridengine.sh) with job 3 running,
+# 5 waiting (asks for 9 slots of 8), 4 held (`qsub -h`).
+SGE_QSTAT = (
+    "job-ID  prior   name       user         state submit/start at     queue                "
+    "          slots ja-task-ID \n"
+    "-----------------------------------------------------------------------------------------"
+    "------------------------\n"
+    "      3 0.25000 hpc-worker root         r     12/02/2026 05:50:56 all.q@vm             "
+    "              1        \n"
+    "      5 0.75000 hpc-worker root         qw    12/02/2026 05:50:56                      "
+    "              9        \n"
+    "      4 0.00000 hpc-worker root         hqw   12/02/2026 05:50:56                      "
+    "              1        \n")
+
+# Captured: the same `qstat` after `qdel 3 4 5` (job 3 being deleted).
+SGE_QSTAT_DELETING = (
+    "job-ID  prior   name       user         state submit/start at     queue                "
+    "          slots ja-task-ID \n"
+    "-----------------------------------------------------------------------------------------"
+    "------------------------\n"
+    "      3 0.50000 hpc-worker root         dr    12/02/2026 05:50:56 all.q@vm             "
+    "              1        \n")
+
+# Captured: `qacct -j 2` of a job whose script exited 3 (the lines after exit_status cut).
+SGE_QACCT = (
+    "==============================================================\nqname        all.q        "
+    "       \nhostname     vm                  \ngroup        root                \nowner "
+    "       root                \nproject      NONE                \ndepartment   defaultdepa"
+    "rtment   \njobname      hpc-worker          \njobnumber    2                   \ntaskid  "
+    "     undefined\naccount      sge                 \npriority     0                   \nqs"
+    "ub_time    Wed Dec  2 05:50:52 2026\nstart_time   Wed Dec  2 05:50:52 2026\nend_time     "
+    "Wed Dec  2 05:50:52 2026\ngranted_pe   NONE                \nslots        1             "
+    "      \nfailed       0    \nexit_status  3                   \nru_wallclock 0s\n")
 
 
 def test_pbs_parse_openpbs_qstat():
@@ -211,12 +264,21 @@ def test_pbs_parse_openpbs_qstat():
 
 
 def test_pbs_parse_torque_qstat():
-    ids = ["77.torque-head", "78.torque-head", "79.torque-head"]
-    r = CommandResult(("qstat", *ids), 153, TORQUE_QSTAT,
-                      "qstat: Unknown Job Id Error 79.torque-head\n")
+    ids = ["58", "59", "60", "99999"]
+    r = CommandResult(("qstat", *ids), 0, TORQUE_QSTAT, "")
     assert pbs().parse_status(r, ids) == {
-        "77.torque-head": JobStatus("R", JobState.RUNNING),
-        "78.torque-head": JobStatus("C", JobState.DONE)}
+        "58": JobStatus("C", JobState.DONE),
+        "59": JobStatus("R", JobState.RUNNING),
+        "60": JobStatus("Q", JobState.PENDING)}
+    # Captured: `qstat 99999` alone exits 153 (Torque's unknown job id) and prints nothing.
+    assert pbs().parse_status(CommandResult(("qstat", "99999"), 153, "", ""), ["99999"]) == {}
+
+
+def test_pbs_outcome_falls_back_to_qstat_f_where_x_is_refused():
+    assert PBS.outcome_argv("58") == ["qstat", "-x", "-f", "58"]
+    assert PBS.outcome_fallback_argv("58") == ["qstat", "-f", "58"]
+    assert PBS.parse_outcome(CommandResult(("qstat", "-f", "58"), 0, TORQUE_QSTAT_F, "")) == (
+        JobState.DONE, None)
 
 
 def test_pbs_status_errors_and_job_ids():
@@ -226,6 +288,41 @@ def test_pbs_status_errors_and_job_ids():
     with pytest.raises(StatusError, match="cannot connect"):
         c.parse_status(down, ["1.s"])
     assert c.parse_job_id(CommandResult(("qsub",), 0, "1045.pbs01\n", "")) == "1045.pbs01"
-    assert c.parse_job_id(CommandResult(("qsub",), 0, "312\n", "")) == "312"  # slurm-wlm-torque
+    assert c.parse_job_id(CommandResult(("qsub",), 0, "58\n", "")) == "58"  # captured: slurm-wlm-torque
     assert c.parse_job_id(CommandResult(("qsub",), 0, "88[].pbs01\n", "")) == "88[].pbs01"
     assert c.normalize_job_id("1045.pbs01.example.org") == "1045"
+
+
+def test_sge_status_is_one_plain_qstat():
+    assert SGE.status_argv(["3", "4"]) == ["qstat"]
+    assert SGE.submit_argv("/tmp/job.sh") == ["qsub", "-terse", "/tmp/job.sh"]
+    assert SGE.cancel_argv(["3", "4"]) == ["qdel", "3", "4"]
+    # Captured: `qsub -terse job.sh` prints the id alone; plain `qsub` a sentence.
+    assert SGE.parse_job_id(CommandResult(("qsub",), 0, "2\n", "")) == "2"
+    assert SGE.parse_job_id(CommandResult(
+        ("qsub",), 0, 'Your job 5 ("hpc-worker") has been submitted\n', "")) == "5"
+
+
+def test_sge_parse_qstat():
+    r = CommandResult(("qstat",), 0, SGE_QSTAT, "")
+    assert SGE.parse_status(r, ["3", "4", "5", "2"]) == {
+        "3": JobStatus("r", JobState.RUNNING), "4": JobStatus("hqw", JobState.PENDING),
+        "5": JobStatus("qw", JobState.PENDING)}
+    assert SGE.parse_status(r, ["4"]) == {"4": JobStatus("hqw", JobState.PENDING)}
+    deleting = CommandResult(("qstat",), 0, SGE_QSTAT_DELETING, "")
+    assert SGE.parse_status(deleting, ["3", "4"]) == {"3": JobStatus("dr", JobState.COMPLETING)}
+    assert SGE.parse_status(CommandResult(("qstat",), 0, "", ""), ["3"]) == {}  # no jobs: no output
+    down = CommandResult(("qstat",), 1, "", "error: commlib error: got select error "
+                                          "(Connection refused)\n")
+    with pytest.raises(StatusError, match="commlib"):
+        SGE.parse_status(down, ["3"])
+
+
+def test_sge_outcome_from_qacct():
+    assert SGE.outcome_argv("2") == ["qacct", "-j", "2"]
+    assert SGE.parse_outcome(CommandResult(("qacct",), 0, SGE_QACCT, "")) == (JobState.FAILED, 3)
+    ok = SGE_QACCT.replace("exit_status  3", "exit_status  0")
+    assert SGE.parse_outcome(CommandResult(("qacct",), 0, ok, "")) == (JobState.DONE, 0)
+    # Captured: `qacct -j 99999` (not accounted, or not yet).
+    gone = CommandResult(("qacct", "-j", "99999"), 1, "", "error: job id 99999 not found\n")
+    assert SGE.parse_outcome(gone) == (None, None)

@@ -302,7 +302,10 @@ def test_bad_options_exit_2_naming_the_option(in_tmp, capsys, argv, named):
 @pytest.mark.parametrize("options, error, named", [
     ({"ntasks": 1}, ValueError, "ntasks=1"),
     ({"ntasks": True}, ValueError, "ntasks=True"),
-    ({"system": "sge"}, ValueError, "system='sge'"),
+    ({"system": "lsf"}, ValueError, "system='lsf'"),
+    ({"system": "pbs", "parallel_environment": "smp"}, ValueError, "parallel_environment="),
+    ({"resource_spec": "nodes=1"}, ValueError, "resource_spec="),
+    ({"system": "sge", "launcher": "srun"}, ValueError, "launcher='srun'"),
     ({"cpus_per_task": 0}, ValueError, "cpus_per_task=0"),
     ({"memory": "-1GB"}, ValueError, "memory="),
     ({"walltime": 3600}, ValueError, "walltime=3600"),

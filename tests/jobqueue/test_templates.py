@@ -101,7 +101,7 @@ def test_pbs_minimal_script_exactly():
         #PBS -l select=1:ncpus=1:mem=954mb
         #PBS -l walltime=00:30:00
 
-        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{PBS_JOBID}}"
+        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{PBS_JOBID:-$SLURM_JOB_ID}}"
         """)
 
 
@@ -128,7 +128,7 @@ def test_pbs_every_option_exactly(tmp_path):
 
         export A=1
         source activate env
-        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 6 --nthreads 6 --memory-limit 30GiB --nanny --death-timeout 30s --local-directory /local --interface ib0 --name "pbs-w-${{PBS_JOBID}}" --reconnect
+        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 6 --nthreads 6 --memory-limit 30GiB --nanny --death-timeout 30s --local-directory /local --interface ib0 --name "pbs-w-${{PBS_JOBID:-$SLURM_JOB_ID}}" --reconnect
         date
         """)
     path = tmp_path / "job.sh"
