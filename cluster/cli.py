@@ -42,6 +42,7 @@ import logging
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from signal import SIGINT, SIGTERM
 from typing import Any
@@ -64,7 +65,7 @@ from runtime.options import (
 from runtime.scheduler.server import Scheduler
 from runtime.security import Security
 from runtime.worker import Worker
-from runtime.worker_process import GRACEFUL_SIGNAL_TIMEOUT
+from runtime.worker.process import GRACEFUL_SIGNAL_TIMEOUT
 
 logger = logging.getLogger("cluster.cli")
 
@@ -81,6 +82,10 @@ GRACEFUL_TIMEOUT = GRACEFUL_SIGNAL_TIMEOUT
 
 #: Extra seconds, beyond :data:`GRACEFUL_TIMEOUT`, a nanny's worker gets to close after retiring.
 CLOSE_MARGIN = 10.0
+
+#: Longest time between two "are you there?" calls to the scheduler (seconds);
+#: with a shorter ``--death-timeout``, a quarter of it.
+WATCH_INTERVAL = 5.0
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -343,7 +348,9 @@ def worker_parser(prog: str = "python -m cluster worker") -> _Command:
     cmd.flag("lifetime-restart", help="start a fresh worker when --lifetime ends (needs the nanny; "
                                       "default: off)")
     cmd.option("--death-timeout", type=duration, metavar="T",
-               help="give up on an unreachable scheduler after this long (default: 60s)")
+               help="give up on an unreachable scheduler after this long, also one that "
+                    "stops answering while connected (a frozen process): the workers close "
+                    "and the command exits (default: 60s to connect; unanswered calls: no limit)")
     cmd.option("--local-directory", metavar="DIR",
                help="where the workers keep their files and spilled data (default: the system's "
                     "temporary directory)")
@@ -470,9 +477,12 @@ class WorkerGroup:
         graceful_timeout: seconds a worker gets to retire after the first signal.
     """
 
-    def __init__(self, servers: list[Nanny | Worker], graceful_timeout: float = GRACEFUL_TIMEOUT):
+    def __init__(self, servers: list[Nanny | Worker], graceful_timeout: float = GRACEFUL_TIMEOUT,
+                 death_timeout: float | None = None):
         self.servers = servers
         self.graceful_timeout = graceful_timeout
+        self.death_timeout = death_timeout
+        self._watchdog: asyncio.Task | None = None
         self.stop = asyncio.Event()
         self.started = False
         self._tasks: set[asyncio.Task] = set()
@@ -498,13 +508,51 @@ class WorkerGroup:
                         ", ".join(f"{s.name!r}" for s in self.servers))
             if self.stop.is_set():  # a signal came just as the start finished
                 self._spawn(self.retire_all("signal"))
+            if self.death_timeout:
+                self._watchdog = asyncio.ensure_future(self.watch_scheduler(self.death_timeout))
             try:
                 await asyncio.gather(*(s.finished() for s in self.servers))
             finally:
+                if self._watchdog is not None:
+                    self._watchdog.cancel()
+                    await asyncio.gather(self._watchdog, return_exceptions=True)
                 while self._tasks:
                     await asyncio.gather(*self._tasks, return_exceptions=True)
         logger.info("all workers closed")
         return 0
+
+    async def watch_scheduler(self, timeout: float) -> None:
+        """Close every worker once the scheduler has not answered for ``timeout`` seconds.
+
+        A scheduler whose process is frozen (SIGSTOP, a hung notebook kernel, a
+        login node that dropped the session) keeps its connections open, so no
+        connection breaks: only a call that needs an answer shows it.  Every
+        ``min(WATCH_INTERVAL, timeout / 4)`` seconds this asks the scheduler
+        for its identity; when no answer came for ``timeout`` seconds the
+        workers close (their data cannot go anywhere) and the command exits,
+        which ends the batch job and frees the allocation.
+        """
+        interval = min(WATCH_INTERVAL, timeout / 4)
+        server = self.servers[0]
+        last = time.monotonic()
+        while not self.stop.is_set():
+            await asyncio.sleep(interval)  # the probe's period, not synchronisation
+            address = server.scheduler_addr
+            if address is None:
+                continue
+            try:
+                await asyncio.wait_for(server.rpc.call(address, "identity"), interval)
+                last = time.monotonic()
+            except (asyncio.TimeoutError, OSError, ClusterError) as e:
+                logger.info("the scheduler at %s did not answer (%s); silent for %.0fs of %gs",
+                            address, _describe(e), time.monotonic() - last, timeout)
+            if time.monotonic() - last >= timeout:
+                logger.warning("the scheduler at %s has not answered for %.0fs (--death-timeout "
+                               "%gs): closing the workers so that the job ends", address,
+                               time.monotonic() - last, timeout)
+                self.stop.set()
+                await self.close_all("scheduler-unreachable")
+                return
 
     async def _start_all(self) -> None:
         tasks = [asyncio.ensure_future(self._start_one(s)) for s in self.servers]
@@ -584,8 +632,12 @@ class WorkerGroup:
                 logger.error("closing worker %r failed: %s", server.name, _describe(r))
 
 
-async def serve_workers(make: Callable[[], list[Nanny | Worker]]) -> int:
+async def serve_workers(make: Callable[[], list[Nanny | Worker]],
+                        death_timeout: float | None = None) -> int:
     """Build the workers with ``make()`` (in the event loop), run them until all have closed.
+
+    With ``death_timeout`` they close when the scheduler has not answered for
+    that long (:meth:`WorkerGroup.watch_scheduler`).
 
     Raises:
         CommandError: the runtime rejected an option, or a worker could not start.
@@ -594,7 +646,7 @@ async def serve_workers(make: Callable[[], list[Nanny | Worker]]) -> int:
         servers = make()
     except (ValueError, TypeError) as e:
         raise CommandError(str(e)) from None
-    return await WorkerGroup(servers).run()
+    return await WorkerGroup(servers, death_timeout=death_timeout).run()
 
 
 # ----------------------------------------------------------------------------- commands
@@ -721,7 +773,7 @@ def worker_command(argv: Sequence[str], prog: str = "python -m cluster worker",
 
     _configure_logging()
     try:
-        return run(serve_workers(make))
+        return run(serve_workers(make, args.death_timeout))
     except CommandError as e:
         cmd.parser.exit(EXIT_FAILURE, f"{prog}: error: {e}\n")
 

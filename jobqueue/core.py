@@ -178,7 +178,10 @@ class JobQueueCluster(SyncAsync):
         shebang: first line of the job script.
         env: environment variables exported by the job script.
         nanny: run each worker under a nanny (restarts on crash; default True).
-        death_timeout: workers give up on an unreachable scheduler after this long.
+        death_timeout: the workers give up on a scheduler that cannot be reached, or
+            stops answering (its process frozen: SIGSTOP, a hung kernel, a dropped
+            login session), after this long (default 3 minutes); they then exit, so
+            the job ends and its allocation is freed even though nobody cancelled it.
         lifetime: ``"auto"`` (walltime-derived, see :mod:`jobqueue.job`), a duration, or
             ``None`` for none.
         lifetime_stagger: ``"auto"`` or a duration: lifetimes vary by up to this much.
@@ -214,7 +217,7 @@ class JobQueueCluster(SyncAsync):
                  local_directory: str | None = None, log_directory: str | None = None,
                  worker_extra_args: Sequence[str] | None = None, python: str | None = None,
                  shebang: str = "#!/usr/bin/env bash", env: Mapping[str, str] | None = None,
-                 nanny: bool = True, death_timeout: Any = "60s", lifetime: Any = "auto",
+                 nanny: bool = True, death_timeout: Any = "180s", lifetime: Any = "auto",
                  lifetime_stagger: Any = "auto", lifetime_margin: Any = "auto",
                  template: str | os.PathLike | None = None,
                  scheduler_options: Mapping[str, Any] | None = None, n_workers: int = 0,

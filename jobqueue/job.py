@@ -180,7 +180,7 @@ class JobSpec:
     shebang: str = "#!/usr/bin/env bash"
     env: Mapping[str, str] = field(default_factory=dict)
     nanny: bool = True
-    death_timeout: float | None = 60.0
+    death_timeout: float | None = 180.0
     lifetime: Lifetime = Lifetime()
     template: str | None = None
 
@@ -276,7 +276,7 @@ def make_spec(*, cores: Any = None, memory: Any = None, processes: Any = None,
               job_script_epilogue: Any = None, interface: Any = None, local_directory: Any = None,
               log_directory: Any = None, worker_extra_args: Any = None, python: Any = None,
               shebang: Any = "#!/usr/bin/env bash", env: Any = None, nanny: Any = True,
-              death_timeout: Any = "60s", lifetime: Any = "auto", lifetime_stagger: Any = "auto",
+              death_timeout: Any = "180s", lifetime: Any = "auto", lifetime_stagger: Any = "auto",
               lifetime_margin: Any = "auto", template: Any = None,
               directive_prefix: str = "#SBATCH") -> JobSpec:
     """Check the job options and freeze them (see :class:`JobQueueCluster` for each).

@@ -52,7 +52,7 @@ def test_slurm_minimal_script_exactly():
         #SBATCH --mem=954M
         #SBATCH --time=00:30:00
 
-        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{SLURM_JOB_ID}}"
+        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 180s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{SLURM_JOB_ID}}"
         """)
 
 
@@ -101,7 +101,7 @@ def test_pbs_minimal_script_exactly():
         #PBS -l select=1:ncpus=1:mem=954mb
         #PBS -l walltime=00:30:00
 
-        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 60s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{PBS_JOBID:-$SLURM_JOB_ID}}"
+        {PY} -c {BOOT} cluster worker {ADDRESS} --nworkers 1 --nthreads 1 --memory-limit 1GB --nanny --death-timeout 180s --lifetime 1530s --lifetime-stagger 90s --tls-credentials {creds} --name "hpc-worker-${{PBS_JOBID:-$SLURM_JOB_ID}}"
         """)
 
 
