@@ -1,6 +1,6 @@
 """Worker processes: start one, watch it, stop it without leaving it behind.
 
-A worker process is ``python -P -m runtime.worker_process '<json options>'``
+A worker process is ``python -P -m runtime.worker.process '<json options>'``
 started with a pipe on its standard input.  ``-P`` (Python 3.11+; a small
 ``-c`` bootstrap that drops the entry before anything is imported on 3.10)
 keeps the working directory off the child's ``sys.path``: a module that
@@ -176,7 +176,7 @@ WARM_FLAG = "--options-from-stdin"
 
 
 class _WarmChild:
-    """A ``python -P -m runtime.worker_process --options-from-stdin`` waiting for its options.
+    """A ``python -P -m runtime.worker.process --options-from-stdin`` waiting for its options.
 
     Started with :class:`subprocess.Popen` (no event loop needed), so that it
     can be started before anything else -- before ``MPI_Init``, say.  Its
@@ -193,7 +193,7 @@ class _WarmChild:
         read_fd, write_fd = os.pipe()
         try:
             self.popen = subprocess.Popen(
-                python_command("runtime.worker_process", WARM_FLAG, "--ready-fd", str(write_fd),
+                python_command("runtime.worker.process", WARM_FLAG, "--ready-fd", str(write_fd),
                                executable=executable),
                 stdin=subprocess.PIPE, env=env, pass_fds=(write_fd,), start_new_session=True)
         except BaseException:
@@ -437,7 +437,7 @@ class WorkerProcess:
                     os.close(read_fd)
                 return self
         options = json.dumps({"scheduler_ip": self.scheduler_address, **self.worker_kwargs})
-        args = python_command("runtime.worker_process", options)
+        args = python_command("runtime.worker.process", options)
         if self.worker_class:
             args += ["--worker-class", self.worker_class]
         read_fd = write_fd = security_fd = None

@@ -11,7 +11,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .statemachine import Instruction, Msg
+from ..statemachine import Instruction, Msg
 
 Key = Hashable
 

@@ -38,9 +38,9 @@ import sys
 import threading
 from typing import Any
 
-from .loop import run
-from .process import RESTART_EXIT_CODE, WARM_FLAG
-from .worker import Worker
+from ..loop import run
+from ..process import RESTART_EXIT_CODE, WARM_FLAG
+from .server import Worker
 
 #: Seconds a worker gets to retire gracefully after SIGTERM before it just closes.
 GRACEFUL_SIGNAL_TIMEOUT = 30.0

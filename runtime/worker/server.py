@@ -1,10 +1,10 @@
-"""The Worker server: IO around :class:`WorkerState`.
+"""The Worker server: IO around :class:`WorkerStateMachine`.
 
 Theory of operation
 -------------------
 The worker registers with the scheduler over one stream connection and then
 receives batches of ``compute-task`` / ``free-keys`` messages on it.  Each
-batch becomes events for the pure :class:`WorkerState`; the instructions that
+batch becomes events for the pure :class:`WorkerStateMachine`; the instructions that
 come back are carried out here: ``Execute`` hands a task to the thread pool,
 ``GatherDep`` fetches dependencies straight from the peer worker that holds
 them (never through the scheduler), and messages go back on the stream.
@@ -31,21 +31,21 @@ from typing import Any
 
 import psutil
 
-from . import messages
-from .comm.serialize import box_large
-from .core import BatchedSend, Server, Status, unpack_reply
-from .dashboard.worker import WorkerDiagnosticsMixin
-from .errors import ClusterError, CommClosedError, CommError
-from .execution import TaskThreadPool, get_current_task, get_worker, sizeof  # noqa: F401
-from .files import (
+from .. import messages
+from ..comm.serialize import box_large
+from ..core import BatchedSend, Server, Status, unpack_reply
+from ..dashboard.worker import WorkerDiagnosticsMixin
+from ..errors import ClusterError, CommClosedError, CommError
+from ..execution import TaskThreadPool, get_current_task, get_worker, sizeof  # noqa: F401
+from ..files import (
     make_private_subdirectory,
     open_private_directory,
     open_scratch_root,
     write_private_file,
 )
-from .security import resolve_security
-from .statemachine import Instruction, Msg
-from .utils import (
+from ..security import resolve_security
+from ..statemachine import Instruction, Msg
+from ..utils import (
     format_bytes,
     get_address_host,
     listen_host,
@@ -54,7 +54,7 @@ from .utils import (
     parse_timedelta,
     unparse_host_port,
 )
-from .worker_state import (
+from .state import (
     AcquireReplicasEvent,
     ComputeTaskEvent,
     Execute,
@@ -73,7 +73,7 @@ from .worker_state import (
     TaskFinishedMsg,
     UnpauseEvent,
     UpdateDataEvent,
-    WorkerState,
+    WorkerStateMachine,
 )
 
 logger = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ class Worker(WorkerDiagnosticsMixin, Server):
         self._temporary_root: str | None = None
         self._uploads_directory: str | None = None
         self.data: MutableMapping = data if data is not None else {}
-        self.state = WorkerState(nthreads=nthreads, data=self.data, resources=self.resources,
+        self.state = WorkerStateMachine(nthreads=nthreads, data=self.data, resources=self.resources,
                                  validate=validate,
                                  transfer_incoming_count_limit=transfer_incoming_count_limit)
         self.id = f"Worker-{uuid.uuid4()}"
@@ -351,7 +351,7 @@ class Worker(WorkerDiagnosticsMixin, Server):
         if not self._user_data and self.memory_limit and (
             self.memory_target_fraction or self.memory_spill_fraction
         ):
-            from .spill import SpillBuffer
+            from ..spill import SpillBuffer
 
             target = self.memory_target_fraction or self.memory_spill_fraction
             self.data = SpillBuffer(os.path.join(self.local_directory, "storage"),
@@ -399,7 +399,7 @@ class Worker(WorkerDiagnosticsMixin, Server):
                     os.rmdir(self._temporary_root)
 
     async def _register(self) -> None:
-        from .comm import connect
+        from ..comm import connect
 
         timeout = self.death_timeout or 60.0
         comm = await connect(self.scheduler_addr, timeout=timeout, **self.connection_args)
@@ -788,7 +788,7 @@ class Worker(WorkerDiagnosticsMixin, Server):
         func = pickle.loads(function) if isinstance(function, bytes) else function
         if isinstance(args, bytes):
             args, kwargs = pickle.loads(args)
-        from .execution import _thread_state
+        from ..execution import _thread_state
 
         previous = getattr(_thread_state, "worker", None)
         _thread_state.worker = self

@@ -39,10 +39,10 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, MutableMapping
 from typing import Any
 
-from .errors import InvalidTransition
-from .statemachine import Instruction, TransitionLog
-from .utils import key_split
-from .worker_events import (  # noqa: F401  (re-exported)
+from ..errors import InvalidTransition
+from ..statemachine import Instruction, TransitionLog
+from ..utils import key_split
+from .events import (  # noqa: F401  (re-exported)
     AcquireReplicasEvent,
     AddKeysMsg,
     ComputeTaskEvent,
@@ -69,7 +69,7 @@ from .worker_events import (  # noqa: F401  (re-exported)
     UnpauseEvent,
     UpdateDataEvent,
 )
-from .worker_validation import WorkerValidationMixin
+from .validation import validate_state
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class TaskState:
         return self.run_spec is not None
 
 
-class WorkerState(WorkerValidationMixin):
+class WorkerStateMachine:
     """The worker's state and its transition table (no IO).
 
     Args:
@@ -223,7 +223,7 @@ class WorkerState(WorkerValidationMixin):
             out.extend(self._ensure_communicating(ev.stimulus_id))
             out.extend(self._ensure_computing(ev.stimulus_id))
         if self.validate:
-            self.validate_state()
+            validate_state(self)
         return out
 
     def story(self, *keys: Key) -> list[tuple]:

@@ -57,6 +57,7 @@ from hypothesis import strategies as st
 from runtime.comm.core import HEADER, MAGIC, MAX_FRAMES, MAX_MESSAGE_SIZE
 from runtime.scheduler import validation
 from runtime.utils import parse_address, parse_host_port
+from runtime.worker import validation as worker_validation
 from tests.helpers import gen_cluster, until
 
 #: Examples per case family and target (env ``HPC_FUZZ_EXAMPLES`` for a bigger run).
@@ -675,7 +676,7 @@ def test_fuzz_servers_stay_up_and_leak_nothing(target):
             await until_described(lambda: not w.state.tasks, "the worker's tasks to go",
                                   lambda: describe_worker_tasks(w, s))
             validation.validate_state(s.state)
-            w.state.validate_state()
+            worker_validation.validate_state(w.state)
             # Every comm the fuzz opened is closed again.
             await until_described(lambda: fds() <= fds0 + 2 * max(0, pooled() - pooled0),
                                   f"file descriptors back to {fds0} (and pooled connections)",

@@ -96,7 +96,7 @@ def run_victim(script: str, cwd: str, tmp_path, timeout: float = 90) -> dict:
 
 def test_child_command_keeps_the_working_directory_off_sys_path(tmp_path):
     (tmp_path / "json.py").write_text("raise SystemExit('planted json imported')\n")
-    out = subprocess.run(python_command("runtime.worker_process", "--help"), cwd=tmp_path,
+    out = subprocess.run(python_command("runtime.worker.process", "--help"), cwd=tmp_path,
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr

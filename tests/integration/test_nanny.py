@@ -1,7 +1,7 @@
 """Nanny: a worker in a child process, restarted when it dies or outgrows its memory.
 
 Real processes on 127.0.0.1: a Scheduler runs in the test's event loop, each
-Nanny starts ``python -m runtime.worker_process`` children.  Waiting is done
+Nanny starts ``python -m runtime.worker.process`` children.  Waiting is done
 by polling with ``until`` (with a deadline), never by sleeping.
 """
 

@@ -182,11 +182,11 @@ class Job:
         return out
 
     def worker_processes(self) -> list[psutil.Process]:
-        """Worker processes: children of a rank whose command line runs runtime.worker_process."""
+        """Worker processes: children of a rank whose command line runs runtime.worker.process."""
         out = []
         for p in self.snapshot():
             try:
-                if "runtime.worker_process" in " ".join(p.cmdline()):
+                if "runtime.worker.process" in " ".join(p.cmdline()):
                     parent = p.parent()
                     if parent is not None and any("hpc" in a or a.endswith(".py") for a in parent.cmdline()):
                         out.append(p)

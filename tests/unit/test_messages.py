@@ -12,7 +12,7 @@ from runtime import messages
 from runtime.graph import graph_msg
 from runtime.scheduler.server import Scheduler
 from runtime.scheduler.state import SchedulerState
-from runtime.worker_events import (
+from runtime.worker.events import (
     AddKeysMsg,
     LongRunningMsg,
     MissingDataMsg,

@@ -1,13 +1,13 @@
-"""Pure state-machine tests of :class:`runtime.worker_state.WorkerState`.
+"""Pure state-machine tests of :class:`runtime.worker.state.WorkerStateMachine`.
 
 No sockets, no event loop, no threads: every test builds a validating
-``WorkerState`` with a fake clock, feeds it events through ``state.handle`` and
+``WorkerStateMachine`` with a fake clock, feeds it events through ``state.handle`` and
 checks the instructions that come out, the task states, ``state.data`` and the
 transition log (``state.story``).
 
 Each scenario is registered in ``SCENARIOS`` and runs as its own test; the two
 coverage tests replay all of them and check that every entry of
-``WorkerState.TRANSITIONS`` was exercised, so a new table entry without a
+``WorkerStateMachine.TRANSITIONS`` was exercised, so a new table entry without a
 scenario fails.
 
 The tests after the scenarios pin down bugs found (and fixed) while writing
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import pytest
 
 from runtime.errors import InvalidStateError, InvalidTransition
-from runtime.worker_state import (
+from runtime.worker.state import (
     AcquireReplicasEvent,
     AddKeysMsg,
     ComputeTaskEvent,
@@ -44,8 +44,9 @@ from runtime.worker_state import (
     TaskFinishedMsg,
     TaskState,
     UpdateDataEvent,
-    WorkerState,
+    WorkerStateMachine,
 )
+from runtime.worker.validation import validate_state
 
 SELF = "tcp://127.0.0.1:1"
 A = "tcp://10.0.0.1:9000"
@@ -69,12 +70,12 @@ class FakeClock:
         return self.t
 
 
-def new_state(**kwargs) -> WorkerState:
+def new_state(**kwargs) -> WorkerStateMachine:
     kwargs.setdefault("nthreads", 1)
-    return WorkerState(address=SELF, validate=True, clock=FakeClock(), **kwargs)
+    return WorkerStateMachine(address=SELF, validate=True, clock=FakeClock(), **kwargs)
 
 
-Factory = Callable[..., WorkerState]
+Factory = Callable[..., WorkerStateMachine]
 
 
 def compute(key, *, priority=(0,), who_has=None, nbytes=None, resources=None, sid=None):
@@ -119,13 +120,13 @@ def gather_deps(instructions) -> list[GatherDep]:
     return [i for i in instructions if type(i) is GatherDep]
 
 
-def st(state: WorkerState, key) -> str:
+def st(state: WorkerStateMachine, key) -> str:
     """The state of ``key``; "forgotten" when the worker no longer tracks it."""
     ts = state.tasks.get(key)
     return ts.state if ts is not None else "forgotten"
 
 
-def story_pairs(state: WorkerState, key) -> list[tuple[str, str]]:
+def story_pairs(state: WorkerStateMachine, key) -> list[tuple[str, str]]:
     return [(e[1], e[2]) for e in state.story(key) if e[0] == key]
 
 
@@ -134,14 +135,14 @@ def dedup(pairs: list) -> list:
     return [p for i, p in enumerate(pairs) if i == 0 or pairs[i - 1] != p]
 
 
-def log_pairs(state: WorkerState) -> set[tuple[str, str]]:
+def log_pairs(state: WorkerStateMachine) -> set[tuple[str, str]]:
     return {(e[1], e[2]) for e in state.log.entries}
 
 
 # ----------------------------------------------------------------------------- scenarios
 
 #: name -> scenario(make) ; each scenario asserts as it goes and returns its state.
-SCENARIOS: dict[str, Callable[[Factory], WorkerState]] = {}
+SCENARIOS: dict[str, Callable[[Factory], WorkerStateMachine]] = {}
 
 
 def scenario(fn):
@@ -150,7 +151,7 @@ def scenario(fn):
 
 
 @scenario
-def scenario_compute_without_dependencies(make: Factory) -> WorkerState:
+def scenario_compute_without_dependencies(make: Factory) -> WorkerStateMachine:
     state = make()
     instrs = state.handle(compute("x", sid="s-compute"))
     assert instrs == [Execute("s-compute", "x")]
@@ -176,7 +177,7 @@ def scenario_compute_without_dependencies(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_at_most_nthreads_rest_ready_by_priority(make: Factory) -> WorkerState:
+def scenario_at_most_nthreads_rest_ready_by_priority(make: Factory) -> WorkerStateMachine:
     state = make(nthreads=2)
     instrs = state.handle(compute("a", priority=(0,)), compute("b", priority=(0,)))
     assert sorted(keys_of(instrs, Execute)) == ["a", "b"]
@@ -199,7 +200,7 @@ def scenario_at_most_nthreads_rest_ready_by_priority(make: Factory) -> WorkerSta
 
 
 @scenario
-def scenario_dependencies_fetched_in_batches(make: Factory) -> WorkerState:
+def scenario_dependencies_fetched_in_batches(make: Factory) -> WorkerStateMachine:
     state = make(transfer_incoming_count_limit=2, transfer_message_bytes_limit=100)
     who_has = {"x1": [A], "x2": [A], "x3": [A], "y": [B, SELF], "w": [C]}
     nbytes = {"x1": 40, "x2": 40, "x3": 40, "y": 10, "w": 10}
@@ -245,7 +246,7 @@ def scenario_dependencies_fetched_in_batches(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_network_failure_tries_other_holder(make: Factory) -> WorkerState:
+def scenario_network_failure_tries_other_holder(make: Factory) -> WorkerStateMachine:
     state = make()
     instrs = state.handle(compute("z", who_has={"x": [A, B]}, nbytes={"x": 10}))
     (g,) = gather_deps(instrs)
@@ -267,7 +268,7 @@ def scenario_network_failure_tries_other_holder(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_network_failure_missing_then_refresh(make: Factory) -> WorkerState:
+def scenario_network_failure_missing_then_refresh(make: Factory) -> WorkerStateMachine:
     state = make(transfer_message_bytes_limit=100)
     instrs = state.handle(compute("z", who_has={"x": [A], "y": [A]}, nbytes={"x": 80, "y": 80}))
     (g,) = gather_deps(instrs)
@@ -301,7 +302,7 @@ def scenario_network_failure_missing_then_refresh(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_gather_dep_failure_errs_dependency(make: Factory) -> WorkerState:
+def scenario_gather_dep_failure_errs_dependency(make: Factory) -> WorkerStateMachine:
     state = make()
     state.handle(compute("z", who_has={"x": [A]}))
     exc = RuntimeError("could not unpickle")
@@ -324,7 +325,7 @@ def scenario_gather_dep_failure_errs_dependency(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_execute_failure_reports_exception(make: Factory) -> WorkerState:
+def scenario_execute_failure_reports_exception(make: Factory) -> WorkerStateMachine:
     state = make()
     state.handle(compute("x"))
     exc = ZeroDivisionError("boom")
@@ -348,7 +349,7 @@ def scenario_execute_failure_reports_exception(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_free_while_executing_discards_late_result(make: Factory) -> WorkerState:
+def scenario_free_while_executing_discards_late_result(make: Factory) -> WorkerStateMachine:
     state = make(nthreads=1)
     state.handle(compute("x"), compute("y"))
     assert st(state, "x") == "executing" and st(state, "y") == "ready"
@@ -371,7 +372,7 @@ def scenario_free_while_executing_discards_late_result(make: Factory) -> WorkerS
 
 
 @scenario
-def scenario_free_while_executing_discards_late_failure(make: Factory) -> WorkerState:
+def scenario_free_while_executing_discards_late_failure(make: Factory) -> WorkerStateMachine:
     state = make()
     state.handle(compute("x"))
     state.handle(free("x"))
@@ -382,7 +383,7 @@ def scenario_free_while_executing_discards_late_failure(make: Factory) -> Worker
 
 
 @scenario
-def scenario_compute_again_while_cancelled_resumes(make: Factory) -> WorkerState:
+def scenario_compute_again_while_cancelled_resumes(make: Factory) -> WorkerStateMachine:
     state = make()
     state.handle(compute("x"))
     state.handle(free("x"))
@@ -400,7 +401,7 @@ def scenario_compute_again_while_cancelled_resumes(make: Factory) -> WorkerState
 
 
 @scenario
-def scenario_free_memory_key_deletes_data(make: Factory) -> WorkerState:
+def scenario_free_memory_key_deletes_data(make: Factory) -> WorkerStateMachine:
     state = make()
     state.handle(compute("x"), success("x", 1))
     assert state.data == {"x": 1}
@@ -412,7 +413,7 @@ def scenario_free_memory_key_deletes_data(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_resources_limit_concurrency(make: Factory) -> WorkerState:
+def scenario_resources_limit_concurrency(make: Factory) -> WorkerStateMachine:
     state = make(nthreads=4, resources={"GPU": 2})
     gpu = {"GPU": 1}
     instrs = state.handle(
@@ -443,7 +444,7 @@ def scenario_resources_limit_concurrency(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_reschedule(make: Factory) -> WorkerState:
+def scenario_reschedule(make: Factory) -> WorkerStateMachine:
     state = make(nthreads=1)
     state.handle(compute("x"), compute("y"))
     instrs = state.handle(RescheduleEvent("resched", "x"))
@@ -456,7 +457,7 @@ def scenario_reschedule(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_secede_frees_a_thread(make: Factory) -> WorkerState:
+def scenario_secede_frees_a_thread(make: Factory) -> WorkerStateMachine:
     state = make(nthreads=1)
     state.handle(compute("x"), compute("y"))
     assert st(state, "y") == "ready"
@@ -474,7 +475,7 @@ def scenario_secede_frees_a_thread(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_long_running_error_cancel_reschedule(make: Factory) -> WorkerState:
+def scenario_long_running_error_cancel_reschedule(make: Factory) -> WorkerStateMachine:
     state = make(nthreads=1)
     state.handle(compute("e"), SecedeEvent("s1", "e", 1.0))
     instrs = state.handle(failure("e"))
@@ -497,7 +498,7 @@ def scenario_long_running_error_cancel_reschedule(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_update_data(make: Factory) -> WorkerState:
+def scenario_update_data(make: Factory) -> WorkerStateMachine:
     state = make(transfer_incoming_count_limit=1)
     instrs = state.handle(UpdateDataEvent("scatter", {"s": 1}, {"s": 28}))
     assert instrs == []
@@ -526,7 +527,7 @@ def scenario_update_data(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_acquire_replicas(make: Factory) -> WorkerState:
+def scenario_acquire_replicas(make: Factory) -> WorkerStateMachine:
     state = make()
     instrs = state.handle(AcquireReplicasEvent("acquire", {"r": [A], "lonely": [SELF]}, {"r": 50}))
     assert of(instrs, GatherDep) == [GatherDep("acquire", A, {"r"}, 50)]
@@ -545,7 +546,7 @@ def scenario_acquire_replicas(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_compute_key_in_flight_reports_on_arrival(make: Factory) -> WorkerState:
+def scenario_compute_key_in_flight_reports_on_arrival(make: Factory) -> WorkerStateMachine:
     state = make()
     state.handle(AcquireReplicasEvent("acquire", {"r": [A]}, {}))
     assert st(state, "r") == "flight"
@@ -557,7 +558,7 @@ def scenario_compute_key_in_flight_reports_on_arrival(make: Factory) -> WorkerSt
 
 
 @scenario
-def scenario_compute_key_whose_transfer_fails_computes_it(make: Factory) -> WorkerState:
+def scenario_compute_key_whose_transfer_fails_computes_it(make: Factory) -> WorkerStateMachine:
     """A key asked for while in flight, whose holder then dies, is computed here instead
     (found by killing a worker mid-graph: the key used to stay 'missing' for ever)."""
     state = make()
@@ -574,7 +575,7 @@ def scenario_compute_key_whose_transfer_fails_computes_it(make: Factory) -> Work
 
 
 @scenario
-def scenario_free_waiting_task_releases_its_fetches(make: Factory) -> WorkerState:
+def scenario_free_waiting_task_releases_its_fetches(make: Factory) -> WorkerStateMachine:
     state = make(transfer_incoming_count_limit=1)
     instrs = state.handle(compute("z", who_has={"m": [], "p": [A], "q": [B]}))
     (g,) = gather_deps(instrs)
@@ -600,7 +601,7 @@ def scenario_free_waiting_task_releases_its_fetches(make: Factory) -> WorkerStat
 
 
 @scenario
-def scenario_cancelled_flight_resumes_when_needed_again(make: Factory) -> WorkerState:
+def scenario_cancelled_flight_resumes_when_needed_again(make: Factory) -> WorkerStateMachine:
     state = make()
     instrs = state.handle(compute("z", who_has={"x": [A]}))
     assert [g.keys for g in gather_deps(instrs)] == [{"x"}]
@@ -619,7 +620,7 @@ def scenario_cancelled_flight_resumes_when_needed_again(make: Factory) -> Worker
 
 
 @scenario
-def scenario_free_ready_task(make: Factory) -> WorkerState:
+def scenario_free_ready_task(make: Factory) -> WorkerStateMachine:
     state = make(nthreads=1)
     state.handle(compute("a"), compute("b"))
     assert st(state, "b") == "ready"
@@ -632,7 +633,7 @@ def scenario_free_ready_task(make: Factory) -> WorkerState:
 
 
 @scenario
-def scenario_failure_reported_for_waiting_task(make: Factory) -> WorkerState:
+def scenario_failure_reported_for_waiting_task(make: Factory) -> WorkerStateMachine:
     state = make()
     state.handle(compute("z", who_has={"x": [A]}))
     exc = KeyError("stale")
@@ -647,7 +648,7 @@ def scenario_failure_reported_for_waiting_task(make: Factory) -> WorkerState:
 def test_scenario(name):
     state = SCENARIOS[name](new_state)
     assert state.log.entries  # it did something
-    state.validate_state()
+    validate_state(state)
 
 
 # ----------------------------------------------------------------------------- table coverage
@@ -668,7 +669,7 @@ ALSO_LOGGED = {("released", "missing")}
 
 
 def test_transition_table_covered_by_logged_transitions():
-    table = set(WorkerState().TRANSITIONS)
+    table = set(WorkerStateMachine().TRANSITIONS)
     assert set(LOGGED_AS) <= table
     seen: set[tuple[str, str]] = set()
     for name in sorted(SCENARIOS):
@@ -684,7 +685,7 @@ def test_transition_table_covered_by_calls():
     """Exact: every table function is called through its own entry at least once."""
     called: set[tuple[str, str]] = set()
 
-    def instrumented(**kwargs) -> WorkerState:
+    def instrumented(**kwargs) -> WorkerStateMachine:
         state = new_state(**kwargs)
         for entry, func in list(state.TRANSITIONS.items()):
             def wrapper(*args, _entry=entry, _func=func, **kw):
@@ -695,7 +696,7 @@ def test_transition_table_covered_by_calls():
 
     for name in sorted(SCENARIOS):
         SCENARIOS[name](instrumented)
-    missing = sorted(set(WorkerState().TRANSITIONS) - called)
+    missing = sorted(set(WorkerStateMachine().TRANSITIONS) - called)
     assert missing == [], f"table entries never exercised: {missing}"
 
 
@@ -761,17 +762,17 @@ def test_validate_state_detects_corruption(name):
     setup, corrupt, message = CORRUPTIONS[name]
     state = new_state()
     setup(state)
-    state.validate_state()  # fine before
+    validate_state(state)  # fine before
     corrupt(state)
     with pytest.raises(InvalidStateError, match=message):
-        state.validate_state()
+        validate_state(state)
     # ... and handle() checks after every batch when validate=True.
     with pytest.raises(InvalidStateError, match=message):
         state.handle(free("no-such-key"))
 
 
 def test_no_validation_when_disabled():
-    state = WorkerState(address=SELF, nthreads=1, validate=False, clock=FakeClock())
+    state = WorkerStateMachine(address=SELF, nthreads=1, validate=False, clock=FakeClock())
     state.handle(compute("x"), success("x", 1))
     state.data.pop("x")
     assert state.handle(free("no-such-key")) == []  # not checked

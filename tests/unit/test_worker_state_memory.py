@@ -1,9 +1,9 @@
-"""Pure tests of the memory-management events of :class:`runtime.worker_state.WorkerState`:
+"""Pure tests of the memory-management events of :class:`runtime.worker.state.WorkerStateMachine`:
 pausing and resuming, dropping replicas the scheduler has elsewhere
 (``RemoveReplicasEvent``) and fetching replicas it asks for
 (``AcquireReplicasEvent``).
 
-No sockets, no threads: a validating ``WorkerState`` is fed events through
+No sockets, no threads: a validating ``WorkerStateMachine`` is fed events through
 ``state.handle`` and the returned instructions, task states and ``state.data``
 are checked.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.worker_state import (
+from runtime.worker.state import (
     AcquireReplicasEvent,
     AddKeysMsg,
     ComputeTaskEvent,
@@ -27,8 +27,9 @@ from runtime.worker_state import (
     TaskFinishedMsg,
     UnpauseEvent,
     UpdateDataEvent,
-    WorkerState,
+    WorkerStateMachine,
 )
+from runtime.worker.validation import validate_state
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -46,9 +47,9 @@ class FakeClock:
         return self.t
 
 
-def new_state(**kwargs) -> WorkerState:
+def new_state(**kwargs) -> WorkerStateMachine:
     kwargs.setdefault("nthreads", 1)
-    return WorkerState(address=SELF, validate=True, clock=FakeClock(), **kwargs)
+    return WorkerStateMachine(address=SELF, validate=True, clock=FakeClock(), **kwargs)
 
 
 def compute(key, *, priority=(0,), who_has=None, nbytes=None, sid=None):
@@ -73,7 +74,7 @@ def of(instructions, cls) -> list:
     return [i for i in instructions if type(i) is cls]
 
 
-def st(state: WorkerState, key) -> str:
+def st(state: WorkerStateMachine, key) -> str:
     ts = state.tasks.get(key)
     return ts.state if ts is not None else "forgotten"
 
@@ -94,7 +95,7 @@ def test_pause_stops_starting_new_tasks_and_unpause_starts_them():
     assert executes(instrs)[0] == "y"  # by priority
     assert {st(state, "x"), st(state, "y")} == {"executing"}
     assert {i.stimulus_id for i in instrs} == {"unpause"}
-    state.validate_state()
+    validate_state(state)
 
 
 def test_pause_lets_running_task_finish_but_starts_no_other():
@@ -106,7 +107,7 @@ def test_pause_lets_running_task_finish_but_starts_no_other():
     assert executes(instrs) == []
     assert st(state, "x") == "memory" and st(state, "y") == "ready"
     assert executes(state.handle(UnpauseEvent("unpause"))) == ["y"]
-    state.validate_state()
+    validate_state(state)
 
 
 def test_paused_worker_still_fetches_dependencies_but_does_not_run():
@@ -136,7 +137,7 @@ def test_remove_replicas_drops_data_not_needed_locally():
     assert instrs == [ReleaseWorkerDataMsg("rm", "a")]
     assert "a" not in state.data and st(state, "a") == "forgotten"
     assert state.data == {"b": 2} and st(state, "b") == "memory"
-    state.validate_state()
+    validate_state(state)
 
 
 def test_remove_replicas_of_computed_result():
@@ -161,7 +162,7 @@ def test_remove_replicas_keeps_data_a_waiting_task_needs():
     # y still runs with it once d arrives.
     instrs = state.handle(gathered(A, {"d": "D"}))
     assert executes(instrs) == ["y"]
-    state.validate_state()
+    validate_state(state)
 
 
 def test_remove_replicas_keeps_data_a_ready_task_needs():
@@ -184,7 +185,7 @@ def test_remove_replicas_releases_input_whose_dependents_are_done():
     assert instrs == [ReleaseWorkerDataMsg("rm", "x")]
     assert "x" not in state.data and st(state, "x") in ("released", "forgotten")
     assert state.data == {"y": "Y"}
-    state.validate_state()
+    validate_state(state)
 
 
 def test_remove_replicas_ignores_keys_not_in_memory():
@@ -216,7 +217,7 @@ def test_acquire_replicas_fetches_and_reports_add_keys():
     assert instrs == [AddKeysMsg("got-b", ["r3"])]
     assert state.data == {"r1": 1, "r2": 2, "r3": 3}
     assert state.comm_nbytes == 0
-    state.validate_state()
+    validate_state(state)
 
 
 def test_acquire_replica_already_held_does_nothing():
@@ -239,7 +240,7 @@ def test_acquire_replica_tries_another_holder_when_the_first_lacks_it():
     instrs = state.handle(gathered(B, {"r": "R"}, sid="got"))
     assert instrs == [AddKeysMsg("got", ["r"])]
     assert state.data == {"r": "R"}
-    state.validate_state()
+    validate_state(state)
 
 
 def test_acquire_then_remove_replica_round_trip():
