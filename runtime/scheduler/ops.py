@@ -86,6 +86,20 @@ class SchedulerOpsMixin:
         Returns:
             ``{address: info}`` for each worker retired.
         """
+        if parse_timedelta(wait_for_recipient):
+            # Workers retiring by themselves (lifetime) go one at a time: retiring
+            # together, each would see its peers closing_gracefully, find no
+            # recipient for its unique data and be refused, over and over.
+            lock = self.__dict__.setdefault("_self_retirement_lock", asyncio.Lock())
+            async with lock:
+                return await self._retire_workers(workers, remove, close_workers, names, timeout,
+                                                  wait_for_recipient, **kwargs)
+        return await self._retire_workers(workers, remove, close_workers, names, timeout,
+                                          wait_for_recipient, **kwargs)
+
+    async def _retire_workers(self, workers: Iterable[str] | None, remove: bool,
+                              close_workers: bool, names: Iterable[Any] | None, timeout: Any,
+                              wait_for_recipient: Any, **kwargs) -> dict:
         if names is not None:
             wanted = set(names)
             workers = [a for a, ws in self.state.workers.items() if ws.name in wanted or str(ws.name) in wanted]

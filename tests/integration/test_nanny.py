@@ -571,3 +571,25 @@ def test_unused_prewarmed_child_is_reaped_by_discard(no_warm_child):
     assert process.prewarm() == pid  # one at a time
     process.discard_warm()
     assert not alive(pid)
+
+
+@gen_test(timeout=90)
+async def test_lifetime_restart_of_three_workers_retiring_together_never_hangs():
+    """Issue 15: 3 workers with --lifetime 1s --lifetime-stagger 0.5s --lifetime-restart used
+    to hang ~1 run in 5 (all retiring at once, each refused: its peers were retiring too).
+    They now retire in turn; 20 rounds of all three being replaced, data kept throughout."""
+    async with Scheduler(validate=True) as s:
+        nannies = [Nanny(s.address, nthreads=1, name=f"l{i}", lifetime="1s",
+                         lifetime_stagger="0.5s", lifetime_restart=True) for i in range(3)]
+        await asyncio.gather(*nannies)
+        try:
+            async with Client(s.address, asynchronous=True) as c:
+                held = c.map(_slow_inc, range(6), key=[f"held-{i}" for i in range(6)])
+                await asyncio.wait_for(c.gather(held), 30)
+                for round_ in range(20):
+                    before = set(s.workers)
+                    await until(lambda b=before: len(s.workers) == 3 and not b & set(s.workers),
+                                timeout=15, what=f"round {round_}: all 3 workers replaced")
+                assert await asyncio.wait_for(c.gather(held), 30) == list(range(1, 7))
+        finally:
+            await asyncio.gather(*(n.close() for n in nannies))
