@@ -80,10 +80,11 @@ def key_text(key: Hashable) -> str:
     return key if isinstance(key, str) else str(key)
 
 
-class SchedulerDiagnosticsMixin:
+class SchedulerDiagnostics:
     """Status page, metrics, task stream and logs of the scheduler."""
 
-    def _init_diagnostics(self, dashboard_address: Any) -> None:
+    def __init__(self, scheduler: Any, dashboard_address: Any) -> None:
+        self.scheduler = scheduler
         parse_dashboard_address(dashboard_address, "localhost")  # raises ValueError early
         self.dashboard_address = dashboard_address
         self.http_server: HTTPServer | None = None
@@ -95,12 +96,12 @@ class SchedulerDiagnosticsMixin:
         self.tasks_erred_total = 0
         self._counts_cache: tuple[float, dict, dict] = (-1.0, {}, {})
         self.server_log = ServerLog()
-        self.handlers.update({"get_logs": self.get_logs, "dashboard_link": self._dashboard_link,
+        scheduler.handlers.update({"get_logs": self.get_logs, "dashboard_link": self._dashboard_link,
                               "profile": self.get_profile})
 
     # ------------------------------------------------------------------ hot path
 
-    def _record_task(self, key: Hashable, worker: str, startstops, ok: bool) -> None:
+    def record_task(self, key: Hashable, worker: str, startstops, ok: bool) -> None:
         """Note a finished task for the task stream (one append, one counter)."""
         if ok:
             self.tasks_completed_total += 1
@@ -113,21 +114,21 @@ class SchedulerDiagnosticsMixin:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def _start_dashboard(self) -> None:
+    async def start(self) -> None:
         """Serve the page on ``dashboard_address`` (a failure is logged, not raised)."""
         self.server_log.attach()
         if getattr(self, "protocol", "tcp") == "inproc":
             own_host = "127.0.0.1"
         else:
-            own_host = parse_address(self.address)[1].rsplit(":", 1)[0].strip("[]")
+            own_host = parse_address(self.scheduler.address)[1].rsplit(":", 1)[0].strip("[]")
         where = parse_dashboard_address(self.dashboard_address, own_host)
         if where is None:
             return
         ssl_context = token = None
-        if self.secure:
+        if self.scheduler.secure:
             # A browser holds no certificate of this cluster: HTTPS, the client
             # certificate optional, and a per-scheduler token for those without one.
-            ssl_context = self.security.get_server_context("scheduler", require_client_cert=False)
+            ssl_context = self.scheduler.security.get_server_context("scheduler", require_client_cert=False)
             token = secrets.token_urlsafe(24)
         server = HTTPServer(self._dashboard_routes(), fallback=self._static_route,
                             ssl_context=ssl_context, name="scheduler dashboard", token=token)
@@ -137,14 +138,14 @@ class SchedulerDiagnosticsMixin:
             logger.warning("could not serve the dashboard at %s:%s: %s", *where, e)
             return
         self.http_server = server
-        self.services["dashboard"] = port
+        self.scheduler.services["dashboard"] = port
         # Never the token: logs (batch output files) are often readable by others.
         link = (self.dashboard_link or "").split("?token=", 1)[0]
         logger.info("Dashboard at %s%s", link, "" if token is None else
                     " (needs its access token: read client.dashboard_link or "
                     "scheduler.dashboard_link)")
 
-    async def _stop_dashboard(self) -> None:
+    async def stop(self) -> None:
         self.server_log.detach()
         if self.http_server is not None:
             await self.http_server.close()
@@ -158,7 +159,7 @@ class SchedulerDiagnosticsMixin:
             return None
         host = s.host
         if host in ("0.0.0.0", "::", ""):
-            host = parse_address(self.address)[1].rsplit(":", 1)[0].strip("[]")
+            host = parse_address(self.scheduler.address)[1].rsplit(":", 1)[0].strip("[]")
         if ":" in host:
             host = f"[{host}]"
         link = f"{s.scheme}://{host}:{s.port}/status"
@@ -178,7 +179,7 @@ class SchedulerDiagnosticsMixin:
         """The workers' sampled profiles merged: ``{prefix: {"count": n, "functions": {...}}}``."""
         from .profile import merge_profiles
 
-        replies = await self.broadcast(msg={"op": "profile", "key": key}, workers=workers,
+        replies = await self.scheduler.broadcast(msg={"op": "profile", "key": key}, workers=workers,
                                        return_exceptions=True)
         return merge_profiles([r for r in replies.values() if isinstance(r, dict)])
 
@@ -209,7 +210,7 @@ class SchedulerDiagnosticsMixin:
         when, by_state, by_prefix = self._counts_cache
         if now - when < COUNTS_TTL:
             return by_state, by_prefix
-        pairs = Counter((ts.prefix, ts.state) for ts in self.state.tasks.values())
+        pairs = Counter((ts.prefix, ts.state) for ts in self.scheduler.state.tasks.values())
         by_state = Counter()
         by_prefix: dict[str, dict[str, int]] = {}
         for (prefix, state), n in pairs.items():
@@ -221,16 +222,16 @@ class SchedulerDiagnosticsMixin:
     def _json_identity(self) -> dict:
         by_state, _ = self._task_counts()
         return {
-            "address": self.address, "id": self.id, "time": time.time(),
-            "started": self.time_started, "workers": len(self.state.workers),
-            "threads": self.state.total_nthreads, "clients": len(self.state.clients),
+            "address": self.scheduler.address, "id": self.scheduler.id, "time": time.time(),
+            "started": self.scheduler.time_started, "workers": len(self.scheduler.state.workers),
+            "threads": self.scheduler.state.total_nthreads, "clients": len(self.scheduler.state.clients),
             "tasks": by_state, "completed": self.tasks_completed_total,
             "erred": self.tasks_erred_total, "task_stream_count": self.task_stream_count,
         }
 
     def _json_workers(self) -> list[dict]:
         rows = []
-        for ws in self.state.workers.values():
+        for ws in self.scheduler.state.workers.values():
             m = ws.metrics or {}
             rows.append({
                 "address": ws.address, "name": str(ws.name), "host": ws.host,
@@ -277,12 +278,12 @@ class SchedulerDiagnosticsMixin:
         """This scheduler's state in the Prometheus text exposition format."""
         by_state, by_prefix = self._task_counts()
         m = MetricsWriter("cluster_scheduler")
-        workers = list(self.state.workers.values())
+        workers = list(self.scheduler.state.workers.values())
         m.add("workers", "gauge", "Workers connected, by status.",
               {("status", s): n for s, n in Counter(ws.status for ws in workers).items()}
               or {("status", "running"): 0})
-        m.add("threads", "gauge", "Threads of all workers.", self.state.total_nthreads)
-        m.add("clients", "gauge", "Clients connected.", len(self.state.clients))
+        m.add("threads", "gauge", "Threads of all workers.", self.scheduler.state.total_nthreads)
+        m.add("clients", "gauge", "Clients connected.", len(self.scheduler.state.clients))
         states = ("released", "waiting", "queued", "no-worker", "processing", "memory", "erred")
         m.add("tasks", "gauge", "Tasks the scheduler knows, by state.",
               {("state", s): by_state.get(s, 0) for s in sorted(set(states) | set(by_state))})

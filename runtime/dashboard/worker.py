@@ -1,6 +1,7 @@
 """A worker's own ``/metrics`` and ``/health``, logs, structured events and profiler.
 
-:class:`WorkerDiagnosticsMixin` is mixed into :class:`runtime.worker.Worker`.
+:class:`WorkerDiagnostics` is a part of :class:`runtime.worker.Worker` (``worker.diagnostics``):
+it owns the worker's HTTP server, logs, events and profiler.
 The HTTP server is off unless ``dashboard=True`` or a ``dashboard_address`` is
 given (the ``python -m cluster worker`` command turns it on); it listens on
 the worker's own host, on a free port by default, and is announced to the
@@ -25,38 +26,37 @@ from .scheduler import json_response
 logger = logging.getLogger(__name__)
 
 
-class WorkerDiagnosticsMixin:
+class WorkerDiagnostics:
     """Metrics, health, logs, events and profiling of a worker."""
 
-    def _init_diagnostics(self, dashboard: bool, dashboard_address: Any, profile: bool) -> None:
+    def __init__(self, worker: Any, dashboard: bool, dashboard_address: Any, profile: bool) -> None:
+        self.worker = worker
         if dashboard and dashboard_address in (None, False, ""):
             dashboard_address = ":0"
         parse_dashboard_address(dashboard_address, "localhost")  # raises ValueError early
         self.dashboard_address = dashboard_address
         self.http_server: HTTPServer | None = None
-        self.transfer_incoming_bytes = 0
-        self.transfer_outgoing_bytes = 0
         self.server_log = ServerLog()
         self.event_log = EventLog()
         self.profile_data = Profile()
         self._profile_enabled = bool(profile)
         self._sampler: Sampler | None = None
         self._proc = psutil.Process()
-        self.handlers.update({"get_logs": self.get_logs, "get_events": self.get_events,
+        worker.handlers.update({"get_logs": self.get_logs, "get_events": self.get_events,
                               "profile": self.get_profile})
 
-    async def _start_diagnostics(self) -> None:
+    async def start(self) -> None:
         self.server_log.attach()
         if self._profile_enabled:
             self.start_profiling()
         own_host = "127.0.0.1"
-        if not self.address.startswith("inproc"):
-            own_host = parse_address(self.address)[1].rsplit(":", 1)[0].strip("[]")
+        if not self.worker.address.startswith("inproc"):
+            own_host = parse_address(self.worker.address)[1].rsplit(":", 1)[0].strip("[]")
         where = parse_dashboard_address(self.dashboard_address, own_host)
         if where is None:
             return
-        ssl_context = self.security.get_server_context("worker") if (
-            self.security is not None and self.address.startswith("tls")) else None
+        ssl_context = self.worker.security.get_server_context("worker") if (
+            self.worker.security is not None and self.worker.address.startswith("tls")) else None
         server = HTTPServer({"/metrics": self._metrics_route, "/health": self._health_route,
                              "/json/worker.json": lambda r: json_response(self._worker_json())},
                             ssl_context=ssl_context, name="worker dashboard")
@@ -66,9 +66,9 @@ class WorkerDiagnosticsMixin:
             logger.warning("could not serve worker metrics at %s:%s: %s", *where, e)
             return
         self.http_server = server
-        self.services["dashboard"] = port
+        self.worker.services["dashboard"] = port
 
-    async def _stop_diagnostics(self) -> None:
+    async def stop(self) -> None:
         self.stop_profiling()
         self.server_log.detach()
         if self.http_server is not None:
@@ -94,7 +94,7 @@ class WorkerDiagnosticsMixin:
     def start_profiling(self, interval: float = 0.01) -> None:
         """Sample the stacks of running tasks every ``interval`` seconds until stopped."""
         if self._sampler is None:
-            self._sampler = Sampler(self.profile_data, interval, name=f"profile-{self.name}")
+            self._sampler = Sampler(self.profile_data, interval, name=f"profile-{self.worker.name}")
             self._sampler.start()
 
     def stop_profiling(self) -> None:
@@ -112,15 +112,15 @@ class WorkerDiagnosticsMixin:
 
     # ------------------------------------------------------------------ metrics
 
-    def _diagnostic_metrics(self) -> dict:
+    def metrics(self) -> dict:
         """What the heartbeat adds for the scheduler's page and ``/metrics``."""
         try:
             cpu = self._proc.cpu_percent()
         except psutil.Error:  # pragma: no cover
             cpu = 0.0
-        return {"cpu": cpu, "spilled_bytes": getattr(self.data, "disk_total", 0),
-                "transfer_incoming_bytes": self.transfer_incoming_bytes,
-                "transfer_outgoing_bytes": self.transfer_outgoing_bytes,
+        return {"cpu": cpu, "spilled_bytes": getattr(self.worker.data, "disk_total", 0),
+                "transfer_incoming_bytes": self.worker.transfer_incoming_bytes,
+                "transfer_outgoing_bytes": self.worker.transfer_outgoing_bytes,
                 "pause_reason": self._pause_reason()}
 
     def _pause_reason(self) -> str | None:
@@ -138,40 +138,40 @@ class WorkerDiagnosticsMixin:
             rss = self._proc.memory_info().rss
         except psutil.Error:  # pragma: no cover
             rss = 0
-        return {"address": self.address, "name": str(self.name), "status": self.status,
+        return {"address": self.worker.address, "name": str(self.worker.name), "status": self.worker.status,
                 "paused": bool(getattr(self, "paused", False)),
-                "nthreads": self.nthreads, "memory": rss, "memory_limit": self.memory_limit,
-                "executing": len(self.state.executing), "ready": len(self.state.ready),
-                "in_memory": len(self.data), "executed": self.executed_count,
-                "time": time.time(), **self._diagnostic_metrics()}
+                "nthreads": self.worker.nthreads, "memory": rss, "memory_limit": self.worker.memory_limit,
+                "executing": len(self.worker.state.executing), "ready": len(self.worker.state.ready),
+                "in_memory": len(self.worker.data), "executed": self.worker.executed_count,
+                "time": time.time(), **self.metrics()}
 
     def _health_route(self, request: Request) -> Response:
-        bs = self.batched_stream
-        ok = self.status == "running" and bs is not None and not bs.closed
-        return Response("ok\n" if ok else f"{self.status}\n", 200 if ok else 503)
+        bs = self.worker.batched_stream
+        ok = self.worker.status == "running" and bs is not None and not bs.closed
+        return Response("ok\n" if ok else f"{self.worker.status}\n", 200 if ok else 503)
 
     def _metrics_route(self, request: Request) -> Response:
         info = self._worker_json()
         m = MetricsWriter("cluster_worker")
         m.add("up", "gauge", "1 while the worker runs and is connected to its scheduler.",
               int(self._health_route(request).status == 200))
-        m.add("threads", "gauge", "Threads that run tasks.", self.nthreads)
+        m.add("threads", "gauge", "Threads that run tasks.", self.worker.nthreads)
         m.add("tasks", "gauge", "Tasks on this worker, by state.",
               {("state", "executing"): info["executing"], ("state", "ready"): info["ready"],
                ("state", "memory"): info["in_memory"]})
-        m.add("tasks_executed_total", "counter", "Tasks run by this worker.", self.executed_count)
+        m.add("tasks_executed_total", "counter", "Tasks run by this worker.", self.worker.executed_count)
         m.add("memory_bytes", "gauge", "Resident memory of this worker process.", info["memory"])
         m.add("memory_limit_bytes", "gauge", "This worker's memory limit (0: none).",
-              self.memory_limit)
-        managed = getattr(self.data, "memory_total", None)
+              self.worker.memory_limit)
+        managed = getattr(self.worker.data, "memory_total", None)
         if managed is None:
-            managed = sum(ts.nbytes for ts in self.state.tasks.values()
+            managed = sum(ts.nbytes for ts in self.worker.state.tasks.values()
                           if ts.state == "memory" and ts.nbytes > 0)
         m.add("managed_bytes", "gauge", "Bytes of results in memory.", managed)
         m.add("spilled_bytes", "gauge", "Bytes of results spilled to disk.", info["spilled_bytes"])
         m.add("cpu_percent", "gauge", "CPU use of this process (100 = one core).", info["cpu"])
         m.add("transfer_incoming_bytes_total", "counter", "Bytes fetched from other workers.",
-              self.transfer_incoming_bytes)
+              self.worker.transfer_incoming_bytes)
         m.add("transfer_outgoing_bytes_total", "counter", "Bytes sent to other workers and clients.",
-              self.transfer_outgoing_bytes)
+              self.worker.transfer_outgoing_bytes)
         return Response(m.render(), content_type=CONTENT_TYPE)

@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import messages
 from ..core import BatchedSend, Server, Status
-from ..dashboard.scheduler import SchedulerDiagnosticsMixin
+from ..dashboard.scheduler import SchedulerDiagnostics
 from ..errors import CommClosedError, CommError
 from ..security import (
     credentials_path,
@@ -71,7 +71,7 @@ Key = Hashable
 #: Seconds between re-estimates of every worker's expected load.
 
 
-class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin, Server):
+class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
     """Dynamic distributed task scheduler.
 
     Args:
@@ -136,7 +136,8 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
         self.protocol = protocol
         self._credentials_file: str | None = None
         self.services: dict[str, int] = {}
-        self._init_diagnostics(dashboard_address)
+        #: Status page, task stream, counters and logs (a part with its own handlers).
+        self.diagnostics = SchedulerDiagnostics(self, dashboard_address)
         self.id = f"Scheduler-{uuid.uuid4()}"
         self.stream_comms: dict[str, BatchedSend] = {}
         self.client_comms: dict[str, BatchedSend] = {}
@@ -293,7 +294,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
             address = f"{self.protocol}://{unparse_host_port(host, self.port or 0)}"
         await self.listen(address)
         logger.info("Scheduler at %s", self.address)
-        await self._start_dashboard()
+        await self.diagnostics.start()
         if self.secure:
             # A Client made in this process (a script run next to its cluster)
             # finds the credentials by our address.
@@ -318,6 +319,20 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
             write_private_file(path, json.dumps(info, indent=2, default=str))
             return
         write_private_file(path, json.dumps(info, indent=2, default=str))
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """Where the status page is (with its token when TLS is on); ``None`` when off."""
+        return self.diagnostics.dashboard_link
+
+    @property
+    def http_server(self):
+        """The status page's HTTP server (``None`` when off)."""
+        return self.diagnostics.http_server
+
+    def get_logs(self, n: int | None = None, timestamps: bool = False) -> list[tuple]:
+        """The last records of this scheduler's runtime loggers."""
+        return self.diagnostics.get_logs(n, timestamps)
 
     @property
     def worker_ttl(self) -> float | None:
@@ -384,7 +399,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
         for bs in list(self.stream_comms.values()) + list(self.client_comms.values()):
             bs.abort()
         await self._close_listeners_and_comms()
-        await self._stop_dashboard()
+        await self.diagnostics.stop()
         if self.listeners and self.secure:
             unregister_local_credentials(self.address)
         if self.scheduler_file:
@@ -574,14 +589,14 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, SchedulerDiagnosticsMixin
 
     def _on_task_finished(self, worker: str, key: Key, nbytes: int = -1, type: str = "",
                           startstops=(), stimulus_id: str = "", data: bytes | None = None) -> None:
-        self._record_task(key, worker, startstops, True)
+        self.diagnostics.record_task(key, worker, startstops, True)
         self._send(self.state.handle(TaskFinishedEvent(key, worker, nbytes, type, startstops,
                                                      stimulus_id=self._stimulus("task-finished"),
                                                      data=data)))
 
     def _on_task_erred(self, worker: str, key: Key, exception=None, traceback: str = "",
                        startstops=(), stimulus_id: str = "") -> None:
-        self._record_task(key, worker, startstops, False)
+        self.diagnostics.record_task(key, worker, startstops, False)
         self._send(self.state.handle(TaskErredEvent(key, worker, exception, traceback, startstops,
                                                   stimulus_id=self._stimulus("task-erred"))))
 

@@ -34,7 +34,7 @@ import psutil
 from .. import messages
 from ..comm.serialize import box_large
 from ..core import BatchedSend, Server, Status, unpack_reply
-from ..dashboard.worker import WorkerDiagnosticsMixin
+from ..dashboard.worker import WorkerDiagnostics
 from ..errors import ClusterError, CommClosedError, CommError
 from ..execution import TaskThreadPool, get_current_task, get_worker, sizeof  # noqa: F401
 from ..files import (
@@ -159,7 +159,7 @@ def parse_memory_limit(memory_limit: Any, nthreads: int, total_cores: int | None
     return min(value, total)
 
 
-class Worker(WorkerDiagnosticsMixin, Server):
+class Worker(Server):
     """Worker node of a cluster: stores data and runs tasks.
 
     Args:
@@ -279,7 +279,11 @@ class Worker(WorkerDiagnosticsMixin, Server):
         self.pool: TaskThreadPool | None = None
         self.executed_count = 0
         self.services: dict = {}
-        self._init_diagnostics(dashboard, dashboard_address, profile)
+        #: Bytes fetched from / sent to other workers and clients (for /metrics).
+        self.transfer_incoming_bytes = 0
+        self.transfer_outgoing_bytes = 0
+        #: /metrics, /health, logs, events and the profiler (a part with its own handlers).
+        self.diagnostics = WorkerDiagnostics(self, dashboard, dashboard_address, profile)
         self.plugins: dict = {}
         self.restart_requested = False
         self.handlers.update({
@@ -331,6 +335,19 @@ class Worker(WorkerDiagnosticsMixin, Server):
         """The key of the task running in the calling thread."""
         return get_current_task()
 
+    def log_event(self, topic: str | list[str], msg: Any) -> None:
+        """Record a structured event under ``topic`` (read with ``Client.get_worker_events``)."""
+        self.diagnostics.log_event(topic, msg)
+
+    def get_logs(self, n: int | None = None, timestamps: bool = False) -> list[tuple]:
+        """The last records of this worker's runtime loggers."""
+        return self.diagnostics.get_logs(n, timestamps)
+
+    @property
+    def http_server(self):
+        """The worker's own HTTP server (``/metrics``, ``/health``; ``None`` when off)."""
+        return self.diagnostics.http_server
+
     def __repr__(self) -> str:
         addr = self.listeners[0].contact_address if self.listeners else "not started"
         return (f"<Worker {addr!r} name={self.name!r} status={self.status} "
@@ -362,7 +379,7 @@ class Worker(WorkerDiagnosticsMixin, Server):
         self.pool = TaskThreadPool(self.nthreads, self._on_results, worker=self,
                                    name=f"worker-{self.name or self.address}",
                                    on_secede=self._on_secede)
-        await self._start_diagnostics()
+        await self.diagnostics.start()
         await self._register()
         self.spawn(self._heartbeat_loop())
         if self.memory_limit and (self.memory_spill_fraction or self.memory_pause_fraction):
@@ -488,7 +505,7 @@ class Worker(WorkerDiagnosticsMixin, Server):
                 bs.send({"op": "heartbeat", "metrics": {
                     "memory": mem, "executing": len(self.state.executing), "in_memory": len(self.data),
                     "ready": len(self.state.ready), "in_flight": len(self.state.in_flight_tasks),
-                    "time": time.time(), **self._diagnostic_metrics(),
+                    "time": time.time(), **self.diagnostics.metrics(),
                 }})
 
     # ------------------------------------------------------------------ memory
@@ -646,7 +663,7 @@ class Worker(WorkerDiagnosticsMixin, Server):
         if self.pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.pool.shutdown, min(timeout, 2.0))
         await self._close_listeners_and_comms()
-        await self._stop_diagnostics()
+        await self.diagnostics.stop()
         close_data = getattr(self.data, "close", None)
         if close_data is not None and not self._user_data:
             close_data()

@@ -318,7 +318,7 @@ async def test_page_in_headless_chromium_shows_workers_and_tasks_updating():
 
         task = asyncio.ensure_future(workload())
         try:
-            await until(lambda: s.tasks_completed_total >= 8, timeout=30, what="first tasks")
+            await until(lambda: s.diagnostics.tasks_completed_total >= 8, timeout=30, what="first tasks")
             args = ["--virtual-time-budget=3000", "--dump-dom", s.dashboard_link]
             first = observe(await run_chromium(binary, *args))
             assert first["polls"] >= 1, first
@@ -326,7 +326,7 @@ async def test_page_in_headless_chromium_shows_workers_and_tasks_updating():
             assert first["completed"] >= 8 and first["stream"] >= 8, first
             assert "slow_inc" in first["prefixes"], first
             seen = first["completed"]
-            await until(lambda: s.tasks_completed_total > seen + 16, timeout=60,
+            await until(lambda: s.diagnostics.tasks_completed_total > seen + 16, timeout=60,
                         what="more tasks")
             second = observe(await run_chromium(binary, *args))
             assert second["completed"] > first["completed"], (first, second)
