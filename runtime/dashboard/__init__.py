@@ -1,7 +1,8 @@
 """Seeing the cluster: the status page, JSON endpoints, Prometheus metrics and logs.
 
-The scheduler and the workers mix in :class:`~runtime.dashboard.scheduler.SchedulerDiagnosticsMixin`
-and :class:`~runtime.dashboard.worker.WorkerDiagnosticsMixin`; each serves its
+The scheduler and the workers hold a part each,
+:class:`~runtime.dashboard.scheduler.SchedulerDiagnostics` and
+:class:`~runtime.dashboard.worker.WorkerDiagnostics`; each serves its
 routes with the small HTTP server of :mod:`runtime.http`.  The page
 (``static/``: one HTML file, one script, one style sheet, no CDN, no fonts)
 ships as package data and polls the JSON endpoints.

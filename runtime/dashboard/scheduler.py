@@ -1,7 +1,8 @@
 """The scheduler's status page, JSON endpoints, ``/metrics``, task stream and logs.
 
-:class:`SchedulerDiagnosticsMixin` is mixed into :class:`runtime.scheduler.server.Scheduler`.
-The scheduler shell calls :meth:`~SchedulerDiagnosticsMixin._record_task` for
+:class:`SchedulerDiagnostics` is a part of :class:`runtime.scheduler.server.Scheduler`
+(``scheduler.diagnostics``).  The scheduler shell calls
+:meth:`~SchedulerDiagnostics.record_task` for
 each ``task-finished``/``task-erred`` message (one deque append and a counter:
 the only per-task cost), starts the HTTP server once it listens and closes it
 with itself.

@@ -1,7 +1,7 @@
 """Data entering and leaving the cluster through the scheduler: gather, scatter,
 update_data, and where keys live.
 
-A mixin of :class:`runtime.scheduler.Scheduler`.  Clients normally gather
+A part of :class:`runtime.scheduler.Scheduler` (``scheduler.data`` / ``scheduler.ops``).  Clients normally gather
 straight from workers; these are the routes through the scheduler
 (``direct=False``) and the bookkeeping that scatter needs.
 """
@@ -13,6 +13,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Hashable, Iterable
+from typing import Any
 
 from ..comm.serialize import box_large
 from ..errors import CommError
@@ -24,25 +25,28 @@ logger = logging.getLogger(__name__)
 Key = Hashable
 
 
-class SchedulerDataMixin:
+class SchedulerData:
     """Gather, scatter and who-has queries of the Scheduler."""
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
 
     # ------------------------------------------------------------------ data
 
     def get_who_has(self, keys: Iterable[Key] | None = None) -> dict:
-        tasks = self.state.tasks
+        tasks = self.scheduler.state.tasks
         if keys is None:
             keys = list(tasks)
         return {k: [ws.address for ws in tasks[k].who_has] if k in tasks else [] for k in keys}
 
     def get_has_what(self, workers: Iterable[str] | None = None) -> dict:
-        wss = self.state.workers
+        wss = self.scheduler.state.workers
         if workers is None:
             workers = list(wss)
         return {w: [ts.key for ts in wss[w].has_what] if w in wss else [] for w in workers}
 
     def get_nthreads(self, workers: Iterable[str] | None = None) -> dict:
-        wss = self.state.workers
+        wss = self.scheduler.state.workers
         if workers is None:
             return {a: ws.nthreads for a, ws in wss.items()}
         return {w: wss[w].nthreads for w in workers if w in wss}
@@ -62,7 +66,7 @@ class SchedulerDataMixin:
 
         async def fetch(addr: str, ks: list) -> None:
             try:
-                reply = await self.rpc.call(addr, "get_data", keys=ks)
+                reply = await self.scheduler.rpc.call(addr, "get_data", keys=ks)
                 data.update(reply["data"])
                 missing.extend(k for k in ks if k not in reply["data"])
             except (CommError, OSError):
@@ -85,21 +89,21 @@ class SchedulerDataMixin:
         data = data or {}
         deadline = time.monotonic() + (parse_timedelta(timeout) or 0)
         while True:
-            candidates = [a for a, ws in self.state.workers.items() if ws.status == "running"]
+            candidates = [a for a, ws in self.scheduler.state.workers.items() if ws.status == "running"]
             if workers is not None:
                 wanted = set(workers)
-                candidates = [a for a in candidates if a in wanted or self.state.workers[a].name in wanted
-                              or self.state.workers[a].host in wanted]
+                candidates = [a for a in candidates if a in wanted or self.scheduler.state.workers[a].name in wanted
+                              or self.scheduler.state.workers[a].host in wanted]
             if candidates:
                 break
             if time.monotonic() > deadline:
                 raise ClusterTimeoutError(f"no workers to scatter to within {timeout}s")
             await asyncio.sleep(0.05)
         self._check_client(client)
-        who_has, nbytes, types = await scatter_to_workers(self.rpc, candidates, data, broadcast)
+        who_has, nbytes, types = await scatter_to_workers(self.scheduler.rpc, candidates, data, broadcast)
         if self._client_gone(client, who_has):
             return []
-        self._send(self.state.handle(UpdateDataEvent(who_has, nbytes, client, types, self._stimulus("scatter"))))
+        self.scheduler._send(self.scheduler.state.handle(UpdateDataEvent(who_has, nbytes, client, types, self.scheduler._stimulus("scatter"))))
         return list(data)
 
     def update_data(self, who_has: dict | None = None, nbytes: dict | None = None,
@@ -107,12 +111,12 @@ class SchedulerDataMixin:
         """Learn that new data has entered the cluster from outside (a direct scatter)."""
         if self._client_gone(client, who_has or {}):
             return "OK"
-        self._send(self.state.handle(UpdateDataEvent(who_has or {}, nbytes, client, types, self._stimulus("update-data"))))
+        self.scheduler._send(self.scheduler.state.handle(UpdateDataEvent(who_has or {}, nbytes, client, types, self.scheduler._stimulus("update-data"))))
         return "OK"
 
     def _check_client(self, client: str | None) -> None:
         """Raise ValueError if ``client`` is given but not connected."""
-        if client is not None and client not in self.client_comms:
+        if client is not None and client not in self.scheduler.client_comms:
             raise ValueError(f"client {client!r} is not connected to this scheduler")
 
     def _client_gone(self, client: str | None, who_has: dict) -> bool:
@@ -120,18 +124,18 @@ class SchedulerDataMixin:
         never came) while it was scattering.  Then each worker is told to drop its
         copies (of keys it holds for nobody else) -- registering them for a client
         that is gone would keep them for good."""
-        if client is None or client in self.client_comms:
+        if client is None or client in self.scheduler.client_comms:
             return False
         logger.info("dropping data scattered for client %s, which is gone", client)
         drop: dict[str, list] = defaultdict(list)
         for key, workers in who_has.items():
-            ts = self.state.tasks.get(key)
+            ts = self.scheduler.state.tasks.get(key)
             held = {ws.address for ws in ts.who_has} if ts is not None else set()
             for w in workers:
                 if w not in held:
                     drop[w].append(key)
         for w, keys in drop.items():
-            self.worker_send(w, {"op": "free-keys", "keys": keys, "stimulus_id": self._stimulus("client-gone")})
+            self.scheduler.worker_send(w, {"op": "free-keys", "keys": keys, "stimulus_id": self.scheduler._stimulus("client-gone")})
         return True
 
 

@@ -1,7 +1,7 @@
 """Cluster-wide operations of the Scheduler server: retire, replicate, rebalance,
 restart, plugins.
 
-A mixin of :class:`runtime.scheduler.Scheduler`.  Each operation asks the pure
+A part of :class:`runtime.scheduler.Scheduler` (``scheduler.data`` / ``scheduler.ops``).  Each operation asks the pure
 state for a plan (:mod:`runtime.scheduler_elastic`), sends the messages, and
 waits (polling the state, with a deadline) until the data has landed before it
 removes anything, so that no result is lost on the way.
@@ -49,8 +49,11 @@ class SchedulerPlugin:
     def remove_client(self, scheduler, client: str) -> None: ...
 
 
-class SchedulerOpsMixin:
+class SchedulerOps:
     """Retirement, replication, rebalancing, restart and plugins for the Scheduler."""
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
 
     # ------------------------------------------------------------------ retiring
 
@@ -60,11 +63,11 @@ class SchedulerOpsMixin:
         """Workers that are cheap to close (see ``SchedulerState.workers_to_close``)."""
         if isinstance(key, bytes):
             key = pickle.loads(key)
-        return elastic.workers_to_close(self.state, memory_ratio, n, key, minimum, target, attribute)
+        return elastic.workers_to_close(self.scheduler.state, memory_ratio, n, key, minimum, target, attribute)
 
     def adaptive_target(self, target_duration: Any = "5s") -> int:
         """How many workers the current work wants."""
-        return elastic.adaptive_target(self.state, parse_timedelta(target_duration))
+        return elastic.adaptive_target(self.scheduler.state, parse_timedelta(target_duration))
 
     async def retire_workers(self, workers: Iterable[str] | None = None, remove: bool = True,
                              close_workers: bool = False, names: Iterable[Any] | None = None,
@@ -90,7 +93,7 @@ class SchedulerOpsMixin:
             # Workers retiring by themselves (lifetime) go one at a time: retiring
             # together, each would see its peers closing_gracefully, find no
             # recipient for its unique data and be refused, over and over.
-            lock = self.__dict__.setdefault("_self_retirement_lock", asyncio.Lock())
+            lock = self.scheduler.__dict__.setdefault("_self_retirement_lock", asyncio.Lock())
             async with lock:
                 return await self._retire_workers(workers, remove, close_workers, names, timeout,
                                                   wait_for_recipient, **kwargs)
@@ -102,52 +105,52 @@ class SchedulerOpsMixin:
                               wait_for_recipient: Any, **kwargs) -> dict:
         if names is not None:
             wanted = set(names)
-            workers = [a for a, ws in self.state.workers.items() if ws.name in wanted or str(ws.name) in wanted]
+            workers = [a for a, ws in self.scheduler.state.workers.items() if ws.name in wanted or str(ws.name) in wanted]
         elif workers is None:
-            workers = elastic.workers_to_close(self, **kwargs)
-        workers = [w for w in workers if w in self.state.workers]
+            workers = self.workers_to_close(**kwargs)
+        workers = [w for w in workers if w in self.scheduler.state.workers]
         if not workers:
             return {}
-        stimulus_id = self._stimulus("retire-workers")
-        info = {w: self.state.workers[w].identity() for w in workers}
-        instrs, plan = elastic.retire_plan(self.state, workers, stimulus_id)
-        self._send(instrs)
+        stimulus_id = self.scheduler._stimulus("retire-workers")
+        info = {w: self.scheduler.state.workers[w].identity() for w in workers}
+        instrs, plan = elastic.retire_plan(self.scheduler.state, workers, stimulus_id)
+        self.scheduler._send(instrs)
         if any(r == "" for r in plan.values()) and await self._recipient_joined(workers, wait_for_recipient):
-            instrs, plan = elastic.retire_plan(self.state, workers, stimulus_id)
-            self._send(instrs)
+            instrs, plan = elastic.retire_plan(self.scheduler.state, workers, stimulus_id)
+            self.scheduler._send(instrs)
         if any(r == "" for r in plan.values()):
             logger.warning("cannot retire %s: no other worker to take its unique data", workers)
             for w in workers:
-                self._send(self.state.handle(WorkerStatusEvent(w, "running", stimulus_id)))
+                self.scheduler._send(self.scheduler.state.handle(WorkerStatusEvent(w, "running", stimulus_id)))
             return {}
         deadline = time.monotonic() + (parse_timedelta(timeout) or 60.0)
         rounds = 0
         while True:
             pending = [k for k, r in plan.items()
-                       if k in self.state.tasks and self.state.tasks[k].state == "memory"
-                       and not any(ws.address not in workers for ws in self.state.tasks[k].who_has)]
+                       if k in self.scheduler.state.tasks and self.scheduler.state.tasks[k].state == "memory"
+                       and not any(ws.address not in workers for ws in self.scheduler.state.tasks[k].who_has)]
             if not pending:
                 # Tasks that finished there meanwhile made new unique data: move it too.
-                instrs, more = elastic.retire_plan(self.state, workers, stimulus_id)
+                instrs, more = elastic.retire_plan(self.scheduler.state, workers, stimulus_id)
                 more = {k: r for k, r in more.items() if k not in plan}
                 if not more or rounds >= 5 or any(r == "" for r in more.values()):
                     break
                 rounds += 1
-                self._send(instrs)
+                self.scheduler._send(instrs)
                 plan.update(more)
                 continue
             if time.monotonic() > deadline:
                 logger.warning("retiring %s: %d keys did not move in time; keeping the workers",
                                workers, len(pending))
                 for w in workers:
-                    self._send(self.state.handle(WorkerStatusEvent(w, "running", stimulus_id)))
+                    self.scheduler._send(self.scheduler.state.handle(WorkerStatusEvent(w, "running", stimulus_id)))
                 return {}
             await asyncio.sleep(0.01)
         for w in workers:
             if remove:
-                await self.remove_worker(w, safe=True, close=close_workers, stimulus_id=stimulus_id)
+                await self.scheduler.remove_worker(w, safe=True, close=close_workers, stimulus_id=stimulus_id)
             elif close_workers:
-                self.close_worker(w)
+                self.scheduler.close_worker(w)
         logger.info("retired %s", ", ".join(workers))
         return info
 
@@ -155,9 +158,9 @@ class SchedulerOpsMixin:
         """Wait up to ``wait`` for a running worker outside ``retiring``; ``True`` if one came."""
         deadline = time.monotonic() + (parse_timedelta(wait) or 0.0)
         while time.monotonic() < deadline:
-            if not all(w in self.state.workers for w in retiring):
+            if not all(w in self.scheduler.state.workers for w in retiring):
                 return False  # one of them left meanwhile: nothing more to plan for it
-            if any(ws.status == "running" and a not in retiring for a, ws in self.state.workers.items()):
+            if any(ws.status == "running" and a not in retiring for a, ws in self.scheduler.state.workers.items()):
                 return True
             await asyncio.sleep(0.05)  # polling interval while waiting for a worker to register
         return False
@@ -168,8 +171,8 @@ class SchedulerOpsMixin:
         deadline = time.monotonic() + timeout
         while True:
             missing = [k for k, ws in wanted.items()
-                       if k in self.state.tasks
-                       and not ws <= {w.address for w in self.state.tasks[k].who_has}]
+                       if k in self.scheduler.state.tasks
+                       and not ws <= {w.address for w in self.scheduler.state.tasks[k].who_has}]
             if not missing:
                 return
             if time.monotonic() > deadline:
@@ -186,8 +189,8 @@ class SchedulerOpsMixin:
 
     def _drop_replicas(self, drops: dict[str, list[Key]]) -> None:
         for addr, keys in drops.items():
-            self.worker_send(addr, {"op": "remove-replicas", "keys": list(keys),
-                                    "stimulus_id": self._stimulus("remove-replicas")})
+            self.scheduler.worker_send(addr, {"op": "remove-replicas", "keys": list(keys),
+                                    "stimulus_id": self.scheduler._stimulus("remove-replicas")})
 
     async def replicate(self, keys: Iterable[Key] = (), n: int | None = None,
                         workers: Iterable[str] | None = None, branching_factor: int = 2,
@@ -197,8 +200,8 @@ class SchedulerOpsMixin:
         Raises:
             ClusterTimeoutError: the copies did not land within ``timeout``.
         """
-        instrs, drops = elastic.replicate_plan(self.state, list(keys), n, workers, self._stimulus("replicate"))
-        self._send(instrs)
+        instrs, drops = elastic.replicate_plan(self.scheduler.state, list(keys), n, workers, self.scheduler._stimulus("replicate"))
+        self.scheduler._send(instrs)
         await self._await_replicas(self._targets_of(instrs), parse_timedelta(timeout) or 60.0)
         if delete:
             self._drop_replicas(drops)
@@ -211,8 +214,8 @@ class SchedulerOpsMixin:
         Raises:
             ClusterTimeoutError: the copies did not land within ``timeout``.
         """
-        instrs, drops = elastic.rebalance_plan(self.state, keys, workers, self._stimulus("rebalance"))
-        self._send(instrs)
+        instrs, drops = elastic.rebalance_plan(self.scheduler.state, keys, workers, self.scheduler._stimulus("rebalance"))
+        self.scheduler._send(instrs)
         await self._await_replicas(self._targets_of(instrs), parse_timedelta(timeout) or 60.0)
         self._drop_replicas(drops)
         return {"status": "OK", "moved": sum(len(v) for v in drops.values())}
@@ -228,23 +231,23 @@ class SchedulerOpsMixin:
             ClusterTimeoutError: the workers did not come back within ``timeout``.
         """
         timeout = parse_timedelta(timeout) or 30.0
-        stimulus_id = self._stimulus("restart")
-        self._send(self.state.handle(RestartEvent(stimulus_id)))
-        nannies = {a: ws.nanny for a, ws in self.state.workers.items() if ws.nanny}
+        stimulus_id = self.scheduler._stimulus("restart")
+        self.scheduler._send(self.scheduler.state.handle(RestartEvent(stimulus_id)))
+        nannies = {a: ws.nanny for a, ws in self.scheduler.state.workers.items() if ws.nanny}
         n_before = len(nannies)
-        for addr in list(self.state.workers):
+        for addr in list(self.scheduler.state.workers):
             if addr not in nannies:
-                await self.remove_worker(addr, safe=True, close=True, stimulus_id=stimulus_id)
+                await self.scheduler.remove_worker(addr, safe=True, close=True, stimulus_id=stimulus_id)
 
         async def one(nanny: str) -> None:
             with suppress(CommError, OSError):
-                await self.rpc.call(nanny, "restart", timeout=timeout)
+                await self.scheduler.rpc.call(nanny, "restart", timeout=timeout)
 
         await asyncio.gather(*(one(n) for n in nannies.values()))
         deadline = time.monotonic() + timeout
-        while len([ws for ws in self.state.workers.values() if ws.nanny]) < n_before:
+        while len([ws for ws in self.scheduler.state.workers.values() if ws.nanny]) < n_before:
             if time.monotonic() > deadline:
-                raise ClusterTimeoutError(f"only {len(self.state.workers)} of {n_before} workers came back "
+                raise ClusterTimeoutError(f"only {len(self.scheduler.state.workers)} of {n_before} workers came back "
                                           f"within {timeout}s of a restart")
             await asyncio.sleep(0.02)
         return "OK"
@@ -256,18 +259,18 @@ class SchedulerOpsMixin:
         if isinstance(plugin, bytes):
             plugin = pickle.loads(plugin)
         name = name or getattr(plugin, "name", None) or f"{type(plugin).__name__}-{id(plugin)}"
-        if name in self.plugins:
+        if name in self.scheduler.plugins:
             if idempotent:
                 return "OK"
-        if not self.plugins:
+        if not self.scheduler.plugins:
             # Plugins hear about transitions from now on, not the past.
-            self._plugin_seen = self.state.transition_counter
+            self._plugin_seen = self.scheduler.state.transition_counter
         else:
             self._plugin_transitions()  # flush the others' backlog first
-        self.plugins[name] = plugin
+        self.scheduler.plugins[name] = plugin
         start = getattr(plugin, "start", None)
         if start is not None:
-            result = start(self)
+            result = start(self.scheduler)
             if asyncio.iscoroutine(result):
                 await result
         return "OK"
@@ -279,14 +282,14 @@ class SchedulerOpsMixin:
             ValueError: no such plugin.
         """
         if name is None:
-            name = next((n for n, p in self.plugins.items() if p is plugin), None)
-        if name not in self.plugins:
-            raise ValueError(f"no scheduler plugin named {name!r}; have {sorted(self.plugins)}")
-        del self.plugins[name]
+            name = next((n for n, p in self.scheduler.plugins.items() if p is plugin), None)
+        if name not in self.scheduler.plugins:
+            raise ValueError(f"no scheduler plugin named {name!r}; have {sorted(self.scheduler.plugins)}")
+        del self.scheduler.plugins[name]
         return "OK"
 
     def _plugin_hook(self, hook: str, *args, **kwargs) -> None:
-        for plugin in list(self.plugins.values()):
+        for plugin in list(self.scheduler.plugins.values()):
             fn = getattr(plugin, hook, None)
             if fn is None:
                 continue
@@ -297,12 +300,12 @@ class SchedulerOpsMixin:
 
     def _plugin_transitions(self) -> None:
         """Feed transitions logged since last time to plugins' ``transition`` hooks."""
-        counter = self.state.transition_counter
+        counter = self.scheduler.state.transition_counter
         new = counter - self._plugin_seen
         self._plugin_seen = counter
-        if not new or not any(hasattr(p, "transition") for p in self.plugins.values()):
+        if not new or not any(hasattr(p, "transition") for p in self.scheduler.plugins.values()):
             return
-        entries = list(self.state.log.entries)[-new:]
+        entries = list(self.scheduler.state.log.entries)[-new:]
         for key, start, finish, _recs, stimulus_id, _t in entries:
             self._plugin_hook("transition", key, start, finish, stimulus_id=stimulus_id)
 
@@ -311,8 +314,8 @@ class SchedulerOpsMixin:
         blob = plugin if isinstance(plugin, bytes) else pickle.dumps(plugin)
         obj = pickle.loads(blob)
         name = name or getattr(obj, "name", None) or f"{type(obj).__name__}-{id(obj)}"
-        self.worker_plugins[name] = blob
-        replies = await self.broadcast(msg={"op": "plugin-add", "plugin": blob, "name": name},
+        self.scheduler.worker_plugins[name] = blob
+        replies = await self.scheduler.broadcast(msg={"op": "plugin-add", "plugin": blob, "name": name},
                                        return_exceptions=True)
         return replies
 
@@ -324,13 +327,13 @@ class SchedulerOpsMixin:
         Raises:
             ValueError: nothing matches.
         """
-        if addr in self.state.aliases:
-            return self.state.aliases[addr]
+        if addr in self.scheduler.state.aliases:
+            return self.scheduler.state.aliases[addr]
         if isinstance(addr, tuple) and len(addr) == 2:
             addr = unparse_host_port(*addr)
         if not isinstance(addr, str):
             raise ValueError(f"cannot make an address of {addr!r}")
-        default = self.protocol if self.protocol in ("tcp", "tls") else "tcp"
+        default = self.scheduler.protocol if self.scheduler.protocol in ("tcp", "tls") else "tcp"
         proto, loc = parse_address(addr, default_protocol=default)
         if proto == "inproc":
             return f"{proto}://{loc}"
@@ -341,14 +344,14 @@ class SchedulerOpsMixin:
         """Forward a request to a worker and return its reply."""
         msg = dict(msg or {})
         op = msg.pop("op")
-        return await self.rpc.call(self.coerce_address(worker), op, **msg)
+        return await self.scheduler.rpc.call(self.coerce_address(worker), op, **msg)
 
     def get_worker_service_addr(self, worker: str, service_name: str, protocol: bool = False):
         """``(host, port)`` (or the full address) of a worker's service, e.g. ``"nanny"``.
 
         Returns ``None`` if the worker has no such service.
         """
-        ws = self.state.workers.get(worker)
+        ws = self.scheduler.state.workers.get(worker)
         if ws is None:
             return None
         if service_name == "nanny":

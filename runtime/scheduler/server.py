@@ -40,7 +40,7 @@ from ..security import (
 from ..statemachine import Msg
 from ..utils import get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
 from . import elastic, stimuli
-from .data import SchedulerDataMixin, scatter_to_workers  # noqa: F401  (re-exported)
+from .data import SchedulerData, scatter_to_workers  # noqa: F401  (re-exported)
 from .events import (
     AddKeysEvent,
     AddWorkerEvent,
@@ -60,7 +60,7 @@ from .events import (
     UpdateGraphEvent,
     WorkerStatusEvent,
 )
-from .ops import SchedulerOpsMixin
+from .ops import SchedulerOps
 from .records import CloseScheduler, RemoveWorker
 from .state import SchedulerState, TaskState, WorkerState
 
@@ -71,7 +71,7 @@ Key = Hashable
 #: Seconds between re-estimates of every worker's expected load.
 
 
-class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
+class Scheduler(Server):
     """Dynamic distributed task scheduler.
 
     Args:
@@ -143,18 +143,21 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
         self.client_comms: dict[str, BatchedSend] = {}
         self.plugins: dict[str, Any] = {}
         self.worker_plugins: dict[str, bytes] = {}
-        self._plugin_seen = 0
         self.time_started = time.time()
         self._stimulus_counter = 0
         self._held: list[Msg] | None = None
+        #: Gather, scatter and where keys live, through the scheduler (a part).
+        self.data = SchedulerData(self)
+        #: Cluster operations and plugins: retire, replicate, rebalance, restart (a part).
+        self.ops = SchedulerOps(self)
         self.handlers.update({
-            "gather": self.gather,
-            "scatter": self.scatter,
-            "update_data": self.update_data,
-            "who_has": self.get_who_has,
-            "has_what": self.get_has_what,
-            "ncores": self.get_nthreads,
-            "nthreads": self.get_nthreads,
+            "gather": self.data.gather,
+            "scatter": self.data.scatter,
+            "update_data": self.data.update_data,
+            "who_has": self.data.get_who_has,
+            "has_what": self.data.get_has_what,
+            "ncores": self.data.get_nthreads,
+            "nthreads": self.data.get_nthreads,
             "broadcast": self.broadcast,
             "run_function": self.run_function,
             "cancel": self.stimulus_cancel,
@@ -164,16 +167,16 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
             "scheduler_info": self.identity,
             "unregister": self.remove_worker,
             "heartbeat_worker": self.heartbeat_worker,
-            "retire_workers": self.retire_workers,
-            "workers_to_close": self.workers_to_close,
-            "adaptive_target": self.adaptive_target,
-            "replicate": self.replicate,
-            "rebalance": self.rebalance,
-            "restart": self.restart,
-            "register_worker_plugin": self.register_worker_plugin,
-            "add_plugin": self.add_plugin,
-            "remove_plugin": self.remove_plugin,
-            "proxy": self.proxy,
+            "retire_workers": self.ops.retire_workers,
+            "workers_to_close": self.ops.workers_to_close,
+            "adaptive_target": self.ops.adaptive_target,
+            "replicate": self.ops.replicate,
+            "rebalance": self.ops.rebalance,
+            "restart": self.ops.restart,
+            "register_worker_plugin": self.ops.register_worker_plugin,
+            "add_plugin": self.ops.add_plugin,
+            "remove_plugin": self.ops.remove_plugin,
+            "proxy": self.ops.proxy,
             "close_worker": self.close_worker,
         })
         self.stream_handlers.update({
@@ -320,6 +323,80 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
             return
         write_private_file(path, json.dumps(info, indent=2, default=str))
 
+    # ------------------------------------------------------------------ the documented API of the parts
+
+    async def gather(self, keys=(), serializers=None) -> dict:
+        """Collect data for ``keys`` from the workers that hold them (see :class:`SchedulerData`)."""
+        return await self.data.gather(keys, serializers)
+
+    async def scatter(self, *args, **kwargs):
+        """Put data on workers through the scheduler (see :meth:`SchedulerData.scatter`)."""
+        return await self.data.scatter(*args, **kwargs)
+
+    def update_data(self, *args, **kwargs):
+        """Learn of data put on workers from outside (see :meth:`SchedulerData.update_data`)."""
+        return self.data.update_data(*args, **kwargs)
+
+    def get_who_has(self, keys=None) -> dict:
+        """``{key: [worker addresses]}``."""
+        return self.data.get_who_has(keys)
+
+    def get_has_what(self, workers=None) -> dict:
+        """``{worker: [keys]}``."""
+        return self.data.get_has_what(workers)
+
+    def get_nthreads(self, workers=None) -> dict:
+        """``{worker: threads}``."""
+        return self.data.get_nthreads(workers)
+
+    async def retire_workers(self, *args, **kwargs):
+        """Retire workers gracefully, their unique data moved first (see :meth:`SchedulerOps.retire_workers`)."""
+        return await self.ops.retire_workers(*args, **kwargs)
+
+    def workers_to_close(self, *args, **kwargs) -> list:
+        """Workers that are cheap to close (see :meth:`SchedulerOps.workers_to_close`)."""
+        return self.ops.workers_to_close(*args, **kwargs)
+
+    def adaptive_target(self, *args, **kwargs) -> int:
+        """How many workers the current work wants (see :meth:`SchedulerOps.adaptive_target`)."""
+        return self.ops.adaptive_target(*args, **kwargs)
+
+    async def replicate(self, *args, **kwargs):
+        """Copy keys to more workers (see :meth:`SchedulerOps.replicate`)."""
+        return await self.ops.replicate(*args, **kwargs)
+
+    async def rebalance(self, *args, **kwargs):
+        """Even out the data held by workers (see :meth:`SchedulerOps.rebalance`)."""
+        return await self.ops.rebalance(*args, **kwargs)
+
+    async def restart(self, *args, **kwargs):
+        """Restart every worker, forgetting every task (see :meth:`SchedulerOps.restart`)."""
+        return await self.ops.restart(*args, **kwargs)
+
+    async def add_plugin(self, *args, **kwargs):
+        """Add a scheduler plugin (see :meth:`SchedulerOps.add_plugin`)."""
+        return await self.ops.add_plugin(*args, **kwargs)
+
+    def remove_plugin(self, *args, **kwargs):
+        """Remove a scheduler plugin by name (see :meth:`SchedulerOps.remove_plugin`)."""
+        return self.ops.remove_plugin(*args, **kwargs)
+
+    async def register_worker_plugin(self, *args, **kwargs):
+        """Install a worker plugin on every worker, now and later."""
+        return await self.ops.register_worker_plugin(*args, **kwargs)
+
+    async def proxy(self, *args, **kwargs):
+        """Send a message to a worker and return its answer."""
+        return await self.ops.proxy(*args, **kwargs)
+
+    def get_worker_service_addr(self, *args, **kwargs):
+        """Where a worker serves ``service_name`` (see :meth:`SchedulerOps.get_worker_service_addr`)."""
+        return self.ops.get_worker_service_addr(*args, **kwargs)
+
+    def coerce_address(self, *args, **kwargs):
+        """A worker's address from an address, name or ``host:port``."""
+        return self.ops.coerce_address(*args, **kwargs)
+
     @property
     def dashboard_link(self) -> str | None:
         """Where the status page is (with its token when TLS is on); ``None`` when off."""
@@ -438,7 +515,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
             if bs is not None and not bs.closed:
                 bs.send(*msgs)
         if self.plugins:
-            self._plugin_transitions()
+            self.ops._plugin_transitions()
 
     def report(self, msg: dict, ts: TaskState | None = None, client: str | None = None) -> None:
         """Send ``msg`` to the clients that want ``ts`` (or to ``client``, or to all)."""
@@ -497,7 +574,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
         for pname, blob in self.worker_plugins.items():
             bs.send({"op": "plugin-add", "plugin": blob, "name": pname})
         self._send(instrs)
-        self._plugin_hook("add_worker", scheduler=self, worker=address)
+        self.ops._plugin_hook("add_worker", scheduler=self, worker=address)
         await self._serve_stream(comm, self.worker_ops, messages.SCHEDULER_WORKER_STREAM,
                                  worker=address)
         if self.state.workers.get(address) is not None and self.stream_comms.get(address) is bs:
@@ -559,7 +636,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
         bs = self.stream_comms.pop(address, None)
         # Send before any await: messages of later stimuli must not overtake these.
         self._send(instrs)
-        self._plugin_hook("remove_worker", scheduler=self, worker=address)
+        self.ops._plugin_hook("remove_worker", scheduler=self, worker=address)
         if bs is not None:
             if close:
                 with suppress(CommClosedError):
@@ -655,7 +732,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
         bs = BatchedSend(comm, name=f"Scheduler->Client {client}")
         self.client_comms[client] = bs
         logger.info("register client %s", client)
-        self._plugin_hook("add_client", scheduler=self, client=client)
+        self.ops._plugin_hook("add_client", scheduler=self, client=client)
         try:
             await self._serve_stream(comm, self.client_ops, messages.SCHEDULER_CLIENT_STREAM,
                                      client=client)
@@ -668,7 +745,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
     def remove_client(self, client: str | None = None) -> None:
         """Forget a client; the keys only it wanted are released."""
         self._send(self.state.handle(RemoveClientEvent(client, self._stimulus("remove-client"))))
-        self._plugin_hook("remove_client", scheduler=self, client=client)
+        self.ops._plugin_hook("remove_client", scheduler=self, client=client)
 
     def client_releases_keys(self, keys: Iterable[Key] | None = None, client: str | None = None) -> None:
         """Remove keys from a client's desired set."""
@@ -700,7 +777,7 @@ class Scheduler(SchedulerDataMixin, SchedulerOpsMixin, Server):
             user_priority=user_priority, stimulus_id=self._stimulus("update-graph"),
         )))
         if self.plugins:
-            self._plugin_hook("update_graph", self, client=client, keys=list(keys))
+            self.ops._plugin_hook("update_graph", self, client=client, keys=list(keys))
 
     def stimulus_cancel(self, keys: Iterable[Key] = (), client: str = "", force: bool = False) -> str:
         """Stop computing ``keys`` for ``client``."""
