@@ -27,7 +27,8 @@ pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ["pyproject.toml", "README.md", "cluster", "runtime", "hpc", "jobqueue", "templates"]
 
-SHIPPED = "['pbs-mpi.sh.j2', 'pbs.sh.j2', 'slurm-mpi.sh.j2', 'slurm.sh.j2']"
+SHIPPED = ("['pbs-mpi.sh.j2', 'pbs.sh.j2', 'sge-mpi.sh.j2', 'sge.sh.j2', 'slurm-mpi.sh.j2', "
+           "'slurm.sh.j2']")
 
 RENDER = """\
 import sys, templates, jobqueue
@@ -78,7 +79,9 @@ def test_wheel_carries_the_templates(tmp_path):
     wheel = next(out.glob("hpc_cluster-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {"templates/__init__.py", "templates/slurm.sh.j2", "templates/pbs.sh.j2",
-            "templates/slurm-mpi.sh.j2", "templates/pbs-mpi.sh.j2"} <= set(names)
+            "templates/slurm-mpi.sh.j2", "templates/pbs-mpi.sh.j2", "templates/sge.sh.j2",
+            "templates/sge-mpi.sh.j2", "runtime/scheduler/state.py", "runtime/worker/state.py",
+            "jobqueue/systems/sge.py"} <= set(names)
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], timeout=60)
