@@ -249,6 +249,8 @@ class Worker(Server):
         self.paused = False
         #: Why spilling is impossible (a full disk); the worker stays paused while set.
         self.spill_pause_reason: str | None = None
+        #: The close that follows a failure of the state machine (see handle_stimulus).
+        self._fatal_close: asyncio.Future | None = None
         self.resources = dict(resources or {})
         self.death_timeout = parse_timedelta(death_timeout)
         self.reconnect = reconnect
@@ -678,9 +680,15 @@ class Worker(Server):
         try:
             instructions = self.state.handle(*events)
         except Exception:
-            logger.exception("worker state machine failed on %r", events[:3])
+            logger.exception("worker state machine failed on %r; closing the worker", events[:3])
             if self.validate:
                 raise
+            # A machine that failed mid-step may disagree with the scheduler from now
+            # on, silently: close instead (the scheduler hears it and places our
+            # tasks elsewhere; a nanny starts a fresh worker).  Not spawned: close()
+            # cancels this server's own tasks.
+            if self._fatal_close is None and self.status not in (Status.closing, Status.closed):
+                self._fatal_close = asyncio.ensure_future(self.close(reason="worker-state-machine-failed"))
             return
         self._execute_instructions(instructions)
 

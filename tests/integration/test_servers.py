@@ -570,3 +570,27 @@ async def test_client_disconnect_without_close_releases_its_data():
             await until(lambda: c.status == "disconnected", timeout=5, what="client notices")
         finally:
             await c.close()
+
+
+# ----------------------------------------------------------------------------- state-machine failure
+
+
+@gen_test(timeout=30)
+async def test_worker_closes_when_its_state_machine_fails():
+    """With validation off (as in production) a failing worker state machine is not
+    swallowed: the worker tells the scheduler and closes, so the two never diverge."""
+    from runtime.core import Status
+
+    class Broken:
+        stimulus_id = "broken-event"
+        handler = "no_such_handler"
+
+    async with Scheduler(validate=True) as s:
+        w = await Worker(s.address, validate=False)
+        try:
+            await until(lambda: w.address in s.state.workers, what="worker registered")
+            w.handle_stimulus(Broken())
+            await until(lambda: w.status == Status.closed, what="worker closed")
+            await until(lambda: w.address not in s.state.workers, what="scheduler forgot it")
+        finally:
+            await w.close()
