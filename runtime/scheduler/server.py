@@ -668,17 +668,17 @@ class Scheduler(Server):
                           startstops=(), stimulus_id: str = "", data: bytes | None = None) -> None:
         self.diagnostics.record_task(key, worker, startstops, True)
         self._send(self.state.handle(TaskFinishedEvent(key, worker, nbytes, type, startstops,
-                                                     stimulus_id=self._stimulus("task-finished"),
+                                                     stimulus_id=stimulus_id or self._stimulus("task-finished"),
                                                      data=data)))
 
     def _on_task_erred(self, worker: str, key: Key, exception=None, traceback: str = "",
                        startstops=(), stimulus_id: str = "") -> None:
         self.diagnostics.record_task(key, worker, startstops, False)
         self._send(self.state.handle(TaskErredEvent(key, worker, exception, traceback, startstops,
-                                                  stimulus_id=self._stimulus("task-erred"))))
+                                                  stimulus_id=stimulus_id or self._stimulus("task-erred"))))
 
     def _on_add_keys(self, worker: str, keys=(), stimulus_id: str = "") -> None:
-        self._send(self.state.handle(AddKeysEvent(worker, keys, self._stimulus("add-keys"))))
+        self._send(self.state.handle(AddKeysEvent(worker, keys, stimulus_id or self._stimulus("add-keys"))))
 
     def add_keys(self, worker: str, keys: Iterable[Key] = ()) -> str:
         """Learn that ``worker`` holds ``keys``."""
@@ -686,24 +686,27 @@ class Scheduler(Server):
         return "OK"
 
     def _on_missing_data(self, worker: str, key: Key, errant_worker: str | None = None, stimulus_id: str = "") -> None:
-        self._send(self.state.handle(MissingDataEvent(key, errant_worker, worker, self._stimulus("missing-data"))))
+        self._send(self.state.handle(MissingDataEvent(key, errant_worker, worker,
+                                                      stimulus_id or self._stimulus("missing-data"))))
 
     def stimulus_missing_data(self, key: Key, errant_worker: str | None = None, worker: str | None = None) -> None:
         """Mark that ``key`` could not be found where expected.  Recover."""
         self._send(self.state.handle(MissingDataEvent(key, errant_worker, worker, self._stimulus("missing-data"))))
 
     def _on_release_worker_data(self, worker: str, key: Key, stimulus_id: str = "") -> None:
-        self._send(self.state.handle(ReleaseWorkerDataEvent(key, worker, self._stimulus("release-worker-data"))))
+        self._send(self.state.handle(ReleaseWorkerDataEvent(key, worker,
+                                                            stimulus_id or self._stimulus("release-worker-data"))))
 
     def _on_reschedule(self, worker: str, key: Key, stimulus_id: str = "") -> None:
-        self.reschedule(key, worker)
+        self._send(self.state.handle(RescheduleEvent(key, worker, stimulus_id or self._stimulus("reschedule"))))
 
     def reschedule(self, key: Key | None = None, worker: str | None = None) -> None:
         """Place a processing task again, e.g. after it raised ``Reschedule``."""
         self._send(self.state.handle(RescheduleEvent(key, worker, self._stimulus("reschedule"))))
 
     def _on_long_running(self, worker: str, key: Key, compute_duration: float | None = None, stimulus_id: str = "") -> None:
-        self.handle_long_running(key, worker, compute_duration)
+        self._send(self.state.handle(LongRunningEvent(key, worker, compute_duration,
+                                                      stimulus_id or self._stimulus("long-running"))))
 
     def handle_long_running(self, key: Key | None = None, worker: str | None = None,
                             compute_duration: float | None = None) -> None:

@@ -594,3 +594,18 @@ async def test_worker_closes_when_its_state_machine_fails():
             await until(lambda: w.address not in s.state.workers, what="scheduler forgot it")
         finally:
             await w.close()
+
+
+@gen_test(timeout=30)
+async def test_story_joins_scheduler_and_worker_by_stimulus_id():
+    """The scheduler keeps the worker's stimulus_id, so a task's story can be followed
+    from one process's log into the other's."""
+    async with gen_cluster(nworkers=1) as (c, s, (w,)):
+        f = c.submit(sum, [1, 2], key="joined")
+        assert await f == 3
+        story = s.state.story("joined")
+        worker_ids = {entry[4] for entry in w.state.story("joined")}
+        # The scheduler's move to memory carries the id of the worker's own stimulus
+        # (its execution finishing), not one the scheduler made up.
+        (to_memory,) = [entry for entry in story if entry[2] == "memory"]
+        assert to_memory[4] in worker_ids, (story, worker_ids)
