@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import logging
 import os
-import pickle
 import threading
 import uuid
 from collections import defaultdict
@@ -32,17 +30,20 @@ from collections.abc import Callable, Hashable, Iterable
 from contextlib import suppress
 from typing import Any
 
-from .client_ops import ClientOpsMixin
+from .client_data import gather_keys, gather_via_scheduler
+from .client_data import scatter as scatter_data
+from .client_ops import ClusterOps
 from .collections import (
     as_current,
     client_compute,
     client_get,
     client_persist,
+    refuse_unsupported,
     register_as_dask_scheduler,
     unregister_as_dask_scheduler,
 )
 from .comm import connect
-from .comm.serialize import box_large, dumps_function
+from .comm.serialize import dumps_function
 from .core import BatchedSend, ConnectionPool, unpack_reply
 from .errors import ClusterError, CommClosedError, CommError
 from .futures import Future, FutureState
@@ -52,7 +53,6 @@ from .security import Security, local_credentials, resolve_security, security_fr
 from .utils import (
     parse_timedelta,
     read_scheduler_info,
-    validate_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def default_client() -> Client:
     return _current_client
 
 
-class Client(ClientOpsMixin):
+class Client:
     """Connect to a cluster and submit computation to it.
 
     Args:
@@ -150,6 +150,8 @@ class Client(ClientOpsMixin):
         self._function_cache: dict[Any, bytes] = {}
         self.scheduler_comm: BatchedSend | None = None
         self.rpc = ConnectionPool(timeout=self.timeout)
+        #: Cluster-wide queries and operations (a part: who_has, run, retire_workers, ...).
+        self.ops = ClusterOps(self)
         self._callback_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._report_task: asyncio.Task | None = None
         self._closed_event: asyncio.Event | None = None
@@ -563,6 +565,98 @@ class Client(ClientOpsMixin):
         self._send(msg)
         return futures
 
+    # ------------------------------------------------------------------ cluster-wide operations (client.ops)
+
+    def who_has(self, futures=None):
+        """``{key: [worker addresses]}`` for the given futures (or all keys) (:meth:`ClusterOps.who_has`)."""
+        return self.ops.who_has(futures)
+
+    def has_what(self, workers=None):
+        """``{worker address: [keys]}`` (:meth:`ClusterOps.has_what`)."""
+        return self.ops.has_what(workers)
+
+    def nthreads(self, workers=None):
+        """``{worker address: threads}`` (:meth:`ClusterOps.nthreads`)."""
+        return self.ops.nthreads(workers)
+
+    def scheduler_info(self):
+        """The scheduler's identity, with ``"workers"``: ``{address: info}`` (:meth:`ClusterOps.scheduler_info`)."""
+        return self.ops.scheduler_info()
+
+    def story(self, *keys):
+        """The scheduler's transition log for ``keys`` (:meth:`ClusterOps.story`)."""
+        return self.ops.story(*keys)
+
+    def run(self, function: Callable, *args, workers=None, wait: bool = True, nanny: bool = False,
+            on_error: str = "raise", **kwargs):
+        """Run ``function(*args, **kwargs)`` in every (or the given) worker process (:meth:`ClusterOps.run`)."""
+        return self.ops.run(function, *args, workers=workers, wait=wait, nanny=nanny, on_error=on_error, **kwargs)
+
+    def run_on_scheduler(self, function: Callable, *args, **kwargs):
+        """Run ``function(*args, **kwargs)`` in the scheduler's process and return its result (:meth:`ClusterOps.run_on_scheduler`)."""
+        return self.ops.run_on_scheduler(function, *args, **kwargs)
+
+    def upload_file(self, filename: str, load: bool = True):
+        """Send a local file to every worker (``.py``/``.zip``/``.egg`` are imported there) (:meth:`ClusterOps.upload_file`)."""
+        return self.ops.upload_file(filename, load)
+
+    def retire_workers(self, workers: list[str] | None = None, close_workers: bool = True, **kwargs):
+        """Gracefully retire workers: their unique data moves to others first (:meth:`ClusterOps.retire_workers`)."""
+        return self.ops.retire_workers(workers, close_workers, **kwargs)
+
+    def rebalance(self, futures=None, workers: list[str] | None = None):
+        """Even out the bytes held by each worker (for ``futures``' keys, or all) (:meth:`ClusterOps.rebalance`)."""
+        return self.ops.rebalance(futures, workers)
+
+    def replicate(self, futures, n: int | None = None, workers: list[str] | None = None,
+                  branching_factor: int = 2):
+        """Keep ``n`` copies (default: one per worker) of each future's data (:meth:`ClusterOps.replicate`)."""
+        return self.ops.replicate(futures, n, workers, branching_factor)
+
+    def restart(self, timeout: Any = 30):
+        """Restart every worker through its nanny and forget all tasks (futures are cancelled) (:meth:`ClusterOps.restart`)."""
+        return self.ops.restart(timeout)
+
+    def register_worker_plugin(self, plugin: Any, name: str | None = None):
+        """Run ``plugin.setup(worker)`` on every worker, present and future (:meth:`ClusterOps.register_worker_plugin`)."""
+        return self.ops.register_worker_plugin(plugin, name)
+
+    def register_scheduler_plugin(self, plugin: Any, name: str | None = None, idempotent: bool = False):
+        """Add a plugin to the scheduler (see ``runtime.scheduler.ops.SchedulerPlugin``) (:meth:`ClusterOps.register_scheduler_plugin`)."""
+        return self.ops.register_scheduler_plugin(plugin, name, idempotent)
+
+    def wait_for_workers(self, n_workers: int = 1, timeout: float | None = None):
+        """Block until at least ``n_workers`` workers are connected (:meth:`ClusterOps.wait_for_workers`)."""
+        return self.ops.wait_for_workers(n_workers, timeout)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The scheduler's status page (``None`` if it serves none)."""
+        return self.ops.dashboard_link
+
+    def get_scheduler_logs(self, n: int | None = None):
+        """The scheduler's last ``n`` (default all kept) log records: ``[(level, message), ...]`` (:meth:`ClusterOps.get_scheduler_logs`)."""
+        return self.ops.get_scheduler_logs(n)
+
+    def get_worker_logs(self, n: int | None = None, workers: list[str] | None = None,
+                        nanny: bool = False):
+        """Each worker's last ``n`` log records: ``{address: [(level, message), ...]}`` (:meth:`ClusterOps.get_worker_logs`)."""
+        return self.ops.get_worker_logs(n, workers, nanny)
+
+    def get_worker_events(self, topic: str | None = None, workers: list[str] | None = None):
+        """Each worker's structured events (``Worker.log_event``): ``{address: ...}`` (:meth:`ClusterOps.get_worker_events`)."""
+        return self.ops.get_worker_events(topic, workers)
+
+    def profile(self, key: str | None = None, workers: list[str] | None = None):
+        """Sampled profiles of running tasks (workers with ``profile=True``), per task prefix: (:meth:`ClusterOps.profile`)."""
+        return self.ops.profile(key, workers)
+
+    def progress(self, *futures, **kwargs):
+        """A progress bar over ``futures`` (see :func:`runtime.progress.progress`) (:meth:`ClusterOps.progress`)."""
+        return self.ops.progress(*futures, **kwargs)
+
+    ncores = nthreads
+
     # ------------------------------------------------------------------ dask graphs and collections
 
     def get(self, dsk, keys, workers=None, allow_other_workers=None, resources=None, sync: bool = True,
@@ -583,10 +677,10 @@ class Client(ClientOpsMixin):
             The results in the shape of ``keys`` (futures with ``sync=False``).
 
         Raises:
-            ValueError: a missing dependency or a cycle, naming the key.
-            the first failing task's own exception, with its remote traceback.
+            ValueError: a missing dependency or a cycle, naming the key; the first
+                failing task's own exception, with its remote traceback.
         """
-        self._refuse(actors=actors, **kwargs)
+        refuse_unsupported(actors, kwargs)
         return client_get(self, dsk, keys, sync=sync, asynchronous=asynchronous, direct=direct,
                           workers=workers, allow_other_workers=allow_other_workers,
                           resources=resources, retries=retries, priority=priority)
@@ -601,14 +695,12 @@ class Client(ClientOpsMixin):
             sync: return results instead of futures.
             optimize_graph: apply the collections' graph optimizations first.
             traverse: look inside lists, tuples, sets and dicts for collections.
-            workers, allow_other_workers, resources, retries, priority: as for
-                :meth:`submit`, for every task (``dask.annotate`` wins per task).
+            workers, allow_other_workers, resources, retries, priority: as for :meth:`get`.
 
         Returns:
-            One future per collection (a single one for a single collection),
-            or the results with ``sync=True``.
+            A future per collection (one for one), or the results with ``sync=True``.
         """
-        self._refuse(actors=actors, **kwargs)
+        refuse_unsupported(actors, kwargs)
         return client_compute(self, collections, sync=sync, optimize_graph=optimize_graph,
                               traverse=traverse, workers=workers,
                               allow_other_workers=allow_other_workers, resources=resources,
@@ -617,13 +709,9 @@ class Client(ClientOpsMixin):
     def persist(self, collections, optimize_graph: bool = True, workers=None,
                 allow_other_workers=None, resources=None, retries=None, priority=0,
                 fifo_timeout="60s", actors=None, **kwargs):
-        """Start computing dask collections; return the same collections backed by futures.
-
-        The results stay on the workers; later computations on the returned
-        collections use them instead of computing them again.  Options as for
-        :meth:`compute`.
-        """
-        self._refuse(actors=actors, **kwargs)
+        """Start computing dask collections; return the same collections backed by futures
+        that stay on the workers (later computations reuse them).  Options as for :meth:`compute`."""
+        refuse_unsupported(actors, kwargs)
         return client_persist(self, collections, optimize_graph=optimize_graph, workers=workers,
                               allow_other_workers=allow_other_workers, resources=resources,
                               retries=retries, priority=priority)
@@ -631,21 +719,6 @@ class Client(ClientOpsMixin):
     def as_current(self):
         """Context manager: this client is the default one (and dask's scheduler) inside it."""
         return as_current(self)
-
-    def _dask_schedule(self):
-        """What dask calls to compute while this client is its scheduler."""
-        return self.get if not self.asynchronous else self._refuse_async_dask
-
-    def _refuse_async_dask(self, *args, **kwargs):
-        raise RuntimeError("Attempting to use an asynchronous Client in a synchronous context of "
-                           "`dask.compute`: use `await client.compute(...)` instead")
-
-    @staticmethod
-    def _refuse(actors=None, **kwargs) -> None:
-        if kwargs:
-            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
-        if actors:
-            raise ValueError("actors are not supported")
 
     def _check_running(self) -> None:
         if self.status not in ("running",):
@@ -681,76 +754,10 @@ class Client(ClientOpsMixin):
                     st.raise_exception(f.key)
             keys = [f.key for f in flat if f._state.status == "finished"]
             direct = self.direct_to_workers if direct is None else direct
-            data = await (self._gather_keys(keys) if direct else self._gather_via_scheduler(keys))
+            data = await (gather_keys(self, keys) if direct else gather_via_scheduler(self, keys))
             if all(k in data for k in keys):
                 break
         return substitute_results(futures, data, errors)
-
-    async def _gather_keys(self, keys: list) -> dict:
-        """Fetch ``keys`` from the workers that hold them; keys that vanished are left out."""
-        by_worker: dict[str, list] = defaultdict(list)
-        unknown = []
-        for k in dict.fromkeys(keys):
-            st = self.futures.get(k)
-            workers = st.workers if st is not None else []
-            if workers:
-                by_worker[workers[0] if len(workers) == 1 else workers[hash(k) % len(workers)]].append(k)
-            else:
-                unknown.append(k)
-        data: dict = {}
-        missing: list = list(unknown)
-        for addr in list(by_worker):
-            ks = by_worker[addr]
-            rest = []
-            for k in ks:
-                st = self.futures.get(k)
-                if st is not None and st.value_bytes is not None:
-                    data[k] = pickle.loads(st.value_bytes)
-                else:
-                    rest.append(k)
-            if rest:
-                by_worker[addr] = rest
-            else:
-                del by_worker[addr]
-
-        async def fetch(addr: str, ks: list) -> None:
-            try:
-                # A holder that is gone (retired, died) is not worth waiting
-                # for: ask the scheduler where the data is now instead.
-                async with self.rpc.connection(addr, timeout=min(0.5, self.timeout)) as comm:
-                    await comm.write({"op": "get_data", "keys": ks})
-                    reply = unpack_reply(await comm.read(), addr)
-            except (CommError, OSError):
-                missing.extend(ks)
-                return
-            data.update(reply["data"])
-            missing.extend(k for k in ks if k not in reply["data"])
-
-        if len(by_worker) == 1:
-            (addr, ks), = by_worker.items()
-            await fetch(addr, ks)
-        else:
-            await asyncio.gather(*(fetch(a, ks) for a, ks in by_worker.items()))
-        if missing:
-            # Ask the scheduler where they are now (a replica may have moved).
-            who_has = await self.rpc.call(self._address, "who_has", keys=missing)
-            retry: dict[str, list] = defaultdict(list)
-            for k in missing:
-                if who_has.get(k):
-                    retry[who_has[k][0]].append(k)
-                    st = self.futures.get(k)
-                    if st is not None:
-                        st.workers = list(who_has[k])
-            missing = []
-            await asyncio.gather(*(fetch(a, ks) for a, ks in retry.items()))
-        return data
-
-    async def _gather_via_scheduler(self, keys: list) -> dict:
-        reply = await self.rpc.call(self._address, "gather", keys=keys)
-        if reply["status"] == "OK":
-            return reply["data"]
-        got = {k: v for k, v in reply.get("data", {}).items()}
-        return got
 
     # ------------------------------------------------------------------ data in
 
@@ -766,66 +773,8 @@ class Client(ClientOpsMixin):
             hash: name keys after a hash of the data (``False``: random names).
         """
         if asynchronous or self.asynchronous:
-            return self._scatter(data, workers, broadcast, direct, hash, timeout)
-        return self.sync(self._scatter, data, workers, broadcast, direct, hash, timeout)
-
-    async def _scatter(self, data, workers=None, broadcast=False, direct=None, hash=True, timeout=10):
-        import pickle
-
-        from .utils import key_split
-
-        self._check_running()
-        if isinstance(workers, str):
-            workers = [workers]
-        single = False
-        if isinstance(data, dict):
-            keyed = dict(data)
-            for k in keyed:
-                validate_key(k)
-        else:
-            if isinstance(data, (list, tuple, set, frozenset)):
-                values = list(data)
-            else:
-                values = [data]
-                single = True
-            keyed = {}
-            for v in values:
-                if hash:
-                    try:
-                        token = hashlib.md5(pickle.dumps(v, protocol=5), usedforsecurity=False).hexdigest()
-                    except Exception:
-                        token = uuid.uuid4().hex
-                else:
-                    token = uuid.uuid4().hex
-                keyed[f"{key_split(type(v).__name__)}-{token}"] = v
-        # Register the futures before the data lands so the report finds them.
-        futures = {k: Future(k, self) for k in keyed}
-        if direct:
-            from .scheduler.data import scatter_to_workers
-
-            info = await self.rpc.call(self._address, "identity")
-            candidates = list(info["workers"])
-            if workers is not None:
-                wanted = set(workers)
-                candidates = [a for a, w in info["workers"].items()
-                              if a in wanted or w["name"] in wanted or w["host"] in wanted]
-            if not candidates:
-                raise ClusterError("no workers to scatter to")
-            who_has, nbytes, types = await scatter_to_workers(self.rpc, candidates, keyed, broadcast)
-            await self.rpc.call(self._address, "update_data", who_has=who_has, nbytes=nbytes,
-                                client=self.id, types=types)
-        else:
-            await self.rpc.call(self._address, "scatter", data={k: box_large(v) for k, v in keyed.items()},
-                                workers=workers, client=self.id,
-                                broadcast=broadcast, timeout=timeout)
-        for f in futures.values():
-            await f._state.wait(parse_timedelta(timeout))
-        if isinstance(data, dict):
-            return futures
-        out = [futures[k] for k in keyed]
-        if single:
-            return out[0]
-        return type(data)(out) if isinstance(data, (tuple, set, frozenset)) else out
+            return scatter_data(self, data, workers, broadcast, direct, hash, timeout)
+        return self.sync(scatter_data, self, data, workers, broadcast, direct, hash, timeout)
 
     # ------------------------------------------------------------------ control
 

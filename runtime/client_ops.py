@@ -1,6 +1,6 @@
 """Client methods that ask the scheduler about, or act on, the cluster as a whole.
 
-A mixin of :class:`runtime.client.Client`: information (``who_has``,
+A part of :class:`runtime.client.Client` (``client.ops``): information (``who_has``,
 ``scheduler_info``, ``story``), running code everywhere (``run``,
 ``run_on_scheduler``, ``upload_file``) and cluster operations (``retire_workers``,
 ``rebalance``, ``replicate``, ``restart``, plugins).
@@ -12,11 +12,14 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .comm.serialize import dumps_function
 from .execution import dumps_args
 from .futures import Future
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import Client
 
 
 def _unpack(futures) -> list:
@@ -25,14 +28,26 @@ def _unpack(futures) -> list:
     return list(futures)
 
 
-class ClientOpsMixin:
-    """Cluster-wide queries and operations of :class:`Client`."""
+class ClusterOps:
+    """Cluster-wide queries and operations: a part of :class:`~runtime.client.Client` (``client.ops``).
+
+    Talks to the cluster only through the client's scheduler connection
+    (``client.rpc``, ``client.sync``) and reads nothing else of it but its
+    address, id and cluster object.
+
+    Args:
+        client: the client whose scheduler this part asks.
+    """
+
+    def __init__(self, client: Client):
+        self.client = client
+
 
     def _scheduler_call(self, op: str, **kwargs):
         async def call():
-            return await self.rpc.call(self._address, op, **kwargs)
+            return await self.client.rpc.call(self.client._address, op, **kwargs)
 
-        return self.sync(call)
+        return self.client.sync(call)
 
     def who_has(self, futures=None):
         """``{key: [worker addresses]}`` for the given futures (or all keys)."""
@@ -70,7 +85,7 @@ class ClientOpsMixin:
                "wait": wait}
 
         async def call():
-            results = await self.rpc.call(self._address, "broadcast", msg=msg, workers=workers,
+            results = await self.client.rpc.call(self.client._address, "broadcast", msg=msg, workers=workers,
                                           nanny=nanny, return_exceptions=True)
             out = {}
             for addr, r in results.items():
@@ -82,7 +97,7 @@ class ClientOpsMixin:
                 out[addr] = r
             return out
 
-        return self.sync(call)
+        return self.client.sync(call)
 
     def run_on_scheduler(self, function: Callable, *args, **kwargs):
         """Run ``function(*args, **kwargs)`` in the scheduler's process and return its result."""
@@ -120,7 +135,7 @@ class ClientOpsMixin:
 
     def restart(self, timeout: Any = 30):
         """Restart every worker through its nanny and forget all tasks (futures are cancelled)."""
-        return self._scheduler_call("restart", client=self.id, timeout=timeout)
+        return self._scheduler_call("restart", client=self.client.id, timeout=timeout)
 
     def register_worker_plugin(self, plugin: Any, name: str | None = None):
         """Run ``plugin.setup(worker)`` on every worker, present and future.
@@ -146,22 +161,22 @@ class ClientOpsMixin:
 
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
-                info = await self.rpc.call(self._address, "identity")
+                info = await self.client.rpc.call(self.client._address, "identity")
                 if len(info["workers"]) >= n_workers:
                     return
                 if deadline is not None and time.monotonic() > deadline:
                     raise ClusterTimeoutError(f"only {len(info['workers'])} of {n_workers} workers after {timeout}s")
                 await asyncio.sleep(0.05)
 
-        return self.sync(waiter)
+        return self.client.sync(waiter)
 
     # ------------------------------------------------------------------ diagnostics
 
     @property
     def dashboard_link(self) -> str | None:
         """The scheduler's status page (``None`` if it serves none)."""
-        link = getattr(self.cluster, "dashboard_link", None)
-        return link or getattr(self, "_dashboard_link", None)
+        link = getattr(self.client.cluster, "dashboard_link", None)
+        return link or getattr(self.client, "_dashboard_link", None)
 
     def get_scheduler_logs(self, n: int | None = None):
         """The scheduler's last ``n`` (default all kept) log records: ``[(level, message), ...]``."""

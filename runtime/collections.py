@@ -555,10 +555,37 @@ def _apply_config() -> None:
         _saved_config.update({k: dask.config.get(k, None) for k in ("scheduler", *_TASK_METHODS)})
     if _registered:
         client = _registered[-1]
-        dask.config.set({"scheduler": client._dask_schedule(), **dict.fromkeys(_TASK_METHODS, "tasks")})
+        dask.config.set({"scheduler": dask_schedule(client), **dict.fromkeys(_TASK_METHODS, "tasks")})
         return
     dask.config.set(dict(_saved_config))
     _saved_config.clear()
+
+
+def dask_schedule(client: Client):
+    """What dask calls to compute while ``client`` is its scheduler: ``client.get``
+    (dask's ``persist`` finds the client itself through the bound method)."""
+    if not client.asynchronous:
+        return client.get
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Attempting to use an asynchronous Client in a synchronous context of "
+                           "`dask.compute`: use `await client.compute(...)` instead")
+
+    refuse.__self__ = client  # type: ignore[attr-defined]  (dask.persist looks for it)
+    return refuse
+
+
+def refuse_unsupported(actors: Any, kwargs: dict) -> None:
+    """Refuse what ``get``/``compute``/``persist`` accept in dask.distributed but we do not.
+
+    Raises:
+        TypeError: unknown keyword arguments, named.
+        ValueError: ``actors``.
+    """
+    if kwargs:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
+    if actors:
+        raise ValueError("actors are not supported")
 
 
 def register_as_dask_scheduler(client: Client) -> None:
@@ -572,7 +599,11 @@ def register_as_dask_scheduler(client: Client) -> None:
     with _registered_lock:
         _registered.append(client)
         if "dask.config" in sys.modules:
-            _apply_config()
+            try:
+                _apply_config()
+            except BaseException:
+                _registered.pop()  # leave dask's settings and the stack as they were
+                raise
             return
     _install_import_hook()
 

@@ -197,7 +197,9 @@ class Future:
             await st.wait(timeout)
             if st.status != "finished":
                 st.raise_exception(self.key)
-            data = await self.client._gather_keys([self.key])
+            from .client_data import gather_keys  # (client_data uses Future)
+
+            data = await gather_keys(self.client, [self.key])
             if self.key in data:
                 return data[self.key]
             # Lost while we fetched it: the scheduler recomputes it.

@@ -191,11 +191,10 @@ def test_not_a_graph_refused():
 
 
 class FakeClient:
+    asynchronous = False
+
     def __init__(self, name):
         self.name = name
-
-    def _dask_schedule(self):
-        return self.get
 
     def get(self, dsk, keys, **kwargs):  # pragma: no cover - never called
         raise AssertionError(self.name)
