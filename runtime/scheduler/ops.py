@@ -363,3 +363,70 @@ class SchedulerOps:
             return None
         proto = parse_address(ws.address)[0]
         return f"{proto}://{unparse_host_port(ws.host, port)}" if protocol else (ws.host, port)
+
+    # ------------------------------------------------------------------ running code, reaching workers
+
+    async def broadcast(self, msg: dict | None = None, workers: Iterable[str] | None = None,
+                        hosts: Iterable[str] | None = None, nanny: bool = False,
+                        serializers=None, return_exceptions: bool = False) -> dict:
+        """Send ``msg`` to workers (all by default) and return ``{address: reply}``.
+
+        With ``return_exceptions`` a worker's error is its reply instead of
+        being raised.
+        """
+        msg = dict(msg or {})
+        if workers is None and hosts is None:
+            targets = list(self.scheduler.state.workers)
+        else:
+            targets = list(workers or [])
+            for h in hosts or ():
+                targets.extend(self.scheduler.state.host_info.get(h, {}).get("addresses", ()))
+        op = msg.pop("op")
+
+        async def one(addr: str):
+            target = addr
+            if nanny:
+                target = self.scheduler.state.workers[addr].nanny
+            return addr, await self.scheduler.rpc.call(target, op, **msg)
+
+        async def guarded(addr: str):
+            try:
+                return await one(addr)
+            except Exception as e:
+                if not return_exceptions:
+                    raise
+                return addr, e
+
+        results = await asyncio.gather(*(guarded(a) for a in targets))
+        return dict(results)
+
+    async def run_function(self, function: bytes, args: bytes | tuple = (), kwargs: dict | None = None,
+                           wait: bool = True) -> Any:
+        """Run a function in the scheduler's process (for ``Client.run_on_scheduler``)."""
+        func = pickle.loads(function) if isinstance(function, bytes) else function
+        if isinstance(args, bytes):
+            args, kwargs = pickle.loads(args)
+        result = func(*args, **(kwargs or {}))
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    def workers_list(self, workers: Iterable[str] | None) -> list[str]:
+        """Worker addresses matching addresses, names or hostnames in ``workers``."""
+        if workers is None:
+            return list(self.scheduler.state.workers)
+        out = []
+        for w in workers:
+            if w in self.scheduler.state.workers:
+                out.append(w)
+            elif w in self.scheduler.state.aliases:
+                out.append(self.scheduler.state.aliases[w])
+            else:
+                out.extend(sorted(self.scheduler.state.host_info.get(w, {}).get("addresses", ())))
+        return out
+
+    def coerce_hostname(self, host: str) -> str:
+        """The canonical host name of a worker host (alias names resolve to their host)."""
+        if host in self.scheduler.state.aliases:
+            return self.scheduler.state.workers[self.scheduler.state.aliases[host]].host
+        return host

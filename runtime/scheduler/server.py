@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 Workers and clients each keep one long-lived *stream* connection to the
-scheduler; everything else is request/reply RPC.  Incoming stream messages are
-turned into calls on the pure :class:`SchedulerState`; the instructions it
-returns are routed to the right worker's or client's :class:`BatchedSend`.
+scheduler; everything else is request/reply RPC.  Incoming stream messages
+become events for the pure :class:`SchedulerState` (``state.handle``); the
+instructions it returns go to the right worker's or client's :class:`BatchedSend`.
 Task recipes arrive from clients as bytes and are forwarded to workers without
 being unpickled here.  A worker whose stream breaks is removed at once (its
 tasks are rescheduled), not after a heartbeat timeout; ``worker_ttl`` catches
@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import os
-import pickle
 import time
 import uuid
 from collections import defaultdict
@@ -69,6 +68,17 @@ logger = logging.getLogger(__name__)
 Key = Hashable
 
 #: Seconds between re-estimates of every worker's expected load.
+
+
+def _state_setting(name: str, doc: str) -> property:
+    """A property of the Scheduler kept by the state machine (a duration, parsed on set)."""
+    return property(lambda self: getattr(self.state, name),
+                    lambda self, value: setattr(self.state, name, parse_timedelta(value)), doc=doc)
+
+
+def _from_state(name: str, doc: str) -> property:
+    """A read-only property of the Scheduler that is the state machine's table ``name``."""
+    return property(lambda self: getattr(self.state, name), doc=doc)
 
 
 class Scheduler(Server):
@@ -158,8 +168,8 @@ class Scheduler(Server):
             "has_what": self.data.get_has_what,
             "ncores": self.data.get_nthreads,
             "nthreads": self.data.get_nthreads,
-            "broadcast": self.broadcast,
-            "run_function": self.run_function,
+            "broadcast": self.ops.broadcast,
+            "run_function": self.ops.run_function,
             "cancel": self.stimulus_cancel,
             "close": self.close,
             "story": self.story,
@@ -205,37 +215,14 @@ class Scheduler(Server):
 
     # ------------------------------------------------------------------ state passthrough
 
-    @property
-    def tasks(self) -> dict[Key, TaskState]:
-        return self.state.tasks
-
-    @property
-    def workers(self) -> dict[str, WorkerState]:
-        return self.state.workers
-
-    @property
-    def clients(self):
-        return self.state.clients
-
-    @property
-    def unrunnable(self):
-        return self.state.unrunnable
-
-    @property
-    def idle(self):
-        return self.state.idle
-
-    @property
-    def saturated(self):
-        return self.state.saturated
-
-    @property
-    def host_info(self):
-        return self.state.host_info
-
-    @property
-    def task_duration(self):
-        return self.state.task_duration
+    tasks = _from_state("tasks", "Every task the scheduler knows: ``{key: TaskState}``.")
+    workers = _from_state("workers", "Every worker: ``{address: WorkerState}``.")
+    clients = _from_state("clients", "Every client: ``{id: ClientState}``.")
+    unrunnable = _from_state("unrunnable", "Tasks that no worker can run now.")
+    idle = _from_state("idle", "Workers with fewer tasks than threads.")
+    saturated = _from_state("saturated", "Workers with no room for more tasks.")
+    host_info = _from_state("host_info", "Per host: its workers' addresses and threads.")
+    task_duration = _from_state("task_duration", "Learned duration per task prefix.")
 
     def decide_worker(self, ts: TaskState) -> WorkerState | None:
         return self.state.placement.decide_worker(ts)
@@ -261,7 +248,7 @@ class Scheduler(Server):
         self.state.placement.check_idle_saturated(ws)
 
     def transition(self, key: Key, finish: str, *args, **kwargs) -> dict:
-        """Move one task and return the follow-up recommendations (not yet carried out)."""
+        """Move one task; return the follow-up recommendations (not carried out)."""
         recs = self.state.transition(key, finish, self._stimulus("transition"), **kwargs)
         self._send(self.state._instructions)
         self.state._instructions = []
@@ -411,23 +398,10 @@ class Scheduler(Server):
         """The last records of this scheduler's runtime loggers."""
         return self.diagnostics.get_logs(n, timestamps)
 
-    @property
-    def worker_ttl(self) -> float | None:
-        """Seconds without a heartbeat after which a worker is removed (the state decides)."""
-        return self.state.worker_ttl
-
-    @worker_ttl.setter
-    def worker_ttl(self, value) -> None:
-        self.state.worker_ttl = parse_timedelta(value)
-
-    @property
-    def idle_timeout(self) -> float | None:
-        """Seconds without work after which the scheduler closes (the state decides)."""
-        return self.state.idle_timeout
-
-    @idle_timeout.setter
-    def idle_timeout(self, value) -> None:
-        self.state.idle_timeout = parse_timedelta(value)
+    worker_ttl = _state_setting("worker_ttl", "Seconds without a heartbeat after which a worker "
+                                "is removed (the state decides, on a tick).")
+    idle_timeout = _state_setting("idle_timeout", "Seconds without work after which the scheduler "
+                                  "closes (the state decides, on a tick).")
 
     async def _periodic_checks(self) -> None:
         """Tell the state the time now and then (:class:`TickEvent`); carry out what it decides."""
@@ -807,70 +781,18 @@ class Scheduler(Server):
             "workers": {a: ws.identity() for a, ws in workers.items()},
         }
 
-    async def broadcast(self, msg: dict | None = None, workers: Iterable[str] | None = None,
-                        hosts: Iterable[str] | None = None, nanny: bool = False,
+    async def broadcast(self, msg: dict | None = None, workers=None, hosts=None, nanny: bool = False,
                         serializers=None, return_exceptions: bool = False) -> dict:
-        """Send ``msg`` to workers (all by default) and return ``{address: reply}``.
-
-        With ``return_exceptions`` a worker's error is its reply instead of
-        being raised.
-        """
-        msg = dict(msg or {})
-        if workers is None and hosts is None:
-            targets = list(self.state.workers)
-        else:
-            targets = list(workers or [])
-            for h in hosts or ():
-                targets.extend(self.state.host_info.get(h, {}).get("addresses", ()))
-        op = msg.pop("op")
-
-        async def one(addr: str):
-            target = addr
-            if nanny:
-                target = self.state.workers[addr].nanny
-            return addr, await self.rpc.call(target, op, **msg)
-
-        async def guarded(addr: str):
-            try:
-                return await one(addr)
-            except Exception as e:
-                if not return_exceptions:
-                    raise
-                return addr, e
-
-        results = await asyncio.gather(*(guarded(a) for a in targets))
-        return dict(results)
-
-    async def run_function(self, function: bytes, args: bytes | tuple = (), kwargs: dict | None = None,
-                           wait: bool = True) -> Any:
-        """Run a function in the scheduler's process (for ``Client.run_on_scheduler``)."""
-        func = pickle.loads(function) if isinstance(function, bytes) else function
-        if isinstance(args, bytes):
-            args, kwargs = pickle.loads(args)
-        result = func(*args, **(kwargs or {}))
-        if asyncio.iscoroutine(result):
-            result = await result
-        return result
+        """Send ``msg`` to workers (all by default): ``{address: reply}`` (see :class:`SchedulerOps`)."""
+        return await self.ops.broadcast(msg, workers, hosts, nanny, serializers, return_exceptions)
 
     def workers_list(self, workers: Iterable[str] | None) -> list[str]:
         """Worker addresses matching addresses, names or hostnames in ``workers``."""
-        if workers is None:
-            return list(self.state.workers)
-        out = []
-        for w in workers:
-            if w in self.state.workers:
-                out.append(w)
-            elif w in self.state.aliases:
-                out.append(self.state.aliases[w])
-            else:
-                out.extend(sorted(self.state.host_info.get(w, {}).get("addresses", ())))
-        return out
+        return self.ops.workers_list(workers)
 
     def coerce_hostname(self, host: str) -> str:
         """The canonical host name of a worker host (alias names resolve to their host)."""
-        if host in self.state.aliases:
-            return self.state.workers[self.state.aliases[host]].host
-        return host
+        return self.ops.coerce_hostname(host)
 
     def __repr__(self) -> str:
         n = len(self.state.workers) if hasattr(self, "state") else 0
