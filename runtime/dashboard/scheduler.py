@@ -118,7 +118,7 @@ class SchedulerDiagnostics:
     async def start(self) -> None:
         """Serve the page on ``dashboard_address`` (a failure is logged, not raised)."""
         self.server_log.attach()
-        if getattr(self, "protocol", "tcp") == "inproc":
+        if getattr(self.scheduler, "protocol", "tcp") == "inproc":
             own_host = "127.0.0.1"
         else:
             own_host = parse_address(self.scheduler.address)[1].rsplit(":", 1)[0].strip("[]")

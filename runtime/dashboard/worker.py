@@ -125,12 +125,12 @@ class WorkerDiagnostics:
 
     def _pause_reason(self) -> str | None:
         """Why this worker is paused (``None``: it is not), for the scheduler and the client."""
-        if not getattr(self, "paused", False):
+        if not getattr(self.worker, "paused", False):
             return None
-        spill = getattr(self, "spill_pause_reason", None)
+        spill = getattr(self.worker, "spill_pause_reason", None)
         if spill is not None:
             return spill
-        fraction = getattr(self, "memory_pause_fraction", None) or 0
+        fraction = getattr(self.worker, "memory_pause_fraction", None) or 0
         return f"process memory above {fraction:.0%} of memory_limit"
 
     def _worker_json(self) -> dict:
@@ -139,7 +139,7 @@ class WorkerDiagnostics:
         except psutil.Error:  # pragma: no cover
             rss = 0
         return {"address": self.worker.address, "name": str(self.worker.name), "status": self.worker.status,
-                "paused": bool(getattr(self, "paused", False)),
+                "paused": bool(getattr(self.worker, "paused", False)),
                 "nthreads": self.worker.nthreads, "memory": rss, "memory_limit": self.worker.memory_limit,
                 "executing": len(self.worker.state.executing), "ready": len(self.worker.state.ready),
                 "in_memory": len(self.worker.data), "executed": self.worker.executed_count,

@@ -6,12 +6,14 @@ Parts of the package, one concept each:
 * :mod:`.state` -- :class:`WorkerStateMachine`: a worker's tasks and their
   transition table, ``handle``;
 * :mod:`.validation` -- the invariants ``validate=True`` checks;
+* :mod:`.memory` -- parsing the memory limit and fractions;
 * :mod:`.server` -- :class:`Worker`, the IO shell (thread pool, transfers,
   memory monitor);
 * :mod:`.process` -- the entry point of a worker process
   (``python -P -m runtime.worker.process``).
 """
 
-from .server import Worker, parse_memory_limit
+from .memory import parse_memory_limit
+from .server import Worker
 
 __all__ = ["Worker", "parse_memory_limit"]

@@ -45,15 +45,16 @@ from ..files import (
 )
 from ..security import resolve_security
 from ..statemachine import Instruction, Msg
+from ..system import trim_memory
 from ..utils import (
     format_bytes,
     get_address_host,
     listen_host,
     parse_address,
-    parse_bytes,
     parse_timedelta,
     unparse_host_port,
 )
+from .memory import memory_fraction, parse_memory_limit
 from .state import (
     AcquireReplicasEvent,
     ComputeTaskEvent,
@@ -100,63 +101,6 @@ def pickle_small(value: Any) -> bytes | None:
     except Exception:
         return None
     return b if len(b) <= SMALL_RESULT else None
-
-
-def trim_memory() -> bool:
-    """Ask the C allocator to return free memory to the system (glibc only)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if not _malloc_trim:
-        return False
-    return bool(_malloc_trim(0))
-
-
-_malloc_trim: Any = None
-
-
-def _fraction(name: str, value: Any) -> float | None:
-    """A memory fraction in (0, 1], or ``None`` for False/None/0 (disabled).
-
-    Raises:
-        ValueError: naming the option and the accepted values.
-    """
-    if value is None or value is False or value == 0:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name}={value!r}: expected a fraction in (0, 1], or False/None to disable")
-    return float(value)
-
-
-def parse_memory_limit(memory_limit: Any, nthreads: int, total_cores: int | None = None) -> int:
-    """Bytes from ``"auto"``, a size string, a byte count, a fraction of memory, or 0/None.
-
-    Raises:
-        ValueError: naming the bad value and the accepted forms.
-    """
-    total = psutil.virtual_memory().total
-    if memory_limit is None or memory_limit == 0 or memory_limit == "0":
-        return 0
-    if memory_limit == "auto":
-        cores = total_cores or os.cpu_count() or 1
-        return int(total * min(1.0, nthreads / cores))
-    if isinstance(memory_limit, float) and 0 < memory_limit <= 1:
-        return int(total * memory_limit)
-    try:
-        value = parse_bytes(memory_limit)
-    except ValueError:
-        raise ValueError(
-            f"memory_limit={memory_limit!r}: expected 'auto', a size like '4GB' or '3.5GiB', "
-            "a number of bytes, a fraction of system memory in (0, 1], or 0/None for no limit"
-        ) from None
-    if value < 0:
-        raise ValueError(f"memory_limit={memory_limit!r}: must not be negative")
-    return min(value, total)
 
 
 class Worker(Server):
@@ -241,9 +185,9 @@ class Worker(Server):
         self.nthreads = nthreads
         self.name = name
         self.memory_limit = parse_memory_limit(memory_limit, nthreads)
-        self.memory_target_fraction = _fraction("memory_target_fraction", memory_target_fraction)
-        self.memory_spill_fraction = _fraction("memory_spill_fraction", memory_spill_fraction)
-        self.memory_pause_fraction = _fraction("memory_pause_fraction", memory_pause_fraction)
+        self.memory_target_fraction = memory_fraction("memory_target_fraction", memory_target_fraction)
+        self.memory_spill_fraction = memory_fraction("memory_spill_fraction", memory_spill_fraction)
+        self.memory_pause_fraction = memory_fraction("memory_pause_fraction", memory_pause_fraction)
         self.memory_monitor_interval = parse_timedelta(memory_monitor_interval) or 0.2
         self._user_data = data is not None
         self.paused = False
@@ -312,21 +256,10 @@ class Worker(Server):
 
     # ------------------------------------------------------------------ compatibility names
 
-    @property
-    def worker_address(self) -> str:
-        return self.address
-
-    @property
-    def local_dir(self) -> str:
-        return self.local_directory
-
-    @property
-    def tasks(self):
-        return self.state.tasks
-
-    @property
-    def executing_count(self) -> int:
-        return len(self.state.executing)
+    worker_address = property(lambda self: self.address, doc="Our address (dask's older name).")
+    local_dir = property(lambda self: self.local_directory, doc="``local_directory``'s older name.")
+    tasks = property(lambda self: self.state.tasks, doc="The state machine's tasks: ``{key: TaskState}``.")
+    executing_count = property(lambda self: len(self.state.executing), doc="Tasks running now.")
 
     def story(self, *keys: Key, keys_list: Iterable[Key] | None = None) -> list[tuple]:
         if keys_list is not None:
