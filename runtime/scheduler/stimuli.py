@@ -162,8 +162,6 @@ def remove_worker(state: SchedulerState, ev: RemoveWorkerEvent) -> list[Msg]:
             killed[ts.key] = "erred"
         else:
             recs[ts.key] = "released"  # and from there back to waiting
-    # Fail the killers first, so that no later recommendation revives them.
-    out = state.transitions(killed, stimulus_id) if killed else []
     for ts in list(ws.has_what):
         state._remove_replica(ts, ws)
         if not ts.who_has:
@@ -173,8 +171,10 @@ def remove_worker(state: SchedulerState, ev: RemoveWorkerEvent) -> list[Msg]:
                 ts.exception = ScatteredDataLost(ts.key)
                 ts.traceback = ""
                 recs[ts.key] = "erred"
-    out.extend(state.transitions(recs, stimulus_id))
-    return out
+    # One pass, so that the state is checked only once all the worker's tasks have
+    # moved; the killers go in last because recommendations are taken last in,
+    # first out: they fail first, and no later recommendation revives them.
+    return state.transitions({**recs, **killed}, stimulus_id)
 
 
 def check_new_worker(state: SchedulerState, address: str, name: Any = None) -> None:

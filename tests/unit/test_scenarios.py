@@ -10,7 +10,7 @@ import operator
 
 import pytest
 
-from runtime.errors import InvalidStateError, KilledWorker
+from runtime.errors import KilledWorker
 from runtime.execution import Reschedule
 from runtime.scheduler.events import AddKeysEvent
 from runtime.scheduler.records import (
@@ -422,12 +422,9 @@ def test_add_keys_crossing_a_recompute_keeps_the_replica() -> None:
     c.check()
 
 
-@pytest.mark.xfail(strict=True, raises=InvalidStateError, reason=(
-    "BUG: stimuli.remove_worker runs state.transitions(killed) -- which validates the whole "
-    "state -- after popping the worker but before placing again its other processing tasks, "
-    "so with validate=True the death of a worker running a task past allowed_failures and "
-    "another task raises 'processing on an unknown worker'"))
 def test_killed_task_and_a_rescheduled_task_on_the_same_dead_worker() -> None:
+    """Found by this harness: remove_worker validated the state between failing the
+    killer and placing the worker's other task again ('processing on an unknown worker')."""
     c = Cluster(allowed_failures=1)
     for name in "abc":
         c.add_worker(name, 2)
