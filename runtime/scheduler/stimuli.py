@@ -477,6 +477,12 @@ def add_keys(state: SchedulerState, ev: AddKeysEvent) -> list[Msg]:
         ts = state.tasks.get(key)
         if ts is not None and ts.state == "memory":
             state._add_replica(ts, ws)
+        elif ts is not None and ts.processing_on is ws:
+            # The key is being computed again on this very worker (its other holder
+            # died while this message was on the wire): the worker answers that
+            # compute-task with the copy it holds; freeing it here would leave us
+            # counting a replica the worker no longer has.
+            continue
         else:
             stale.append(key)
     return [FreeKeysMsg(stimulus_id, worker, stale)] if stale else []

@@ -399,14 +399,10 @@ def test_idle_timeout_closes_after_work_is_done() -> None:
 # ----------------------------------------------------------------------------- bugs found
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: a worker's add-keys for a fetched key crosses the scheduler's decision to recompute "
-    "that key on the same worker (its only holder died): stimuli.add_keys answers free-keys "
-    "because the key is 'processing', the worker reports task-finished for the copy it holds "
-    "and then obeys free-keys, so the scheduler counts a replica that no longer exists; the "
-    "dependent then finds the key 'missing', missing_data answers refresh-who-has naming the "
-    "worker itself, and the wanted key never finishes"))
 def test_add_keys_crossing_a_recompute_keeps_the_replica() -> None:
+    """Found by this harness: an add-keys crossing the decision to recompute the key on
+    the same worker made the scheduler free the copy the worker then reported; the
+    dependent waited forever."""
     c = Cluster(check=False)
     c.add_worker("a")
     b = c.add_worker("b")
