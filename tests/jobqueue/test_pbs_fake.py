@@ -1,6 +1,10 @@
-"""PBSCluster end to end against a FAKE PBS (``tests/jobqueue/fake_pbs.py``), not a real one.
+"""PBSCluster against a FAKE OpenPBS (``tests/jobqueue/fake_pbs.py``), for OpenPBS's output shapes only.
 
-PBS cannot run here: Debian has no PBS server package.  ``fake_pbs.py``
+The real end-to-end PBS tests are ``test_pbs_cluster.py``: they run against
+the Torque-style ``qsub``/``qstat``/``qdel`` of Debian's ``slurm-wlm-torque``
+(started by ``scripts/pbs.sh``).  No installable system prints OpenPBS's own
+formats (``qstat -x -F json``, ``select=`` chunks), and no OpenPBS server can
+run here, so those shapes are covered by this fake: ``fake_pbs.py``
 provides ``qsub``/``qstat``/``qdel`` with OpenPBS's output formats that really
 run each job script as a background process on this machine (walltime
 enforced with SIGTERM then SIGKILL, ``qdel`` likewise).  So these tests run
