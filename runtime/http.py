@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .comm.admission import Admission
-from .system import raise_fd_limit
+from .system import listening_socket, raise_fd_limit
 from .utils import unparse_host_port
 
 logger = logging.getLogger(__name__)
@@ -241,19 +241,7 @@ class HTTPServer:
 
     @staticmethod
     async def _bind(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
-        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-        family, type_, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, type_, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(128)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return await listening_socket(loop, host, port, 128)
 
     def _on_readable(self) -> None:
         sock = self._sock

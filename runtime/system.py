@@ -5,6 +5,8 @@
   listening.  Login nodes often start processes with a soft limit of 1,024:
   a few hundred connections of a busy (or flooded) scheduler, and a nanny's
   memory monitor in the same process could no longer open ``/proc``.
+* :func:`listening_socket` binds the non-blocking listening socket our TCP
+  listeners and the status page accept connections on.
 * :func:`trim_memory` asks glibc to hand freed heap memory back to the
   system (``malloc_trim``).  glibc keeps it for reuse -- after a large free
   its mmap threshold also grows, so later buffers come from the heap -- and
@@ -13,7 +15,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -74,4 +78,28 @@ def trim_memory() -> bool:
     return bool(_malloc_trim(0))
 
 
-__all__ = ["raise_fd_limit", "trim_memory"]
+async def listening_socket(loop: asyncio.AbstractEventLoop, host: str | None, port: int,
+                           backlog: int) -> socket.socket:
+    """A non-blocking socket bound to ``(host, port)`` and listening (``SO_REUSEADDR``).
+
+    Raises:
+        OSError: the address cannot be resolved or bound.
+    """
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    if not infos:  # pragma: no cover - getaddrinfo raises instead
+        raise OSError(f"cannot resolve {host!r}")
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+__all__ = ["listening_socket", "raise_fd_limit", "trim_memory"]

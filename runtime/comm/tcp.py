@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import CommClosedError, ProtocolError, TLSError
-from ..system import raise_fd_limit
+from ..system import listening_socket, raise_fd_limit
 from ..utils import parse_host_port, unparse_host_port
 from . import core
 from .admission import Admission
@@ -550,20 +550,7 @@ class TLSListener(TCPListener):
     async def start(self) -> None:
         raise_fd_limit()
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-        if not infos:  # pragma: no cover - getaddrinfo raises instead
-            raise OSError(f"cannot resolve {self.host!r}")
-        family, type_, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, type_, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(2048)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
+        sock = await listening_socket(loop, self.host, self.port, 2048)
         self._sock, self._loop = sock, loop
         self._bound = sock.getsockname()[:2]
         self.admission = Admission(self.listen_address, "TLS handshake", *self._max_pending,
