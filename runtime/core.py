@@ -35,7 +35,7 @@ from .comm.core import Listener
 from .errors import ClusterError, CommClosedError, CommError, ProtocolError, UnknownOperationError
 from .messages import Spec, check_message, short_repr
 from .security import Security, local_credentials, security_from_scheduler_info
-from .utils import parse_address, read_scheduler_info
+from .utils import parse_address, parse_host_port, read_scheduler_info
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,19 @@ class Server:
     @property
     def listen_address(self) -> str:
         return self.listeners[0].listen_address
+
+    @property
+    def port(self) -> int:
+        """The port we listen on once bound (a random one when asked for 0); before that, the one asked for."""
+        if self.listeners:
+            protocol, location = parse_address(self.listen_address)
+            if protocol != "inproc":
+                return parse_host_port(location)[1]
+        return self.__dict__.get("_port", 0)
+
+    @port.setter
+    def port(self, value: int) -> None:
+        self.__dict__["_port"] = value
 
     def identity(self) -> dict:
         return {"type": type(self).__name__, "address": self.address}

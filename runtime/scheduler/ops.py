@@ -78,7 +78,8 @@ class SchedulerOps:
             workers: addresses to retire (default: ``workers_to_close(**kwargs)``).
             names: worker names to retire, instead of addresses.
             remove: forget the workers at once (else wait for them to leave).
-            close_workers: also tell the workers to close.
+            close_workers: also tell the workers to close (removed workers are
+                closed anyway, so that they do not register again).
             timeout: give up on a worker whose data has not moved by then.
             wait_for_recipient: when no other running worker can take the data
                 only these workers hold, wait up to this long for one to join
@@ -148,7 +149,9 @@ class SchedulerOps:
             await asyncio.sleep(0.01)
         for w in workers:
             if remove:
-                await self.scheduler.remove_worker(w, safe=True, close=close_workers, stimulus_id=stimulus_id)
+                # Closed even without close_workers (as dask does): a worker only
+                # dropped would register again and take new tasks.
+                await self.scheduler.remove_worker(w, safe=True, close=True, stimulus_id=stimulus_id)
             elif close_workers:
                 self.scheduler.close_worker(w)
         logger.info("retired %s", ", ".join(workers))
@@ -225,19 +228,21 @@ class SchedulerOps:
     async def restart(self, client: str | None = None, timeout: Any = 30) -> str:
         """Restart every worker through its nanny and forget all tasks.
 
-        Workers without a nanny are closed (they cannot come back by themselves).
+        Workers without a nanny are closed: only something outside the cluster
+        (a batch system relaunching them) can bring them back.
 
         Raises:
-            ClusterTimeoutError: the workers did not come back within ``timeout``.
+            ClusterTimeoutError: the workers did not all come back within
+                ``timeout``; the message names the workers that had no nanny.
         """
         timeout = parse_timedelta(timeout) or 30.0
         stimulus_id = self.scheduler._stimulus("restart")
         self.scheduler._send(self.scheduler.state.handle(RestartEvent(stimulus_id)))
         nannies = {a: ws.nanny for a, ws in self.scheduler.state.workers.items() if ws.nanny}
-        n_before = len(nannies)
-        for addr in list(self.scheduler.state.workers):
-            if addr not in nannies:
-                await self.scheduler.remove_worker(addr, safe=True, close=True, stimulus_id=stimulus_id)
+        n_before = len(self.scheduler.state.workers)
+        without_nanny = [a for a in self.scheduler.state.workers if a not in nannies]
+        for addr in without_nanny:
+            await self.scheduler.remove_worker(addr, safe=True, close=True, stimulus_id=stimulus_id)
 
         async def one(nanny: str) -> None:
             with suppress(CommError, OSError):
@@ -245,10 +250,16 @@ class SchedulerOps:
 
         await asyncio.gather(*(one(n) for n in nannies.values()))
         deadline = time.monotonic() + timeout
-        while len([ws for ws in self.scheduler.state.workers.values() if ws.nanny]) < n_before:
+        while len(self.scheduler.state.workers) < n_before:
             if time.monotonic() > deadline:
-                raise ClusterTimeoutError(f"only {len(self.scheduler.state.workers)} of {n_before} workers came back "
-                                          f"within {timeout}s of a restart")
+                why = ""
+                if without_nanny:
+                    why = (f"; {len(without_nanny)} of them ({', '.join(without_nanny)}) had no nanny, so "
+                           "they were closed, not restarted: only a nanny (Nanny, LocalCluster(processes=True)) "
+                           "or a deployment that relaunches them can bring a worker back. Without nannies, "
+                           "do not use restart")
+                raise ClusterTimeoutError(f"only {len(self.scheduler.state.workers)} of {n_before} workers came "
+                                          f"back within {timeout}s of a restart{why}")
             await asyncio.sleep(0.02)
         return "OK"
 

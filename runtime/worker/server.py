@@ -311,6 +311,8 @@ class Worker(Server):
                                     on_no_space=self._spill_no_space)
             self.state.data = self.data
         self.state.address = self.address
+        if self.name is None:  # as in dask: a worker without a name is known by its address
+            self.name = self.address
         self.pool = TaskThreadPool(self.nthreads, self._on_results, worker=self,
                                    name=f"worker-{self.name or self.address}",
                                    on_secede=self._on_secede)
@@ -691,6 +693,7 @@ class Worker(Server):
 
     def _on_close(self, reason: str = "", stimulus_id: str = ""):
         logger.info("scheduler asked worker %s to close (%s)", self.address, reason)
+        self.reconnect = False  # the stream ends next: closing, not a lost scheduler to find again
         self.spawn(self.close(report=False, reason=reason))
         return None
 
