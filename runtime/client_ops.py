@@ -76,6 +76,9 @@ class ClusterOps:
             on_error: str = "raise", **kwargs):
         """Run ``function(*args, **kwargs)`` in every (or the given) worker process.
 
+        A function that takes a ``dask_worker`` parameter gets the Worker object
+        there (an ``async def`` one is awaited on the worker's event loop).
+
         Returns:
             ``{worker_address: result}``.
         """
@@ -100,7 +103,10 @@ class ClusterOps:
         return self.client.sync(call)
 
     def run_on_scheduler(self, function: Callable, *args, **kwargs):
-        """Run ``function(*args, **kwargs)`` in the scheduler's process and return its result."""
+        """Run ``function(*args, **kwargs)`` in the scheduler's process and return its result.
+
+        A function that takes a ``dask_scheduler`` parameter gets the Scheduler object there.
+        """
         return self._scheduler_call("run_function", function=dumps_function(function),
                                     args=dumps_args(args, kwargs))
 

@@ -15,6 +15,7 @@ where much of a per-task hand-off cost goes.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import pickle
@@ -191,6 +192,20 @@ def picklable_exception(exc: BaseException) -> BaseException:
             return exc
         except Exception:
             return TaskError(f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc))
+
+
+def server_kwargs(func: Callable, kwargs: dict | None, name: str, server: Any) -> dict:
+    """``kwargs`` plus ``{name: server}`` when ``func`` takes a parameter called ``name``
+    (``Client.run`` passes ``dask_worker``, ``run_on_scheduler`` ``dask_scheduler``, as dask does)."""
+    kwargs = dict(kwargs or {})
+    try:
+        param = inspect.signature(func).parameters.get(name)
+    except (TypeError, ValueError):  # builtins without a signature take no such parameter
+        return kwargs
+    if param is not None and name not in kwargs and param.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+        kwargs[name] = server
+    return kwargs
 
 
 class Reschedule(Exception):

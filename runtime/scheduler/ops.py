@@ -18,6 +18,7 @@ from contextlib import suppress
 from typing import Any
 
 from ..errors import ClusterTimeoutError, CommError
+from ..execution import server_kwargs
 from ..utils import parse_address, parse_host_port, parse_timedelta, unparse_host_port
 from . import elastic
 from .events import RestartEvent, WorkerStatusEvent
@@ -413,11 +414,11 @@ class SchedulerOps:
 
     async def run_function(self, function: bytes, args: bytes | tuple = (), kwargs: dict | None = None,
                            wait: bool = True) -> Any:
-        """Run a function in the scheduler's process (for ``Client.run_on_scheduler``)."""
+        """Run a function in the scheduler's process (for ``Client.run_on_scheduler``; ``dask_scheduler=`` is the scheduler)."""
         func = pickle.loads(function) if isinstance(function, bytes) else function
         if isinstance(args, bytes):
             args, kwargs = pickle.loads(args)
-        result = func(*args, **(kwargs or {}))
+        result = func(*args, **server_kwargs(func, kwargs, "dask_scheduler", self.scheduler))
         if asyncio.iscoroutine(result):
             result = await result
         return result

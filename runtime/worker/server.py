@@ -745,16 +745,16 @@ class Worker(Server):
 
     async def run(self, function: bytes, args: bytes | tuple = (), kwargs: dict | None = None,
                   wait: bool = True) -> Any:
-        """Run a function in this worker's process (for ``Client.run``)."""
+        """Run a function in this worker's process (for ``Client.run``; ``dask_worker=`` is this worker)."""
         func = pickle.loads(function) if isinstance(function, bytes) else function
         if isinstance(args, bytes):
             args, kwargs = pickle.loads(args)
-        from ..execution import _thread_state
+        from ..execution import _thread_state, server_kwargs
 
         previous = getattr(_thread_state, "worker", None)
         _thread_state.worker = self
         try:
-            result = func(*args, **(kwargs or {}))
+            result = func(*args, **server_kwargs(func, kwargs, "dask_worker", self))
             if asyncio.iscoroutine(result):
                 result = await result
         finally:
