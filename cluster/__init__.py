@@ -21,8 +21,8 @@ _RUNTIME = (
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Client", "ClusterError", "Future",
     "KilledWorker", "LocalCluster", "Nanny", "Reschedule", "Scheduler", "SchedulerPlugin",
     "Security", "Worker", "WorkerPlugin", "as_completed", "default_client", "futures_of",
-    "get_current_task",
-    "get_worker", "progress", "secede", "wait",
+    "get_client", "get_current_task",
+    "get_worker", "progress", "rejoin", "secede", "wait", "worker_client",
 )
 
 
@@ -69,9 +69,12 @@ __all__ = [
     "as_completed",
     "default_client",
     "futures_of",
+    "get_client",
     "get_current_task",
     "get_worker",
     "progress",
+    "rejoin",
     "secede",
     "wait",
+    "worker_client",
 ]

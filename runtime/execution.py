@@ -231,6 +231,10 @@ def run_task(key: Hashable, run_spec: tuple, deps: dict | None) -> tuple:
         value = func(*args, **kwargs)
         if asyncio.iscoroutine(value):
             value = asyncio.run(value)
+        after = getattr(_thread_state, "after_task", None)
+        if after is not None:  # e.g. the worker's client sends what the task submitted
+            _thread_state.after_task = None
+            after()
     except Reschedule:
         return ("reschedule", key)
     except BaseException as e:  # noqa: BLE001 - a task's failure is data, not a crash
@@ -239,6 +243,7 @@ def run_task(key: Hashable, run_spec: tuple, deps: dict | None) -> tuple:
         return ("error", key, picklable_exception(e.with_traceback(None)), tb, start, stop)
     finally:
         _thread_state.key = None
+        _thread_state.after_task = None
     stop = time.time()
     return ("ok", key, value, start, stop, sizeof(value), type(value).__qualname__)
 
@@ -254,6 +259,7 @@ class TaskThreadPool:
     """
 
     _STOP = object()
+    _RETIRE = object()  # a job telling the thread that takes it to leave (see rejoin)
 
     def __init__(self, nthreads: int, on_results: Callable[[list], None], worker: Any = None,
                  name: str = "task", on_secede: Callable[[Hashable, float], None] | None = None):
@@ -266,6 +272,8 @@ class TaskThreadPool:
         self.worker = worker
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.results: deque = deque()
+        #: Seceded tasks waiting to take a pool thread's place again (rejoin).
+        self._rejoining: set[threading.Event] = set()
         self._wakeup_pending = False
         self._closed = False
         self.threads = [
@@ -285,6 +293,13 @@ class TaskThreadPool:
         while True:
             job = jobs.get()
             if job is self._STOP:
+                return
+            if job[0] is self._RETIRE:
+                # A rejoining task takes this thread's place in the pool.
+                with self._lock:
+                    self.threads.remove(threading.current_thread())
+                    self._rejoining.discard(job[1])
+                job[1].set()
                 return
             _thread_state.seceded = False
             outcome = run_task(*job)
@@ -311,6 +326,19 @@ class TaskThreadPool:
         if self.on_secede is not None:
             self.loop.call_soon_threadsafe(self.on_secede, key, compute_duration)
 
+    def rejoin(self) -> None:
+        """The calling seceded task takes a thread's place in the pool again: it
+        waits until a pool thread is free and that thread leaves (``rejoin()``).
+        The pool runs ``nthreads`` tasks at a time again once it has."""
+        done = threading.Event()
+        with self._lock:
+            if self._closed:
+                return
+            self._rejoining.add(done)
+        self.jobs.put((self._RETIRE, done))
+        done.wait()
+        _thread_state.seceded = False
+
     def _drain(self) -> None:
         self._wakeup_pending = False
         results = self.results
@@ -323,9 +351,11 @@ class TaskThreadPool:
     def shutdown(self, timeout: float = 2.0) -> None:
         """Stop the threads; a thread still running a task after ``timeout`` is left
         to finish on its own (it is a daemon and holds no locks of ours)."""
-        self._closed = True
         with self._lock:
+            self._closed = True
             threads = list(self.threads)
+            for waiting in self._rejoining:  # nobody will make room for them now
+                waiting.set()
         for _ in threads:
             self.jobs.put(self._STOP)
         deadline = time.monotonic() + timeout
@@ -360,6 +390,19 @@ def secede() -> None:
         return
     start = getattr(_thread_state, "start", None)
     pool.secede(key, time.time() - start if start else 0.0)
+
+
+def rejoin() -> None:
+    """Take a place in the worker's thread pool again after :func:`secede`.
+
+    Blocks until a pool thread is free (that thread leaves), so the worker again
+    runs no more tasks at a time than it has threads.  Does nothing outside a
+    task or in a task that has not seceded.
+    """
+    pool = getattr(_thread_state, "pool", None)
+    if pool is None or getattr(_thread_state, "key", None) is None or not getattr(_thread_state, "seceded", False):
+        return
+    pool.rejoin()
 
 
 def get_current_task() -> Hashable | None:

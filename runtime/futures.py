@@ -122,6 +122,18 @@ def _fresh_copy(exc: BaseException) -> BaseException:
     return new.with_traceback(None)
 
 
+def _unpickle_future(key: Key) -> Future:
+    """A pickled future, attached to this side's client (:func:`runtime.task_client.client_for_unpickling`),
+    which tells the scheduler that it wants the key too."""
+    from .task_client import client_for_unpickling
+
+    client = client_for_unpickling()
+    future = Future(key, client)
+    client._send({"op": "update-graph", "tasks": {}, "keys": [key], "dependencies": {}, "restrictions": {},
+                  "loose_restrictions": [], "resources": {}, "retries": {}, "user_priority": {}})
+    return future
+
+
 class Future:
     """A remotely running computation.
 
@@ -159,10 +171,9 @@ class Future:
         if keys is not None:  # inside a dask graph node: a dependency (runtime.collections)
             keys.add(self.key)
             return (graph_future_value, (self.key,))
-        raise TypeError(
-            f"a Future ({self.key!r}) cannot be pickled on its own; pass it as an argument "
-            "to submit/map (it is replaced by its value on the worker)"
-        )
+        # Anywhere else (a task returning futures it made, futures inside a value):
+        # a reference to the key, live again in the client of the unpickling side.
+        return (_unpickle_future, (self.key,))
 
     @property
     def status(self) -> str:

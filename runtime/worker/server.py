@@ -46,6 +46,7 @@ from ..files import (
 from ..security import resolve_security
 from ..statemachine import Instruction, Msg
 from ..system import trim_memory
+from ..task_client import close_worker_client
 from ..utils import (
     format_bytes,
     get_address_host,
@@ -586,6 +587,7 @@ class Worker(Server):
             await self.finished()
             return "OK"
         self.status = Status.closing
+        await close_worker_client(self)  # the client of our tasks (get_client)
         for plugin in list(self.plugins.values()):
             try:
                 await self._plugin_call(plugin, "teardown")
