@@ -98,29 +98,6 @@ class CommandError(Exception):
     """A command cannot go on; the message is reported without a traceback."""
 
 
-# ----------------------------------------------------------------------------- option types
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------- parsers
 
 
