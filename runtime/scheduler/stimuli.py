@@ -256,6 +256,7 @@ def update_graph(state: SchedulerState, ev: UpdateGraphEvent) -> list[Msg]:
     new: list[TaskState] = []
     out: list[Msg] = []
     recs: dict[Key, str] = {}
+    unknown: dict[Key, str] = {}
     for key, spec in tasks.items():
         ts = state.tasks.get(key)
         if ts is None:
@@ -274,10 +275,12 @@ def update_graph(state: SchedulerState, ev: UpdateGraphEvent) -> list[Msg]:
         for dep_key in dependencies.get(ts.key, ()):
             dts = state.tasks.get(dep_key)
             if dts is None:
+                # Unknown: a placeholder that fails through the table (released -> erred),
+                # before the new tasks wait on it, so they fail with its error.
                 dts = state.tasks[dep_key] = TaskState(dep_key, None)
                 dts.exception = KeyError(f"dependency {dep_key!r} is not known to the scheduler")
                 dts.exception_blame = dts
-                dts.state = "erred"
+                unknown[dep_key] = "erred"
             ts.dependencies.add(dts)
             dts.dependents.add(ts)
         r = restrictions.get(ts.key)
@@ -291,6 +294,8 @@ def update_graph(state: SchedulerState, ev: UpdateGraphEvent) -> list[Msg]:
         up = user_priority.get(ts.key, 0) if isinstance(user_priority, dict) else user_priority
         ts.priority = (-up, next(state._priority_counter))
     state.placement.mark_rootish(new)
+    if unknown:
+        out.extend(state.transitions(unknown, stimulus_id))
     for key in keys:
         ts = state.tasks.get(key)
         if ts is None:
@@ -659,26 +664,34 @@ def worker_status(state: SchedulerState, ev: WorkerStatusEvent) -> list[Msg]:
 
 
 def restart(state: SchedulerState, ev: RestartEvent) -> list[Msg]:
-    """Forget every task (the workers are being restarted); clients hear their keys were cancelled."""
-    stimulus_id = ev.stimulus_id
-    from .records import CancelledKeyMsg
+    """Forget every task (the workers are being restarted); clients hear their keys were cancelled.
 
+    Through the transition table like any other change, so ``story()`` shows it:
+    no client wants anything any more, and every task is recommended
+    ``forgotten``, dependents before their dependencies.
+    """
+    stimulus_id = ev.stimulus_id
     out: list[Msg] = []
-    for ts in list(state.tasks.values()):
+    for ts in state.tasks.values():
         for cs in ts.who_wants:
             out.append(CancelledKeyMsg(stimulus_id, cs.client_key, ts.key, "restart"))
             cs.wants_what.discard(ts)
         ts.who_wants.clear()
-    for ws in state.workers.values():
-        ws.processing.clear()
-        ws.has_what.clear()
-        ws.nbytes = 0
-        ws.occupancy = 0.0
-        ws.long_running.clear()
-        state.placement.check_idle_saturated(ws)
-    state.tasks.clear()
-    state.queued.clear()
-    state.unrunnable.clear()
+    # Recommendations are taken last in, first out: dependencies go in first.
+    recs: dict[Key, str] = {}
+    stack = [(ts, False) for ts in state.tasks.values()]
+    while stack:
+        ts, expanded = stack.pop()
+        if ts.key in recs:
+            continue
+        if expanded:
+            recs[ts.key] = "forgotten"
+        else:
+            stack.append((ts, True))
+            stack.extend((dts, False) for dts in ts.dependencies if dts.key not in recs)
+    out.extend(state.transitions(recs, stimulus_id))
+    # The queue drops the entries of tasks that left it lazily; none is left to wait for.
+    state.queued[:] = [entry for entry in state.queued if entry[2].state == "queued"]
     return out
 
 

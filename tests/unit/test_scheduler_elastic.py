@@ -30,6 +30,7 @@ from runtime.scheduler.state import (
     AcquireReplicasMsg,
     CancelledKeyMsg,
     ComputeTaskMsg,
+    FreeKeysMsg,
     KeyInMemoryMsg,
     LostDataMsg,
     SchedulerState,
@@ -802,13 +803,17 @@ def test_restart_state_forgets_everything_and_cancels_client_keys(state):
     states_before = {ts.state for ts in state.tasks.values()}
     assert {"memory", "processing", "queued", "no-worker"} <= states_before
     out = state.handle(RestartEvent("restart-1"))
-    assert all(isinstance(m, CancelledKeyMsg) for m in out)
+    # Through the transition table: workers are told to drop what they held or ran.
+    assert {type(m) for m in out} <= {CancelledKeyMsg, FreeKeysMsg}
+    out = [m for m in out if isinstance(m, CancelledKeyMsg)]
     assert {(m.client, m.key) for m in out} == {
         ("c1", "y"), ("c1", "s"), ("c2", "y"), ("c2", "r"),
         ("c2", "q-1"), ("c2", "q-2"), ("c2", "q-3"), ("c2", "q-4"), ("c2", "q-5"),
     }
     assert {m.stimulus_id for m in out} == {"restart-1"} and {m.reason for m in out} == {"restart"}
     assert state.tasks == {} and state.queued == [] and state.unrunnable == set()
+    story = state.story("x", "y", "s")
+    assert {e[0] for e in story if e[2] == "forgotten"} == {"x", "y", "s"}
     for ws in state.workers.values():
         assert not ws.processing and not ws.has_what and ws.nbytes == 0 and ws.occupancy == 0
         assert ws.address in state.idle

@@ -1437,8 +1437,13 @@ def test_cancel_keeps_input_needed_by_another_client(state):
 
 def test_unknown_dependency_computed_once_submitted(state):
     state.handle(AddWorkerEvent(A))
-    state.handle(UpdateGraphEvent("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]}))
+    out = state.handle(UpdateGraphEvent("c", {"y": SPEC}, ["y"], dependencies={"y": ["x"]}))
     assert states(state) == {"y": "erred", "x": "erred"}
+    (err,) = of_type(out, TaskErredClientMsg)
+    assert err.key == "y" and isinstance(err.exception, KeyError) and "'x'" in str(err.exception)
+    # Through the transition table, so the story says how x and y failed.
+    assert ("x", "released", "erred") in {e[:3] for e in state.story("x")}
+    assert ("y", "released", "erred") in {e[:3] for e in state.story("y")}
     out = state.handle(UpdateGraphEvent("c", {"x": SPEC}, ["x"]))
     assert of_type(out, TaskErredClientMsg) == []
     assert computes(out) == {"x": A}
