@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from .execution import TaskRef, dumps_args, graph_pickling, run_graph_node, run_graph_node_bytes
 from .futures import Future
-from .graph import check_task_options
+from .graph import check_task_options, update_graph_msg
 from .utils import validate_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -311,17 +311,7 @@ def translate_graph(client: Client, dsk: Any, keys: Any, *, annotations: Mapping
         tasks[key] = recipe
         if deps:
             dependencies[key] = list(deps)
-    msg = {
-        "op": "update-graph",
-        "tasks": tasks,
-        "keys": list(wanted),
-        "dependencies": dependencies,
-        "restrictions": {},
-        "loose_restrictions": [],
-        "resources": {},
-        "retries": {},
-        "user_priority": {},
-    }
+    msg = update_graph_msg(tasks, list(wanted), dependencies)
     _apply_annotations(msg, ann)
     return GraphSubmission(msg, wanted)
 

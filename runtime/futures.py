@@ -125,12 +125,12 @@ def _fresh_copy(exc: BaseException) -> BaseException:
 def _unpickle_future(key: Key) -> Future:
     """A pickled future, attached to this side's client (:func:`runtime.task_client.client_for_unpickling`),
     which tells the scheduler that it wants the key too."""
+    from .graph import update_graph_msg  # (both import this module)
     from .task_client import client_for_unpickling
 
     client = client_for_unpickling()
     future = Future(key, client)
-    client._send({"op": "update-graph", "tasks": {}, "keys": [key], "dependencies": {}, "restrictions": {},
-                  "loose_restrictions": [], "resources": {}, "retries": {}, "user_priority": {}})
+    client._send(update_graph_msg({}, [key]))
     return future
 
 

@@ -136,17 +136,32 @@ def graph_msg(pieces: dict, keys: list, workers, resources, retries, priority,
         tasks[k] = p["spec"]
         if p["deps"]:
             dependencies[k] = list(p["deps"])
-    restrictions = {k: list(workers) for k in pieces} if workers else {}
+    return update_graph_msg(
+        tasks, keys, dependencies,
+        restrictions={k: list(workers) for k in pieces} if workers else {},
+        loose_restrictions=list(pieces) if (workers and allow_other_workers) else [],
+        resources={k: dict(resources) for k in pieces} if resources else {},
+        retries={k: int(retries) for k in pieces} if retries else {},
+        user_priority={k: priority for k in pieces} if priority else {},
+    )
+
+
+def update_graph_msg(tasks: dict, keys: list, dependencies: dict | None = None, *,
+                     restrictions: dict | None = None, loose_restrictions: list | None = None,
+                     resources: dict | None = None, retries: dict | None = None,
+                     user_priority: dict | None = None) -> dict:
+    """An ``update-graph`` message with every field the scheduler's spec lists (the one
+    place its shape is written on the client side; see ``messages.SCHEDULER_CLIENT_STREAM``)."""
     return {
         "op": "update-graph",
         "tasks": tasks,
         "keys": keys,
-        "dependencies": dependencies,
-        "restrictions": restrictions,
-        "loose_restrictions": list(pieces) if (workers and allow_other_workers) else [],
-        "resources": {k: dict(resources) for k in pieces} if resources else {},
-        "retries": {k: int(retries) for k in pieces} if retries else {},
-        "user_priority": {k: priority for k in pieces} if priority else {},
+        "dependencies": {} if dependencies is None else dependencies,
+        "restrictions": {} if restrictions is None else restrictions,
+        "loose_restrictions": [] if loose_restrictions is None else loose_restrictions,
+        "resources": {} if resources is None else resources,
+        "retries": {} if retries is None else retries,
+        "user_priority": {} if user_priority is None else user_priority,
     }
 
 

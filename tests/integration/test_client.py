@@ -30,6 +30,7 @@ from cluster import (
     wait,
 )
 from runtime.errors import ClusterError, RemoteTraceback, TaskError, TaskSerializationError
+from runtime.execution import picklable_exception
 from tests.helpers import gen_cluster, gen_test, until, until_sync
 
 # ----------------------------------------------------------------------------- task functions
@@ -620,10 +621,15 @@ async def test_unpicklable_exception_becomes_task_error():
         assert isinstance(info.value.__cause__, RemoteTraceback)
         assert "raise_unpicklable" in info.value.__cause__.text
 
+        # Whether UnloadableError survives a pickle round trip depends on the process:
+        # tblib's pickling support (which importing dask installs) rebuilds exceptions
+        # without calling __init__.  It reaches the client as itself when it survives,
+        # else as a TaskError naming it.
+        survives = not isinstance(picklable_exception(UnloadableError(1, 2)), TaskError)
         g = c.submit(raise_unloadable)
-        with pytest.raises(TaskError) as info:
+        with pytest.raises(UnloadableError if survives else TaskError) as info:
             await g
-        assert "UnloadableError" in info.value.type_name
+        assert survives or "UnloadableError" in info.value.type_name
 
 
 # ----------------------------------------------------------------------------- wait and as_completed
