@@ -39,6 +39,7 @@ from ..security import (
 from ..statemachine import Msg
 from ..utils import get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
 from . import elastic, stimuli
+from . import extensions as _extensions
 from .data import SchedulerData, scatter_to_workers  # noqa: F401  (re-exported)
 from .events import (
     AddKeysEvent,
@@ -66,8 +67,6 @@ from .state import SchedulerState, TaskState, WorkerState
 logger = logging.getLogger(__name__)
 
 Key = Hashable
-
-#: Seconds between re-estimates of every worker's expected load.
 
 
 def _state_setting(name: str, doc: str) -> property:
@@ -193,6 +192,8 @@ class Scheduler(Server):
             "register-worker": self.add_worker,
             "register-client": self.add_client,
         })
+        #: Parts with their own state and handlers (variables, queues, locks...): ``{name: part}``.
+        self.extensions: dict[str, Any] = _extensions.install(self, extensions)
         self.message_specs = {**messages.SCHEDULER_REQUESTS, **messages.SCHEDULER_STREAM_OPENINGS}
         self.worker_ops = {
             "task-finished": self._on_task_finished,
@@ -437,6 +438,7 @@ class Scheduler(Server):
                     await result
             except Exception:
                 logger.exception("scheduler plugin %r failed to close", plugin)
+        await asyncio.gather(*_extensions.call_hook(self.extensions, "close"), return_exceptions=True)
         if close_workers:
             for bs in list(self.stream_comms.values()):
                 with suppress(CommClosedError):
@@ -611,6 +613,7 @@ class Scheduler(Server):
         # Send before any await: messages of later stimuli must not overtake these.
         self._send(instrs)
         self.ops._plugin_hook("remove_worker", scheduler=self, worker=address)
+        _extensions.call_hook(self.extensions, "remove_worker", address)
         if bs is not None:
             if close:
                 with suppress(CommClosedError):
@@ -723,6 +726,7 @@ class Scheduler(Server):
         """Forget a client; the keys only it wanted are released."""
         self._send(self.state.handle(RemoveClientEvent(client, self._stimulus("remove-client"))))
         self.ops._plugin_hook("remove_client", scheduler=self, client=client)
+        _extensions.call_hook(self.extensions, "remove_client", client)
 
     def client_releases_keys(self, keys: Iterable[Key] | None = None, client: str | None = None) -> None:
         """Remove keys from a client's desired set."""
