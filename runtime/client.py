@@ -50,10 +50,7 @@ from .futures import Future, FutureState
 from .graph import collect_futures, graph_msg, substitute_results, task_piece
 from .loop import loop_runner, sync
 from .security import Security, local_credentials, resolve_security, security_from_scheduler_info
-from .utils import (
-    parse_timedelta,
-    read_scheduler_info,
-)
+from .utils import delegate, parse_timedelta, read_scheduler_info
 
 logger = logging.getLogger(__name__)
 
@@ -567,95 +564,31 @@ class Client:
 
     # ------------------------------------------------------------------ cluster-wide operations (client.ops)
 
-    def who_has(self, futures=None):
-        """``{key: [worker addresses]}`` for the given futures (or all keys) (:meth:`ClusterOps.who_has`)."""
-        return self.ops.who_has(futures)
-
-    def has_what(self, workers=None):
-        """``{worker address: [keys]}`` (:meth:`ClusterOps.has_what`)."""
-        return self.ops.has_what(workers)
-
-    def nthreads(self, workers=None):
-        """``{worker address: threads}`` (:meth:`ClusterOps.nthreads`)."""
-        return self.ops.nthreads(workers)
-
-    def scheduler_info(self):
-        """The scheduler's identity, with ``"workers"``: ``{address: info}`` (:meth:`ClusterOps.scheduler_info`)."""
-        return self.ops.scheduler_info()
-
-    def story(self, *keys):
-        """The scheduler's transition log for ``keys`` (:meth:`ClusterOps.story`)."""
-        return self.ops.story(*keys)
-
-    def run(self, function: Callable, *args, workers=None, wait: bool = True, nanny: bool = False,
-            on_error: str = "raise", **kwargs):
-        """Run ``function(*args, **kwargs)`` in every (or the given) worker process (:meth:`ClusterOps.run`)."""
-        return self.ops.run(function, *args, workers=workers, wait=wait, nanny=nanny, on_error=on_error, **kwargs)
-
-    def run_on_scheduler(self, function: Callable, *args, **kwargs):
-        """Run ``function(*args, **kwargs)`` in the scheduler's process and return its result (:meth:`ClusterOps.run_on_scheduler`)."""
-        return self.ops.run_on_scheduler(function, *args, **kwargs)
-
-    def upload_file(self, filename: str, load: bool = True):
-        """Send a local file to every worker (``.py``/``.zip``/``.egg`` are imported there) (:meth:`ClusterOps.upload_file`)."""
-        return self.ops.upload_file(filename, load)
-
-    def retire_workers(self, workers: list[str] | None = None, close_workers: bool = True, **kwargs):
-        """Gracefully retire workers: their unique data moves to others first (:meth:`ClusterOps.retire_workers`)."""
-        return self.ops.retire_workers(workers, close_workers, **kwargs)
-
-    def rebalance(self, futures=None, workers: list[str] | None = None):
-        """Even out the bytes held by each worker (for ``futures``' keys, or all) (:meth:`ClusterOps.rebalance`)."""
-        return self.ops.rebalance(futures, workers)
-
-    def replicate(self, futures, n: int | None = None, workers: list[str] | None = None,
-                  branching_factor: int = 2):
-        """Keep ``n`` copies (default: one per worker) of each future's data (:meth:`ClusterOps.replicate`)."""
-        return self.ops.replicate(futures, n, workers, branching_factor)
-
-    def restart(self, timeout: Any = 30):
-        """Restart every worker through its nanny and forget all tasks (futures are cancelled) (:meth:`ClusterOps.restart`)."""
-        return self.ops.restart(timeout)
-
-    def register_worker_plugin(self, plugin: Any, name: str | None = None):
-        """Run ``plugin.setup(worker)`` on every worker, present and future (:meth:`ClusterOps.register_worker_plugin`)."""
-        return self.ops.register_worker_plugin(plugin, name)
-
-    def register_scheduler_plugin(self, plugin: Any, name: str | None = None, idempotent: bool = False):
-        """Add a plugin to the scheduler (see ``runtime.scheduler.ops.SchedulerPlugin``) (:meth:`ClusterOps.register_scheduler_plugin`)."""
-        return self.ops.register_scheduler_plugin(plugin, name, idempotent)
-
-    def wait_for_workers(self, n_workers: int = 1, timeout: float | None = None):
-        """Block until at least ``n_workers`` workers are connected (:meth:`ClusterOps.wait_for_workers`)."""
-        return self.ops.wait_for_workers(n_workers, timeout)
+    who_has = delegate("ops", ClusterOps.who_has)
+    has_what = delegate("ops", ClusterOps.has_what)
+    nthreads = ncores = delegate("ops", ClusterOps.nthreads)
+    scheduler_info = delegate("ops", ClusterOps.scheduler_info)
+    story = delegate("ops", ClusterOps.story)
+    run = delegate("ops", ClusterOps.run)
+    run_on_scheduler = delegate("ops", ClusterOps.run_on_scheduler)
+    upload_file = delegate("ops", ClusterOps.upload_file)
+    retire_workers = delegate("ops", ClusterOps.retire_workers)
+    rebalance = delegate("ops", ClusterOps.rebalance)
+    replicate = delegate("ops", ClusterOps.replicate)
+    restart = delegate("ops", ClusterOps.restart)
+    register_worker_plugin = delegate("ops", ClusterOps.register_worker_plugin)
+    register_scheduler_plugin = delegate("ops", ClusterOps.register_scheduler_plugin)
+    wait_for_workers = delegate("ops", ClusterOps.wait_for_workers)
+    get_scheduler_logs = delegate("ops", ClusterOps.get_scheduler_logs)
+    get_worker_logs = delegate("ops", ClusterOps.get_worker_logs)
+    get_worker_events = delegate("ops", ClusterOps.get_worker_events)
+    profile = delegate("ops", ClusterOps.profile)
+    progress = delegate("ops", ClusterOps.progress)
 
     @property
     def dashboard_link(self) -> str | None:
         """The scheduler's status page (``None`` if it serves none)."""
         return self.ops.dashboard_link
-
-    def get_scheduler_logs(self, n: int | None = None):
-        """The scheduler's last ``n`` (default all kept) log records: ``[(level, message), ...]`` (:meth:`ClusterOps.get_scheduler_logs`)."""
-        return self.ops.get_scheduler_logs(n)
-
-    def get_worker_logs(self, n: int | None = None, workers: list[str] | None = None,
-                        nanny: bool = False):
-        """Each worker's last ``n`` log records: ``{address: [(level, message), ...]}`` (:meth:`ClusterOps.get_worker_logs`)."""
-        return self.ops.get_worker_logs(n, workers, nanny)
-
-    def get_worker_events(self, topic: str | None = None, workers: list[str] | None = None):
-        """Each worker's structured events (``Worker.log_event``): ``{address: ...}`` (:meth:`ClusterOps.get_worker_events`)."""
-        return self.ops.get_worker_events(topic, workers)
-
-    def profile(self, key: str | None = None, workers: list[str] | None = None):
-        """Sampled profiles of running tasks (workers with ``profile=True``), per task prefix: (:meth:`ClusterOps.profile`)."""
-        return self.ops.profile(key, workers)
-
-    def progress(self, *futures, **kwargs):
-        """A progress bar over ``futures`` (see :func:`runtime.progress.progress`) (:meth:`ClusterOps.progress`)."""
-        return self.ops.progress(*futures, **kwargs)
-
-    ncores = nthreads
 
     # ------------------------------------------------------------------ dask graphs and collections
 

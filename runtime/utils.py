@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import re
 import reprlib
 import socket
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from .errors import AddressError
 
@@ -366,3 +368,26 @@ def _short_repr(value) -> str:
     except Exception:
         r = f"<{type(value).__name__}>"
     return r
+
+
+def delegate(part: str, method: Callable) -> Callable:
+    """A method that calls ``method`` on the object's part ``part`` (``self.<part>``).
+
+    The servers and the client expose the documented API of their parts
+    (``client.who_has`` is ``client.ops.who_has``) with this, one line each;
+    the name, docstring and signature are the part's own.
+    """
+
+    name = method.__name__
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def acall(self, *args, **kwargs):
+            return await getattr(getattr(self, part), name)(*args, **kwargs)
+
+        return acall
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        return getattr(getattr(self, part), name)(*args, **kwargs)
+
+    return call

@@ -37,7 +37,7 @@ from ..security import (
     write_private_file,
 )
 from ..statemachine import Msg
-from ..utils import get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
+from ..utils import delegate, get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
 from . import elastic, stimuli
 from . import extensions as _extensions
 from .data import SchedulerData, scatter_to_workers  # noqa: F401  (re-exported)
@@ -313,77 +313,24 @@ class Scheduler(Server):
 
     # ------------------------------------------------------------------ the documented API of the parts
 
-    async def gather(self, keys=(), serializers=None) -> dict:
-        """Collect data for ``keys`` from the workers that hold them (see :class:`SchedulerData`)."""
-        return await self.data.gather(keys, serializers)
-
-    async def scatter(self, *args, **kwargs):
-        """Put data on workers through the scheduler (see :meth:`SchedulerData.scatter`)."""
-        return await self.data.scatter(*args, **kwargs)
-
-    def update_data(self, *args, **kwargs):
-        """Learn of data put on workers from outside (see :meth:`SchedulerData.update_data`)."""
-        return self.data.update_data(*args, **kwargs)
-
-    def get_who_has(self, keys=None) -> dict:
-        """``{key: [worker addresses]}``."""
-        return self.data.get_who_has(keys)
-
-    def get_has_what(self, workers=None) -> dict:
-        """``{worker: [keys]}``."""
-        return self.data.get_has_what(workers)
-
-    def get_nthreads(self, workers=None) -> dict:
-        """``{worker: threads}``."""
-        return self.data.get_nthreads(workers)
-
-    async def retire_workers(self, *args, **kwargs):
-        """Retire workers gracefully, their unique data moved first (see :meth:`SchedulerOps.retire_workers`)."""
-        return await self.ops.retire_workers(*args, **kwargs)
-
-    def workers_to_close(self, *args, **kwargs) -> list:
-        """Workers that are cheap to close (see :meth:`SchedulerOps.workers_to_close`)."""
-        return self.ops.workers_to_close(*args, **kwargs)
-
-    def adaptive_target(self, *args, **kwargs) -> int:
-        """How many workers the current work wants (see :meth:`SchedulerOps.adaptive_target`)."""
-        return self.ops.adaptive_target(*args, **kwargs)
-
-    async def replicate(self, *args, **kwargs):
-        """Copy keys to more workers (see :meth:`SchedulerOps.replicate`)."""
-        return await self.ops.replicate(*args, **kwargs)
-
-    async def rebalance(self, *args, **kwargs):
-        """Even out the data held by workers (see :meth:`SchedulerOps.rebalance`)."""
-        return await self.ops.rebalance(*args, **kwargs)
-
-    async def restart(self, *args, **kwargs):
-        """Restart every worker, forgetting every task (see :meth:`SchedulerOps.restart`)."""
-        return await self.ops.restart(*args, **kwargs)
-
-    async def add_plugin(self, *args, **kwargs):
-        """Add a scheduler plugin (see :meth:`SchedulerOps.add_plugin`)."""
-        return await self.ops.add_plugin(*args, **kwargs)
-
-    def remove_plugin(self, *args, **kwargs):
-        """Remove a scheduler plugin by name (see :meth:`SchedulerOps.remove_plugin`)."""
-        return self.ops.remove_plugin(*args, **kwargs)
-
-    async def register_worker_plugin(self, *args, **kwargs):
-        """Install a worker plugin on every worker, now and later."""
-        return await self.ops.register_worker_plugin(*args, **kwargs)
-
-    async def proxy(self, *args, **kwargs):
-        """Send a message to a worker and return its answer."""
-        return await self.ops.proxy(*args, **kwargs)
-
-    def get_worker_service_addr(self, *args, **kwargs):
-        """Where a worker serves ``service_name`` (see :meth:`SchedulerOps.get_worker_service_addr`)."""
-        return self.ops.get_worker_service_addr(*args, **kwargs)
-
-    def coerce_address(self, *args, **kwargs):
-        """A worker's address from an address, name or ``host:port``."""
-        return self.ops.coerce_address(*args, **kwargs)
+    gather = delegate("data", SchedulerData.gather)
+    scatter = delegate("data", SchedulerData.scatter)
+    update_data = delegate("data", SchedulerData.update_data)
+    get_who_has = delegate("data", SchedulerData.get_who_has)
+    get_has_what = delegate("data", SchedulerData.get_has_what)
+    get_nthreads = delegate("data", SchedulerData.get_nthreads)
+    retire_workers = delegate("ops", SchedulerOps.retire_workers)
+    workers_to_close = delegate("ops", SchedulerOps.workers_to_close)
+    adaptive_target = delegate("ops", SchedulerOps.adaptive_target)
+    replicate = delegate("ops", SchedulerOps.replicate)
+    rebalance = delegate("ops", SchedulerOps.rebalance)
+    restart = delegate("ops", SchedulerOps.restart)
+    add_plugin = delegate("ops", SchedulerOps.add_plugin)
+    remove_plugin = delegate("ops", SchedulerOps.remove_plugin)
+    register_worker_plugin = delegate("ops", SchedulerOps.register_worker_plugin)
+    proxy = delegate("ops", SchedulerOps.proxy)
+    get_worker_service_addr = delegate("ops", SchedulerOps.get_worker_service_addr)
+    coerce_address = delegate("ops", SchedulerOps.coerce_address)
 
     @property
     def dashboard_link(self) -> str | None:
