@@ -105,6 +105,12 @@ class Cluster:
         self.reports: list[Msg] = []
         #: How many times each key was executed (anywhere).
         self.calls: Counter = Counter()
+        #: Every execution's key, in the order the executions finished.
+        self.order: list[Key] = []
+        #: Keys a worker leaves out of its answer to a fetch (lost or evicted there).
+        self.withheld: dict[str, set[Key]] = {}
+        #: Workers whose transfers fail as if the network broke (the worker lives on).
+        self.unreachable: set[str] = set()
         self.closed: str | None = None
         self.counter = 0
         #: Seconds each execution reports in its startstops (the clock does not move).
@@ -160,6 +166,61 @@ class Cluster:
 
     def cancel(self, *keys: Key, client: str = "client", force: bool = False) -> None:
         self._to_scheduler(sev.CancelEvent(list(keys), client, force, self.sid("cancel")))
+
+    def remove_client(self, client: str = "client") -> None:
+        """The client closed (or its connection broke)."""
+        self._to_scheduler(sev.RemoveClientEvent(client, self.sid("remove-client")))
+
+    def scatter(self, data: dict[Key, Any], *names: str, client: str = "client") -> None:
+        """``Client.scatter``: the values go round robin to ``names`` (default: every
+        worker), then the scheduler is told who has them (``update-data``)."""
+        addrs = [self.address(n) for n in names] or list(self.workers)
+        who_has: dict[Key, list[str]] = {}
+        for i, (key, value) in enumerate(data.items()):
+            addr = addrs[i % len(addrs)]
+            self._route_worker(addr, self.workers[addr].handle(
+                wev.UpdateDataEvent(self.sid("update-data"), {key: value}, {key: sizeof(value)})))
+            who_has[key] = [addr]
+        self._to_scheduler(sev.UpdateDataEvent(who_has, {k: sizeof(v) for k, v in data.items()},
+                                               client, stimulus_id=self.sid("scatter")))
+
+    def secede(self, key: Key) -> None:
+        """The running task ``key`` calls ``secede()``: it leaves the thread pool."""
+        for addr, ws in self.workers.items():
+            if key in ws.tasks and ws.tasks[key].state == "executing":
+                self._route_worker(addr, ws.handle(wev.SecedeEvent(f"secede-{key}", key, 0.5)))
+                return
+        raise KeyError(f"{key!r} is executing nowhere")
+
+    def reconnect(self, name: str) -> None:
+        """The worker's stream breaks and it registers again with the data it holds
+        (``reconnect=True``): messages in flight on the old stream are lost."""
+        addr = self.address(name)
+        ws = self.workers[addr]
+        self.queue = deque(e for e in self.queue if SCHEDULER not in (e[0], e[1]) or addr not in (e[0], e[1]))
+        self._route_scheduler(self.scheduler.handle(sev.RemoveWorkerEvent(addr, self.sid("worker-stream-closed"))))
+        memory = {k: ts.nbytes for k, ts in ws.tasks.items() if ts.state == "memory"}
+        self._to_scheduler(sev.AddWorkerEvent(addr, ws.nthreads, name=name, host=name, keys=list(memory),
+                                              nbytes=memory, resources=ws.total_resources or None,
+                                              stimulus_id=self.sid("add-worker")))
+
+    def replicate(self, keys: Iterable[Key], n: int | None = None) -> None:
+        """``Client.replicate`` as ``runtime/scheduler/ops.py`` runs it: copy, wait, drop extras."""
+        instrs, drops = elastic.replicate_plan(self.scheduler, list(keys), n, None, self.sid("replicate"))
+        self._copy_then_drop(instrs, drops)
+
+    def rebalance(self, keys: Iterable[Key] | None = None) -> None:
+        """``Client.rebalance``: copy towards the mean, wait, drop the senders' copies."""
+        instrs, drops = elastic.rebalance_plan(self.scheduler, keys, None, self.sid("rebalance"))
+        self._copy_then_drop(instrs, drops)
+
+    def _copy_then_drop(self, instrs: list, drops: dict[str, list[Key]]) -> None:
+        self._route_scheduler(instrs)
+        self.run_until_idle()
+        for addr, keys in drops.items():
+            if addr in self.workers:
+                self.queue.append((SCHEDULER, addr, wev.RemoveReplicasEvent(self.sid("remove-replicas"), keys)))
+        self.run_until_idle()
 
     def kill_worker(self, name: str) -> None:
         """The worker dies: its streams break (queued messages from/to it are lost)."""
@@ -258,6 +319,7 @@ class Cluster:
     def _execute(self, key: Key, args: tuple) -> Any:
         func, sid = self.functions[key][0], f"execute-{key}"  # the shell's stimulus_id
         self.calls[key] += 1
+        self.order.append(key)
         try:
             value = func(*args) if callable(func) else func
         except Reschedule:
@@ -270,9 +332,10 @@ class Cluster:
 
     def _gather(self, inst: wev.GatherDep) -> Any:
         peer = self.workers.get(inst.worker)
-        if peer is None:
+        if peer is None or inst.worker in self.unreachable:
             return wev.GatherDepNetworkFailureEvent(inst.stimulus_id, inst.worker, list(inst.keys))
-        data = {k: peer.data[k] for k in inst.keys if k in peer.data}
+        withheld = self.withheld.get(inst.worker, set())
+        data = {k: peer.data[k] for k in inst.keys if k in peer.data and k not in withheld}
         nbytes = {k: peer.tasks[k].nbytes if k in peer.tasks else -1 for k in data}
         return wev.GatherDepSuccessEvent(inst.stimulus_id, inst.worker, data, nbytes)
 
