@@ -32,6 +32,8 @@ import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..extensions.event import EventExtension
+from ..extensions.semaphore import SemaphoreExtension
 from .events import ClientReleasesKeysEvent, UpdateGraphEvent
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,7 +55,10 @@ class SchedulerExtension(Protocol):
 
 #: The extensions every Scheduler has unless ``extensions=`` says otherwise:
 #: ``{name: factory(scheduler)}``.
-DEFAULT_EXTENSIONS: dict[str, Callable[[Scheduler], SchedulerExtension]] = {}
+DEFAULT_EXTENSIONS: dict[str, Callable[[Scheduler], SchedulerExtension]] = {
+    "events": EventExtension,
+    "semaphores": SemaphoreExtension,  # also Lock's
+}
 
 
 def install(scheduler: Scheduler, factories: Mapping[str, Callable[[Scheduler], Any]] | None
