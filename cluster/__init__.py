@@ -18,9 +18,9 @@ _JOBQUEUE = ("JobQueueCluster", "PBSCluster", "SGECluster", "SLURMCluster")
 #: module that defines each: ``python -m cluster`` under MPI imports what each
 #: rank's role needs, not the whole runtime.
 _RUNTIME = (
-    "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Client", "ClusterError", "Future",
-    "KilledWorker", "LocalCluster", "Nanny", "Reschedule", "Scheduler", "SchedulerPlugin",
-    "Security", "Worker", "WorkerPlugin", "as_completed", "default_client", "futures_of",
+    "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Client", "ClusterError", "Event", "Future",
+    "KilledWorker", "LocalCluster", "Lock", "Nanny", "Reschedule", "Scheduler", "SchedulerPlugin",
+    "Security", "Semaphore", "Worker", "WorkerPlugin", "as_completed", "default_client", "futures_of",
     "get_client", "get_current_task",
     "get_worker", "progress", "rejoin", "secede", "wait", "worker_client",
 )
@@ -51,10 +51,12 @@ __all__ = [
     "CancelledError",
     "Client",
     "ClusterError",
+    "Event",
     "Future",
     "KilledWorker",
     "JobQueueCluster",
     "LocalCluster",
+    "Lock",
     "Nanny",
     "PBSCluster",
     "Reschedule",
@@ -63,6 +65,7 @@ __all__ = [
     "Scheduler",
     "SchedulerPlugin",
     "Security",
+    "Semaphore",
     "Worker",
     "WorkerPlugin",
     "__version__",
