@@ -151,7 +151,8 @@ def update_graph_msg(tasks: dict, keys: list, dependencies: dict | None = None, 
                      resources: dict | None = None, retries: dict | None = None,
                      user_priority: dict | None = None) -> dict:
     """An ``update-graph`` message with every field the scheduler's spec lists (the one
-    place its shape is written on the client side; see ``messages.SCHEDULER_CLIENT_STREAM``)."""
+    place its shape is written on the client side; the scheduler's is
+    :class:`runtime.scheduler.events.UpdateGraphEvent`)."""
     return {
         "op": "update-graph",
         "tasks": tasks,

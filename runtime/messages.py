@@ -6,7 +6,10 @@ registration, or ``dependencies={"k": 5}`` in a graph, used to raise half way
 through and leave a worker counted but unusable, or a task nobody wants.  So the
 dispatchers (:meth:`runtime.core.Server.handle_comm` for requests and stream
 openings, the scheduler's stream loop for stream messages) check each message
-against a spec here first:
+against a spec first: for requests and stream openings, the specs here; for
+the messages of a stream, the event each becomes
+(:mod:`runtime.scheduler.events`, whose fields are declared with the checks
+defined here):
 
 * every field is one the operation takes, and every required field is there;
 * each field's value has the type the handler relies on -- keys are keys
@@ -100,12 +103,6 @@ def check_message(specs: Mapping[str, Spec], op: str, msg: Mapping, context: Any
     spec = specs.get(op)
     if spec is not None:
         spec.check(op, msg, context)
-
-
-def _check_graph(msg: Mapping, state: Any) -> None:
-    from .scheduler.stimuli import check_graph  # (the scheduler's package imports this module)
-
-    check_graph(state, msg.get("tasks") or {}, msg.get("dependencies") or {})
 
 
 def short_repr(value: Any) -> str:
@@ -265,49 +262,8 @@ SCHEDULER_STREAM_OPENINGS: dict[str, Spec] = {
     "register-client": Spec(open=True, client=_f(is_str, "a client id (str)", required=True)),
 }
 
-#: Messages on a worker's stream to the scheduler (the worker's address is added by the scheduler).
-SCHEDULER_WORKER_STREAM: dict[str, Spec] = {
-    "task-finished": Spec(key=KEY, nbytes=NBYTES, type=STR, startstops=STARTSTOPS,
-                          stimulus_id=STIMULUS, data=_f(optional(is_bytes), "bytes or None")),
-    "task-erred": Spec(key=KEY, exception=ANY, traceback=_f(optional(is_str), "a str or None"),
-                       startstops=STARTSTOPS, stimulus_id=STIMULUS),
-    "add-keys": Spec(keys=KEYS, stimulus_id=STIMULUS),
-    "missing-data": Spec(key=KEY, errant_worker=OPT_STR, stimulus_id=STIMULUS),
-    "release-worker-data": Spec(key=KEY, stimulus_id=STIMULUS),
-    "reschedule": Spec(key=KEY, stimulus_id=STIMULUS),
-    "long-running": Spec(key=KEY, compute_duration=OPT_FINITE, stimulus_id=STIMULUS),
-    "heartbeat": Spec(metrics=METRICS),
-    "worker-closing": Spec(reason=ANY),
-    "worker-status-change": Spec(status=_f(lambda v: v in ("running", "paused", "closing_gracefully")
-                                           if isinstance(v, str) else False,
-                                           "'running', 'paused' or 'closing_gracefully'",
-                                           required=True),
-                                 stimulus_id=STIMULUS),
-}
-
-#: Messages on a client's stream to the scheduler (the client's id is added by the scheduler).
-SCHEDULER_CLIENT_STREAM: dict[str, Spec] = {
-    "update-graph": Spec(
-        semantic=_check_graph,
-        tasks=_f(dict_of(is_key, is_recipe),
-                 "a dict of keys to recipes ((function bytes, arguments bytes) pairs)"),
-        keys=KEYS,
-        dependencies=_f(optional(dict_of(is_key, collection_of(is_key))),
-                        "a dict of keys to lists of keys, or None"),
-        restrictions=_f(optional(dict_of(is_key, collection_of(is_hashable))),
-                        "a dict of keys to lists of workers, or None"),
-        loose_restrictions=KEYS,
-        resources=_f(optional(dict_of(is_key, dict_of(is_str, is_finite))),
-                     "a dict of keys to {resource name: amount}, or None"),
-        retries=_f(optional(dict_of(is_key, is_count)), "a dict of keys to non-negative ints, or None"),
-        user_priority=_f(one_of(is_finite, dict_of(is_key, is_finite)),
-                         "a number or a dict of keys to numbers"),
-        priority=ANY, submitting_task=OPT_KEY, actors=ANY, fifo_timeout=ANY,
-    ),
-    "client-releases-keys": Spec(keys=KEYS),
-    "close-client": Spec(),
-    "heartbeat-client": Spec(),
-}
+# The messages of workers' and clients' streams to the scheduler are specified by
+# the events they become: see runtime.scheduler.events (WORKER_STREAM, CLIENT_STREAM).
 
 #: Requests to the scheduler that change its state.
 SCHEDULER_REQUESTS: dict[str, Spec] = {

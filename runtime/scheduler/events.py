@@ -3,15 +3,84 @@
 The one way into the scheduler's state machine: the IO shell builds these
 from wire messages and its own decisions, tests feed them directly, and
 :data:`runtime.scheduler.stimuli.HANDLERS` names the handler of each type.
+
+An event that arrives over a stream is also that message's spec, the one
+definition of it: :func:`on_stream` names its operation and the field the
+scheduler fills with the sender (``worker`` or ``client``), and each field the
+peer sends is declared with :func:`wire` and the check it must pass (from
+:mod:`runtime.messages`).  :func:`decode` checks a message against its event's
+fields and builds the event; a message with a field the event does not
+declare, or of the wrong type, is refused before anything is applied.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from .. import messages as m
+
 Key = Hashable
+
+#: ``{op: event class}``: the messages of a worker's stream to the scheduler.
+WORKER_STREAM: dict[str, type[SchedulerEvent]] = {}
+#: ``{op: event class}``: the messages of a client's stream to the scheduler.
+CLIENT_STREAM: dict[str, type[SchedulerEvent]] = {}
+
+
+def wire(check: m.Field, default: Any = MISSING) -> Any:
+    """A field the peer sends, checked by ``check`` before the event is built."""
+    if default is MISSING:
+        return field(metadata={"wire": check})
+    return field(default=default, metadata={"wire": check})
+
+
+def on_stream(table: dict[str, type], op: str, peer: str,
+              semantic: Callable[[Mapping, Any], None] | None = None) -> Callable[[type], type]:
+    """Class decorator: the event is how message ``op`` of a stream enters the state.
+
+    Args:
+        table: :data:`WORKER_STREAM` or :data:`CLIENT_STREAM`.
+        op: the wire operation.
+        peer: the field the scheduler fills with the sender's address or id.
+        semantic: a check of a well-typed message against the state (see
+            :class:`runtime.messages.Spec`).
+    """
+
+    def register(cls: type) -> type:
+        cls.OP, cls.PEER = op, peer
+        cls.SPEC = m.Spec(semantic=semantic, **{f.name: f.metadata["wire"]
+                                                 for f in fields(cls) if "wire" in f.metadata})
+        cls.HAS_STIMULUS = "stimulus_id" in cls.__dataclass_fields__
+        table[op] = cls
+        return cls
+
+    return register
+
+
+def decode(cls: type, msg: dict, peer: str, new_stimulus: Callable[[str], str],
+           state: Any = None) -> SchedulerEvent:
+    """The event for ``msg`` (without its ``op``) from ``peer``.
+
+    The peer's ``stimulus_id`` is kept, so that ``story()`` follows a task
+    across processes; a message without one gets ``new_stimulus(op)``.
+
+    Raises:
+        TypeError: a field the event does not declare, or of the wrong type.
+        ValueError: the message is well typed but cannot be applied (a cyclic graph).
+    """
+    cls.SPEC.check(cls.OP, msg, state)
+    if cls.HAS_STIMULUS and not msg.get("stimulus_id"):
+        msg["stimulus_id"] = new_stimulus(cls.OP)
+    msg[cls.PEER] = peer
+    return cls(**msg)
+
+
+def _check_graph(msg: Mapping, state: Any) -> None:
+    from .stimuli import check_graph  # (stimuli imports this module)
+
+    check_graph(state, msg.get("tasks") or {}, msg.get("dependencies") or {})
 
 
 @dataclass(slots=True)
@@ -25,13 +94,32 @@ class RemoveClientEvent(SchedulerEvent):
     stimulus_id: str = "remove-client"
 
 
+@on_stream(CLIENT_STREAM, "client-releases-keys", peer="client")
 @dataclass(slots=True)
 class ClientReleasesKeysEvent(SchedulerEvent):
     """The client dropped its last future for these keys."""
 
-    keys: Iterable[Key]
-    client: str
+    keys: Iterable[Key] = wire(m.KEYS, ())
+    client: str = ""
     stimulus_id: str = "client-releases"
+
+
+@on_stream(CLIENT_STREAM, "heartbeat-client", peer="client")
+@dataclass(slots=True)
+class ClientHeartbeatEvent(SchedulerEvent):
+    """A client is alive."""
+
+    client: str
+
+
+@on_stream(WORKER_STREAM, "worker-closing", peer="worker")
+@dataclass(slots=True)
+class WorkerClosingEvent(SchedulerEvent):
+    """A worker says it is closing: remove it without asking it to close."""
+
+    worker: str
+    reason: Any = wire(m.ANY, "")
+    stimulus_id: str = "worker-closing"
 
 
 @dataclass(slots=True)
@@ -62,10 +150,13 @@ class RemoveWorkerEvent(SchedulerEvent):
     safe: bool = False
 
 
+@on_stream(WORKER_STREAM, "heartbeat", peer="address")
 @dataclass(slots=True)
 class HeartbeatEvent(SchedulerEvent):
+    """A worker is alive; ``metrics`` is what it measured."""
+
     address: str
-    metrics: dict | None = None
+    metrics: dict | None = wire(m.METRICS, None)
 
 
 @dataclass(slots=True)
@@ -76,92 +167,112 @@ class TickEvent(SchedulerEvent):
     stimulus_id: str = "tick"
 
 
+@on_stream(CLIENT_STREAM, "update-graph", peer="client", semantic=_check_graph)
 @dataclass(slots=True)
 class UpdateGraphEvent(SchedulerEvent):
-    """New work from a client: ``tasks`` maps keys to serialised recipes."""
+    """New work from a client: ``tasks`` maps keys to serialised recipes
+    (the client's side of this message: :func:`runtime.graph.update_graph_msg`)."""
 
     client: str
-    tasks: dict[Key, bytes | None]
-    keys: Iterable[Key]
-    dependencies: dict[Key, Iterable[Key]] | None = None
-    restrictions: dict[Key, Iterable[str]] | None = None
-    loose_restrictions: Iterable[Key] = ()
-    resources: dict[Key, dict] | None = None
-    retries: dict[Key, int] | None = None
-    user_priority: int | dict[Key, int] = 0
-    stimulus_id: str = "update-graph"
+    tasks: dict[Key, bytes | None] = wire(m._f(
+        m.dict_of(m.is_key, m.is_recipe),
+        "a dict of keys to recipes ((function bytes, arguments bytes) pairs)", required=True))
+    keys: Iterable[Key] = wire(m.KEYS, ())
+    dependencies: dict[Key, Iterable[Key]] | None = wire(m._f(
+        m.optional(m.dict_of(m.is_key, m.collection_of(m.is_key))),
+        "a dict of keys to lists of keys, or None"), None)
+    restrictions: dict[Key, Iterable[str]] | None = wire(m._f(
+        m.optional(m.dict_of(m.is_key, m.collection_of(m.is_hashable))),
+        "a dict of keys to lists of workers, or None"), None)
+    loose_restrictions: Iterable[Key] = wire(m.KEYS, ())
+    resources: dict[Key, dict] | None = wire(m._f(
+        m.optional(m.dict_of(m.is_key, m.dict_of(m.is_str, m.is_finite))),
+        "a dict of keys to {resource name: amount}, or None"), None)
+    retries: dict[Key, int] | None = wire(m._f(
+        m.optional(m.dict_of(m.is_key, m.is_count)), "a dict of keys to non-negative ints, or None"), None)
+    user_priority: int | dict[Key, int] = wire(m._f(
+        m.one_of(m.is_finite, m.dict_of(m.is_key, m.is_finite)),
+        "a number or a dict of keys to numbers"), 0)
+    stimulus_id: str = wire(m.STIMULUS, "update-graph")
 
 
+@on_stream(WORKER_STREAM, "task-finished", peer="worker")
 @dataclass(slots=True)
 class TaskFinishedEvent(SchedulerEvent):
     """A worker computed ``key``; ``data`` is its pickled value if small (forwarded, not kept)."""
 
-    key: Key
+    key: Key = wire(m.KEY)
     worker: str
-    nbytes: int = -1
-    type: str = ""
-    startstops: Iterable = ()
-    stimulus_id: str = "task-finished"
-    data: bytes | None = None
+    nbytes: int = wire(m.NBYTES, -1)
+    type: str = wire(m.STR, "")
+    startstops: Iterable = wire(m.STARTSTOPS, ())
+    stimulus_id: str = wire(m.STIMULUS, "task-finished")
+    data: bytes | None = wire(m._f(m.optional(m.is_bytes), "bytes or None"), None)
 
 
+@on_stream(WORKER_STREAM, "task-erred", peer="worker")
 @dataclass(slots=True)
 class TaskErredEvent(SchedulerEvent):
     """A task raised on a worker; retry it if it has retries left."""
 
-    key: Key
+    key: Key = wire(m.KEY)
     worker: str
-    exception: Any = None
-    traceback: str = ""
-    startstops: Iterable = ()
-    stimulus_id: str = "task-erred"
+    exception: Any = wire(m.ANY, None)
+    traceback: str | None = wire(m._f(m.optional(m.is_str), "a str or None"), "")
+    startstops: Iterable = wire(m.STARTSTOPS, ())
+    stimulus_id: str = wire(m.STIMULUS, "task-erred")
 
 
+@on_stream(WORKER_STREAM, "missing-data", peer="worker")
 @dataclass(slots=True)
 class MissingDataEvent(SchedulerEvent):
     """A worker could not get ``key`` from ``errant_worker``.  Recover."""
 
-    key: Key
-    errant_worker: str | None = None
+    key: Key = wire(m.KEY)
+    errant_worker: str | None = wire(m.OPT_STR, None)
     worker: str | None = None
-    stimulus_id: str = "missing-data"
+    stimulus_id: str = wire(m.STIMULUS, "missing-data")
 
 
+@on_stream(WORKER_STREAM, "add-keys", peer="worker")
 @dataclass(slots=True)
 class AddKeysEvent(SchedulerEvent):
     """A worker holds replicas of ``keys`` (fetched as dependencies)."""
 
     worker: str
-    keys: Iterable[Key]
-    stimulus_id: str = "add-keys"
+    keys: Iterable[Key] = wire(m.KEYS, ())
+    stimulus_id: str = wire(m.STIMULUS, "add-keys")
 
 
+@on_stream(WORKER_STREAM, "release-worker-data", peer="worker")
 @dataclass(slots=True)
 class ReleaseWorkerDataEvent(SchedulerEvent):
     """A worker dropped its replica of ``key``."""
 
-    key: Key
+    key: Key = wire(m.KEY)
     worker: str
-    stimulus_id: str = "release-worker-data"
+    stimulus_id: str = wire(m.STIMULUS, "release-worker-data")
 
 
+@on_stream(WORKER_STREAM, "long-running", peer="worker")
 @dataclass(slots=True)
 class LongRunningEvent(SchedulerEvent):
     """A task seceded from its worker's thread pool: it no longer counts as load."""
 
-    key: Key
+    key: Key = wire(m.KEY)
     worker: str
-    compute_duration: float | None = None
-    stimulus_id: str = "long-running"
+    compute_duration: float | None = wire(m.OPT_FINITE, None)
+    stimulus_id: str = wire(m.STIMULUS, "long-running")
 
 
+@on_stream(WORKER_STREAM, "reschedule", peer="worker")
 @dataclass(slots=True)
 class RescheduleEvent(SchedulerEvent):
     """Send a processing task back to be placed again (e.g. it raised ``Reschedule``)."""
 
-    key: Key
+    key: Key = wire(m.KEY)
     worker: str | None = None
-    stimulus_id: str = "reschedule"
+    stimulus_id: str = wire(m.STIMULUS, "reschedule")
 
 
 @dataclass(slots=True)
@@ -195,13 +306,16 @@ class UpdateDataEvent(SchedulerEvent):
     stimulus_id: str = "update-data"
 
 
+@on_stream(WORKER_STREAM, "worker-status-change", peer="address")
 @dataclass(slots=True)
 class WorkerStatusEvent(SchedulerEvent):
     """``running``, ``paused`` (memory pressure) or ``closing_gracefully``."""
 
     address: str
-    status: str
-    stimulus_id: str = "worker-status"
+    status: str = wire(m._f(lambda v: v in ("running", "paused", "closing_gracefully")
+                            if isinstance(v, str) else False,
+                            "'running', 'paused' or 'closing_gracefully'", required=True))
+    stimulus_id: str = wire(m.STIMULUS, "worker-status")
 
 
 @dataclass(slots=True)

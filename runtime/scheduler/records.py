@@ -76,10 +76,16 @@ class KeyInMemoryMsg(Msg):
 
 @dataclass(slots=True)
 class RemoveWorker(Instruction):
-    """Remove a worker (for the shell: it also closes the worker's stream)."""
+    """Remove a worker (for the shell: it also closes the worker's stream).
+
+    ``safe``: the worker left on purpose (its tasks do not count as failures);
+    ``close``: ask it to close (not when it said it is closing).
+    """
 
     worker: str
     reason: str
+    safe: bool = False
+    close: bool = True
 
 
 @dataclass(slots=True)

@@ -38,7 +38,7 @@ from ..security import (
 )
 from ..statemachine import Msg
 from ..utils import delegate, get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
-from . import elastic, stimuli
+from . import elastic, events, stimuli
 from . import extensions as _extensions
 from .data import SchedulerData, scatter_to_workers  # noqa: F401  (re-exported)
 from .events import (
@@ -46,11 +46,11 @@ from .events import (
     AddWorkerEvent,
     CancelEvent,
     CancelKeyEvent,
+    ClientHeartbeatEvent,
     ClientReleasesKeysEvent,
     HeartbeatEvent,
     LongRunningEvent,
     MissingDataEvent,
-    ReleaseWorkerDataEvent,
     RemoveClientEvent,
     RemoveWorkerEvent,
     RescheduleEvent,
@@ -58,7 +58,6 @@ from .events import (
     TaskFinishedEvent,
     TickEvent,
     UpdateGraphEvent,
-    WorkerStatusEvent,
 )
 from .ops import SchedulerOps
 from .records import CloseScheduler, RemoveWorker
@@ -195,24 +194,9 @@ class Scheduler(Server):
         #: Parts with their own state and handlers (variables, queues, locks...): ``{name: part}``.
         self.extensions: dict[str, Any] = _extensions.install(self, extensions)
         self.message_specs = {**messages.SCHEDULER_REQUESTS, **messages.SCHEDULER_STREAM_OPENINGS}
-        self.worker_ops = {
-            "task-finished": self._on_task_finished,
-            "task-erred": self._on_task_erred,
-            "add-keys": self._on_add_keys,
-            "missing-data": self._on_missing_data,
-            "release-worker-data": self._on_release_worker_data,
-            "reschedule": self._on_reschedule,
-            "long-running": self._on_long_running,
-            "heartbeat": self._on_heartbeat,
-            "worker-closing": self._on_worker_closing,
-            "worker-status-change": self._on_worker_status_change,
-        }
-        self.client_ops = {
-            "update-graph": self._on_update_graph,
-            "client-releases-keys": self._on_client_releases_keys,
-            "close-client": None,
-            "heartbeat-client": self._on_client_heartbeat,
-        }
+        #: What each stream message becomes: ``{op: event class}`` (the event is the spec).
+        self.worker_ops = events.WORKER_STREAM
+        self.client_ops = {**events.CLIENT_STREAM, "close-client": None}
 
     # ------------------------------------------------------------------ state passthrough
 
@@ -358,16 +342,7 @@ class Scheduler(Server):
             interval = min(interval, self.worker_ttl / 4)
         while self.status == Status.running:
             await asyncio.sleep(interval)
-            for instr in self.state.handle(TickEvent(time.monotonic(), self._stimulus("tick"))):
-                if isinstance(instr, RemoveWorker):
-                    logger.warning("worker %s %s; removing it", instr.worker, instr.reason)
-                    await self.remove_worker(instr.worker, stimulus_id=instr.stimulus_id)
-                elif isinstance(instr, CloseScheduler):
-                    logger.info("scheduler %s; closing", instr.reason)
-                    self.spawn(self.close())
-                    return
-                else:
-                    self._send([instr])
+            self._send(self.state.handle(TickEvent(time.monotonic(), self._stimulus("tick"))))
 
     async def close(self, fast: bool = False, close_workers: bool = False) -> None:
         """Close the scheduler (and, with ``close_workers``, its workers)."""
@@ -413,6 +388,20 @@ class Scheduler(Server):
     # ------------------------------------------------------------------ routing
 
     def _send(self, instructions: list[Msg]) -> None:
+        """Carry out the state's instructions: messages to peers, and the shell's own."""
+        for instr in instructions:
+            if isinstance(instr, RemoveWorker):
+                if instr.safe:
+                    logger.info("worker %s %s; removing it", instr.worker, instr.reason)
+                else:
+                    logger.warning("worker %s %s; removing it", instr.worker, instr.reason)
+                self.spawn(self.remove_worker(instr.worker, safe=instr.safe, close=instr.close,
+                                              stimulus_id=instr.stimulus_id))
+            elif isinstance(instr, CloseScheduler):
+                logger.info("scheduler %s; closing", instr.reason)
+                self.spawn(self.close())
+        if any(type(i) in (RemoveWorker, CloseScheduler) for i in instructions):
+            instructions = [i for i in instructions if type(i) not in (RemoveWorker, CloseScheduler)]
         if self._held is not None:
             # Inside a batch from one peer: send once at its end.
             self._held.extend(instructions)
@@ -498,17 +487,17 @@ class Scheduler(Server):
             bs.send({"op": "plugin-add", "plugin": blob, "name": pname})
         self._send(instrs)
         self.ops._plugin_hook("add_worker", scheduler=self, worker=address)
-        await self._serve_stream(comm, self.worker_ops, messages.SCHEDULER_WORKER_STREAM,
-                                 worker=address)
+        await self._serve_stream(comm, self.worker_ops, address)
         if self.state.workers.get(address) is not None and self.stream_comms.get(address) is bs:
             await self.remove_worker(address, stimulus_id=self._stimulus("worker-stream-closed"))
 
-    async def _serve_stream(self, comm, ops: dict, specs: dict[str, messages.Spec],
-                            **extra) -> None:
+    async def _serve_stream(self, comm, ops: dict, peer_id: str) -> None:
         """Apply each message of each batch from a worker's or client's stream.
 
-        A message of the wrong shape (see :mod:`runtime.messages`) ends the
-        stream before it is applied; messages before it in its batch stand.
+        Each message becomes its event (``ops``: ``{op: event class}``, see
+        :func:`events.decode`) for :meth:`SchedulerState.handle`.  A message of
+        the wrong shape ends the stream before it is applied; messages before
+        it in its batch stand.
         """
         peer = comm.peer_address
         while self.status == Status.running:
@@ -530,16 +519,16 @@ class Scheduler(Server):
                         logger.warning("closing stream from %s: unknown operation %s", peer,
                                        messages.short_repr(op))
                         return
-                    handler = ops[op]
-                    if handler is None:  # close request
+                    cls = ops[op]
+                    if cls is None:  # close request
                         return
                     try:
-                        messages.check_message(specs, op, msg, self.state)
+                        ev = events.decode(cls, msg, peer_id, self._stimulus, self.state)
                     except (TypeError, ValueError) as e:
                         logger.warning("closing stream from %s: %s", peer, e)
                         return
                     try:
-                        handler(**msg, **extra)
+                        self._apply(ev)
                     except Exception:
                         logger.exception("error handling %r from %s", op, peer)
                         if self.validate:
@@ -574,63 +563,31 @@ class Scheduler(Server):
         self.worker_send(worker, {"op": "close", "reason": "scheduler-close-worker"})
         return "OK"
 
-    def _on_worker_status_change(self, worker: str, status: str, stimulus_id: str = "") -> None:
-        self._send(self.state.handle(WorkerStatusEvent(worker, status, self._stimulus("worker-status-change"))))
+    def _apply(self, ev: events.SchedulerEvent) -> None:
+        """Hand a peer's event to the state; record what the status page and plugins watch."""
+        if isinstance(ev, (TaskFinishedEvent, TaskErredEvent)):
+            self.diagnostics.record_task(ev.key, ev.worker, ev.startstops,
+                                         isinstance(ev, TaskFinishedEvent))
+        self._send(self.state.handle(ev))
+        if self.plugins and isinstance(ev, UpdateGraphEvent):
+            self.ops._plugin_hook("update_graph", self, client=ev.client, keys=list(ev.keys))
 
     def heartbeat_worker(self, address: str, metrics: dict | None = None) -> dict:
         self.state.handle(HeartbeatEvent(address, metrics))
         return {"status": "OK" if address in self.state.workers else "missing"}
-
-    def _on_heartbeat(self, worker: str, metrics: dict | None = None) -> None:
-        self.state.handle(HeartbeatEvent(worker, metrics))
-
-    def _on_worker_closing(self, worker: str, reason: str = "") -> None:
-        self.spawn(self.remove_worker(worker, safe=True, close=False,
-                                      stimulus_id=self._stimulus("worker-closing")))
-
-    def _on_task_finished(self, worker: str, key: Key, nbytes: int = -1, type: str = "",
-                          startstops=(), stimulus_id: str = "", data: bytes | None = None) -> None:
-        self.diagnostics.record_task(key, worker, startstops, True)
-        self._send(self.state.handle(TaskFinishedEvent(key, worker, nbytes, type, startstops,
-                                                     stimulus_id=stimulus_id or self._stimulus("task-finished"),
-                                                     data=data)))
-
-    def _on_task_erred(self, worker: str, key: Key, exception=None, traceback: str = "",
-                       startstops=(), stimulus_id: str = "") -> None:
-        self.diagnostics.record_task(key, worker, startstops, False)
-        self._send(self.state.handle(TaskErredEvent(key, worker, exception, traceback, startstops,
-                                                  stimulus_id=stimulus_id or self._stimulus("task-erred"))))
-
-    def _on_add_keys(self, worker: str, keys=(), stimulus_id: str = "") -> None:
-        self._send(self.state.handle(AddKeysEvent(worker, keys, stimulus_id or self._stimulus("add-keys"))))
 
     def add_keys(self, worker: str, keys: Iterable[Key] = ()) -> str:
         """Learn that ``worker`` holds ``keys``."""
         self._send(self.state.handle(AddKeysEvent(worker, keys, self._stimulus("add-keys"))))
         return "OK"
 
-    def _on_missing_data(self, worker: str, key: Key, errant_worker: str | None = None, stimulus_id: str = "") -> None:
-        self._send(self.state.handle(MissingDataEvent(key, errant_worker, worker,
-                                                      stimulus_id or self._stimulus("missing-data"))))
-
     def stimulus_missing_data(self, key: Key, errant_worker: str | None = None, worker: str | None = None) -> None:
         """Mark that ``key`` could not be found where expected.  Recover."""
         self._send(self.state.handle(MissingDataEvent(key, errant_worker, worker, self._stimulus("missing-data"))))
 
-    def _on_release_worker_data(self, worker: str, key: Key, stimulus_id: str = "") -> None:
-        self._send(self.state.handle(ReleaseWorkerDataEvent(key, worker,
-                                                            stimulus_id or self._stimulus("release-worker-data"))))
-
-    def _on_reschedule(self, worker: str, key: Key, stimulus_id: str = "") -> None:
-        self._send(self.state.handle(RescheduleEvent(key, worker, stimulus_id or self._stimulus("reschedule"))))
-
     def reschedule(self, key: Key | None = None, worker: str | None = None) -> None:
         """Place a processing task again, e.g. after it raised ``Reschedule``."""
         self._send(self.state.handle(RescheduleEvent(key, worker, self._stimulus("reschedule"))))
-
-    def _on_long_running(self, worker: str, key: Key, compute_duration: float | None = None, stimulus_id: str = "") -> None:
-        self._send(self.state.handle(LongRunningEvent(key, worker, compute_duration,
-                                                      stimulus_id or self._stimulus("long-running"))))
 
     def handle_long_running(self, key: Key | None = None, worker: str | None = None,
                             compute_duration: float | None = None) -> None:
@@ -639,12 +596,14 @@ class Scheduler(Server):
 
     def stimulus_task_finished(self, key: Key | None = None, worker: str | None = None, **kwargs) -> None:
         """Mark that a task finished on a worker."""
-        self._on_task_finished(worker, key, **kwargs)
+        kwargs.setdefault("stimulus_id", self._stimulus("task-finished"))
+        self._apply(TaskFinishedEvent(key, worker, **kwargs))
 
     def stimulus_task_erred(self, key: Key | None = None, worker: str | None = None, exception=None,
                             traceback: str = "", **kwargs) -> None:
         """Mark that a task erred on a worker."""
-        self._on_task_erred(worker, key, exception, traceback)
+        self._apply(TaskErredEvent(key, worker, exception, traceback,
+                                   stimulus_id=self._stimulus("task-erred")))
 
     # ------------------------------------------------------------------ clients
 
@@ -661,8 +620,7 @@ class Scheduler(Server):
         logger.info("register client %s", client)
         self.ops._plugin_hook("add_client", scheduler=self, client=client)
         try:
-            await self._serve_stream(comm, self.client_ops, messages.SCHEDULER_CLIENT_STREAM,
-                                     client=client)
+            await self._serve_stream(comm, self.client_ops, client)
         finally:
             if self.client_comms.get(client) is bs:
                 del self.client_comms[client]
@@ -680,18 +638,8 @@ class Scheduler(Server):
         self._send(self.state.handle(ClientReleasesKeysEvent(keys or (), client, self._stimulus("client-releases-keys"))))
 
     def client_heartbeat(self, client: str | None = None) -> None:
-        cs = self.state.clients.get(client)
-        if cs is not None:
-            cs.last_seen = self.state.clock()
-
-    def _on_client_heartbeat(self, client: str) -> None:
-        self.client_heartbeat(client)
-
-    def _on_client_releases_keys(self, client: str, keys=()) -> None:
-        self.client_releases_keys(keys, client)
-
-    def _on_update_graph(self, client: str, **kwargs) -> None:
-        self.update_graph(client, **kwargs)
+        """A client is alive."""
+        self.state.handle(ClientHeartbeatEvent(client))
 
     def update_graph(self, client: str | None = None, tasks: dict | None = None, keys: Iterable[Key] = (),
                      dependencies: dict | None = None, restrictions: dict | None = None,
@@ -699,13 +647,11 @@ class Scheduler(Server):
                      submitting_task=None, retries: dict | None = None, user_priority=0,
                      actors=None, fifo_timeout=0) -> None:
         """Add new computations from a client."""
-        self._send(self.state.handle(UpdateGraphEvent(
+        self._apply(UpdateGraphEvent(
             client, tasks or {}, keys, dependencies=dependencies, restrictions=restrictions,
             loose_restrictions=loose_restrictions, resources=resources, retries=retries,
             user_priority=user_priority, stimulus_id=self._stimulus("update-graph"),
-        )))
-        if self.plugins:
-            self.ops._plugin_hook("update_graph", self, client=client, keys=list(keys))
+        ))
 
     def stimulus_cancel(self, keys: Iterable[Key] = (), client: str = "", force: bool = False) -> str:
         """Stop computing ``keys`` for ``client``."""

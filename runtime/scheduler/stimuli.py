@@ -19,6 +19,7 @@ from .events import (
     AddWorkerEvent,
     CancelEvent,
     CancelKeyEvent,
+    ClientHeartbeatEvent,
     ClientReleasesKeysEvent,
     HeartbeatEvent,
     LongRunningEvent,
@@ -33,6 +34,7 @@ from .events import (
     TickEvent,
     UpdateDataEvent,
     UpdateGraphEvent,
+    WorkerClosingEvent,
     WorkerStatusEvent,
 )
 from .records import (
@@ -193,6 +195,21 @@ def heartbeat(state: SchedulerState, ev: HeartbeatEvent) -> list:
         if ev.metrics:
             ws.metrics = ev.metrics
     return []
+
+
+def client_heartbeat(state: SchedulerState, ev: ClientHeartbeatEvent) -> list:
+    """A client is alive; unknown clients are ignored."""
+    cs = state.clients.get(ev.client)
+    if cs is not None:
+        cs.last_seen = state.clock()
+    return []
+
+
+def worker_closing(state: SchedulerState, ev: WorkerClosingEvent) -> list:
+    """A worker says it is closing: the shell removes it, without asking it to close."""
+    if ev.worker not in state.workers:
+        return []
+    return [RemoveWorker(ev.stimulus_id, ev.worker, f"is closing ({ev.reason})", safe=True, close=False)]
 
 
 def tick(state: SchedulerState, ev: TickEvent) -> list:
@@ -702,6 +719,8 @@ HANDLERS: dict[type, Callable[[SchedulerState, Any], list]] = {
     AddWorkerEvent: add_worker,
     RemoveWorkerEvent: remove_worker,
     HeartbeatEvent: heartbeat,
+    ClientHeartbeatEvent: client_heartbeat,
+    WorkerClosingEvent: worker_closing,
     TickEvent: tick,
     UpdateGraphEvent: update_graph,
     TaskFinishedEvent: task_finished,

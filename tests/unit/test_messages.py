@@ -10,6 +10,7 @@ import pytest
 
 from runtime import messages
 from runtime.graph import graph_msg
+from runtime.scheduler import events
 from runtime.scheduler.server import Scheduler
 from runtime.scheduler.state import SchedulerState
 from runtime.worker.events import (
@@ -26,16 +27,26 @@ RECIPE = (b"function", b"arguments")
 
 
 def check(specs, msg: dict, context=None) -> None:
+    """Check ``msg`` as the server does: against a spec table, or by decoding it into
+    its event (a table of :mod:`runtime.scheduler.events`)."""
     msg = dict(msg)
     op = msg.pop("op")
+    if specs is WORKER or specs is CLIENT:
+        ev = events.decode(specs[op], msg, "peer", lambda op: f"{op}-1", context)
+        assert getattr(ev, specs[op].PEER) == "peer"
+        return
     messages.check_message(specs, op, msg, context)
+
+
+WORKER = events.WORKER_STREAM
+CLIENT = events.CLIENT_STREAM
 
 
 def test_every_stream_operation_has_a_spec():
     """A new operation without a spec would reach the state unchecked."""
     s = Scheduler(dashboard_address=None)
-    assert set(s.worker_ops) == set(messages.SCHEDULER_WORKER_STREAM)
-    assert set(s.client_ops) == set(messages.SCHEDULER_CLIENT_STREAM)
+    assert s.worker_ops is WORKER
+    assert set(s.client_ops) == set(CLIENT) | {"close-client"}
     assert set(s.stream_handlers) == set(messages.SCHEDULER_STREAM_OPENINGS)
     assert set(messages.SCHEDULER_REQUESTS) <= set(s.handlers)
 
@@ -56,7 +67,7 @@ def test_every_stream_operation_has_a_spec():
     {"op": "worker-closing", "reason": "lifetime"},
 ])
 def test_what_workers_send_passes(msg):
-    check(messages.SCHEDULER_WORKER_STREAM, msg)
+    check(WORKER, msg)
 
 
 @pytest.mark.parametrize("options", [
@@ -69,8 +80,8 @@ def test_what_clients_send_passes(options):
                 "allow_other_workers": False}
     pieces = {"x": {"spec": RECIPE, "deps": set()}, ("y", 0): {"spec": RECIPE, "deps": {"x"}}}
     msg = graph_msg(pieces, list(pieces), **(defaults | options))
-    check(messages.SCHEDULER_CLIENT_STREAM, msg, SchedulerState())
-    check(messages.SCHEDULER_CLIENT_STREAM, {"op": "client-releases-keys", "keys": ["x"]})
+    check(CLIENT, msg, SchedulerState())
+    check(CLIENT, {"op": "client-releases-keys", "keys": ["x"]})
 
 
 @pytest.mark.parametrize("op, msg, field", [
@@ -102,16 +113,16 @@ def test_bad_stream_openings_are_refused_naming_the_field(op, msg, field):
 ])
 def test_bad_client_messages_are_refused_naming_the_field(msg, field):
     with pytest.raises(TypeError, match=field):
-        check(messages.SCHEDULER_CLIENT_STREAM, msg, SchedulerState())
+        check(CLIENT, msg, SchedulerState())
 
 
 def test_a_cyclic_graph_is_refused_as_a_value_error():
     msg = {"op": "update-graph", "tasks": {"a": RECIPE, "b": RECIPE}, "keys": ["a"],
            "dependencies": {"a": ["b"], "b": ["a"]}}
     with pytest.raises(ValueError, match="'update-graph' message: the graph has a cycle"):
-        check(messages.SCHEDULER_CLIENT_STREAM, msg, SchedulerState())
+        check(CLIENT, msg, SchedulerState())
     # Without a state to check against, only the types are checked.
-    check(messages.SCHEDULER_CLIENT_STREAM, msg)
+    check(CLIENT, msg)
 
 
 @pytest.mark.parametrize("msg, field", [
@@ -128,7 +139,7 @@ def test_a_cyclic_graph_is_refused_as_a_value_error():
 ])
 def test_bad_worker_messages_are_refused_naming_the_field(msg, field):
     with pytest.raises(TypeError, match=field):
-        check(messages.SCHEDULER_WORKER_STREAM, msg)
+        check(WORKER, msg)
 
 
 def test_non_string_field_names_and_hostile_reprs_do_not_break_the_check():
@@ -137,9 +148,9 @@ def test_non_string_field_names_and_hostile_reprs_do_not_break_the_check():
             raise RuntimeError("no")
 
     with pytest.raises(TypeError, match="unexpected field 3"):
-        messages.check_message(messages.SCHEDULER_WORKER_STREAM, "add-keys", {3: 1})
+        events.decode(WORKER["add-keys"], {3: 1}, "w", str)
     with pytest.raises(TypeError, match="keys.*BadRepr"):
-        messages.check_message(messages.SCHEDULER_WORKER_STREAM, "add-keys", {"keys": BadRepr()})
+        events.decode(WORKER["add-keys"], {"keys": BadRepr()}, "w", str)
     deep: list = []
     for _ in range(100_000):
         deep = [deep]
