@@ -20,6 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from .. import messages as m
+from .graph_check import check_graph
 
 Key = Hashable
 
@@ -78,8 +79,6 @@ def decode(cls: type, msg: dict, peer: str, new_stimulus: Callable[[str], str],
 
 
 def _check_graph(msg: Mapping, state: Any) -> None:
-    from .stimuli import check_graph  # (stimuli imports this module)
-
     check_graph(state, msg.get("tasks") or {}, msg.get("dependencies") or {})
 
 
