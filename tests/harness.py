@@ -107,10 +107,11 @@ class Cluster:
         self.calls: Counter = Counter()
         #: Every execution's key, in the order the executions finished.
         self.order: list[Key] = []
-        #: Keys a worker leaves out of its answer to a fetch (lost or evicted there).
-        self.withheld: dict[str, set[Key]] = {}
-        #: Workers whose transfers fail as if the network broke (the worker lives on).
+        #: Workers whose transfers to peers fail as if the network broke (the worker lives
+        #: on, and the scheduler still hears from it).
         self.unreachable: set[str] = set()
+        #: Every transfer started: ``("gather", fetching worker, GatherDep)``.
+        self.gather_log: list[tuple[str, str, Any]] = []
         self.closed: str | None = None
         self.counter = 0
         #: Seconds each execution reports in its startstops (the clock does not move).
@@ -309,6 +310,7 @@ class Cluster:
                 self.queue.append(("execute", addr, (inst.key, args)))
             elif isinstance(inst, wev.GatherDep):
                 self.queue.append(("gather", addr, inst))
+                self.gather_log.append(("gather", addr, inst))
             else:
                 wire = inst.to_wire()
                 ts = ws.tasks.get(inst.key) if isinstance(inst, wev.TaskFinishedMsg) else None
@@ -334,8 +336,7 @@ class Cluster:
         peer = self.workers.get(inst.worker)
         if peer is None or inst.worker in self.unreachable:
             return wev.GatherDepNetworkFailureEvent(inst.stimulus_id, inst.worker, list(inst.keys))
-        withheld = self.withheld.get(inst.worker, set())
-        data = {k: peer.data[k] for k in inst.keys if k in peer.data and k not in withheld}
+        data = {k: peer.data[k] for k in inst.keys if k in peer.data}
         nbytes = {k: peer.tasks[k].nbytes if k in peer.tasks else -1 for k in data}
         return wev.GatherDepSuccessEvent(inst.stimulus_id, inst.worker, data, nbytes)
 
