@@ -69,23 +69,29 @@ import math
 import os
 import tempfile
 import time
-import uuid
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from runtime.config import FROM_CONFIG
 from runtime.errors import ClusterTimeoutError
 from runtime.scheduler import Scheduler, elastic
-from runtime.security import Security, resolve_security
+from runtime.security import Security
 from runtime.utils import format_bytes
 
 from .adaptive import Adaptive, Observation, ScalingPolicy, adapt_limits
 from .commands import Runner, run_blocking, run_command
-from .credentials import credentials_directory, make_private_directory, remove_file, worker_security
+from .config import (
+    CONFIGURABLE,
+    cluster_security,
+    explain,
+    positive,
+    resolve_options,
+    scheduler_options,
+)
+from .credentials import make_private_directory, remove_file, worker_security
 from .errors import CancelError, CommandError
 from .job import (
-    DEFAULT_JOB_NAME,
-    DEFAULT_WALLTIME,
     common_values,
     make_spec,
     render_script,
@@ -198,6 +204,9 @@ class JobQueueCluster(SyncAsync):
         command_timeout: seconds a batch command may take.
         close_timeout: seconds ``close()`` waits for the cancelled jobs to leave the queue.
         runner: the command seam (default :func:`jobqueue.commands.run_command`).
+        config_name: the section ``jobqueue.<config_name>`` of the configuration
+            that gives the options not passed here (default: the system's name,
+            ``jobqueue.slurm``; see :mod:`jobqueue.config` and docs/configuration.md).
         **system_options: the batch system's own options (SLURM: ``job_cpu``,
             ``job_mem``; PBS: ``resource_spec``, ``project``; SGE: ``project``,
             ``resource_spec``, ``parallel_environment``).
@@ -207,52 +216,43 @@ class JobQueueCluster(SyncAsync):
         TypeError: an option has the wrong type (named in the message).
     """
 
-    def __init__(self, cores: int | None = None, memory: str | int | None = None,
-                 processes: int | None = None, queue: str | None = None,
-                 account: str | None = None, walltime: str | None = DEFAULT_WALLTIME,
-                 job_name: str = DEFAULT_JOB_NAME, job_extra_directives: Sequence[str] | None = None,
-                 job_directives_skip: Sequence[str] | None = None,
-                 job_script_prologue: Sequence[str] | None = None,
-                 job_script_epilogue: Sequence[str] | None = None, interface: str | None = None,
-                 local_directory: str | None = None, log_directory: str | None = None,
-                 worker_extra_args: Sequence[str] | None = None, python: str | None = None,
-                 shebang: str = "#!/usr/bin/env bash", env: Mapping[str, str] | None = None,
-                 nanny: bool = True, death_timeout: Any = "180s", lifetime: Any = "auto",
-                 lifetime_stagger: Any = "auto", lifetime_margin: Any = "auto",
-                 template: str | os.PathLike | None = None,
-                 scheduler_options: Mapping[str, Any] | None = None, n_workers: int = 0,
-                 asynchronous: bool = False, status_interval: Any = "5s",
-                 command_timeout: Any = "60s", close_timeout: Any = "30s",
+    def __init__(self, cores: int | None = FROM_CONFIG, memory: str | int | None = FROM_CONFIG,
+                 processes: int | None = FROM_CONFIG, queue: str | None = FROM_CONFIG,
+                 account: str | None = FROM_CONFIG, walltime: str | None = FROM_CONFIG,
+                 job_name: str = FROM_CONFIG, job_extra_directives: Sequence[str] | None = FROM_CONFIG,
+                 job_directives_skip: Sequence[str] | None = FROM_CONFIG,
+                 job_script_prologue: Sequence[str] | None = FROM_CONFIG,
+                 job_script_epilogue: Sequence[str] | None = FROM_CONFIG,
+                 interface: str | None = FROM_CONFIG, local_directory: str | None = FROM_CONFIG,
+                 log_directory: str | None = FROM_CONFIG,
+                 worker_extra_args: Sequence[str] | None = FROM_CONFIG,
+                 python: str | None = FROM_CONFIG, shebang: str = FROM_CONFIG,
+                 env: Mapping[str, str] | None = FROM_CONFIG, nanny: bool = FROM_CONFIG,
+                 death_timeout: Any = FROM_CONFIG, lifetime: Any = FROM_CONFIG,
+                 lifetime_stagger: Any = FROM_CONFIG, lifetime_margin: Any = FROM_CONFIG,
+                 template: str | os.PathLike | None = FROM_CONFIG,
+                 scheduler_options: Mapping[str, Any] | None = FROM_CONFIG, n_workers: int = 0,
+                 asynchronous: bool = False, status_interval: Any = FROM_CONFIG,
+                 command_timeout: Any = FROM_CONFIG, close_timeout: Any = FROM_CONFIG,
                  runner: Runner | None = None, security: Security | bool | None = None,
-                 shared_temp_directory: str | os.PathLike | None = None,
+                 shared_temp_directory: str | os.PathLike | None = FROM_CONFIG,
                  system: str | type[BatchSystem] | BatchSystem | None = None,
-                 **system_options: Any):
+                 config_name: str | None = None, **system_options: Any):
         chosen = system if system is not None else self.default_system
         if chosen is None:
             raise ValueError("system is required: 'slurm', 'pbs' or 'sge' (or use SLURMCluster, "
                              "PBSCluster, SGECluster)")
-        options = system_class(chosen).fold_options({"account": account, **system_options})
-        account = options.pop("account")
-        self.system: BatchSystem = get_system(chosen, **options)
-        self.spec = make_spec(
-            cores=cores, memory=memory, processes=processes, queue=queue, account=account,
-            walltime=walltime, job_name=job_name, job_extra_directives=job_extra_directives,
-            job_directives_skip=job_directives_skip, job_script_prologue=job_script_prologue,
-            job_script_epilogue=job_script_epilogue, interface=interface,
-            local_directory=local_directory, log_directory=log_directory,
-            worker_extra_args=worker_extra_args, python=python, shebang=shebang, env=env,
-            nanny=nanny, death_timeout=death_timeout, lifetime=lifetime,
-            lifetime_stagger=lifetime_stagger, lifetime_margin=lifetime_margin,
-            template=template, directive_prefix=self.system.directive_prefix)
+        given = {k: v for k, v in locals().items() if k in CONFIGURABLE}
+        options, own, sources = resolve_options(type(self).__name__, system_class(chosen),
+                                                config_name, given, system_options)
+        #: Where each option taken from the configuration was set (``{"queue": "jobqueue.slurm.queue in ..."}``).
+        self.config_sources = sources
+        try:
+            self._configure(chosen, options, own, security)
+        except (ValueError, TypeError) as e:
+            raise explain(e, sources) from None
         if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 0:
             raise ValueError(f"n_workers={n_workers!r}: expected a non-negative integer")
-        self.scheduler_options = self._scheduler_options(scheduler_options, interface)
-        self.security, self.credentials_file = self._security(security, shared_temp_directory)
-        if self.security is not None:
-            self.scheduler_options["security"] = self.security
-        self.status_interval = self._positive(status_interval, "status_interval")
-        self.command_timeout = self._positive(command_timeout, "command_timeout")
-        self.close_timeout = parse_duration(close_timeout, "close_timeout")
         self.runner: Runner = runner or run_command
         self.asynchronous = asynchronous
         self.scheduler: Scheduler | None = None
@@ -279,43 +279,24 @@ class JobQueueCluster(SyncAsync):
 
     # ------------------------------------------------------------------ options
 
-    @staticmethod
-    def _positive(value: Any, option: str) -> float:
-        seconds = parse_duration(value, option)
-        if seconds <= 0:
-            raise ValueError(f"{option}={value!r}: must be above zero")
-        return seconds
-
-    def _security(self, security: Any, shared_temp_directory: Any
-                  ) -> tuple[Security | None, str | None]:
-        """The cluster's ``Security`` and the path of the workers' credentials file (or ``None``s)."""
-        if shared_temp_directory is not None and not isinstance(shared_temp_directory,
-                                                                (str, os.PathLike)):
-            raise TypeError(f"shared_temp_directory={shared_temp_directory!r}: expected a path")
-        # Secure by default: we submit the workers ourselves, so we can hand them credentials.
-        sec = resolve_security(security, default=True)
-        if sec is None:
-            return None, None
-        missing = [f"a {role} certificate (tls_{role}_cert)"
-                   for role in ("scheduler", "worker") if not sec.has_tls(role)]
-        if missing:
-            raise ValueError(f"security={sec!r}: a batch-queue cluster needs a CA (tls_ca_file) "
-                             f"and {' and '.join(missing)}; or pass security=None for fresh "
-                             "ones")
-        name = f"{self.spec.job_name}-{uuid.uuid4().hex[:12]}.credentials"
-        return sec, os.path.join(credentials_directory(shared_temp_directory), name)
-
-    @staticmethod
-    def _scheduler_options(options: Mapping[str, Any] | None, interface: str | None) -> dict:
-        if options is not None and not isinstance(options, Mapping):
-            raise TypeError(f"scheduler_options={options!r}: expected a dict of Scheduler options")
-        if options is not None and "security" in options:
-            raise ValueError("scheduler_options: pass security= to the cluster itself (its "
-                             "workers need the same credentials), not in scheduler_options")
-        opts = {"port": 0, **(options or {})}
-        if interface is not None and "host" not in opts and "interface" not in opts:
-            opts["interface"] = interface  # as dask-jobqueue: the workers' network
-        return opts
+    def _configure(self, chosen: Any, options: dict[str, Any], own: dict[str, Any],
+                   security: Any) -> None:
+        """Check the options (resolved by :func:`~jobqueue.config.resolve_options`) and keep them."""
+        folded = system_class(chosen).fold_options({"account": options.pop("account"), **own})
+        options["account"] = folded.pop("account")
+        self.system: BatchSystem = get_system(chosen, **folded)
+        mine = {k: options.pop(k) for k in ("shared_temp_directory", "scheduler_options",
+                                             "status_interval", "command_timeout",
+                                             "close_timeout")}
+        self.spec = make_spec(**options, directive_prefix=self.system.directive_prefix)
+        self.scheduler_options = scheduler_options(mine["scheduler_options"], self.spec.interface)
+        self.security, self.credentials_file = cluster_security(
+            security, mine["shared_temp_directory"], self.spec.job_name)
+        if self.security is not None:
+            self.scheduler_options["security"] = self.security
+        self.status_interval = positive(mine["status_interval"], "status_interval")
+        self.command_timeout = positive(mine["command_timeout"], "command_timeout")
+        self.close_timeout = parse_duration(mine["close_timeout"], "close_timeout")
 
     # ------------------------------------------------------------------ public surface
 
@@ -417,8 +398,8 @@ class JobQueueCluster(SyncAsync):
         """
         low, high = adapt_limits(self.spec.processes, minimum, maximum, minimum_jobs, maximum_jobs)
         policy = ScalingPolicy(self.spec.processes, low, high, wait_count, mode="adapt")
-        self._adaptive = Adaptive(self, self._positive(interval, "interval"),
-                                  self._positive(target_duration, "target_duration"), policy)
+        self._adaptive = Adaptive(self, positive(interval, "interval"),
+                                  positive(target_duration, "target_duration"), policy)
         self._table.failures_in_a_row = 0
         self._poke()
         return self._adaptive
@@ -507,6 +488,11 @@ class JobQueueCluster(SyncAsync):
         active = self._table.active()
         return (f"{type(self).__name__}({self.scheduler_address!r}, jobs={len(active)}, "
                 f"workers={len(self._registered())}, status={self.status})")
+
+    def _repr_html_(self) -> str:
+        from runtime.dashboard.reprs import jobqueue_cluster_repr_html
+
+        return jobqueue_cluster_repr_html(self)
 
     # ------------------------------------------------------------------ plumbing
 

@@ -45,6 +45,8 @@ from .collections import (
 from .comm import connect
 from .comm.serialize import dumps_function
 from .core import BatchedSend, ConnectionPool, unpack_reply
+from .dashboard.reprs import client_repr_html
+from .dashboard.task_stream import client_get_task_stream
 from .errors import ClusterError, CommClosedError, CommError
 from .futures import Future, FutureState
 from .graph import collect_futures, graph_msg, substitute_results, task_piece
@@ -576,14 +578,20 @@ class Client:
     rebalance = delegate("ops", ClusterOps.rebalance)
     replicate = delegate("ops", ClusterOps.replicate)
     restart = delegate("ops", ClusterOps.restart)
+    register_plugin = delegate("ops", ClusterOps.register_plugin)
     register_worker_plugin = delegate("ops", ClusterOps.register_worker_plugin)
     register_scheduler_plugin = delegate("ops", ClusterOps.register_scheduler_plugin)
+    unregister_worker_plugin = delegate("ops", ClusterOps.unregister_worker_plugin)
+    unregister_scheduler_plugin = delegate("ops", ClusterOps.unregister_scheduler_plugin)
+    get_versions = delegate("ops", ClusterOps.get_versions)
     wait_for_workers = delegate("ops", ClusterOps.wait_for_workers)
     get_scheduler_logs = delegate("ops", ClusterOps.get_scheduler_logs)
     get_worker_logs = delegate("ops", ClusterOps.get_worker_logs)
     get_worker_events = delegate("ops", ClusterOps.get_worker_events)
     profile = delegate("ops", ClusterOps.profile)
     progress = delegate("ops", ClusterOps.progress)
+    get_task_stream = client_get_task_stream
+    _repr_html_ = client_repr_html
 
     @property
     def dashboard_link(self) -> str | None:

@@ -204,6 +204,11 @@ class LocalCluster:
         return (f"LocalCluster({self.scheduler_address!r}, workers={len(self.workers)}, "
                 f"threads_per_worker={self.threads_per_worker}, processes={self.processes})")
 
+    def _repr_html_(self) -> str:
+        from .dashboard.reprs import local_cluster_repr_html
+
+        return local_cluster_repr_html(self)
+
     @property
     def scheduler_address(self) -> str | None:
         return self.scheduler.address if self.scheduler is not None and self.scheduler.listeners else None

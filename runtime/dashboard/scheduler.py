@@ -98,7 +98,9 @@ class SchedulerDiagnostics:
         self._counts_cache: tuple[float, dict, dict] = (-1.0, {}, {})
         self.server_log = ServerLog()
         scheduler.handlers.update({"get_logs": self.get_logs, "dashboard_link": self._dashboard_link,
-                              "profile": self.get_profile})
+                                   "profile": self.get_profile,
+                                   "get_task_stream": self.get_task_stream,
+                                   "performance_snapshot": self.performance_snapshot})
 
     # ------------------------------------------------------------------ hot path
 
@@ -183,6 +185,21 @@ class SchedulerDiagnostics:
         replies = await self.scheduler.broadcast(msg={"op": "profile", "key": key}, workers=workers,
                                        return_exceptions=True)
         return merge_profiles([r for r in replies.values() if isinstance(r, dict)])
+
+    def get_task_stream(self, start: float | None = None, stop: float | None = None,
+                        count: int | None = None, since: int | None = None) -> dict:
+        """Task records in dask's shape: ``{"next": index, "records": [...]}``
+        (see :func:`runtime.dashboard.task_stream.collect`)."""
+        from .task_stream import collect
+
+        return collect(self.task_stream, self.task_stream_count, len(self.task_stream),
+                       self.scheduler.state.tasks, start=start, stop=stop, count=count, since=since)
+
+    async def performance_snapshot(self, fresh: bool = False) -> dict:
+        """Counters, workers and profiles for ``performance_report`` (see its module)."""
+        from .report import snapshot
+
+        return await snapshot(self, fresh)
 
     # ------------------------------------------------------------------ routes
 
