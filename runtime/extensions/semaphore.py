@@ -427,8 +427,8 @@ class ClientBound:
         client = self.client
         return await client.rpc.call(client._address, op, **kwargs)
 
-    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.client.sync(fn, *args)
+    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.client.sync(fn, *args, **kwargs)
 
     async def _await(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``await fn(*args)`` on the client's loop, from whatever loop we are on (``async with``)."""
