@@ -26,6 +26,7 @@ from contextlib import suppress
 from typing import Any
 
 from .. import messages
+from ..config import FROM_CONFIG, setting
 from ..core import BatchedSend, Server, Status
 from ..dashboard.scheduler import SchedulerDiagnostics
 from ..errors import CommClosedError, CommError
@@ -116,7 +117,8 @@ class Scheduler(Server):
     def __init__(self, loop=None, delete_interval="500ms", synchronize_worker_interval="60s",
                  services=None, service_kwargs=None, allowed_failures: int | None = None,
                  extensions=None, validate: bool = False, scheduler_file: str | None = None,
-                 security=None, worker_ttl=None, idle_timeout=None, interface: str | None = None,
+                 security=None, worker_ttl=FROM_CONFIG, idle_timeout=FROM_CONFIG,
+                 interface: str | None = None,
                  host: str | None = None, port: int = 0, protocol: str | None = None,
                  dashboard_address=":8787", preload=None, preload_argv=(), **kwargs):
         super().__init__()
@@ -126,12 +128,16 @@ class Scheduler(Server):
             raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp', 'tls' and 'inproc'")
         security = resolve_security(security)
         self._set_security(security, "scheduler")
+        # Defaults from the configuration (scheduler.*, runtime.config); allowed_failures=None too.
+        allowed_failures = setting("scheduler.allowed-failures",
+                                   FROM_CONFIG if allowed_failures is None else allowed_failures)
         if allowed_failures is not None and (not isinstance(allowed_failures, int) or allowed_failures < 0):
             raise ValueError(f"allowed_failures={allowed_failures!r}: expected a non-negative integer")
         self.state = SchedulerState(validate=validate,
-                                    allowed_failures=3 if allowed_failures is None else allowed_failures,
-                                    worker_ttl=parse_timedelta(worker_ttl),
-                                    idle_timeout=parse_timedelta(idle_timeout))
+                                    allowed_failures=allowed_failures,
+                                    worker_ttl=parse_timedelta(setting("scheduler.worker-ttl", worker_ttl)),
+                                    idle_timeout=parse_timedelta(setting("scheduler.idle-timeout",
+                                                                         idle_timeout)))
         self.validate = validate
         self.scheduler_file = scheduler_file
         self.interface = interface

@@ -11,15 +11,25 @@ from typing import Any
 
 import psutil
 
+from ..config import FROM_CONFIG, setting
 from ..utils import parse_bytes
+
+#: The configuration key of each fraction (``distributed.worker.memory.*`` in dask's files).
+CONFIG_KEYS = {"memory_target_fraction": "worker.memory.target",
+               "memory_spill_fraction": "worker.memory.spill",
+               "memory_pause_fraction": "worker.memory.pause"}
 
 
 def memory_fraction(name: str, value: Any) -> float | None:
     """A memory fraction in (0, 1], or ``None`` for False/None/0 (disabled).
 
+    ``FROM_CONFIG`` reads the configured value (:data:`CONFIG_KEYS`).
+
     Raises:
         ValueError: naming the option and the accepted values.
     """
+    if value is FROM_CONFIG:
+        value = setting(CONFIG_KEYS[name])
     if value is None or value is False or value == 0:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:

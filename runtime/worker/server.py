@@ -33,6 +33,7 @@ import psutil
 
 from .. import messages
 from ..comm.serialize import box_large
+from ..config import FROM_CONFIG
 from ..core import BatchedSend, Server, Status, unpack_reply
 from ..dashboard.worker import WorkerDiagnostics
 from ..errors import ClusterError, CommClosedError, CommError
@@ -158,9 +159,10 @@ class Worker(Server):
                  lifetime_restart=None, heartbeat_interval: Any = "1s",
                  dashboard: bool = False, profile: bool = False,
                  transfer_incoming_count_limit: int = 4,
-                 memory_target_fraction: float | bool | None = 0.6,
-                 memory_spill_fraction: float | bool | None = 0.7,
-                 memory_pause_fraction: float | bool | None = 0.8, **kwargs):
+                 memory_target_fraction: Any = FROM_CONFIG,  # worker.memory.target (0.6)
+                 memory_spill_fraction: Any = FROM_CONFIG,  # worker.memory.spill (0.7)
+                 memory_pause_fraction: Any = FROM_CONFIG,  # worker.memory.pause (0.8)
+                 **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"Worker() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
