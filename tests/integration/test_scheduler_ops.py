@@ -36,10 +36,6 @@ def inc(x):
     return x + 1
 
 
-def where_am_i(*_):
-    return cluster.get_worker().address
-
-
 def holders_of(s, key) -> set:
     ts = s.tasks.get(key)
     return {ws.address for ws in ts.who_has} if ts is not None else set()
@@ -184,16 +180,6 @@ async def test_replicate_up_then_down():
         assert any(w.address == holder and f.key in w.data for w in workers)
         assert await f == bytes([1]) * 20_000
         assert CALLS[("replicate", 1)] == 1
-
-
-@gen_test(timeout=20)
-async def test_replicate_to_every_worker():
-    async with gen_cluster(nworkers=3) as (c, s, workers):
-        f = c.submit(counted_blob, "replicate-all", 1, workers=[workers[0].address])
-        await f
-        await c.replicate([f])
-        assert holders_of(s, f.key) == {w.address for w in workers}
-        assert all(f.key in w.data for w in workers)
 
 
 @gen_test(timeout=20)
@@ -445,25 +431,6 @@ async def test_memory_pause_and_resume():
                         what="the scheduler to see the worker resume")
             assert await f == 42
             assert w.state.executed_count == 1
-        finally:
-            await w.close()
-
-
-@gen_test(timeout=20)
-async def test_paused_worker_gets_no_new_tasks_while_another_runs_them():
-    limit = 1_000_000_000
-    async with gen_cluster(nworkers=1) as (c, s, (other,)):
-        w = Worker(s.address, nthreads=1, validate=True, name="mem", memory_limit=limit,
-                   memory_target_fraction=False, memory_spill_fraction=False,
-                   memory_pause_fraction=0.5, memory_monitor_interval="1h")
-        try:
-            await w
-            await w.memory_monitor(FakeProc(int(0.9 * limit)))
-            await until(lambda: s.workers[w.address].status == "paused", timeout=5,
-                        what="the scheduler to see the pause")
-            futures = c.map(where_am_i, range(6))
-            assert set(await c.gather(futures)) == {other.address}
-            assert w.state.executed_count == 0
         finally:
             await w.close()
 

@@ -204,31 +204,6 @@ async def test_idle_timeout_closes_idle_scheduler():
         await s.close()
 
 
-@gen_test(timeout=30)
-async def test_idle_timeout_waits_for_long_task():
-    ev = new_event()
-    s = await Scheduler(idle_timeout="300ms")
-    try:
-        async with Worker(s.address, nthreads=1, reconnect=False) as w:
-            async with Client(s.address, asynchronous=True) as c:
-                fut = c.submit(wait_for_event, ev, 20, pure=False)
-                await until(lambda: any(ws.processing for ws in s.workers.values()), timeout=5,
-                            what="the task to be processing")
-
-                def still_open():
-                    assert s.status == "running", "scheduler closed while a task was processing"
-
-                await hold_for(1.2, still_open, "scheduler to stay open during a long task")
-                EVENTS[ev].set()
-                assert await fut is True
-                await asyncio.wait_for(s.finished(), 5)
-                assert s.status == "closed"
-            await until(lambda: w.status == "closed", timeout=5, what="worker closed")
-    finally:
-        EVENTS[ev].set()
-        await s.close()
-
-
 # ----------------------------------------------------------------------------- task context
 
 
@@ -530,29 +505,6 @@ async def test_client_close_releases_its_data():
         await until(lambda: not any(w.data for w in workers), timeout=5,
                     what="workers drop the client's data")
         assert not s.clients
-
-
-@gen_test(timeout=20)
-async def test_client_close_keeps_keys_another_client_wants():
-    async with gen_cluster(nworkers=2, client=False) as (_, s, workers):
-        c1 = await Client(s.address, asynchronous=True)
-        c2 = await Client(s.address, asynchronous=True)
-        try:
-            f1, f2 = c1.submit(inc, 1), c2.submit(inc, 1)
-            only1 = c1.submit(inc, 100)
-            assert f1.key == f2.key
-            assert await f1 == 2 and await f2 == 2 and await only1 == 101
-            await c1.close()
-            await until(lambda: only1.key not in s.tasks, timeout=5, what="c1's own key released")
-            assert len(s.clients) == 1
-            assert s.tasks[f2.key].state == "memory"
-            assert await f2 == 2
-        finally:
-            await c1.close()
-            await c2.close()
-        await until(lambda: not s.tasks, timeout=5, what="all keys released")
-        await until(lambda: not any(w.data for w in workers), timeout=5,
-                    what="workers drop all data")
 
 
 @gen_test(timeout=20)
