@@ -262,3 +262,41 @@ def test_leases_are_refreshed_while_held_and_expire_when_the_holder_hangs(tmp_pa
 
 def set_lease_timeout(name: str, seconds: float, dask_scheduler=None) -> None:
     dask_scheduler.extensions["semaphores"].semaphores[name].lease_timeout = seconds
+
+
+@gen_test(timeout=60)
+async def test_waits_end_cleanly_when_the_requester_goes_or_the_scheduler_closes():
+    from runtime import Scheduler
+    from runtime.errors import CommClosedError
+
+    async with Scheduler(dashboard_address=None) as s:
+        sems = s.extensions["semaphores"]
+        async with Client(s.address, asynchronous=True) as c:
+            holder = Lock("a", client=c)
+            assert await holder.acquire()
+
+            # A caller that gives up (here: cancelled by its own deadline) withdraws its request.
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(Lock("a", client=c).acquire(), 0.2)
+            await until(lambda: not sems.semaphores["a"].waiters, what="the request to be withdrawn")
+
+            # A client that goes away while waiting: its request goes with it.
+            async with Client(s.address, asynchronous=True, set_as_default=False) as c2:
+                waiting = asyncio.ensure_future(Lock("a", client=c2).acquire())
+                await until(lambda: len(sems.semaphores["a"].waiters) == 1, what="c2 to queue")
+            with pytest.raises(CommClosedError):
+                await waiting
+            assert not sems.semaphores["a"].waiters
+            assert await holder.release() is True
+            assert await holder.locked() is False  # nobody gone was given the lock
+
+            # The scheduler closing ends every wait with an error, promptly.
+            assert await holder.acquire()
+            waits = [asyncio.ensure_future(Lock("a", client=c).acquire()),
+                     asyncio.ensure_future(Event("never", client=c).wait())]
+            await until(lambda: sems.semaphores["a"].waiters and s.extensions["events"].events,
+                        what="both waits to arrive")
+            await s.close()
+            for w in waits:
+                with pytest.raises(CommClosedError):
+                    await w
