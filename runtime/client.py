@@ -48,6 +48,7 @@ from .core import BatchedSend, ConnectionPool, unpack_reply
 from .dashboard.reprs import client_repr_html
 from .dashboard.task_stream import client_get_task_stream
 from .errors import ClusterError, CommClosedError, CommError
+from .extensions.datasets import Datasets
 from .futures import Future, FutureState
 from .graph import collect_futures, graph_msg, substitute_results, task_piece
 from .loop import loop_runner, sync
@@ -151,6 +152,8 @@ class Client:
         self.rpc = ConnectionPool(timeout=self.timeout)
         #: Cluster-wide queries and operations (a part: who_has, run, retire_workers, ...).
         self.ops = ClusterOps(self)
+        #: Published datasets (a part, and the mapping dask's ``client.datasets`` is).
+        self.datasets = Datasets(self)
         self._callback_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._report_task: asyncio.Task | None = None
         self._closed_event: asyncio.Event | None = None
@@ -592,6 +595,13 @@ class Client:
     progress = delegate("ops", ClusterOps.progress)
     get_task_stream = client_get_task_stream
     _repr_html_ = client_repr_html
+
+    # ------------------------------------------------------------------ published datasets (client.datasets)
+
+    publish_dataset = delegate("datasets", Datasets.publish_dataset)
+    get_dataset = delegate("datasets", Datasets.get_dataset)
+    list_datasets = delegate("datasets", Datasets.list_datasets)
+    unpublish_dataset = delegate("datasets", Datasets.unpublish_dataset)
 
     @property
     def dashboard_link(self) -> str | None:

@@ -32,8 +32,12 @@ import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..extensions.datasets import PublishExtension
 from ..extensions.event import EventExtension
+from ..extensions.fire_and_forget import FireAndForgetExtension
+from ..extensions.queue import QueueExtension
 from ..extensions.semaphore import SemaphoreExtension
+from ..extensions.variable import VariableExtension
 from .events import ClientReleasesKeysEvent, UpdateGraphEvent
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,7 +61,11 @@ class SchedulerExtension(Protocol):
 #: ``{name: factory(scheduler)}``.
 DEFAULT_EXTENSIONS: dict[str, Callable[[Scheduler], SchedulerExtension]] = {
     "events": EventExtension,
+    "fire_and_forget": FireAndForgetExtension,
+    "publish": PublishExtension,
+    "queues": QueueExtension,
     "semaphores": SemaphoreExtension,  # also Lock's
+    "variables": VariableExtension,
 }
 
 
