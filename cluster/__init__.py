@@ -21,7 +21,7 @@ _RUNTIME = (
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Client", "ClusterError", "Event", "Future",
     "KilledWorker", "LocalCluster", "Lock", "Nanny", "Reschedule", "Scheduler", "SchedulerPlugin",
     "Security", "Semaphore", "Worker", "WorkerPlugin", "as_completed", "default_client", "futures_of",
-    "get_client", "get_current_task",
+    "get_client", "get_current_task", "get_task_stream", "performance_report",
     "get_worker", "progress", "rejoin", "secede", "wait", "worker_client",
 )
 
@@ -74,7 +74,9 @@ __all__ = [
     "futures_of",
     "get_client",
     "get_current_task",
+    "get_task_stream",
     "get_worker",
+    "performance_report",
     "progress",
     "rejoin",
     "secede",
