@@ -35,7 +35,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import CommandError, CommandNotFoundError, CommandTimeoutError
+from .errors import CancelError, CommandError, CommandNotFoundError, CommandTimeoutError
 from .plumbing import blocking
 
 logger = logging.getLogger(__name__)
@@ -162,4 +162,24 @@ def run_blocking(runner: Runner | Callable[..., Awaitable[CommandResult]], argv:
         raise CommandTimeoutError(tuple(argv), reason=f"did not finish within {timeout + 10:g}s") from None
 
 
-__all__ = ["DEFAULT_TIMEOUT", "CommandResult", "Runner", "check", "run_blocking", "run_command"]
+def cancel_leftovers(runner: Runner, cancel_argv: tuple[str, ...], ids: set[str],
+                     system: str, timeout: float) -> None:
+    """Finalizer of a cluster: cancel the jobs it left (garbage collection, interpreter exit)."""
+    if not ids:
+        return
+    argv = [*cancel_argv, *sorted(ids)]
+    try:
+        result = run_blocking(runner, argv, timeout)
+    except Exception as e:  # nothing to raise to at exit
+        logger.error("could not cancel %s jobs %s left by a cluster: %s", system, sorted(ids), e)
+        return
+    if result.returncode != 0:
+        logger.warning("cancelling %s jobs %s left by a cluster: %s", system, sorted(ids),
+                       CancelError(result.argv, result.returncode, result.stdout, result.stderr))
+    else:
+        logger.info("cancelled %s jobs %s left by a cluster that was not closed", system, sorted(ids))
+    ids.clear()
+
+
+__all__ = ["DEFAULT_TIMEOUT", "CommandResult", "Runner", "cancel_leftovers", "check",
+           "run_blocking", "run_command"]

@@ -33,20 +33,11 @@ ending without ever starting a worker (a broken prologue, a wrong python)
 pause submission with a growing back-off, logged as an error, instead of
 filling the queue.
 
-Security (secure by default, as ``LocalCluster``): with ``security=None``
-the cluster makes fresh credentials (``Security.temporary()``), its
-scheduler listens on ``tls://`` and accepts only peers holding a certificate
-of this cluster's CA.  The jobs run on other nodes, so their workers'
-credentials -- the CA certificate, the worker certificate and its key, and
-nothing else -- go to ONE file on a path the jobs can read (a shared
-filesystem): ``<shared_temp_directory>/hpc-cluster-credentials/`` or by default
-``~/.hpc-cluster/credentials/``, a directory of mode 0700, the file of mode
-0600 (created so, never briefly readable by others).  The job script names
-the file (``--tls-credentials PATH``); the key material is never in the
-script or on a command line.  ``close()`` removes the file, and so does a
-``weakref.finalize`` at garbage collection or interpreter exit.
-``security=False`` is the explicit opt-out (plain ``tcp://``: anyone who can
-reach the port can run code as you); a ``Security`` object is used as given.
+Security is on by default (``tls://``, fresh credentials, the workers' in
+one 0600 file the jobs read by path): :func:`jobqueue.config.cluster_security`
+and :mod:`jobqueue.credentials`.  Options not passed come from the
+configuration (``jobqueue.<config_name>.*``, dask's ``jobqueue.yaml`` too):
+:mod:`jobqueue.config`.
 
 While ``wait_for_workers`` waits it logs, at INFO and at most every
 :data:`WAIT_LOG_INTERVAL` seconds, what it waits for: each active job with its
@@ -80,7 +71,7 @@ from runtime.security import Security
 from runtime.utils import format_bytes
 
 from .adaptive import Adaptive, Observation, ScalingPolicy, adapt_limits
-from .commands import Runner, run_blocking, run_command
+from .commands import Runner, cancel_leftovers, run_command
 from .config import (
     CONFIGURABLE,
     cluster_security,
@@ -115,25 +106,6 @@ MAX_BACKOFF = 300.0
 WAIT_LOG_INTERVAL = 5.0
 #: ... and the longest, when nothing changed.
 WAIT_LOG_REPEAT = 30.0
-
-
-def _cancel_leftovers(runner: Runner, cancel_argv: tuple[str, ...], ids: set[str],
-                      system: str, timeout: float) -> None:
-    """Finalizer: cancel the jobs a cluster left (garbage collection, interpreter exit)."""
-    if not ids:
-        return
-    argv = [*cancel_argv, *sorted(ids)]
-    try:
-        result = run_blocking(runner, argv, timeout)
-    except Exception as e:  # nothing to raise to at exit
-        logger.error("could not cancel %s jobs %s left by a cluster: %s", system, sorted(ids), e)
-        return
-    if result.returncode != 0:
-        logger.warning("cancelling %s jobs %s left by a cluster: %s", system, sorted(ids),
-                       CancelError(result.argv, result.returncode, result.stdout, result.stderr))
-    else:
-        logger.info("cancelled %s jobs %s left by a cluster that was not closed", system, sorted(ids))
-    ids.clear()
 
 
 class JobQueueCluster(SyncAsync):
@@ -465,14 +437,7 @@ class JobQueueCluster(SyncAsync):
         have = len(self._registered())
         head = (f"waiting for {n_workers} worker{'' if n_workers == 1 else 's'} "
                 f"({have} connected)")
-        parts = []
-        for job in self._table.active():
-            native = job.native_state or "submitted"
-            if job.state in (JobState.RUNNING, JobState.COMPLETING) or job.workers:
-                detail = f"{len(job.workers)}/{self.spec.processes} workers connected"
-            else:
-                detail = job.reason
-            parts.append(f"job {job.id} {native}" + (f" ({detail})" if detail else ""))
+        parts = self._table.describe_active(self.spec.processes)
         if not parts:
             parts.append("no job queued or running (call scale() or adapt() first)")
         if self._paused_until and time.monotonic() < self._paused_until:
@@ -538,7 +503,7 @@ class JobQueueCluster(SyncAsync):
                            "can connect; on a cluster pass interface='ib0' (or "
                            "scheduler_options={'host': ...})", type(self).__name__,
                            self.scheduler.address)
-        self._finalizer = weakref.finalize(self, _cancel_leftovers, self.runner,
+        self._finalizer = weakref.finalize(self, cancel_leftovers, self.runner,
                                            tuple(self.system.cancel_command), self._live_ids,
                                            self.system.title, self.command_timeout)
         self.status = "running"

@@ -7,6 +7,20 @@ job by path; the client's and the scheduler's keys never go there.  Batch
 jobs run on other nodes, so the directory must be on a file system they
 share: ``shared_temp_directory`` (as in dask-jobqueue), else
 :data:`DEFAULT_CREDENTIALS_DIRECTORY` in the home directory.
+
+A cluster is secure by default, as ``LocalCluster``: with ``security=None``
+it makes fresh credentials (``Security.temporary()``), its scheduler listens
+on ``tls://`` and accepts only peers holding a certificate of this cluster's
+CA.  The workers' credentials -- the CA certificate, the worker certificate
+and its key, and nothing else -- go to ONE file on a path the jobs can read:
+``<shared_temp_directory>/hpc-cluster-credentials/`` or by default
+``~/.hpc-cluster/credentials/``, a directory of mode 0700, the file of mode
+0600 (created so, never briefly readable by others).  The job script names
+the file (``--tls-credentials PATH``); the key material is never in the
+script or on a command line.  ``close()`` removes the file, and so does a
+``weakref.finalize`` at garbage collection or interpreter exit.
+``security=False`` is the explicit opt-out (plain ``tcp://``: anyone who can
+reach the port can run code as you); a ``Security`` object is used as given.
 """
 
 from __future__ import annotations

@@ -138,6 +138,18 @@ class JobTable:
     def active_ids(self) -> list[str]:
         return [j.id for j in self.active()]
 
+    def describe_active(self, processes: int) -> list[str]:
+        """``["job 123 PENDING (Resources)", "job 124 RUNNING (1/2 workers connected)"]``."""
+        parts = []
+        for job in self.active():
+            native = job.native_state or "submitted"
+            if job.state in (JobState.RUNNING, JobState.COMPLETING) or job.workers:
+                detail = f"{len(job.workers)}/{processes} workers connected"
+            else:
+                detail = job.reason
+            parts.append(f"job {job.id} {native}" + (f" ({detail})" if detail else ""))
+        return parts
+
     def job_of(self, worker_name: object) -> str | None:
         """The id of the job a worker of this name belongs to (``None``: not ours)."""
         name = str(worker_name)
