@@ -23,6 +23,7 @@ _RUNTIME = (
     "Security", "Semaphore", "Worker", "WorkerPlugin", "as_completed", "default_client", "futures_of",
     "get_client", "get_current_task", "get_task_stream", "performance_report",
     "get_worker", "progress", "rejoin", "secede", "wait", "worker_client",
+    "Queue", "Variable", "fire_and_forget",
 )
 
 
@@ -59,6 +60,7 @@ __all__ = [
     "Lock",
     "Nanny",
     "PBSCluster",
+    "Queue",
     "Reschedule",
     "SGECluster",
     "SLURMCluster",
@@ -66,11 +68,13 @@ __all__ = [
     "SchedulerPlugin",
     "Security",
     "Semaphore",
+    "Variable",
     "Worker",
     "WorkerPlugin",
     "__version__",
     "as_completed",
     "default_client",
+    "fire_and_forget",
     "futures_of",
     "get_client",
     "get_current_task",
