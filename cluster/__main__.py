@@ -5,11 +5,12 @@ Usage::
     python -m cluster scheduler [options]            # start a scheduler
     python -m cluster worker ADDRESS [options]       # start workers (or --scheduler-file F)
     python -m cluster submit --system slurm -n N script.py ...  # one MPI batch job
+    python -m cluster config [PREFIX]                # the effective configuration
     python -m cluster [launcher options] script ...  # anything else: the MPI launcher
 
 ``scheduler`` and ``worker`` are implemented in :mod:`cluster.cli`, ``submit``
 in :mod:`jobqueue.submit_cli` (imported only then, so that the other commands do
-not load jinja2); every other command line is handed unchanged to
+not load jinja2), ``config`` in :mod:`cluster.config_cli`; every other command line is handed unchanged to
 :func:`hpc.launcher.main`, imported only then (so the subcommands work
 without MPI).
 """
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobqueue.submit_cli import main as submit
 
         return submit(argv[1:], prog=f"{prog} submit")
+    if argv and argv[0] == "config":
+        from .config_cli import main as config
+
+        return config(argv[1:], prog=f"{prog} config")
     try:
         launcher = importlib.import_module("hpc.launcher")
     except ImportError as e:
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             reason = "the MPI launcher (hpc.launcher) is not available in this installation"
         else:
             reason = f"the MPI launcher (hpc.launcher) could not be imported: {e}"
-        _error(prog, f"{reason}. Available commands: {', '.join(SUBCOMMANDS)} "
+        _error(prog, f"{reason}. Available commands: {', '.join(SUBCOMMANDS)}, config "
                f"(see '{prog} scheduler --help' and '{prog} worker --help')")
         return 2
     launch = getattr(launcher, "main", None)

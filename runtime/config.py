@@ -266,7 +266,7 @@ def dask_paths(environ: Mapping[str, str] | None = None) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def _files(paths: list[str]) -> list[str]:
+def config_files(paths: list[str]) -> list[str]:
     """The YAML/JSON files of ``paths`` (a directory's in name order), as donfig reads them."""
     out: list[str] = []
     for path in paths:
@@ -346,11 +346,11 @@ class Configuration:
         with open(DEFAULTS_FILE, encoding="utf-8") as f:
             defaults = yaml.safe_load(f)
         flat: dict[str, Setting] = {k: Setting(v, "default", True) for k, v in flatten(defaults)}
-        for path in _files(dask_paths(env)):
+        for path in config_files(dask_paths(env)):
             self._dask(flat, ((k, v, path) for k, v in flatten(_read(path))))
         self._dask(flat, ((k, v, f"${name}")
                           for k, v, name in _env(DASK_PREFIX, env, (DASK_CONFIG, DASK_ROOT_CONFIG))))
-        for path in _files(our_paths(env)):
+        for path in config_files(our_paths(env)):
             for key, value in flatten(_read(path)):
                 if _check(key, value, path, warn_unknown=True):
                     flat[key] = Setting(value, path)
