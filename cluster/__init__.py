@@ -19,7 +19,7 @@ _JOBQUEUE = ("JobQueueCluster", "PBSCluster", "SGECluster", "SLURMCluster")
 #: rank's role needs, not the whole runtime.
 _RUNTIME = (
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Client", "ClusterError", "Event", "Future",
-    "KilledWorker", "LocalCluster", "Lock", "Nanny", "Reschedule", "Scheduler", "SchedulerPlugin",
+    "KilledWorker", "LocalCluster", "Lock", "Nanny", "NannyPlugin", "Reschedule", "Scheduler", "SchedulerPlugin",
     "Security", "Semaphore", "Worker", "WorkerPlugin", "as_completed", "default_client", "futures_of",
     "get_client", "get_current_task", "get_task_stream", "performance_report",
     "get_worker", "progress", "rejoin", "secede", "wait", "worker_client",
@@ -59,6 +59,7 @@ __all__ = [
     "LocalCluster",
     "Lock",
     "Nanny",
+    "NannyPlugin",
     "PBSCluster",
     "Queue",
     "Reschedule",

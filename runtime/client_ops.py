@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -143,18 +144,121 @@ class ClusterOps:
         """Restart every worker through its nanny and forget all tasks (futures are cancelled)."""
         return self._scheduler_call("restart", client=self.client.id, timeout=timeout)
 
-    def register_worker_plugin(self, plugin: Any, name: str | None = None):
-        """Run ``plugin.setup(worker)`` on every worker, present and future.
+    def register_plugin(self, plugin: Any, name: str | None = None, idempotent: bool | None = None):
+        """Register a plugin where its base class says: every worker (``WorkerPlugin``), the
+        scheduler (``SchedulerPlugin``) or every nanny (``NannyPlugin``), present and future.
+
+        Args:
+            plugin: an instance of one of those classes (it is pickled).
+            name: its name (default: ``plugin.name``, else one made from its class).
+                A plugin of the same name is replaced.
+            idempotent: keep an existing plugin of the same name instead (default:
+                ``plugin.idempotent``).
+
+        Returns:
+            For worker and nanny plugins ``{address: {"status": "OK"}}`` of the present
+            ones; for a scheduler plugin ``"OK"``.
+
+        Raises:
+            TypeError: ``plugin`` is none of those classes.
+            Exception: the error of the plugin's ``setup``/``start``, where it failed.
+        """
+        from .plugins import NannyPlugin, SchedulerPlugin, WorkerPlugin
+
+        if isinstance(plugin, SchedulerPlugin):
+            return self._scheduler_call("add_plugin", plugin=dumps_function(plugin), name=name,
+                                        idempotent=idempotent)
+        if isinstance(plugin, NannyPlugin):
+            return self._plugin_call("register_nanny_plugin", plugin, name, idempotent)
+        if isinstance(plugin, WorkerPlugin):
+            return self._plugin_call("register_worker_plugin", plugin, name, idempotent)
+        raise TypeError(f"register_plugin({plugin!r}): a plugin must be an instance of "
+                        "WorkerPlugin, SchedulerPlugin or NannyPlugin (from cluster import ...)")
+
+    def _plugin_call(self, op: str, plugin: Any, name: str | None, idempotent: bool | None):
+        async def call():
+            replies = await self.client.rpc.call(self.client._address, op,
+                                                 plugin=dumps_function(plugin), name=name,
+                                                 idempotent=idempotent)
+            for reply in replies.values():
+                if isinstance(reply, BaseException):  # setup failed there: say so here
+                    raise reply
+            return replies
+
+        return self.client.sync(call)
+
+    def register_worker_plugin(self, plugin: Any, name: str | None = None, nanny: bool | None = None):
+        """Deprecated (as in dask.distributed): use :meth:`register_plugin`.
+
+        Runs ``plugin.setup(worker)`` on every worker, present and future (on
+        every nanny with ``nanny=True`` or a ``NannyPlugin``).  Duck-typed plugins
+        (any object with ``setup``/``teardown``) are still accepted here.
 
         Returns:
             ``{worker_address: reply}`` for the present workers.
         """
-        return self._scheduler_call("register_worker_plugin", plugin=dumps_function(plugin), name=name)
+        from .plugins import NannyPlugin
+
+        warnings.warn("register_worker_plugin is deprecated; use register_plugin",
+                      DeprecationWarning, stacklevel=3)
+        op = "register_nanny_plugin" if nanny or isinstance(plugin, NannyPlugin) else "register_worker_plugin"
+        return self._plugin_call(op, plugin, name, None)
 
     def register_scheduler_plugin(self, plugin: Any, name: str | None = None, idempotent: bool = False):
-        """Add a plugin to the scheduler (see ``runtime.scheduler.ops.SchedulerPlugin``)."""
+        """Deprecated (as in dask.distributed): use :meth:`register_plugin`.
+
+        Adds a plugin to the scheduler (see :class:`runtime.plugins.SchedulerPlugin`).
+        """
+        warnings.warn("register_scheduler_plugin is deprecated; use register_plugin",
+                      DeprecationWarning, stacklevel=3)
         return self._scheduler_call("add_plugin", plugin=dumps_function(plugin), name=name,
                                     idempotent=idempotent)
+
+    def unregister_worker_plugin(self, name: str, nanny: bool | None = None):
+        """Remove the worker plugin ``name`` (a nanny plugin with ``nanny=True``) everywhere;
+        its ``teardown`` runs on each worker (nanny).
+
+        Raises:
+            ValueError: no plugin of that name is registered.
+        """
+        op = "unregister_nanny_plugin" if nanny else "unregister_worker_plugin"
+        return self._scheduler_call(op, name=name)
+
+    def unregister_scheduler_plugin(self, name: str):
+        """Remove the scheduler plugin ``name``.
+
+        Raises:
+            ValueError: no plugin of that name.
+        """
+        return self._scheduler_call("remove_plugin", name=name)
+
+    def get_versions(self, check: bool = False, packages: list[str] | None = None):
+        """Python and package versions of the client, the scheduler and each worker.
+
+        Args:
+            check: raise if any of them differ (see :mod:`runtime.versions`).
+            packages: more package names to report (and check) besides the usual ones.
+
+        Returns:
+            ``{"scheduler": ..., "workers": {address: ...}, "client": ...}``, each
+            ``{"host": {...}, "packages": {name: version or None}}``.
+
+        Raises:
+            VersionMismatchError: with ``check``, naming each package whose versions
+                differ and where (also a ``ValueError``).
+        """
+        from .versions import check_versions, get_versions
+
+        packages = list(packages or [])
+
+        async def call():
+            result = await self.client.rpc.call(self.client._address, "versions", packages=packages)
+            result["client"] = get_versions(packages)
+            if check:
+                check_versions(result, packages)
+            return result
+
+        return self.client.sync(call)
 
     def wait_for_workers(self, n_workers: int = 1, timeout: float | None = None):
         """Block until at least ``n_workers`` workers are connected.

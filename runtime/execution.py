@@ -302,19 +302,25 @@ class TaskThreadPool:
                 job[1].set()
                 return
             _thread_state.seceded = False
-            outcome = run_task(*job)
-            self.results.append(outcome)
-            if not self._wakeup_pending:
-                self._wakeup_pending = True
-                try:
-                    self.loop.call_soon_threadsafe(self._drain)
-                except RuntimeError:  # loop closed: the worker is gone
-                    return
+            if not self._report(run_task(*job)):
+                return
             if _thread_state.seceded:
                 # A replacement took this thread's place in the pool.
                 with self._lock:
                     self.threads.remove(threading.current_thread())
                 return
+
+    def _report(self, outcome: tuple) -> bool:
+        """Hand a task's outcome to the event loop (woken once per burst); ``False``
+        once the loop is closed (the worker is gone)."""
+        self.results.append(outcome)
+        if not self._wakeup_pending:
+            self._wakeup_pending = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # loop closed: the worker is gone
+                return False
+        return True
 
     def secede(self, key: Hashable, compute_duration: float) -> None:
         """The calling task leaves the pool: start a replacement thread, tell the worker."""
@@ -366,6 +372,84 @@ class TaskThreadPool:
             logger.warning("threads still running tasks at close: %s", ", ".join(alive))
 
 
+class ExecutorTaskPool(TaskThreadPool):
+    """Tasks run in a user's ``concurrent.futures.ThreadPoolExecutor`` (``Worker(executor=...)``).
+
+    Results come back to the event loop in batches as with :class:`TaskThreadPool`;
+    ``get_worker()`` and ``get_client()`` work in the tasks.  The executor's threads
+    are not the pool's own, so ``secede()`` in such a task does nothing: a task
+    that waits on other tasks (``worker_client``) keeps its executor thread.  The
+    worker shuts the executor down when it closes, as dask.distributed does.
+    """
+
+    def __init__(self, executor: Any, on_results: Callable[[list], None], worker: Any = None,
+                 name: str = "task", on_secede: Callable[[Hashable, float], None] | None = None):
+        super().__init__(0, on_results, worker=worker, name=name, on_secede=on_secede)
+        self.executor = executor
+
+    def submit(self, key: Hashable, run_spec: tuple, deps: dict | None) -> None:
+        self.executor.submit(self._run_one, key, run_spec, deps)
+
+    def _run_one(self, key: Hashable, run_spec: tuple, deps: dict | None) -> None:
+        _thread_state.worker = self.worker
+        _thread_state.pool = None  # secede/rejoin: not our threads to replace
+        try:
+            outcome = run_task(key, run_spec, deps)
+        finally:
+            _thread_state.worker = None
+        if not self._closed:
+            self._report(outcome)
+
+    def shutdown(self, timeout: float = 2.0) -> None:
+        """Shut the executor down (queued tasks are cancelled); wait up to ``timeout``
+        for its running tasks."""
+        with self._lock:
+            self._closed = True
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        threads = list(getattr(self.executor, "_threads", ()))
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in threads if t.is_alive()]
+        if alive:
+            logger.warning("executor threads still running tasks at close: %s", ", ".join(alive))
+
+
+def make_task_pool(executor: Any, nthreads: int, on_results: Callable[[list], None], worker: Any,
+                   name: str, on_secede: Callable[[Hashable, float], None]) -> TaskThreadPool:
+    """The pool that runs a worker's tasks, from its ``executor`` option (see
+    :func:`check_executor`)."""
+    if executor is None:
+        return TaskThreadPool(nthreads, on_results, worker=worker, name=name, on_secede=on_secede)
+    if executor == "offload":
+        return TaskThreadPool(1, on_results, worker=worker, name=f"{name}-offload", on_secede=on_secede)
+    return ExecutorTaskPool(executor, on_results, worker=worker, name=name, on_secede=on_secede)
+
+
+def check_executor(executor: Any) -> Any:
+    """The ``executor`` option of a Worker, checked: ``None`` (the worker's own pool of
+    ``nthreads`` threads), ``"offload"`` (one thread of the worker's own, tasks run one
+    at a time), a ``concurrent.futures.ThreadPoolExecutor``, or ``{"default": one of
+    those}``.
+
+    Raises:
+        TypeError: anything else, naming what is accepted (a process pool cannot run
+            tasks that use their worker; naming executors per task is not supported).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if isinstance(executor, dict):
+        if set(executor) != {"default"}:
+            raise TypeError(f"Worker(executor={executor!r}): only {{'default': executor}} is accepted "
+                            "as a dict (choosing an executor per task is not supported)")
+        executor = executor["default"]
+    if executor is None or executor == "offload" or isinstance(executor, ThreadPoolExecutor):
+        return executor
+    raise TypeError(f"Worker(executor={executor!r}): accepted values are None (the worker's own "
+                    "thread pool), 'offload' (one thread), a concurrent.futures.ThreadPoolExecutor, "
+                    "or {'default': one of those}")
+
+
 def get_worker():
     """The Worker running the current task.
 
@@ -408,13 +492,3 @@ def rejoin() -> None:
 def get_current_task() -> Hashable | None:
     """The key of the task running in this thread (``None`` outside tasks)."""
     return getattr(_thread_state, "key", None)
-
-
-class WorkerPlugin:
-    """Base class for worker plugins (``Client.register_worker_plugin``); override what you need."""
-
-    name: str | None = None
-
-    def setup(self, worker) -> None: ...
-
-    def teardown(self, worker) -> None: ...

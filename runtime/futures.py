@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import re
 import sys
 import threading
+import types
 from collections import deque, namedtuple
 from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,38 @@ FIRST_EXCEPTION = concurrent.futures.FIRST_EXCEPTION
 ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
 
 DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", "done not_done")
+
+
+_FRAME_LINE = re.compile(r'^  File "(?P<file>.*)", line (?P<line>\d+), in (?P<name>.*)$')
+
+
+class _Raise(Exception):
+    """Raised inside a made-up frame to capture it (see :func:`traceback_object`)."""
+
+
+def traceback_object(text: str | None) -> types.TracebackType | None:
+    """A traceback object whose frames stand for those of a remote traceback's text.
+
+    Each ``File "...", line N, in name`` of the last exception in ``text``
+    becomes a real frame of a code object with that file name, function name
+    and line, so the ``traceback`` module formats it as the worker did.
+    """
+    if not text:
+        return None
+    last = text.rsplit("Traceback (most recent call last):", 1)[-1]
+    frames = [(m["file"], int(m["line"]), m["name"])
+              for m in map(_FRAME_LINE.match, last.splitlines()) if m]
+    tb = None
+    for filename, lineno, name in reversed(frames):
+        code = compile("\n" * max(lineno - 1, 0) + "raise _Raise", filename, "exec")
+        if name.isidentifier():
+            code = code.replace(co_name=name)
+        try:
+            exec(code, {"_Raise": _Raise})
+        except _Raise as e:
+            inner = e.__traceback__.tb_next  # the made-up frame
+            tb = types.TracebackType(tb, inner.tb_frame, inner.tb_lasti, inner.tb_lineno)
+    return tb
 
 
 class FutureState:
@@ -230,14 +264,26 @@ class Future:
             raise FutureCancelledError(self.key)
         return self._state.exception if self._state.status == "error" else None
 
-    def traceback(self, timeout: float | None = None) -> str | None:
-        """The remote traceback text of a failed task (``None`` if it succeeded)."""
+    def traceback(self, timeout: float | None = None) -> types.TracebackType | None:
+        """The traceback of a failed task, as a traceback object (``None`` if it succeeded).
+
+        Its frames name the task's files, lines and functions where it raised,
+        on the worker (``traceback.format_tb(future.traceback())``,
+        ``traceback.print_tb``), as in dask.distributed; the source lines show
+        where those files exist here too.  The text as the worker printed it is
+        :attr:`traceback_text` (and the exception's ``__cause__``).
+        """
         if self.client.asynchronous:
             return self._traceback(timeout)
         return self.client.sync(self._traceback, timeout)
 
     async def _traceback(self, timeout: float | None = None):
         await self._state.wait(timeout)
+        return traceback_object(self._state.traceback) if self._state.status == "error" else None
+
+    @property
+    def traceback_text(self) -> str | None:
+        """The remote traceback as text, once the task has failed (``None`` otherwise)."""
         return self._state.traceback if self._state.status == "error" else None
 
     def cancel(self, force: bool = False):

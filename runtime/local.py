@@ -12,6 +12,8 @@ user of the machine.
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib
 import inspect
 import logging
 import math
@@ -23,6 +25,8 @@ from typing import Any
 from .errors import ClusterTimeoutError
 from .loop import loop_runner, sync
 from .nanny import Nanny
+from .plugins import check_blocked_handlers, refuse_unsupported
+from .plugins import silence_logs as silence_logs_option
 from .process import WorkerProcess
 from .scheduler.server import Scheduler
 from .security import resolve_security
@@ -51,6 +55,48 @@ def _check_worker_options(worker_kwargs: dict, nanny: bool, worker_class: Any) -
     if unknown:
         raise TypeError(f"LocalCluster() got unexpected keyword arguments: {', '.join(unknown)} "
                         f"(neither LocalCluster options nor options of its workers)")
+
+
+def _worker_classes(worker_class: Any, processes: bool) -> tuple[type, Any]:
+    """``(nanny class, worker class or None)`` from LocalCluster's ``worker_class``.
+
+    Raises:
+        ValueError: naming what is accepted.
+    """
+    if worker_class is None or worker_class is Worker:
+        return Nanny, None
+    if isinstance(worker_class, type) and issubclass(worker_class, Nanny):
+        if not processes:
+            raise ValueError(f"worker_class={worker_class!r}: a Nanny needs processes=True")
+        return worker_class, None
+    if isinstance(worker_class, str) or (isinstance(worker_class, type) and issubclass(worker_class, Worker)):
+        if isinstance(worker_class, str) and not processes:
+            module, _, name = worker_class.rpartition(".")
+            worker_class = getattr(importlib.import_module(module), name)
+        Nanny._worker_class_path(worker_class)  # raises ValueError naming what is wrong
+        return Nanny, worker_class
+    raise ValueError(f"worker_class={worker_class!r}: expected Nanny or a subclass, a Worker "
+                     "subclass, or 'module.Class' of one")
+
+
+@functools.cache
+def _handler_names(kind: str) -> frozenset[str]:
+    """The operations of a Scheduler or Worker (of a throwaway one: made, never started)."""
+    server = Scheduler(dashboard_address=None) if kind == "scheduler" else Worker("tcp://127.0.0.1:1", nthreads=1)
+    return frozenset(server.handlers) | frozenset(server.stream_handlers)
+
+
+def _split_blocked_handlers(blocked: Any) -> tuple[list[str], list[str]]:
+    """LocalCluster's ``blocked_handlers``: ``(the scheduler's, the workers')``.
+
+    Raises:
+        TypeError / ValueError: not a list of str, or a name neither has (with the accepted names).
+    """
+    if not blocked:
+        return [], []
+    scheduler, worker = _handler_names("scheduler"), _handler_names("worker")
+    names = check_blocked_handlers(blocked, scheduler | worker, "LocalCluster")
+    return [n for n in names if n in scheduler], [n for n in names if n in worker]
 
 
 _warned_no_tls = False
@@ -95,6 +141,22 @@ class LocalCluster:
         asynchronous: use the running event loop; ``await`` the cluster.
         validate: turn on state validation in the scheduler and workers.
         scheduler_kwargs: more keyword arguments for ``Scheduler``.
+        blocked_handlers: operations to refuse (see :func:`runtime.plugins.block_handlers`):
+            each name goes to the scheduler if it is one of its operations and to
+            the workers if it is one of theirs (``["run_function", "run"]`` stops
+            ``client.run_on_scheduler`` and ``client.run``); other names are refused.
+        worker_class: ``Nanny`` or a subclass of it (the supervisor of each worker
+            process), or a ``Worker`` subclass (or ``"module.Class"``) to run as
+            the worker, in this process or in the worker processes.
+        silence_logs: the level of the runtime's loggers here and in the workers
+            (see :func:`runtime.plugins.silence_logs`).
+        diagnostics_port: the older name of ``dashboard_address``.
+        loop: ignored (the running asyncio loop, or our own loop thread, is used);
+            kept for compatibility.
+        start / services / worker_services / service_kwargs / scheduler_sync_interval:
+            refused unless left at their defaults (the cluster always starts; we
+            serve our own status page; the cluster object reads the scheduler's
+            state directly).
         **worker_kwargs: more keyword arguments for each ``Worker``.
 
     Raises:
@@ -111,6 +173,23 @@ class LocalCluster:
                  scheduler_kwargs: dict | None = None, scheduler_sync_interval=1,
                  memory_limit: Any = "auto", validate: bool = False, nanny: bool | None = None,
                  **worker_kwargs):
+        refuse_unsupported(
+            "LocalCluster", {
+                "services": "use dashboard_address=", "worker_services": "use worker_dashboard_address=",
+                "service_kwargs": "use dashboard_address=",
+                "scheduler_sync_interval": "the cluster reads the scheduler's state directly",
+            },
+            services=(services, None),
+            worker_services=(worker_services, None), service_kwargs=(service_kwargs, None),
+            scheduler_sync_interval=(scheduler_sync_interval, 1))
+        if start is False:
+            raise TypeError("LocalCluster(start=False) is not supported; a LocalCluster always "
+                            "starts (asynchronous=True: when awaited)")
+        if diagnostics_port is not None:
+            if dashboard_address != ":8787":
+                raise TypeError("LocalCluster: give dashboard_address or its older name "
+                                "diagnostics_port, not both")
+            dashboard_address = diagnostics_port
         if protocol not in (None, "tcp", "tls", "inproc"):
             raise ValueError(f"protocol={protocol!r}: accepted values are 'tls', 'tcp' and 'inproc'")
         if protocol == "inproc" and processes:
@@ -149,7 +228,18 @@ class LocalCluster:
         # As in dask.distributed: worker processes are supervised by nannies, so
         # that a crashed worker comes back and Client.restart() works.
         self.nanny = processes if nanny is None else bool(nanny)
+        self.nanny_class, self.worker_class = _worker_classes(worker_class, processes)
+        if self.nanny_class is not Nanny:
+            self.nanny = True
         _check_worker_options(worker_kwargs, self.processes and self.nanny, worker_class)
+        level = silence_logs_option(silence_logs, "LocalCluster")
+        if level is not None:
+            worker_kwargs.setdefault("silence_logs", level)
+        scheduler_blocked, worker_blocked = _split_blocked_handlers(blocked_handlers)
+        if scheduler_blocked:
+            scheduler_kwargs = {**(scheduler_kwargs or {}), "blocked_handlers": scheduler_blocked}
+        if worker_blocked:
+            worker_kwargs.setdefault("blocked_handlers", worker_blocked)
         self.asynchronous = asynchronous
         self.validate = validate
         self.host = host or ip
@@ -254,13 +344,16 @@ class LocalCluster:
             opts = self._worker_options(name)
             security = self.security if self.security is not None else False
             if self.processes and self.nanny:
-                w = Nanny(self.scheduler.address, security=security, **opts)
+                if self.worker_class is not None:
+                    opts["worker_class"] = self.worker_class
+                w = self.nanny_class(self.scheduler.address, security=security, **opts)
                 started.append(w._start())
             elif self.processes:
-                w = WorkerProcess(self.scheduler.address, opts, security=self.security)
+                w = WorkerProcess(self.scheduler.address, opts, security=self.security,
+                                  worker_class=Nanny._worker_class_path(self.worker_class))
                 started.append(w.start())
             else:
-                w = Worker(self.scheduler.address, security=security, **opts)
+                w = (self.worker_class or Worker)(self.scheduler.address, security=security, **opts)
                 started.append(w._start())
             self.workers[name] = w
             new_names.add(name)

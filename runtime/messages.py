@@ -258,6 +258,8 @@ SCHEDULER_STREAM_OPENINGS: dict[str, Spec] = {
         services=_f(optional(dict_of(is_str, is_any)), "a dict with str keys, or None"),
         keys=KEYS,
         nbytes=KEY_TO_INT,
+        # Python and package versions, for the scheduler's mismatch warning (runtime.versions).
+        versions=_f(optional(dict_of(is_str, is_any)), "a dict with str keys, or None"),
     ),
     "register-client": Spec(open=True, client=_f(is_str, "a client id (str)", required=True)),
 }

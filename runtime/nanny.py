@@ -45,6 +45,7 @@ import inspect
 import json
 import logging
 import os
+import pickle
 import time
 from contextlib import suppress
 from typing import Any
@@ -53,6 +54,9 @@ import psutil
 
 from .core import Server, Status, unpack_reply
 from .errors import ClusterTimeoutError, CommError
+from .plugins import plugin_name, refuse_unsupported
+from .plugins import silence_logs as apply_silence_logs
+from .preload import process_preloads, start_preloads, teardown_preloads
 from .process import RESTART_EXIT_CODE, WorkerProcess, WorkerProcessError
 from .security import resolve_security
 from .utils import (
@@ -64,6 +68,7 @@ from .utils import (
     unparse_host_port,
 )
 from .worker import Worker, parse_memory_limit
+from .worker.plugins import UNSUPPORTED
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +117,16 @@ class Nanny(Server):
         memory_limit: see :func:`~runtime.worker.parse_memory_limit`; 0 = none.
         reconnect: the worker reconnects when its scheduler connection breaks.
         validate: the worker checks its state invariants after every event.
-        quiet / silence_logs: accepted for compatibility; the worker process
-            logs warnings and errors.
+        quiet: log the nanny's own comings and goings (start, restarts, close) at
+            DEBUG instead of INFO.
+        silence_logs: the level of the runtime's loggers, in this process and in
+            the worker process (see :func:`runtime.plugins.silence_logs`).
         resources: abstract resources of the worker, e.g. ``{"GPU": 2}``.
         death_timeout: how long the worker may take to reach the scheduler
             (also bounds how long :meth:`instantiate` waits; default 60 s).
-        preload / preload_argv: passed to the worker.
+        preload / preload_argv: passed to the worker (see :mod:`runtime.preload`).
+        preload_nanny / preload_nanny_argv: preloads of the nanny itself
+            (``dask_setup(nanny)`` before it starts its worker).
         security: a :class:`~runtime.security.Security` with the worker
             role's TLS credentials (used by the nanny and handed to its worker
             process over a private pipe), or ``None``/``False``; with ``None``
@@ -156,8 +165,12 @@ class Nanny(Server):
                  env: dict[str, str] | None = None, interface: str | None = None,
                  host: str | None = None, port: int | None = None, protocol: str | None = None,
                  memory_terminate_fraction: float | None = 0.95,
-                 memory_monitor_interval: Any = "100ms", **worker_kwargs):
+                 memory_monitor_interval: Any = "100ms", preload_nanny=None, preload_nanny_argv=None,
+                 **worker_kwargs):
         super().__init__()
+        refuse_unsupported("Nanny", UNSUPPORTED, services=(services, None))
+        self._info = logger.debug if quiet else logger.info
+        silence_logs_level = apply_silence_logs(silence_logs, "Nanny")
         if protocol not in (None, "tcp", "tls"):
             raise ValueError(f"protocol={protocol!r}: a Nanny needs 'tcp' or 'tls' (its worker is "
                              "another process)")
@@ -223,6 +236,7 @@ class Nanny(Server):
             **({"preload": list(preload)} if preload else {}),
             **({"preload_argv": list(preload_argv)} if preload_argv else {}),
             **({"contact_address": contact_address} if contact_address is not None else {}),
+            **({"silence_logs": silence_logs_level} if silence_logs_level is not None else {}),
             **worker_kwargs,
         }
         try:
@@ -246,7 +260,12 @@ class Nanny(Server):
             "close_gracefully": self.close_gracefully,
             "memory_monitor": self.memory_monitor,
             "terminate": self.close,
+            "plugin_add": self.plugin_add,
+            "plugin_remove": self.plugin_remove,
         })
+        #: Nanny plugins: ``{name: plugin}`` (``Client.register_plugin(NannyPlugin)``).
+        self.plugins: dict[str, Any] = {}
+        self.preloads = process_preloads(self, preload_nanny, preload_nanny_argv, "Nanny")
 
     @staticmethod
     def _worker_class_path(worker_class) -> str | None:
@@ -313,11 +332,49 @@ class Nanny(Server):
         await self.listen(f"{self._listen_protocol}://{unparse_host_port(host, self.port)}")
         if self.name is None:
             self.name = self.address
+        await start_preloads(self.preloads)
+        # The nanny plugins registered so far, before our worker exists (no restart needed).
+        blobs = await self.rpc.call(self.scheduler_addr, "get_nanny_plugins", address=self.address)
+        for pname, blob in blobs.items():
+            await self._plugin_setup(pickle.loads(blob), pname)
         await self.instantiate()
         if self.memory_limit and self.memory_terminate_fraction:
             self.spawn(self._memory_monitor_loop())
-        logger.info("Nanny %s runs worker %s (name=%r, pid=%s)", self.address,
+        self._info("Nanny %s runs worker %s (name=%r, pid=%s)", self.address,
                     self.worker_address, self.name, self.pid)
+
+    # ------------------------------------------------------------------ plugins
+
+    async def _plugin_setup(self, plugin: Any, name: str) -> None:
+        old = self.plugins.pop(name, None)
+        if old is not None:
+            await self._plugin_call(old, "teardown")
+        self.plugins[name] = plugin
+        await self._plugin_call(plugin, "setup")
+
+    async def _plugin_call(self, plugin: Any, hook: str) -> None:
+        fn = getattr(plugin, hook, None)
+        if fn is not None:
+            result = fn(nanny=self)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def plugin_add(self, plugin: bytes | Any = None, name: str | None = None) -> dict:
+        """Set up a nanny plugin (replacing one of the same name); with its ``restart``
+        attribute, restart the worker afterwards.  ``setup``'s errors are raised."""
+        if isinstance(plugin, (bytes, bytearray, memoryview)):
+            plugin = pickle.loads(plugin)
+        await self._plugin_setup(plugin, name or plugin_name(plugin))
+        if getattr(plugin, "restart", False) and self.process is not None:
+            await self.restart()
+        return {"status": "OK"}
+
+    async def plugin_remove(self, name: str) -> dict:
+        """Remove a nanny plugin (its ``teardown(nanny)`` runs); unknown names are ignored."""
+        plugin = self.plugins.pop(name, None)
+        if plugin is not None:
+            await self._plugin_call(plugin, "teardown")
+        return {"status": "OK"}
 
     def _child_options(self) -> dict[str, Any]:
         protocol = self._listen_protocol
@@ -375,14 +432,14 @@ class Nanny(Server):
         if wp.stopping or self.status not in (Status.starting, Status.running) or wp is not self.process:
             return
         if self._graceful:
-            logger.info("worker %s (name=%r) exited with code %s after close_gracefully; "
+            self._info("worker %s (name=%r) exited with code %s after close_gracefully; "
                         "closing the nanny", wp.worker_address, self.name, code)
             self._close_task = asyncio.ensure_future(self.close(reason="nanny-close-gracefully"))
             return
         if code == 0 and wp is not self._memory_victim:
             # The worker closed itself (the scheduler told it to, or it gave up on
             # the scheduler) and has said goodbye: that is the end of this nanny too.
-            logger.info("worker %s (name=%r) closed itself; closing the nanny",
+            self._info("worker %s (name=%r) closed itself; closing the nanny",
                         wp.worker_address, self.name)
             self._close_task = asyncio.ensure_future(self.close(reason="worker-closed"))
             return
@@ -392,10 +449,10 @@ class Nanny(Server):
             await self._unregister(wp.worker_address)
             return
         if wp is self._memory_victim:
-            logger.info("worker %s (name=%r) terminated for memory use; restarting it",
+            self._info("worker %s (name=%r) terminated for memory use; restarting it",
                         wp.worker_address, self.name)
         elif code == RESTART_EXIT_CODE:
-            logger.info("worker %s (name=%r) closed asking for a fresh worker; restarting it",
+            self._info("worker %s (name=%r) closed asking for a fresh worker; restarting it",
                         wp.worker_address, self.name)
         else:
             logger.warning("worker %s (name=%r, pid=%s) exited unexpectedly with code %s; "
@@ -494,7 +551,7 @@ class Nanny(Server):
             return "OK"
         self.status = Status.closing
         self.auto_restart = False
-        logger.info("Nanny %s closing (%s)", self.listeners[0].contact_address if self.listeners
+        self._info("Nanny %s closing (%s)", self.listeners[0].contact_address if self.listeners
                     else "not listening", reason)
         wp = self.process
         if wp is not None:
@@ -507,6 +564,12 @@ class Nanny(Server):
             if wp is not None:
                 wp.stopping = True
                 await wp.close(timeout=timeout)
+        for pname in list(self.plugins):
+            try:
+                await self._plugin_call(self.plugins.pop(pname), "teardown")
+            except Exception:
+                logger.exception("nanny plugin %r failed in teardown", pname)
+        await teardown_preloads(self.preloads)
         await self._close_listeners_and_comms()
         self._close_statm()
         self._mark_closed()
@@ -535,7 +598,7 @@ class Nanny(Server):
             else:
                 if self._monitor_failing:
                     self._monitor_failing = False
-                    logger.info("memory monitor of nanny %s works again", self.address)
+                    self._info("memory monitor of nanny %s works again", self.address)
 
     def _close_statm(self) -> None:
         if self._statm is not None:

@@ -1,5 +1,5 @@
 """Cluster-wide operations of the Scheduler server: retire, replicate, rebalance,
-restart, plugins.
+restart, plugins (scheduler, worker and nanny plugins), versions.
 
 A part of :class:`runtime.scheduler.Scheduler` (``scheduler.data`` / ``scheduler.ops``).  Each operation asks the pure
 state for a plan (:mod:`runtime.scheduler_elastic`), sends the messages, and
@@ -19,7 +19,9 @@ from typing import Any
 
 from ..errors import ClusterTimeoutError, CommError
 from ..execution import server_kwargs
+from ..plugins import SchedulerPlugin, overrides, plugin_name, refuse_unsupported
 from ..utils import parse_address, parse_host_port, parse_timedelta, unparse_host_port
+from ..versions import get_versions, registration_mismatch
 from . import elastic
 from .events import RestartEvent, WorkerStatusEvent
 
@@ -28,33 +30,43 @@ logger = logging.getLogger(__name__)
 Key = Hashable
 
 
-class SchedulerPlugin:
-    """Base class for scheduler plugins; override the hooks you need."""
-
-    name: str | None = None
-
-    async def start(self, scheduler) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def update_graph(self, scheduler, client: str, keys: list, **kwargs) -> None: ...
-
-    def transition(self, key: Key, start: str, finish: str, *args, **kwargs) -> None: ...
-
-    def add_worker(self, scheduler, worker: str) -> None: ...
-
-    def remove_worker(self, scheduler, worker: str) -> None: ...
-
-    def add_client(self, scheduler, client: str) -> None: ...
-
-    def remove_client(self, scheduler, client: str) -> None: ...
-
-
 class SchedulerOps:
     """Retirement, replication, rebalancing, restart and plugins for the Scheduler."""
 
     def __init__(self, scheduler: Any):
         self.scheduler = scheduler
+        #: Nanny plugins, pickled: ``{name: bytes}``, set up on every nanny, present and future.
+        self.nanny_plugins: dict[str, bytes] = {}
+        #: Nannies that asked for the nanny plugins (their workers may not have registered yet).
+        self.nannies: set[str] = set()
+        self._plugin_seen = 0
+        scheduler.handlers.update({
+            "register_nanny_plugin": self.register_nanny_plugin,
+            "unregister_worker_plugin": self.unregister_worker_plugin,
+            "unregister_nanny_plugin": self.unregister_nanny_plugin,
+            "get_nanny_plugins": self.get_nanny_plugins,
+            "versions": self.get_versions,
+        })
+
+    @staticmethod
+    def check_options(services: Any, service_kwargs: Any, delete_interval: Any,
+                      synchronize_worker_interval: Any) -> None:
+        """Refuse the dask.distributed Scheduler options we do not implement, unless
+        left at their defaults.
+
+        Raises:
+            TypeError: naming the option and why.
+        """
+        refuse_unsupported(
+            "Scheduler", {
+                "services": "use dashboard_address= (our status page, JSON and /metrics)",
+                "service_kwargs": "use dashboard_address=",
+                "delete_interval": "released keys are deleted on the workers at once",
+                "synchronize_worker_interval": "workers report their data as it changes",
+            },
+            services=(services, None), service_kwargs=(service_kwargs, None),
+            delete_interval=(parse_timedelta(delete_interval), 0.5),
+            synchronize_worker_interval=(parse_timedelta(synchronize_worker_interval), 60.0))
 
     # ------------------------------------------------------------------ retiring
 
@@ -238,6 +250,7 @@ class SchedulerOps:
         """
         timeout = parse_timedelta(timeout) or 30.0
         stimulus_id = self.scheduler._stimulus("restart")
+        await self.plugin_hook_async("restart", self.scheduler)
         self.scheduler._send(self.scheduler.state.handle(RestartEvent(stimulus_id)))
         nannies = {a: ws.nanny for a, ws in self.scheduler.state.workers.items() if ws.nanny}
         n_before = len(self.scheduler.state.workers)
@@ -266,26 +279,51 @@ class SchedulerOps:
 
     # ------------------------------------------------------------------ plugins
 
-    async def add_plugin(self, plugin=None, idempotent: bool = False, name: str | None = None, **kwargs) -> str:
-        """Add a scheduler plugin (an object with any of the ``SchedulerPlugin`` hooks)."""
-        if isinstance(plugin, bytes):
+    async def add_plugin(self, plugin=None, idempotent: bool | None = None, name: str | None = None,
+                         **kwargs) -> str:
+        """Add a scheduler plugin (an object with any of the ``SchedulerPlugin`` hooks).
+
+        A plugin of the same name is replaced, unless ``idempotent`` (default:
+        the plugin's own ``idempotent`` attribute), which keeps the first.
+        """
+        if isinstance(plugin, (bytes, bytearray, memoryview)):
             plugin = pickle.loads(plugin)
-        name = name or getattr(plugin, "name", None) or f"{type(plugin).__name__}-{id(plugin)}"
-        if name in self.scheduler.plugins:
-            if idempotent:
-                return "OK"
+        name = name or plugin_name(plugin)
+        if idempotent is None:
+            idempotent = bool(getattr(plugin, "idempotent", False))
+        if name in self.scheduler.plugins and idempotent:
+            return "OK"
         if not self.scheduler.plugins:
             # Plugins hear about transitions from now on, not the past.
             self._plugin_seen = self.scheduler.state.transition_counter
         else:
             self._plugin_transitions()  # flush the others' backlog first
+        old = self.scheduler.plugins.pop(name, None)
+        if old is not None:
+            await self._call_async(old, "close")
         self.scheduler.plugins[name] = plugin
-        start = getattr(plugin, "start", None)
-        if start is not None:
-            result = start(self.scheduler)
-            if asyncio.iscoroutine(result):
-                await result
+        await self._call_async(plugin, "start", self.scheduler)
         return "OK"
+
+    @staticmethod
+    async def _call_async(plugin: Any, hook: str, *args: Any) -> None:
+        fn = getattr(plugin, hook, None)
+        if fn is None:
+            return
+        result = fn(*args)
+        if asyncio.iscoroutine(result):
+            await result
+
+    async def plugin_hook_async(self, hook: str, *args: Any) -> None:
+        """Run a hook that may be ``async def`` (``restart``, ``before_close``) on every plugin;
+        failures are logged."""
+        for plugin in list(self.scheduler.plugins.values()):
+            if isinstance(plugin, SchedulerPlugin) and not overrides(plugin, hook, SchedulerPlugin):
+                continue
+            try:
+                await self._call_async(plugin, hook, *args)
+            except Exception:
+                logger.exception("scheduler plugin %r failed in %s", plugin, hook)
 
     def remove_plugin(self, plugin=None, name: str | None = None) -> str:
         """Remove a scheduler plugin by object or name.
@@ -321,15 +359,113 @@ class SchedulerOps:
         for key, start, finish, _recs, stimulus_id, _t in entries:
             self._plugin_hook("transition", key, start, finish, stimulus_id=stimulus_id)
 
-    async def register_worker_plugin(self, plugin: bytes | Any = None, name: str | None = None) -> dict:
-        """Run ``plugin.setup(worker)`` on every worker now and on every worker that joins."""
-        blob = plugin if isinstance(plugin, bytes) else pickle.dumps(plugin)
+    async def register_worker_plugin(self, plugin: bytes | Any = None, name: str | None = None,
+                                     idempotent: bool | None = None) -> dict:
+        """Run ``plugin.setup(worker)`` on every worker now and on every worker that joins.
+
+        A plugin of the same name is replaced, unless ``idempotent`` (default:
+        the plugin's ``idempotent`` attribute), which keeps the first.
+
+        Returns:
+            ``{address: reply}`` of the present workers: ``{"status": "OK"}``, or the
+            exception ``setup`` raised there.
+        """
+        blob = bytes(plugin) if isinstance(plugin, (bytes, bytearray, memoryview)) else pickle.dumps(plugin)
         obj = pickle.loads(blob)
-        name = name or getattr(obj, "name", None) or f"{type(obj).__name__}-{id(obj)}"
+        name = name or plugin_name(obj)
+        if idempotent is None:
+            idempotent = bool(getattr(obj, "idempotent", False))
+        if idempotent and name in self.scheduler.worker_plugins:
+            return {}
         self.scheduler.worker_plugins[name] = blob
-        replies = await self.scheduler.broadcast(msg={"op": "plugin-add", "plugin": blob, "name": name},
-                                       return_exceptions=True)
-        return replies
+        return await self.scheduler.broadcast(msg={"op": "plugin-add", "plugin": blob, "name": name},
+                                              return_exceptions=True)
+
+    async def unregister_worker_plugin(self, name: str) -> dict:
+        """Remove the worker plugin ``name`` from every worker (its ``teardown`` runs there).
+
+        Raises:
+            ValueError: no worker plugin of that name was registered.
+        """
+        if name not in self.scheduler.worker_plugins:
+            raise ValueError(f"the worker plugin {name!r} does not exist; registered: "
+                             f"{sorted(self.scheduler.worker_plugins)}")
+        del self.scheduler.worker_plugins[name]
+        return await self.scheduler.broadcast(msg={"op": "plugin-remove", "name": name},
+                                              return_exceptions=True)
+
+    async def register_nanny_plugin(self, plugin: bytes | Any = None, name: str | None = None,
+                                    idempotent: bool | None = None) -> dict:
+        """Run ``plugin.setup(nanny)`` on every nanny now and on every nanny that starts later
+        (then, with ``plugin.restart``, the present nannies restart their workers).
+
+        Returns:
+            ``{nanny address: reply}``: ``{"status": "OK"}`` or the exception raised there.
+        """
+        blob = bytes(plugin) if isinstance(plugin, (bytes, bytearray, memoryview)) else pickle.dumps(plugin)
+        obj = pickle.loads(blob)
+        name = name or plugin_name(obj)
+        if idempotent is None:
+            idempotent = bool(getattr(obj, "idempotent", False))
+        if idempotent and name in self.nanny_plugins:
+            return {}
+        self.nanny_plugins[name] = blob
+        return await self._nanny_broadcast("plugin_add", plugin=blob, name=name)
+
+    async def unregister_nanny_plugin(self, name: str) -> dict:
+        """Remove the nanny plugin ``name`` from every nanny (its ``teardown`` runs there).
+
+        Raises:
+            ValueError: no nanny plugin of that name was registered.
+        """
+        if name not in self.nanny_plugins:
+            raise ValueError(f"the nanny plugin {name!r} does not exist; registered: "
+                             f"{sorted(self.nanny_plugins)}")
+        del self.nanny_plugins[name]
+        return await self._nanny_broadcast("plugin_remove", name=name)
+
+    async def _nanny_broadcast(self, op: str, **msg: Any) -> dict:
+        # The nannies of registered workers, and those that asked for the plugins
+        # while their worker was still starting (it would miss a broadcast to workers).
+        targets = self.nannies | {ws.nanny for ws in self.scheduler.state.workers.values() if ws.nanny}
+
+        async def one(addr: str):
+            try:
+                return addr, await self.scheduler.rpc.call(addr, op, **msg)
+            except (CommError, OSError):  # that nanny is gone
+                self.nannies.discard(addr)
+                return addr, None
+            except Exception as e:  # the plugin failed there: the caller sees why
+                return addr, e
+
+        results = await asyncio.gather(*(one(a) for a in sorted(targets)))
+        return {a: r for a, r in results if r is not None}
+
+    def get_nanny_plugins(self, address: str | None = None) -> dict[str, bytes]:
+        """The nanny plugins, for a nanny that starts (``address``: it, to reach it later)."""
+        if address:
+            self.nannies.add(address)
+        return dict(self.nanny_plugins)
+
+    # ------------------------------------------------------------------ versions
+
+    async def get_versions(self, packages: list[str] | None = None) -> dict:
+        """``{"scheduler": ..., "workers": {address: ...}}``: Python and package versions
+        (see :mod:`runtime.versions`; a worker that cannot answer gives ``None``)."""
+        replies = await self.scheduler.broadcast(msg={"op": "versions", "packages": packages},
+                                                 return_exceptions=True)
+        workers = {a: (None if isinstance(r, BaseException) else r) for a, r in replies.items()}
+        return {"scheduler": get_versions(packages), "workers": workers}
+
+    def worker_registered(self, address: str, nanny: str | None, versions: dict | None) -> None:
+        """A worker registered: warn if its Python or ``cluster`` version differs from ours;
+        its nanny is now known through it."""
+        if nanny:
+            self.nannies.discard(nanny)
+        problem = registration_mismatch(get_versions(), versions)
+        if problem:
+            logger.warning("worker %s has other versions than the scheduler: %s (mismatched "
+                           "environments; see client.get_versions(check=True))", address, problem)
 
     # ------------------------------------------------------------------ addresses and proxies
 

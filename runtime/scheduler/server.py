@@ -30,6 +30,8 @@ from ..config import FROM_CONFIG, setting
 from ..core import BatchedSend, Server, Status
 from ..dashboard.scheduler import SchedulerDiagnostics
 from ..errors import CommClosedError, CommError
+from ..plugins import block_handlers
+from ..preload import process_preloads, start_preloads, teardown_preloads
 from ..security import (
     credentials_path,
     register_local_credentials,
@@ -107,6 +109,11 @@ class Scheduler(Server):
         security: a :class:`~runtime.security.Security` with the scheduler's
             TLS credentials, ``True`` for fresh temporary ones
             (``Security.temporary()``), or ``None``/``False`` for none.
+        preload / preload_argv: modules, files or source run at start (see
+            :mod:`runtime.preload`; files others can write are refused).
+        blocked_handlers: operations to refuse (e.g. ``["run_function"]``).
+        services / service_kwargs / delete_interval / synchronize_worker_interval:
+            refused unless left at their defaults (see ``SchedulerOps.check_options``).
 
     Raises:
         ValueError: an option has a value we cannot use, named in the message.
@@ -120,10 +127,12 @@ class Scheduler(Server):
                  security=None, worker_ttl=FROM_CONFIG, idle_timeout=FROM_CONFIG,
                  interface: str | None = None,
                  host: str | None = None, port: int = 0, protocol: str | None = None,
-                 dashboard_address=":8787", preload=None, preload_argv=(), **kwargs):
+                 dashboard_address=":8787", preload=None, preload_argv=(), blocked_handlers=None,
+                 **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"Scheduler() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+        SchedulerOps.check_options(services, service_kwargs, delete_interval, synchronize_worker_interval)
         if protocol not in (None, "tcp", "tls", "inproc"):
             raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp', 'tls' and 'inproc'")
         security = resolve_security(security)
@@ -203,6 +212,8 @@ class Scheduler(Server):
         #: What each stream message becomes: ``{op: event class}`` (the event is the spec).
         self.worker_ops = events.WORKER_STREAM
         self.client_ops = {**events.CLIENT_STREAM, "close-client": None}
+        self.preloads = process_preloads(self, preload, preload_argv, "Scheduler")
+        self.blocked_handlers = block_handlers(self, blocked_handlers, "Scheduler")
 
     # ------------------------------------------------------------------ state passthrough
 
@@ -276,6 +287,7 @@ class Scheduler(Server):
         await self.listen(address)
         logger.info("Scheduler at %s", self.address)
         await self.diagnostics.start()
+        await start_preloads(self.preloads)
         if self.secure:
             # A Client made in this process (a script run next to its cluster)
             # finds the credentials by our address.
@@ -356,6 +368,7 @@ class Scheduler(Server):
             await self.finished()
             return
         self.status = Status.closing
+        await self.ops.plugin_hook_async("before_close")
         for plugin in list(self.plugins.values()):
             close = getattr(plugin, "close", None)
             if close is None:
@@ -367,6 +380,7 @@ class Scheduler(Server):
             except Exception:
                 logger.exception("scheduler plugin %r failed to close", plugin)
         await asyncio.gather(*_extensions.call_hook(self.extensions, "close"), return_exceptions=True)
+        await teardown_preloads(self.preloads)
         if close_workers:
             for bs in list(self.stream_comms.values()):
                 with suppress(CommClosedError):
@@ -489,6 +503,7 @@ class Scheduler(Server):
         bs = BatchedSend(comm, name=f"Scheduler->Worker {address}")
         self.stream_comms[address] = bs
         logger.info("register worker %s (name=%r, nthreads=%d)", address, name, nthreads)
+        self.ops.worker_registered(address, nanny, extra.get("versions"))
         for pname, blob in self.worker_plugins.items():
             bs.send({"op": "plugin-add", "plugin": blob, "name": pname})
         self._send(instrs)

@@ -37,18 +37,26 @@ from ..config import FROM_CONFIG
 from ..core import BatchedSend, Server, Status, unpack_reply
 from ..dashboard.worker import WorkerDiagnostics
 from ..errors import ClusterError, CommClosedError, CommError
-from ..execution import TaskThreadPool, get_current_task, get_worker, sizeof  # noqa: F401
+from ..execution import (  # noqa: F401
+    TaskThreadPool,
+    check_executor,
+    get_current_task,
+    get_worker,
+    make_task_pool,
+    sizeof,
+)
 from ..files import (
     make_private_subdirectory,
-    open_private_directory,
     open_scratch_root,
-    write_private_file,
 )
+from ..plugins import block_handlers, refuse_unsupported
+from ..plugins import silence_logs as apply_silence_logs
 from ..security import resolve_security
 from ..statemachine import Instruction, Msg
 from ..system import trim_memory
 from ..task_client import close_worker_client
 from ..utils import (
+    delegate,
     format_bytes,
     get_address_host,
     listen_host,
@@ -56,7 +64,9 @@ from ..utils import (
     parse_timedelta,
     unparse_host_port,
 )
+from ..versions import registration_versions
 from .memory import memory_fraction, parse_memory_limit
+from .plugins import UNSUPPORTED, UPLOADS_DIRECTORY, WorkerExtras  # noqa: F401
 from .state import (
     AcquireReplicasEvent,
     ComputeTaskEvent,
@@ -82,9 +92,6 @@ from .state import (
 logger = logging.getLogger(__name__)
 
 Key = Hashable
-
-#: The directory in ``local_directory`` that uploaded files go to (on ``sys.path``).
-UPLOADS_DIRECTORY = "uploads"
 
 #: Results at most this big travel with ``task-finished`` to the waiting client.
 SMALL_RESULT = 16 * 1024
@@ -137,6 +144,22 @@ class Worker(Server):
             default; ``dashboard=True`` alone: a free port on our own host).
         profile: sample the stacks of running tasks every 10 ms (see
             :mod:`runtime.dashboard.profile`; ``Client.profile()`` reads them).
+        plugins: worker plugins set up once registered (:mod:`runtime.worker.plugins`).
+        preload / preload_argv: see :mod:`runtime.preload` (files others can
+            write are refused).
+        extensions: ``{name: factory(worker)}``, kept in ``worker.extensions``.
+        metrics: ``{name: function(worker)}`` sent with every heartbeat.
+        executor: where tasks run: ``None`` (our pool of ``nthreads`` threads),
+            ``"offload"`` (one thread), a ``ThreadPoolExecutor`` (shut down at
+            close; ``secede`` does nothing there) or ``{"default": one of those}``.
+        blocked_handlers: operations to refuse (e.g. ``["run"]``).
+        contact_address: the address we advertise, when peers must reach us
+            at another address than the one we listen on.
+        silence_logs: the level of the runtime's loggers in this process.
+        loop: ignored (the running asyncio loop is used); kept for compatibility.
+        services / service_ports / service_kwargs / startup_information /
+            low_level_profiler / profile_cycle_interval: refused unless empty
+            (we serve ``/metrics`` with ``dashboard``; see ``metrics``).
 
     Raises:
         ValueError: an option has a value we cannot use, named in the message.
@@ -162,10 +185,17 @@ class Worker(Server):
                  memory_target_fraction: Any = FROM_CONFIG,  # worker.memory.target (0.6)
                  memory_spill_fraction: Any = FROM_CONFIG,  # worker.memory.spill (0.7)
                  memory_pause_fraction: Any = FROM_CONFIG,  # worker.memory.pause (0.8)
-                 **kwargs):
+                 blocked_handlers=None, **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"Worker() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+        refuse_unsupported("Worker", UNSUPPORTED, services=(services, None),
+                           service_ports=(service_ports, None), service_kwargs=(service_kwargs, None),
+                           startup_information=(startup_information, None),
+                           low_level_profiler=(low_level_profiler, False),
+                           profile_cycle_interval=(profile_cycle_interval, None))
+        self.executor = check_executor(executor)
+        apply_silence_logs(silence_logs, "Worker")
         if protocol not in (None, "tcp", "tls", "inproc"):
             raise ValueError(f"protocol={protocol!r}: accepted values are 'tcp', 'tls' and 'inproc'")
         if scheduler_ip is None and scheduler_file is None:
@@ -233,7 +263,10 @@ class Worker(Server):
         self.transfer_outgoing_bytes = 0
         #: /metrics, /health, logs, events and the profiler (a part with its own handlers).
         self.diagnostics = WorkerDiagnostics(self, dashboard, dashboard_address, profile)
-        self.plugins: dict = {}
+        #: Plugins, preloads, extensions and custom metrics (a part with its own handlers).
+        self.extras = WorkerExtras(self, plugins, preload, preload_argv, extensions, metrics)
+        self.plugins: dict = self.extras.plugins
+        self.extensions: dict = self.extras.extensions
         self.restart_requested = False
         self.handlers.update({
             "get_data": self.get_data,
@@ -242,7 +275,6 @@ class Worker(Server):
             "close": self.close,
             "upload_file": self.upload_file,
             "story": self.story,
-            "plugin-add": self.plugin_add,
             "close_gracefully": self.close_gracefully,
             "keys": lambda: list(self.data),
         })
@@ -253,9 +285,11 @@ class Worker(Server):
             "refresh-who-has": self._on_refresh_who_has,
             "acquire-replicas": self._on_acquire_replicas,
             "remove-replicas": self._on_remove_replicas,
-            "plugin-add": self._on_plugin_add,
+            "plugin-add": self.extras._on_plugin_add,
+            "plugin-remove": self.extras._on_plugin_remove,
             "close": self._on_close,
         }
+        self.blocked_handlers = block_handlers(self, blocked_handlers, "Worker")
 
     # ------------------------------------------------------------------ compatibility names
 
@@ -263,6 +297,18 @@ class Worker(Server):
     local_dir = property(lambda self: self.local_directory, doc="``local_directory``'s older name.")
     tasks = property(lambda self: self.state.tasks, doc="The state machine's tasks: ``{key: TaskState}``.")
     executing_count = property(lambda self: len(self.state.executing), doc="Tasks running now.")
+    plugin_add = delegate("extras", WorkerExtras.plugin_add)
+    plugin_remove = delegate("extras", WorkerExtras.plugin_remove)
+    upload_file = delegate("extras", WorkerExtras.upload_file)
+
+    @property
+    def address(self) -> str:
+        """Where peers reach us: ``contact_address`` if given, else where we listen."""
+        if self.contact_address and self.listeners:
+            if "://" in self.contact_address:
+                return self.contact_address
+            return f"{parse_address(self.listen_address)[0]}://{self.contact_address}"
+        return Server.address.fget(self)
 
     def story(self, *keys: Key, keys_list: Iterable[Key] | None = None) -> list[tuple]:
         if keys_list is not None:
@@ -316,11 +362,12 @@ class Worker(Server):
         self.state.address = self.address
         if self.name is None:  # as in dask: a worker without a name is known by its address
             self.name = self.address
-        self.pool = TaskThreadPool(self.nthreads, self._on_results, worker=self,
-                                   name=f"worker-{self.name or self.address}",
-                                   on_secede=self._on_secede)
+        self.pool = make_task_pool(self.executor, self.nthreads, self._on_results, self,
+                                   f"worker-{self.name or self.address}", self._on_secede)
         await self.diagnostics.start()
+        await self.extras.before_register()
         await self._register()
+        await self.extras.after_register()
         self.spawn(self._heartbeat_loop())
         if self.memory_limit and (self.memory_spill_fraction or self.memory_pause_fraction):
             self.spawn(self._memory_monitor_loop())
@@ -374,6 +421,7 @@ class Worker(Server):
             "services": self.services,
             "keys": [k for k, ts in self.state.tasks.items() if ts.state == "memory"],
             "nbytes": {k: ts.nbytes for k, ts in self.state.tasks.items() if ts.state == "memory"},
+            "versions": registration_versions(),
         })
         reply = await comm.read()
         try:
@@ -446,6 +494,7 @@ class Worker(Server):
                     "memory": mem, "executing": len(self.state.executing), "in_memory": len(self.data),
                     "ready": len(self.state.ready), "in_flight": len(self.state.in_flight_tasks),
                     "time": time.time(), **self.diagnostics.metrics(),
+                    **(await self.extras.custom_metrics()),
                 }})
 
     # ------------------------------------------------------------------ memory
@@ -556,32 +605,6 @@ class Worker(Server):
         await self.close(reason=reason)
         return "OK"
 
-    # ------------------------------------------------------------------ plugins
-
-    async def plugin_add(self, plugin: bytes | Any = None, name: str | None = None) -> dict:
-        """Install a worker plugin: call its ``setup(worker)`` now, ``teardown(worker)`` at close."""
-        if isinstance(plugin, bytes):
-            plugin = pickle.loads(plugin)
-        name = name or getattr(plugin, "name", None) or f"{type(plugin).__name__}-{id(plugin)}"
-        old = self.plugins.pop(name, None)
-        if old is not None:
-            await self._plugin_call(old, "teardown")
-        self.plugins[name] = plugin
-        await self._plugin_call(plugin, "setup")
-        return {"status": "OK"}
-
-    async def _plugin_call(self, plugin: Any, hook: str) -> None:
-        fn = getattr(plugin, hook, None)
-        if fn is None:
-            return
-        result = fn(worker=self)
-        if asyncio.iscoroutine(result):
-            await result
-
-    def _on_plugin_add(self, plugin: bytes, name: str | None = None, stimulus_id: str = ""):
-        self.spawn(self.plugin_add(plugin, name))
-        return None
-
     async def close(self, timeout: float = 5, report: bool = True, nanny: bool = True,
                     reason: str = "worker-close") -> str:
         """Close the worker: tell the scheduler, stop the threads, remove files."""
@@ -590,11 +613,7 @@ class Worker(Server):
             return "OK"
         self.status = Status.closing
         await close_worker_client(self)  # the client of our tasks (get_client)
-        for plugin in list(self.plugins.values()):
-            try:
-                await self._plugin_call(plugin, "teardown")
-            except Exception:
-                logger.exception("worker plugin %r failed in teardown", plugin)
+        await self.extras.close()
         bs = self.batched_stream
         if bs is not None and not bs.closed:
             if report:
@@ -630,6 +649,7 @@ class Worker(Server):
                 self._fatal_close = asyncio.ensure_future(self.close(reason="worker-state-machine-failed"))
             return
         self._execute_instructions(instructions)
+        self.extras.after_stimulus()
 
     def _execute_instructions(self, instructions: list[Instruction]) -> None:
         msgs = []
@@ -764,37 +784,3 @@ class Worker(Server):
         finally:
             _thread_state.worker = previous
         return result
-
-    def upload_file(self, filename: str, data: bytes, load: bool = True) -> dict:
-        """Save a file in ``<local_directory>/uploads``; import it if it is a Python module
-        or archive.
-
-        That directory (0700, ours) goes on ``sys.path`` with the first upload;
-        the local directory itself never does.
-        """
-        import importlib
-
-        name = os.path.basename(filename)
-        if not name or name in (".", ".."):
-            raise ValueError(f"invalid file name {filename!r}")
-        uploads = self._uploads_directory
-        if uploads is None:
-            uploads = os.path.join(self.local_directory, UPLOADS_DIRECTORY)
-            with suppress(FileExistsError):
-                os.mkdir(UPLOADS_DIRECTORY, 0o700, dir_fd=self._local_directory_fd)
-            os.close(open_private_directory(uploads, "uploads directory", create=False))
-            self._uploads_directory = uploads
-            if uploads not in sys.path:
-                sys.path.insert(0, uploads)
-        path = write_private_file(os.path.join(uploads, name), data)
-        if load and name.endswith((".py", ".zip", ".egg")):
-            if name.endswith((".zip", ".egg")) and path not in sys.path:
-                sys.path.insert(0, path)
-            if name.endswith(".py"):
-                modname = name[:-3]
-                importlib.invalidate_caches()
-                if modname in sys.modules:
-                    importlib.reload(sys.modules[modname])
-                else:
-                    importlib.import_module(modname)
-        return {"status": "OK", "nbytes": len(data)}
