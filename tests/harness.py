@@ -29,6 +29,16 @@ scenario is deterministic and per-stream order is kept, as on a TCP stream.
   ``GatherDepSuccessEvent`` is returned, or ``GatherDepNetworkFailureEvent``
   when the peer is gone.
 
+Stimuli from outside are methods: ``add_worker``, ``submit``/``update_graph``,
+``release``, ``cancel``, ``remove_client``, ``scatter``, ``kill_worker`` (its streams
+break), ``reconnect`` (the stream breaks and the worker registers again with its
+data), ``pause``, ``secede``, ``retire`` / ``replicate`` / ``rebalance`` (run as
+``runtime/scheduler/ops.py`` runs the plans of ``elastic``), ``hang`` and ``advance``.
+Faults: a key in :attr:`Cluster.blocked` keeps executing; transfers from a worker
+in :attr:`Cluster.unreachable` fail as on a broken network.  Observed:
+:attr:`Cluster.reports` (to clients), :attr:`Cluster.calls` / :attr:`Cluster.order`
+(executions), :attr:`Cluster.gather_log` (transfers started).
+
 Time is a fake clock shared by both machines; :meth:`Cluster.advance` moves it,
 makes the live (not :meth:`hung <Cluster.hang>`) workers heartbeat and
 delivers a :class:`TickEvent`.  Both machines run with ``validate=True`` and,
