@@ -38,6 +38,7 @@ import html
 import inspect
 import json
 import linecache
+import logging
 import os
 import platform
 import sys
@@ -49,6 +50,8 @@ from ..errors import UnsafePathError
 from ..files import write_private_file
 from ..utils import format_bytes
 from .task_stream import colors_of, fetch, key_text, legend_html, render_svg
+
+logger = logging.getLogger(__name__)
 
 #: Seconds the final snapshot waits for a heartbeat of every worker (their
 #: transfer counters travel with it; the default heartbeat is every second).
@@ -283,16 +286,29 @@ class performance_report:
         self._client.sync(self._begin)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self._write(self._client.sync(self._collect))
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            self._write(self._client.sync(self._collect))
+        except Exception:
+            if exc_type is None:
+                raise
+            # A report that cannot be written must not hide the block's own exception.
+            logger.warning("performance_report: no report written to %s", self.filename,
+                           exc_info=True)
 
     async def __aenter__(self) -> performance_report:
         self._capture()
         await self._begin()
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
-        self._write(await self._collect())
+    async def __aexit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            self._write(await self._collect())
+        except Exception:
+            if exc_type is None:
+                raise
+            logger.warning("performance_report: no report written to %s", self.filename,
+                           exc_info=True)
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -146,6 +146,22 @@ async def test_async_with_task_stream_and_report(tmp_path):
         page = target.read_text()
         assert report_data(page)["tasks"] == 3
         assert "async with performance_report(filename=target):" in page
+        # The block's exception goes through, after the report is written...
+        with pytest.raises(ZeroDivisionError):
+            async with performance_report(filename=target):
+                await c.submit(slow_inc, 1)
+                raise ZeroDivisionError("in the block")
+        assert report_data(target.read_text())["tasks"] == 1
+        # ...and a report that cannot be written does not hide it.
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        with pytest.raises(ZeroDivisionError):
+            async with performance_report(filename=gone / "r.html"):
+                gone.rmdir()
+                raise ZeroDivisionError("in the block")
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            async with performance_report(filename=gone / "r.html"):
+                pass
         with pytest.raises(RuntimeError, match="async with"):
             with get_task_stream(c):
                 pass
