@@ -75,18 +75,11 @@ TO_WORKER: dict[str, Callable[[dict], Any]] = {
     "acquire-replicas": lambda m: wev.AcquireReplicasEvent(m["stimulus_id"], m["who_has"], m["nbytes"] or {}),
 }
 
-#: Worker -> scheduler wire operations and the scheduler event each becomes (scheduler/server.py).
-TO_SCHEDULER: dict[str, Callable[[str, dict], Any]] = {
-    "task-finished": lambda w, m: sev.TaskFinishedEvent(
-        m["key"], w, m["nbytes"], m["type"], m["startstops"], m["stimulus_id"], m.get("data")),
-    "task-erred": lambda w, m: sev.TaskErredEvent(
-        m["key"], w, m["exception"], m["traceback"], m["startstops"], m["stimulus_id"]),
-    "add-keys": lambda w, m: sev.AddKeysEvent(w, m["keys"], m["stimulus_id"]),
-    "missing-data": lambda w, m: sev.MissingDataEvent(m["key"], m["errant_worker"], w, m["stimulus_id"]),
-    "release-worker-data": lambda w, m: sev.ReleaseWorkerDataEvent(m["key"], w, m["stimulus_id"]),
-    "reschedule": lambda w, m: sev.RescheduleEvent(m["key"], w, m["stimulus_id"]),
-    "long-running": lambda w, m: sev.LongRunningEvent(m["key"], w, m["compute_duration"], m["stimulus_id"]),
-}
+def to_scheduler(worker: str, wire: dict) -> sev.SchedulerEvent:
+    """The scheduler event a worker's message becomes, decoded (and checked) exactly as
+    the scheduler's server decodes it (:func:`runtime.scheduler.events.decode`)."""
+    op = wire.pop("op")
+    return sev.decode(sev.WORKER_STREAM[op], wire, worker, lambda op: f"{op}-harness")
 
 
 class Cluster:
@@ -326,7 +319,7 @@ class Cluster:
                 ts = ws.tasks.get(inst.key) if isinstance(inst, wev.TaskFinishedMsg) else None
                 if ts is not None and ts.report and 0 <= ts.nbytes <= SMALL_RESULT:
                     wire["data"] = pickle_small(ws.data.get(inst.key))
-                self.queue.append((addr, SCHEDULER, TO_SCHEDULER[wire.pop("op")](addr, wire)))
+                self.queue.append((addr, SCHEDULER, to_scheduler(addr, wire)))
 
     def _execute(self, key: Key, args: tuple) -> Any:
         func, sid = self.functions[key][0], f"execute-{key}"  # the shell's stimulus_id
