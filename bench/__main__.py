@@ -24,7 +24,16 @@ import shutil
 import sys
 import tempfile
 
-from bench.common import METRICS, SIZES, SYSTEM_LABELS, SYSTEMS, WORKLOADS, summarize
+from bench.common import (
+    DASK_TUNED,
+    METRICS,
+    SIZES,
+    SYSTEM_LABELS,
+    SYSTEMS,
+    WORKLOADS,
+    dask_env,
+    summarize,
+)
 from bench.dask_collections import (
     COLLECTION_SYSTEMS,
     COLLECTIONS_WORKLOAD,
@@ -97,7 +106,13 @@ def parse_args(argv):
                    help="comma-separated subset of ours,dask,mpi (default: all)")
     p.add_argument("--workloads", type=_csv(ALL_WORKLOADS), default=list(ALL_WORKLOADS),
                    help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} (default: all)")
-    p.add_argument("--repeat", type=int, default=3, help="repeats per workload (default 3)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="timed repeats per child process (default 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="main-table workloads: run each system's child this many times, the "
+                   "systems taking turns (order reversed every other round), so that other "
+                   "load on the machine falls on every system alike; repeats per system = "
+                   "rounds x repeat (default 1)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes for a smoke run (1,000 tasks, 50 round trips, 10 MB)")
     p.add_argument("--output", metavar="MD", help="write the Markdown report here")
@@ -118,8 +133,8 @@ def parse_args(argv):
         if bad:
             p.error(f"unknown workload(s) {', '.join(bad)}: choose from {','.join(ALL_WORKLOADS)}")
         args.workloads = list(dict.fromkeys(args.workload))
-    if args.repeat < 1:
-        p.error("--repeat must be >= 1")
+    if args.repeat < 1 or args.rounds < 1:
+        p.error("--repeat and --rounds must be >= 1")
     # The 100,000-task graph of `collections` takes minutes on dask.distributed.
     args.collections_timeout = args.timeout or (300.0 if args.quick else 1500.0)
     if args.timeout is None:
@@ -135,6 +150,11 @@ def child_env(system):
         [REPO_ROOT] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x]
     )
     env["PYTHONUNBUFFERED"] = "1"
+    # Both dask columns start from dask's defaults, whatever this shell's DASK_* say.
+    for key in [k for k in env if k.startswith("DASK_")]:
+        del env[key]
+    if system == "dask-tuned":
+        env.update(dask_env(DASK_TUNED))
     if system == "mpi":
         env.update(MPI_ENV)
         bindir = os.path.dirname(sys.executable)
@@ -174,8 +194,9 @@ def headline(result):
 
 def run_one(system, workload, args, sizes, tmpdir):
     """Run one child; return (outcome dict, metrics dict, startup seconds or None)."""
-    out = os.path.join(tmpdir, f"{system}-{workload}.json")
-    log = os.path.join(tmpdir, f"{system}-{workload}.log")
+    run_one.count += 1  # one file per child: rounds run the same pair again
+    out = os.path.join(tmpdir, f"{system}-{workload}-{run_one.count}.json")
+    log = os.path.join(tmpdir, f"{system}-{workload}-{run_one.count}.log")
     cmd, why = child_command(system, workload, args, sizes, out)
     if cmd is None:
         return {"status": "unavailable", "reason": why}, {}, None
@@ -216,6 +237,9 @@ def run_one(system, workload, args, sizes, tmpdir):
     return outcome, metrics, startup
 
 
+run_one.count = 0
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sizes = dict(SIZES["quick" if args.quick else "default"])
@@ -237,35 +261,38 @@ def main(argv=None):
     tmpdir = tempfile.mkdtemp(prefix="hpc-bench-")
     try:
         # Workload-major order: every system sees the machine in the same state.
-        for workload in main_workloads:
-            for system in args.systems:
-                tag = f"[{SYSTEM_LABELS[system]}] {workload}"
-                if system in dead:
-                    outcomes[system][workload] = {"status": "n/a", "reason": dead[system]}
-                    print(f"{tag}: n/a ({dead[system]})", flush=True)
-                    continue
-                print(f"{tag} ...", end=" ", flush=True)
-                outcome, metrics, startup = run_one(system, workload, args, sizes, tmpdir)
+        rotations = [(wl, r, system) for wl in main_workloads for r in range(args.rounds)
+                     for system in (args.systems if r % 2 == 0 else args.systems[::-1])]
+        for workload, rnd, system in rotations:
+            tag = f"[{SYSTEM_LABELS[system]}] {workload}" + (
+                f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else "")
+            if system in dead:
+                outcomes[system][workload] = {"status": "n/a", "reason": dead[system]}
+                print(f"{tag}: n/a ({dead[system]})", flush=True)
+                continue
+            print(f"{tag} ...", end=" ", flush=True)
+            outcome, metrics, startup = run_one(system, workload, args, sizes, tmpdir)
+            if outcome["status"] == "ok" or workload not in outcomes[system]:
                 outcomes[system][workload] = outcome
-                for k, v in metrics.items():
-                    values[system].setdefault(k, []).extend(v)
-                if startup is not None:
-                    values[system].setdefault("startup_s", []).append(startup)
-                if outcome["status"] == "ok":
-                    print(f"ok in {outcome['wall_s']:.1f}s: {headline({'metrics': metrics})}",
-                          flush=True)
-                else:
-                    print(f"{outcome['status']}: {outcome['reason']}", flush=True)
-                    tail = outcome.get("log_tail", "").strip()
-                    if tail and outcome["status"] in ("failed", "timeout"):
-                        print("    " + "\n    ".join(tail.splitlines()[-6:]), flush=True)
-                not_ready = outcome.pop("not_ready", None)
-                start_failures[system] = start_failures[system] + 1 if not_ready else 0
-                # Give up on a system that cannot be imported, or whose cluster failed
-                # to start for two workloads in a row.
-                if not_ready in ("launch", "import") or start_failures[system] >= MAX_START_FAILURES:
-                    what = "start" if not_ready == "start" else "import or launch"
-                    dead[system] = f"skipped: {workload} could not {what} it ({outcome['reason']})"
+            for k, v in metrics.items():
+                values[system].setdefault(k, []).extend(v)
+            if startup is not None:
+                values[system].setdefault("startup_s", []).append(startup)
+            if outcome["status"] == "ok":
+                print(f"ok in {outcome['wall_s']:.1f}s: {headline({'metrics': metrics})}",
+                      flush=True)
+            else:
+                print(f"{outcome['status']}: {outcome['reason']}", flush=True)
+                tail = outcome.get("log_tail", "").strip()
+                if tail and outcome["status"] in ("failed", "timeout"):
+                    print("    " + "\n    ".join(tail.splitlines()[-6:]), flush=True)
+            not_ready = outcome.pop("not_ready", None)
+            start_failures[system] = start_failures[system] + 1 if not_ready else 0
+            # Give up on a system that cannot be imported, or whose cluster failed
+            # to start for two workloads in a row.
+            if not_ready in ("launch", "import") or start_failures[system] >= MAX_START_FAILURES:
+                what = "start" if not_ready == "start" else "import or launch"
+                dead[system] = f"skipped: {workload} could not {what} it ({outcome['reason']})"
         if COLLECTIONS_WORKLOAD in args.workloads:
             if coll_sys:
                 coll_results = run_collections_workload(
@@ -296,7 +323,7 @@ def main(argv=None):
     if main_workloads:
         table = build_table(values, args.systems, sizes)
         notes = build_notes(outcomes, args.systems)
-        md = render_markdown(info, argv_text, table, notes, args.repeat)
+        md = render_markdown(info, argv_text, table, notes, args.repeat * args.rounds)
         print()
         print(md)
     if coll_results is not None:
@@ -332,6 +359,7 @@ def main(argv=None):
                     s: {**r, "values": {f"{k}@N={n}": v for (k, n), v in r["values"].items()}}
                     for s, r in launch_results.items()}
             json.dump({"machine": info, "sizes": sizes, "repeat": args.repeat,
+                       "rounds": args.rounds, "dask_tuned": DASK_TUNED,
                        "values": values, "outcomes": outcomes,
                        "mpi_launch": launch_json, "mpi_sizes": args.mpi_sizes,
                        "collections": coll_results, "collection_sizes": coll_sizes}, f, indent=1)

@@ -15,8 +15,30 @@ import time
 import traceback
 from dataclasses import dataclass
 
-SYSTEMS = ("ours", "dask", "mpi")
-SYSTEM_LABELS = {"ours": "ours", "dask": "dask.distributed", "mpi": "mpi4py.futures"}
+SYSTEMS = ("ours", "ours-plain", "dask", "dask-tuned", "mpi")
+SYSTEM_LABELS = {"ours": "ours (TLS)", "ours-plain": "ours (security=False)",
+                 "dask": "dask.distributed", "dask-tuned": "dask tuned",
+                 "mpi": "mpi4py.futures"}
+#: Systems that run on a dask-style ``Client`` (bench/run_client.py).
+CLIENT_SYSTEMS = ("ours", "ours-plain", "dask", "dask-tuned")
+
+#: dask.distributed settings of the ``dask-tuned`` system, set as ``DASK_*``
+#: environment variables of its child process, so the scheduler (in the client
+#: process), the nannies and the worker processes all read them.  What each
+#: does is in bench/README.md; the client's 10 ms, the scheduler's 5 ms and the
+#: workers' 2 ms batching intervals are constants in distributed 2026.8
+#: (``BatchedSend(interval=...)``), not settings, so no tuning reaches them.
+DASK_TUNED = {
+    "distributed.scheduler.worker-saturation": "inf",
+    "distributed.admin.event-loop": "uvloop",
+    "distributed.worker.profile.enabled": False,
+}
+
+
+def dask_env(config: dict) -> dict:
+    """``DASK_*`` environment variables that set ``config`` (dotted keys)."""
+    return {"DASK_" + "__".join(part.upper().replace("-", "_") for part in key.split(".")):
+            str(value) for key, value in config.items()}
 
 WORKLOADS = ("noop_map", "tree_reduce", "roundtrip", "transfer", "rss")
 
@@ -26,7 +48,7 @@ SIZES = {
         "noop_tasks": 10_000,
         "tree_leaves": 10_000,
         "roundtrips": 200,
-        "transfer_bytes": 100_000_000,
+        "transfer_bytes": 200_000_000,
     },
     "quick": {
         "noop_tasks": 1_000,
@@ -55,10 +77,23 @@ METRICS = (
     Metric("tree_tasks_per_s", "tree_reduce", "tree reduction ({tree_leaves} leaves, {tree_tasks} tasks)", "tasks/s", True),
     Metric("roundtrip_median_us", "roundtrip", "round trip, median ({roundtrips} sequential)", "µs", False),
     Metric("roundtrip_p99_us", "roundtrip", "round trip, p99 ({roundtrips} sequential)", "µs", False),
+    Metric("noop_cpu_client_us", "noop_map", "no-op map: client + scheduler process CPU per task", "µs", False),
+    Metric("noop_cpu_workers_us", "noop_map", "no-op map: worker processes' CPU per task", "µs", False),
+    Metric("tree_cpu_client_us", "tree_reduce", "tree: client + scheduler process CPU per task", "µs", False),
+    Metric("tree_cpu_workers_us", "tree_reduce", "tree: worker processes' CPU per task", "µs", False),
+    Metric("roundtrip_cpu_client_us", "roundtrip", "round trip: client + scheduler process CPU per call", "µs", False),
+    Metric("roundtrip_cpu_workers_us", "roundtrip", "round trip: worker processes' CPU per call", "µs", False),
     Metric("transfer_numpy_MBps", "transfer", "worker→worker numpy uint8 ({transfer_mb} MB)", "MB/s", True),
     Metric("transfer_numpy_s", "transfer", "worker→worker numpy, dependent-task time", "s", False),
+    Metric("transfer_numpy_cpu_send", "transfer", "numpy: sending worker's CPU per MB", "ms/MB", False),
+    Metric("transfer_numpy_cpu_recv", "transfer", "numpy: receiving worker's CPU per MB", "ms/MB", False),
     Metric("transfer_bytes_MBps", "transfer", "worker→worker bytes ({transfer_mb} MB)", "MB/s", True),
     Metric("transfer_bytes_s", "transfer", "worker→worker bytes, dependent-task time", "s", False),
+    Metric("transfer_bytes_cpu_send", "transfer", "bytes: sending worker's CPU per MB", "ms/MB", False),
+    Metric("transfer_bytes_cpu_recv", "transfer", "bytes: receiving worker's CPU per MB", "ms/MB", False),
+    Metric("floor_MBps", "transfer", "floor: raw socket pair, fresh receive buffer ({transfer_mb} MB)", "MB/s", True),
+    Metric("floor_warm_MBps", "transfer", "floor: raw socket pair, reused receive buffer", "MB/s", True),
+    Metric("floor_cpu", "transfer", "floor (fresh buffer): both processes' CPU per MB", "ms/MB", False),
     Metric("scheduler_rss_MB", "rss", "idle RSS, scheduler process", "MB", False),
     Metric("worker_rss_MB", "rss", "idle RSS, one worker process", "MB", False),
     Metric("startup_s", "*", "launch → first task done (per child process)", "s", False),
@@ -125,6 +160,12 @@ class ResultFile:
         """Append one repeat's value for each metric."""
         for key, value in metrics.items():
             self.data["metrics"].setdefault(key, []).append(value)
+        self.write()
+
+    def extend(self, **metrics):
+        """Append several values (one list per metric)."""
+        for key, values in metrics.items():
+            self.data["metrics"].setdefault(key, []).extend(values)
         self.write()
 
     def fail(self, exc: BaseException):

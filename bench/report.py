@@ -114,7 +114,7 @@ def fmt_cell(stats):
 
 
 def fmt_ratio(a, b, higher_is_better):
-    if a is None or b is None or b == 0:
+    if a is None or b is None or not b[1]:
         return "n/a"
     r = a[1] / b[1]
     better = r > 1 if higher_is_better else r < 1
