@@ -402,6 +402,11 @@ def render_report(before: dict, after: dict, records: list[dict], code: str,
                             format_bytes(w["memory_limit"]) if w["memory_limit"] else "none",
                             n, _ms(busy), f"{100 * share:.0f} %", format_bytes(din),
                             format_bytes(dout)])
+    present = {w["address"] for w in after["workers"]}
+    for address, (n, busy) in sorted(per_worker.items()):
+        if address not in present:  # ran tasks of the block, then left
+            worker_rows.append([_esc(names.get(address, "")), _esc(address), "left", "", n,
+                                _ms(busy), "", "", ""])
     erred = sum(p[1] for p in prefixes.values())
     threads = sum(w["nthreads"] for w in after["workers"])
     memory = sum(w["memory_limit"] or 0 for w in after["workers"])

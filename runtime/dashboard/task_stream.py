@@ -13,7 +13,9 @@ per computation, one deque append per task).  This module
 
   ``nbytes`` and ``type`` are ``None`` once the scheduler forgot the key (or
   when the task erred).  dask's ``"thread"`` is not there: our workers do not
-  report which thread ran a task, and lanes are drawn per worker instead.
+  report which thread ran a task, and lanes are drawn per worker instead.  Nor
+  are ``"transfer"`` actions: workers report compute times only (the bytes
+  they fetch are counted, see :mod:`runtime.dashboard.report`).
 * serves ``client.get_task_stream(start, stop, count, plot, filename)`` and the
   :class:`get_task_stream` context manager (``with`` and ``async with``);
 * draws the records as an inline SVG (:func:`render_svg`: one row per lane of

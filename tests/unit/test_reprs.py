@@ -253,7 +253,8 @@ def snapshot(t, count, incoming, profile=None) -> dict:
 def test_report_page_is_complete_self_contained_and_escaped():
     recs = [record("inc-0123456789abcdef", "tcp://127.0.0.1:5", 100.1, 100.3),
             record("inc-fedcba9876543210", "tcp://127.0.0.1:5", 100.2, 100.6),
-            record("boom-0123456789abcdef", "tcp://127.0.0.1:5", 100.3, 100.4, ok=False)]
+            record("boom-0123456789abcdef", "tcp://127.0.0.1:5", 100.3, 100.4, ok=False),
+            record("gone-0123456789abcdef", "tcp://127.0.0.1:99", 100.3, 100.4)]
     before = snapshot(100.0, 5, 1000, {"inc": {"count": 2, "functions": [["f (a.py:1)", 2]]}})
     after = snapshot(101.0, 8, 5096, {"inc": {"count": 7, "functions": [["f (a.py:1)", 6],
                                                                        ["g (a.py:9)", 3]]}})
@@ -271,11 +272,13 @@ def test_report_page_is_complete_self_contained_and_escaped():
     assert EVIL not in page
     data = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)'
                                 r"</script>", page, re.S).group(1))
-    assert data["tasks"] == 3 and data["erred"] == 1
+    assert data["tasks"] == 4 and data["erred"] == 1
+    # A worker that ran tasks of the block and left is still listed.
+    assert re.search(r"<td>tcp://127.0.0.1:99</td><td class=num>left</td>", page)
     assert data["transfer_incoming_bytes"] == 4096
     assert data["prefixes"]["inc"]["count"] == 2
     assert abs(data["prefixes"]["inc"]["compute"] - 0.6) < 1e-9
-    assert 'id="task-stream"' in page and page.count('class="task"') == 3
+    assert 'id="task-stream"' in page and page.count('class="task"') == 4
     assert "4.00 kiB" in page and "1.00 GiB" in page and "1.00 s" in page
     # The profile shows the samples taken during the block only.
     assert "5 samples" in page and "g (a.py:9)" in page
