@@ -5,8 +5,9 @@ Jupyter shows ``Client``, ``LocalCluster`` and the batch clusters
 address, a clickable link to the status page (with its access token: the
 link opens the page in the browser that runs the notebook, on the user's own
 screen; it is saved with the notebook's output, and grants the read-only
-status page of this scheduler only, for its lifetime), workers, threads and memory, a folded table of the workers, and for
-batch clusters the jobs and their states.  Plain ``repr`` stays one short line.
+status page of this scheduler only, for its lifetime), workers, threads and
+memory, a folded table of the workers, and for batch clusters the jobs and
+their states.  Plain ``repr`` stays one short line.
 
 Only inline styles (notebooks keep no style sheet of ours), and every value
 that comes from elsewhere -- worker names, addresses, job reasons, ids -- is
