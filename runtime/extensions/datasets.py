@@ -147,7 +147,8 @@ class Datasets(MutableMapping):
                 raise ValueError(f"publish_dataset: {k!r} given twice")
             datasets[k] = v
         records = {k: holding.encode(v) for k, v in datasets.items()}
-        done = holding.scheduler_call(self.client, "publish_put", datasets=records, override=override)
+        done = holding.scheduler_call(self.client, "publish_put", keep=datasets, datasets=records,
+                                      override=override)
         return done if self.client.asynchronous else None
 
     def get_dataset(self, name: Hashable, default: Any = NO_DEFAULT, **kwargs):

@@ -127,7 +127,7 @@ def fire_and_forget(obj: Any) -> None:
 
         async def send(client: Client = client, keys: list = keys, futures: list = futures) -> None:
             try:
-                await holding.scheduler_call(client, "fire_and_forget", keys=keys)
+                await holding.scheduler_call(client, "fire_and_forget", keep=futures, keys=keys)
             except Exception:
                 logger.exception("fire_and_forget of %d futures failed", len(futures))
 

@@ -110,9 +110,14 @@ async def flushed(client: Client) -> None:
         await comm.flush()
 
 
-def scheduler_call(client: Client, op: str, **kwargs) -> Any:
-    """Send one request to ``client``'s scheduler, after what it queued; sync or async as the client."""
-    async def call():
+def scheduler_call(client: Client, op: str, keep: Any = None, **kwargs) -> Any:
+    """Send one request to ``client``'s scheduler, after what it queued; sync or async as the client.
+
+    ``keep`` (the value being stored) stays referenced until the reply: its futures
+    must not be released before the scheduler holds them, also when an
+    asynchronous caller's own frame is gone (``await v.set(client.submit(...))``).
+    """
+    async def call(keep: Any = keep):
         await flushed(client)
         return await client.rpc.call(client._address, op, client=client.id, **kwargs)
 

@@ -224,7 +224,7 @@ class Queue:
             TimeoutError: still full after ``timeout`` (seconds or a string such as ``"1s"``).
             TaskSerializationError: ``value`` does not pickle.
         """
-        return holding.scheduler_call(self.client, "queue_put", name=self.name,
+        return holding.scheduler_call(self.client, "queue_put", keep=value, name=self.name,
                                       record=holding.encode(value), timeout=parse_timedelta(timeout),
                                       maxsize=self.maxsize)
 

@@ -164,7 +164,7 @@ class Variable:
             ClusterTimeoutError: a future in ``value`` is unknown to the scheduler
                 (released or cancelled) after ``timeout``.
         """
-        return holding.scheduler_call(self.client, "variable_set", name=self.name,
+        return holding.scheduler_call(self.client, "variable_set", keep=value, name=self.name,
                                       record=holding.encode(value), timeout=parse_timedelta(timeout))
 
     def get(self, timeout: Any = None):
