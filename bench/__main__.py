@@ -52,6 +52,7 @@ from bench.report import (
     merge_report,
     render_launch_section,
     render_markdown,
+    render_transfer_section,
 )
 
 ALL_WORKLOADS = (*WORKLOADS, COLLECTIONS_WORKLOAD, LAUNCH_WORKLOAD)
@@ -319,13 +320,24 @@ def main(argv=None):
 
     info["loadavg_end"] = loadavg()
     argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    md = launch_md = coll_md = None
-    if main_workloads:
-        table = build_table(values, args.systems, sizes)
-        notes = build_notes(outcomes, args.systems)
+    md = launch_md = coll_md = transfer_md = None
+    table_workloads = [wl for wl in main_workloads if wl != "transfer"]
+    if table_workloads:
+        table = build_table(values, args.systems, sizes, table_workloads)
+        notes = build_notes({s: {k: v for k, v in per.items() if k != "transfer"}
+                             for s, per in outcomes.items()}, args.systems)
         md = render_markdown(info, argv_text, table, notes, args.repeat * args.rounds)
         print()
         print(md)
+    if "transfer" in main_workloads:
+        tsys = [s for s in args.systems if s != "mpi"]
+        transfer_md = render_transfer_section(
+            info, argv_text, build_table(values, tsys, sizes, ["transfer"]), values,
+            args.repeat * args.rounds,
+            build_notes({s: {k: v for k, v in per.items() if k == "transfer"}
+                         for s, per in outcomes.items() if s in tsys}, tsys))
+        print()
+        print(transfer_md)
     if coll_results is not None:
         coll_md = render_collections_section(info, argv_text, coll_results, coll_sys, coll_sizes,
                                              args.repeat)
@@ -336,15 +348,16 @@ def main(argv=None):
                                           args.mpi_sizes, args.repeat)
         print()
         print(launch_md)
-    if args.output and any(x is not None for x in (md, launch_md, coll_md)):
+    if args.output and any(x is not None for x in (md, launch_md, coll_md, transfer_md)):
         try:
             with open(args.output) as f:
                 existing = f.read()
         except OSError:
             existing = ""
         with open(args.output, "w") as f:
-            f.write(merge_report(existing, md, launch_md, coll_md))
-        kept = [what for what, new in (("main", md), ("collections", coll_md),
+            f.write(merge_report(existing, md, launch_md, coll_md, transfer_md))
+        kept = [what for what, new in (("main", md), ("transfer", transfer_md),
+                                       ("collections", coll_md),
                                        ("mpi-launch", launch_md)) if new is None]
         print(f"bench: wrote {args.output}"
               + (f" (kept its {' and '.join(kept)} section from before)" if kept else ""))
