@@ -126,8 +126,7 @@ def _duration(v: Any) -> bool:
 
 
 def _strings(v: Any) -> bool:
-    return v is None or isinstance(v, str) or (
-        isinstance(v, list) and all(isinstance(x, str) for x in v))
+    return v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))
 
 
 FRACTION = Kind("a fraction in (0, 1], or false/null for off",
@@ -142,7 +141,7 @@ POSITIVE_INT = Kind("a positive integer, or null",
 SIZE = Kind("a size like 16GB or 8GiB, or a number of bytes, or null",
             lambda v: v is None or ((isinstance(v, str) or _number(v)) and _parses(parse_bytes)(v)))
 TEXT = Kind("a string, or null", lambda v: v is None or isinstance(v, str))
-TEXTS = Kind("a list of strings (or one string), or null", _strings)
+TEXTS = Kind("a list of strings (one string: ['...']), or null", _strings)
 MAPPING = Kind("a mapping (key: value lines), or null", lambda v: v is None or isinstance(v, dict))
 BOOLEAN = Kind("true or false", lambda v: isinstance(v, bool))
 WALLTIME = Kind("a duration like '01:00:00', '1-00:00:00' or '90m', or null",
