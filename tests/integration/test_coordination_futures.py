@@ -277,3 +277,22 @@ async def test_async_client_variable_queue_datasets_fire_and_forget():
         del g
         await until(lambda: key not in s.tasks, timeout=10, what="fire-and-forget key freed")
         assert s.extensions["fire_and_forget"].held == set()
+
+
+def test_published_persisted_dask_collection_for_another_client(cluster, c):
+    da = pytest.importorskip("dask.array")
+    with Client(cluster, set_as_default=False) as publisher:
+        x = publisher.persist(da.arange(20, chunks=5))
+        publisher.publish_dataset(arr=x)
+        publisher.datasets["nested"] = {"a": [publisher.submit(sum, [1, 2])]}
+        del x
+    until_sync(lambda: publisher.id not in c.run_on_scheduler(all_wanters), timeout=10,
+               what="the publisher to be gone")
+    y = c.get_dataset("arr")
+    assert int(y.sum().compute()) == sum(range(20))
+    assert c.get_dataset("nested")["a"][0].result(timeout=30) == 3
+    assert {"published-arr", "published-nested"} <= set(c.run_on_scheduler(all_wanters))
+
+
+def all_wanters(dask_scheduler=None) -> list:
+    return sorted({cs.client_key for ts in dask_scheduler.tasks.values() for cs in ts.who_wants})
