@@ -73,6 +73,7 @@ TO_WORKER: dict[str, Callable[[dict], Any]] = {
     "free-keys": lambda m: wev.FreeKeysEvent(m["stimulus_id"], list(m["keys"])),
     "refresh-who-has": lambda m: wev.RefreshWhoHasEvent(m["stimulus_id"], m["who_has"]),
     "acquire-replicas": lambda m: wev.AcquireReplicasEvent(m["stimulus_id"], m["who_has"], m["nbytes"] or {}),
+    "remove-replicas": lambda m: wev.RemoveReplicasEvent(m["stimulus_id"], list(m["keys"])),
 }
 
 def to_scheduler(worker: str, wire: dict) -> sev.SchedulerEvent:

@@ -46,6 +46,17 @@ class FreeKeysMsg(Msg):
 
 
 @dataclass(slots=True)
+class RemoveReplicasMsg(Msg):
+    """Drop these replicas: the scheduler no longer counts them (a worker that still
+    needs one answers ``add-keys``, and it is counted again)."""
+
+    op = "remove-replicas"
+    route = "worker"
+    worker: str
+    keys: list
+
+
+@dataclass(slots=True)
 class RefreshWhoHasMsg(Msg):
     op = "refresh-who-has"
     route = "worker"

@@ -45,6 +45,7 @@ from .records import (
     FreeKeysMsg,
     KeyInMemoryMsg,
     RefreshWhoHasMsg,
+    RemoveReplicasMsg,
     RemoveWorker,
     TaskErredClientMsg,
     TaskState,
@@ -416,17 +417,21 @@ def missing_data(state: SchedulerState, ev: MissingDataEvent) -> list[Msg]:
     if ts is None:
         return []
     ews = state.workers.get(errant_worker) if errant_worker else None
+    out: list[Msg] = []
     if ews is not None and ews in ts.who_has:
         state._remove_replica(ts, ews)
+        # The errant worker is alive (the failure may have been the network's): it must
+        # drop the copy we stop counting, or it would keep it for ever.
+        out.append(RemoveReplicasMsg(stimulus_id, ews.address, [key]))
     if ts.state == "memory" and not ts.who_has:
         if ts.run_spec is None:
             ts.exception = ScatteredDataLost(key)
             ts.traceback = ""
-            return state.transitions({key: "erred"}, stimulus_id)
-        return state.transitions({key: "waiting"}, stimulus_id)
+            return out + state.transitions({key: "erred"}, stimulus_id)
+        return out + state.transitions({key: "waiting"}, stimulus_id)
     if ts.state == "memory" and worker in state.workers:
-        return [RefreshWhoHasMsg(stimulus_id, worker, {key: [w.address for w in ts.who_has]})]
-    return []
+        out.append(RefreshWhoHasMsg(stimulus_id, worker, {key: [w.address for w in ts.who_has]}))
+    return out
 
 
 def add_keys(state: SchedulerState, ev: AddKeysEvent) -> list[Msg]:

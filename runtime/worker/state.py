@@ -478,14 +478,20 @@ class WorkerStateMachine:
     def _handle_remove_replicas(self, ev: RemoveReplicasEvent) -> tuple[dict, list]:
         recs: dict = {}
         instrs: list = []
+        kept: list = []
         for key in ev.keys:
             ts = self.tasks.get(key)
             if ts is None or ts.state != "memory":
                 continue
             if any(d.state in ("waiting", "ready", "constrained") for d in ts.dependents):
-                continue  # still needed here; the scheduler keeps counting this replica
+                # Still needed here: keep it, and have the scheduler count it again
+                # (it may have stopped counting it: missing-data from a peer).
+                kept.append(key)
+                continue
             recs[ts] = "forgotten" if not ts.dependents else "released"
             instrs.append(ReleaseWorkerDataMsg(ev.stimulus_id, key))
+        if kept:
+            instrs.append(AddKeysMsg(ev.stimulus_id, kept))
         return recs, instrs
 
     def _handle_acquire_replicas(self, ev: AcquireReplicasEvent) -> tuple[dict, list]:

@@ -163,11 +163,6 @@ def test_fetch_from_a_peer_that_just_dropped_the_key_falls_back_to_another_repli
     assert moves(b.story("x"), "x").count(("fetch", "flight")) == 2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: a transfer that fails on the network makes the fetching worker report "
-    "missing-data; the scheduler drops the live peer's replica from who_has although "
-    "the peer still holds it, and recomputes the key elsewhere: when the key is "
-    "released the peer is never told, and keeps the value for ever"))
 def test_network_failure_from_a_live_peer_does_not_orphan_its_copy() -> None:
     c = Cluster()
     a = c.add_worker("a")
@@ -184,7 +179,7 @@ def test_network_failure_from_a_live_peer_does_not_orphan_its_copy() -> None:
         assert c.step()
     assert c.step()  # the transfer fails once ...
     c.unreachable.clear()  # ... and the network heals
-    c.run_until_idle()  # check(): a's copy is no longer counted (fails here today)
+    c.run_until_idle()  # check(): the copy the scheduler stopped counting is dropped (or counted again)
     assert c.result("y") == -4
     c.release("x", "y")
     c.run_until_idle()
