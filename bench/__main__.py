@@ -4,6 +4,7 @@
                     [--quick] [--output bench/RESULTS.md] [--json FILE]
                     [--mpi-sizes 4,8,16]
     python -m bench collections [--repeat N] [--output bench/RESULTS.md]
+    python -m bench memory [--systems ours,dask] [--tasks N,...]   (bench/memory.py)
 
 Every (system, workload) pair runs in a fresh child process with bounded time;
 a system that cannot be imported, does not start or raises is reported as
@@ -242,6 +243,9 @@ run_one.count = 0
 
 
 def main(argv=None):
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["memory"]:  # bench/memory.py
+        from bench.memory import main as memory_main
+        return memory_main((sys.argv[1:] if argv is None else argv)[1:])
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sizes = dict(SIZES["quick" if args.quick else "default"])
     become_subreaper()

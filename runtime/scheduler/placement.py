@@ -80,7 +80,8 @@ class Placement:
                          if all(ws.resources.get(r, 0) >= q for r, q in ts.resource_restrictions.items())}
         if valid is None:
             candidates: Iterable[WorkerState]
-            holders = {ws for dts in ts.dependencies for ws in dts.who_has if ws.status == "running"}
+            holders = {ws for dts in ts._dependencies or () for ws in dts._who_has or ()
+                       if ws.status == "running"}
             if holders and len(holders) < len(self.state.workers):
                 candidates = holders
             else:
@@ -101,7 +102,10 @@ class Placement:
 
     def get_comm_cost(self, ts: TaskState, ws: WorkerState) -> float:
         """Seconds to move the dependencies of ``ts`` that ``ws`` lacks."""
-        nbytes = sum(dts.get_nbytes() for dts in ts.dependencies if ws not in dts.who_has)
+        deps = ts._dependencies
+        if not deps:
+            return 0.0
+        nbytes = sum(dts.get_nbytes() for dts in deps if dts._who_has is None or ws not in dts._who_has)
         return nbytes / BANDWIDTH
 
     def get_task_duration(self, ts: TaskState, default: float = DEFAULT_TASK_DURATION) -> float:
@@ -109,7 +113,7 @@ class Placement:
         return self.state.task_duration.get(ts.prefix, default)
 
     def ready_target(self, ts: TaskState) -> str:
-        if (ts.rootish or not ts.dependencies) and not (
+        if (ts.rootish or not ts._dependencies) and not (
                 ts.worker_restrictions or ts.host_restrictions or ts.resource_restrictions):
             return "queued"
         return "processing"
@@ -127,14 +131,14 @@ class Placement:
         threads = sum(ws.nthreads for ws in self.state.workers.values())
         groups: dict[str, list[TaskState]] = {}
         for ts in new:
-            if ts.dependencies:
+            if ts._dependencies:
                 groups.setdefault(ts.prefix, []).append(ts)
         for group in groups.values():
             if len(group) <= max(ROOTISH_MIN_GROUP, 2 * threads):
                 continue
             inputs: set[TaskState] = set()
             for ts in group:
-                inputs.update(ts.dependencies)
+                inputs.update(ts._dependencies)
                 if len(inputs) > ROOTISH_MAX_INPUTS:
                     break
             else:

@@ -8,7 +8,8 @@ the IO shell to a worker's or a client's stream.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import sys
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ from ..statemachine import Instruction, Msg
 from ..utils import key_split
 
 Key = Hashable
+
+_intern = sys.intern
 
 
 # ----------------------------------------------------------------------------- messages
@@ -137,29 +140,136 @@ class LostDataMsg(Msg):
 # ----------------------------------------------------------------------------- records
 
 
+class _Unset(frozenset):
+    """What a lazily made set attribute of a record reads as while it is empty.
+
+    An empty ``frozenset`` for every read (``len``, ``in``, iteration,
+    comparisons and set algebra are frozenset's own), made on each read and
+    held by nobody, so an empty attribute costs no memory. The mutating
+    methods of ``set`` put a real set in the record's slot, so that code
+    outside the scheduler's state machine (which uses the slots directly) may
+    still write ``ts.who_has.add(ws)``.
+    """
+
+    __slots__ = ("_owner", "_slot")
+
+    def __repr__(self) -> str:
+        return "set()"
+
+    def _real(self) -> set:
+        s = getattr(self._owner, self._slot)
+        if s is None:
+            s = set()
+            setattr(self._owner, self._slot, s)
+        return s
+
+    def add(self, item: Any) -> None:
+        self._real().add(item)
+
+    def update(self, *others: Iterable) -> None:
+        self._real().update(*others)
+
+    def remove(self, item: Any) -> None:
+        raise KeyError(item)
+
+    def discard(self, item: Any) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def pop(self) -> Any:
+        raise KeyError("pop from an empty set")
+
+
+def _lazy_set(slot: str, doc: str) -> property:
+    """A set attribute stored in ``slot`` as ``None`` while empty (see :class:`_Unset`)."""
+
+    def get(self):
+        s = getattr(self, slot)
+        if s is None:
+            s = _Unset()
+            s._owner = self
+            s._slot = slot
+        return s
+
+    def put(self, value) -> None:
+        # A set is kept as given (the caller may go on using it); anything else is copied.
+        if not isinstance(value, set):
+            value = set(value) if value else None
+        setattr(self, slot, value)
+
+    return property(get, put, doc=doc)
+
+
+def lazy_add(ts: TaskState, slot: str, item: Any) -> None:
+    """Add ``item`` to one of the lazily made sets of ``ts`` (``"_waiters"``...)."""
+    s = getattr(ts, slot)
+    if s is None:
+        setattr(ts, slot, {item})
+    else:
+        s.add(item)
+
+
+def lazy_discard(ts: TaskState, slot: str, item: Any) -> None:
+    """Discard ``item`` from one of the lazily made sets of ``ts``; an emptied set goes."""
+    s = getattr(ts, slot)
+    if s is not None:
+        s.discard(item)
+        if not s:
+            setattr(ts, slot, None)
+
+
 class TaskState:
-    """One task as the scheduler sees it (flat, ``__slots__``: millions may exist)."""
+    """One task as the scheduler sees it (flat, ``__slots__``: millions may exist).
+
+    Its seven set attributes (``dependencies``, ``dependents``, ``waiting_on``,
+    ``waiters``, ``who_wants``, ``who_has``, ``erred_on``) are stored in the
+    slots of the same name with a leading underscore, as ``None`` while empty
+    (an empty set is 216 bytes, and most tasks of a large graph have five of
+    them empty). The scheduler's state machine uses those slots directly; the
+    public names read as sets for everyone else (see :class:`_Unset`). The
+    prefix and the type name are interned: one string for all the tasks of a
+    prefix.
+    """
 
     __slots__ = (
-        "key", "prefix", "state", "run_spec", "priority", "dependencies", "dependents",
-        "waiting_on", "waiters", "who_wants", "who_has", "processing_on", "nbytes", "type",
-        "retries", "suspicious", "exception", "traceback", "exception_blame", "erred_on",
+        "key", "prefix", "state", "run_spec", "priority", "_dependencies", "_dependents",
+        "_waiting_on", "_waiters", "_who_wants", "_who_has", "processing_on", "nbytes", "type",
+        "retries", "suspicious", "exception", "traceback", "exception_blame", "_erred_on",
         "worker_restrictions", "host_restrictions", "resource_restrictions",
         "loose_restrictions", "long_running", "rootish", "__weakref__",
     )
 
-    def __init__(self, key: Key, run_spec: bytes | None, prefix: str | None = None):
+    _dependencies: set[TaskState] | None
+    _dependents: set[TaskState] | None
+    _waiting_on: set[TaskState] | None
+    _waiters: set[TaskState] | None
+    _who_wants: set[ClientState] | None
+    _who_has: set[WorkerState] | None
+    _erred_on: set[str] | None
+
+    dependencies = _lazy_set("_dependencies", "The tasks whose results this one reads.")
+    dependents = _lazy_set("_dependents", "The tasks that read this one's result.")
+    waiting_on = _lazy_set("_waiting_on", "Dependencies not in memory yet (while waiting).")
+    waiters = _lazy_set("_waiters", "Dependents that still need this one's result.")
+    who_wants = _lazy_set("_who_wants", "The clients that hold a future of this task.")
+    who_has = _lazy_set("_who_has", "The workers that hold this task's result.")
+    erred_on = _lazy_set("_erred_on", "Addresses of the workers where it failed or died.")
+
+    def __init__(self, key: Key, run_spec: Any, prefix: str | None = None):
         self.key = key
-        self.prefix = prefix if prefix is not None else key_split(key)
+        prefix = prefix if prefix is not None else key_split(key)
+        self.prefix = _intern(prefix) if type(prefix) is str else prefix
         self.state = "released"
         self.run_spec = run_spec
         self.priority: tuple = ()
-        self.dependencies: set[TaskState] = set()
-        self.dependents: set[TaskState] = set()
-        self.waiting_on: set[TaskState] = set()
-        self.waiters: set[TaskState] = set()
-        self.who_wants: set[ClientState] = set()
-        self.who_has: set[WorkerState] = set()
+        self._dependencies = None
+        self._dependents = None
+        self._waiting_on = None
+        self._waiters = None
+        self._who_wants = None
+        self._who_has = None
         self.processing_on: WorkerState | None = None
         self.nbytes = -1
         self.type: str | None = None
@@ -168,7 +278,7 @@ class TaskState:
         self.exception: Any = None
         self.traceback: str | None = None
         self.exception_blame: TaskState | None = None
-        self.erred_on: set[str] = set()
+        self._erred_on = None
         self.worker_restrictions: set[str] | None = None
         self.host_restrictions: set[str] | None = None
         self.resource_restrictions: dict[str, float] | None = None

@@ -38,6 +38,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
@@ -65,12 +66,17 @@ from .records import (  # noqa: F401  (re-exported)
     TaskState,
     WorkerState,
 )
+from .records import lazy_add as _add
+from .records import lazy_discard as _discard
 from .stimuli import HANDLERS
 
 logger = logging.getLogger(__name__)
 
 Key = Hashable
 
+_intern = sys.intern
+#: The recommendations logged for a transition that made none (shared: never mutated).
+_NO_RECS: dict = {}
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -159,9 +165,11 @@ class SchedulerState:
             InvalidTransition: the table has no way from the current state.
         """
         ts = self.tasks.get(key)
-        if ts is None or ts.state == finish:
+        if ts is None:
             return {}
         start = ts.state
+        if start == finish:
+            return {}
         func = self.TRANSITIONS.get((start, finish))
         if func is not None:
             recs = func(ts, stimulus_id, **kwargs)
@@ -179,26 +187,35 @@ class SchedulerState:
         else:
             raise InvalidTransition(key, start, finish, tuple(self.log.story(key)))
         if ts.state != start:
-            self._log(ts, start, ts.state, recs, stimulus_id)
+            # _log, inlined: this runs a few times per task.
+            self.transition_counter += 1
+            self.log.entries.append((key, start, ts.state, dict(recs) if recs else _NO_RECS,
+                                      stimulus_id, self.clock()))
         if self.validate and ts.state != "forgotten":
             validation.validate_task(self, ts)
         return recs
 
     def _log(self, ts: TaskState, start: str, finish: str, recs: dict, stimulus_id: str) -> None:
         self.transition_counter += 1
-        self.log.append(ts.key, start, finish, dict(recs), stimulus_id, self.clock())
+        # Most transitions recommend nothing: they share one empty dict (never mutated).
+        self.log.append(ts.key, start, finish, dict(recs) if recs else _NO_RECS, stimulus_id,
+                        self.clock())
 
     def transitions(self, recommendations: dict[Key, str], stimulus_id: str = "") -> list[Msg]:
         """Carry out recommendations and their consequences until none are left.
 
         Returns the instructions produced (and clears the pending list).
         """
-        recs = dict(recommendations)
-        while recs:
-            key, finish = recs.popitem()
-            new = self.transition(key, finish, stimulus_id)
-            recs.update(new)
-        self.placement.fill_workers(stimulus_id)
+        if recommendations:
+            recs = dict(recommendations)
+            transition = self.transition
+            while recs:
+                key, finish = recs.popitem()
+                new = transition(key, finish, stimulus_id)
+                if new:
+                    recs.update(new)
+        if self.queued:
+            self.placement.fill_workers(stimulus_id)
         if self.validate:
             validation.validate_state(self)
         out, self._instructions = self._instructions, []
@@ -228,14 +245,22 @@ class SchedulerState:
     # ------------------------------------------------------------------ replicas
 
     def _add_replica(self, ts: TaskState, ws: WorkerState) -> None:
-        if ws not in ts.who_has:
-            ts.who_has.add(ws)
-            ws.has_what[ts] = None
-            ws.nbytes += ts.get_nbytes()
+        s = ts._who_has
+        if s is None:
+            ts._who_has = {ws}
+        elif ws in s:
+            return
+        else:
+            s.add(ws)
+        ws.has_what[ts] = None
+        ws.nbytes += ts.get_nbytes()
 
     def _remove_replica(self, ts: TaskState, ws: WorkerState) -> None:
-        if ws in ts.who_has:
-            ts.who_has.discard(ws)
+        s = ts._who_has
+        if s is not None and ws in s:
+            s.discard(ws)
+            if not s:
+                ts._who_has = None
             del ws.has_what[ts]
             ws.nbytes -= ts.get_nbytes()
 
@@ -256,13 +281,16 @@ class SchedulerState:
         return ws
 
     def _report_memory(self, ts: TaskState, stimulus_id: str, data: bytes | None = None) -> None:
-        workers = [ws.address for ws in ts.who_has]
-        for cs in ts.who_wants:
+        wanters = ts._who_wants
+        if not wanters:
+            return
+        workers = [ws.address for ws in ts._who_has or ()]
+        for cs in wanters:
             self._instructions.append(KeyInMemoryMsg(stimulus_id, cs.client_key, ts.key, ts.type or "",
                                                      workers, data))
 
     def _free_everywhere(self, ts: TaskState, stimulus_id: str) -> None:
-        for ws in list(ts.who_has):
+        for ws in list(ts._who_has or ()):
             self._remove_replica(ts, ws)
             self._instructions.append(FreeKeysMsg(stimulus_id, ws.address, [ts.key]))
 
@@ -277,20 +305,26 @@ class SchedulerState:
             recs[ts.key] = "erred"
             return recs
         ts.state = "waiting"
-        ts.waiting_on.clear()
-        for dts in ts.dependencies:
-            if dts.state == "erred":
-                ts.exception_blame = dts.exception_blame or dts
-                recs[ts.key] = "erred"
+        ts._waiting_on = None
+        deps = ts._dependencies
+        if deps:
+            for dts in deps:
+                if dts.state == "erred":
+                    ts.exception_blame = dts.exception_blame or dts
+                    recs[ts.key] = "erred"
+                    return recs
+            waiting_on = None
+            for dts in deps:
+                _add(dts, "_waiters", ts)
+                if dts.state != "memory":
+                    if waiting_on is None:
+                        waiting_on = ts._waiting_on = set()
+                    waiting_on.add(dts)
+                    if dts.state == "released":
+                        recs[dts.key] = "waiting"
+            if waiting_on:
                 return recs
-        for dts in ts.dependencies:
-            dts.waiters.add(ts)
-            if dts.state != "memory":
-                ts.waiting_on.add(dts)
-                if dts.state == "released":
-                    recs[dts.key] = "waiting"
-        if not ts.waiting_on:
-            recs[ts.key] = self.placement.ready_target(ts)
+        recs[ts.key] = self.placement.ready_target(ts)
         return recs
 
     def _waiting_queued(self, ts: TaskState, stimulus_id: str) -> dict:
@@ -312,18 +346,22 @@ class SchedulerState:
             self.unrunnable.discard(ts)
         ts.state = "processing"
         ts.processing_on = ws
-        duration = self.placement.get_task_duration(ts) + self.placement.get_comm_cost(ts, ws)
+        deps = ts._dependencies
+        duration = self.task_duration.get(ts.prefix, DEFAULT_TASK_DURATION)
+        if deps:
+            duration += self.placement.get_comm_cost(ts, ws)
         ws.processing[ts] = duration
         ws.occupancy += duration
         self.placement.check_idle_saturated(ws)
         who_has = {}
         nbytes = {}
-        for dts in ts.dependencies:
-            who_has[dts.key] = [w.address for w in dts.who_has]
-            nbytes[dts.key] = dts.get_nbytes()
+        if deps:
+            for dts in deps:
+                who_has[dts.key] = [w.address for w in dts._who_has or ()]
+                nbytes[dts.key] = dts.get_nbytes()
         self._instructions.append(ComputeTaskMsg(
             stimulus_id, ws.address, ts.key, ts.run_spec, ts.priority, who_has, nbytes,
-            duration, ts.resource_restrictions, bool(ts.who_wants),
+            duration, ts.resource_restrictions, bool(ts._who_wants),
         ))
         return {}
 
@@ -334,7 +372,8 @@ class SchedulerState:
         recs: dict[Key, str] = {}
         ts.state = "memory"
         ts.nbytes = nbytes
-        ts.type = type
+        # One string per type name, not one per task (each message decodes its own).
+        ts.type = _intern(type) if type.__class__ is str else type
         ts.suspicious = 0
         if ws is not None:
             self._add_replica(ts, ws)
@@ -343,33 +382,39 @@ class SchedulerState:
         return recs
 
     def _memory_consequences(self, ts: TaskState, recs: dict) -> None:
-        for dts in ts.dependents:
-            if ts in dts.waiting_on:
-                dts.waiting_on.discard(ts)
-                if not dts.waiting_on and dts.state == "waiting":
-                    recs[dts.key] = self.placement.ready_target(dts)
-        for dts in ts.dependencies:
-            dts.waiters.discard(ts)
-            if not dts.waiters and not dts.who_wants and dts.state == "memory":
+        for dts in ts._dependents or ():
+            waiting_on = dts._waiting_on
+            if waiting_on is not None and ts in waiting_on:
+                waiting_on.discard(ts)
+                if not waiting_on:
+                    dts._waiting_on = None
+                    if dts.state == "waiting":
+                        recs[dts.key] = self.placement.ready_target(dts)
+        for dts in ts._dependencies or ():
+            _discard(dts, "_waiters", ts)
+            if not dts._waiters and not dts._who_wants and dts.state == "memory":
                 recs[dts.key] = "released"
-        if not ts.waiters and not ts.who_wants:
-            recs[ts.key] = "released" if ts.dependents else "forgotten"
+        if not ts._waiters and not ts._who_wants:
+            recs[ts.key] = "released" if ts._dependents else "forgotten"
 
     def _to_memory_external(self, ts: TaskState, stimulus_id: str, workers: Iterable[WorkerState] = ()) -> dict:
         """Data put there from outside (scatter) or found again."""
         if ts.state == "waiting":
-            for dts in ts.dependencies:
-                dts.waiters.discard(ts)
-            ts.waiting_on.clear()
+            for dts in ts._dependencies or ():
+                _discard(dts, "_waiters", ts)
+            ts._waiting_on = None
         ts.state = "memory"
         for ws in workers:
             self._add_replica(ts, ws)
         recs: dict[Key, str] = {}
-        for dts in ts.dependents:
-            if ts in dts.waiting_on:
-                dts.waiting_on.discard(ts)
-                if not dts.waiting_on and dts.state == "waiting":
-                    recs[dts.key] = self.placement.ready_target(dts)
+        for dts in ts._dependents or ():
+            waiting_on = dts._waiting_on
+            if waiting_on is not None and ts in waiting_on:
+                waiting_on.discard(ts)
+                if not waiting_on:
+                    dts._waiting_on = None
+                    if dts.state == "waiting":
+                        recs[dts.key] = self.placement.ready_target(dts)
         self._report_memory(ts, stimulus_id)
         return recs
 
@@ -381,20 +426,21 @@ class SchedulerState:
 
     def _released_common(self, ts: TaskState) -> dict:
         ts.state = "released"
-        for dts in ts.dependencies:
-            dts.waiters.discard(ts)
-        ts.waiting_on.clear()
+        deps = ts._dependencies or ()
+        for dts in deps:
+            _discard(dts, "_waiters", ts)
+        ts._waiting_on = None
         recs: dict[Key, str] = {}
-        if ts.who_wants or ts.waiters:
+        if ts._who_wants or ts._waiters:
             # Still needed: it goes back to waiting and needs its inputs again.
             recs[ts.key] = "waiting"
             return recs
-        if not ts.dependents:
+        if not ts._dependents:
             recs[ts.key] = "forgotten"
-        for dts in ts.dependencies:
+        for dts in deps:
             # Inputs nobody else waits for stop using memory or workers; they are
             # forgotten once their last dependent is.
-            if not dts.waiters and not dts.who_wants and dts.state in (
+            if not dts._waiters and not dts._who_wants and dts.state in (
                 "memory", "erred", "waiting", "queued", "no-worker", "processing"
             ):
                 recs[dts.key] = "released"
@@ -414,11 +460,11 @@ class SchedulerState:
     def _memory_released(self, ts: TaskState, stimulus_id: str) -> dict:
         self._free_everywhere(ts, stimulus_id)
         recs: dict[Key, str] = {}
-        for cs in ts.who_wants:
+        for cs in ts._who_wants or ():
             self._instructions.append(LostDataMsg(stimulus_id, cs.client_key, ts.key))
-        for dts in ts.dependents:
+        for dts in ts._dependents or ():
             if dts.state == "waiting":
-                dts.waiting_on.add(ts)
+                _add(dts, "_waiting_on", ts)
             elif dts.state in ("processing", "no-worker", "queued"):
                 # Its input is gone: place it again once the input is back.
                 recs[dts.key] = "waiting"
@@ -430,31 +476,31 @@ class SchedulerState:
         ts.traceback = None
         ts.exception_blame = None
         # A worker where it failed keeps the error until told to drop it.
-        for address in ts.erred_on:
+        for address in ts._erred_on or ():
             if address in self.workers:
                 self._instructions.append(FreeKeysMsg(stimulus_id, address, [ts.key]))
-        ts.erred_on.clear()
+        ts._erred_on = None
         recs = self._released_common(ts)
-        for dts in ts.dependents:
+        for dts in ts._dependents or ():
             if dts.state == "erred":
                 recs[dts.key] = "released"
         return recs
 
     def _released_forgotten(self, ts: TaskState, stimulus_id: str) -> dict:
-        if ts.dependents or ts.who_wants or ts.waiters:
+        if ts._dependents or ts._who_wants or ts._waiters:
             return {}  # needed again since this was recommended: stay released
         recs: dict[Key, str] = {}
-        for dts in ts.dependencies:
-            dts.dependents.discard(ts)
-            dts.waiters.discard(ts)
-            if not dts.dependents and not dts.who_wants:
+        for dts in ts._dependencies or ():
+            _discard(dts, "_dependents", ts)
+            _discard(dts, "_waiters", ts)
+            if not dts._dependents and not dts._who_wants:
                 recs[dts.key] = "forgotten"
-        for dts in ts.dependents:  # pragma: no cover - forgotten only without dependents
-            dts.dependencies.discard(ts)
-        for cs in ts.who_wants:
+        for dts in ts._dependents or ():  # pragma: no cover - forgotten only without dependents
+            _discard(dts, "_dependencies", ts)
+        for cs in ts._who_wants or ():
             cs.wants_what.discard(ts)
-        ts.who_wants.clear()
-        ts.dependencies.clear()
+        ts._who_wants = None
+        ts._dependencies = None
         ts.state = "forgotten"
         self.unrunnable.discard(ts)
         del self.tasks[ts.key]
@@ -465,20 +511,20 @@ class SchedulerState:
         if ts.exception_blame is None:
             ts.exception_blame = ts
         blame = ts.exception_blame
-        worker = next(iter(blame.erred_on), "") if blame.erred_on else ""
-        for cs in ts.who_wants:
+        worker = next(iter(blame._erred_on)) if blame._erred_on else ""
+        for cs in ts._who_wants or ():
             self._instructions.append(TaskErredClientMsg(
                 stimulus_id, cs.client_key, ts.key, blame.exception, blame.traceback or "", worker))
         recs: dict[Key, str] = {}
-        for dts in ts.dependents:
+        for dts in ts._dependents or ():
             if dts.state in ("waiting", "queued", "no-worker", "released", "processing"):
                 dts.exception_blame = blame
                 recs[dts.key] = "erred"
-        for dts in ts.dependencies:
-            dts.waiters.discard(ts)
-            if not dts.waiters and not dts.who_wants and dts.state == "memory":
+        for dts in ts._dependencies or ():
+            _discard(dts, "_waiters", ts)
+            if not dts._waiters and not dts._who_wants and dts.state == "memory":
                 recs[dts.key] = "released"
-        ts.waiting_on.clear()
+        ts._waiting_on = None
         return recs
 
     def _processing_erred(self, ts: TaskState, stimulus_id: str) -> dict:

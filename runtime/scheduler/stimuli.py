@@ -51,6 +51,8 @@ from .records import (
     TaskState,
     WorkerState,
 )
+from .records import lazy_add as _add
+from .records import lazy_discard as _discard
 
 #: Seconds between re-estimates of the workers' expected load (see ``tick``).
 REEVALUATE_OCCUPANCY_INTERVAL = 5.0
@@ -88,14 +90,14 @@ def client_releases_keys(state: SchedulerState, ev: ClientReleasesKeysEvent) -> 
     recs: dict[Key, str] = {}
     for key in keys:
         ts = state.tasks.get(key)
-        if ts is None or cs not in ts.who_wants:
+        if ts is None or ts._who_wants is None or cs not in ts._who_wants:
             continue
-        ts.who_wants.discard(cs)
+        _discard(ts, "_who_wants", cs)
         cs.wants_what.discard(ts)
-        if not ts.who_wants:
-            if not ts.dependents:
+        if not ts._who_wants:
+            if not ts._dependents:
                 recs[key] = "forgotten"
-            elif not ts.waiters and ts.state in ("memory", "erred"):
+            elif not ts._waiters and ts.state in ("memory", "erred"):
                 recs[key] = "released"
     return state.transitions(recs, stimulus_id)
 
@@ -159,7 +161,7 @@ def remove_worker(state: SchedulerState, ev: RemoveWorkerEvent) -> list[Msg]:
     for ts in list(ws.processing):
         if not safe:
             ts.suspicious += 1
-            ts.erred_on.add(address)
+            _add(ts, "_erred_on", address)
         if ts.suspicious > state.allowed_failures:
             ts.exception = KilledWorker(ts.key, address, state.allowed_failures)
             ts.traceback = ""
@@ -300,8 +302,8 @@ def update_graph(state: SchedulerState, ev: UpdateGraphEvent) -> list[Msg]:
                 dts.exception = KeyError(f"dependency {dep_key!r} is not known to the scheduler")
                 dts.exception_blame = dts
                 unknown[dep_key] = "erred"
-            ts.dependencies.add(dts)
-            dts.dependents.add(ts)
+            _add(ts, "_dependencies", dts)
+            _add(dts, "_dependents", ts)
         r = restrictions.get(ts.key)
         if r:
             _set_restrictions(state, ts, r)
@@ -319,7 +321,7 @@ def update_graph(state: SchedulerState, ev: UpdateGraphEvent) -> list[Msg]:
         ts = state.tasks.get(key)
         if ts is None:
             continue
-        ts.who_wants.add(cs)
+        _add(ts, "_who_wants", cs)
         cs.wants_what.add(ts)
         if ts.state == "memory":
             out.append(KeyInMemoryMsg(stimulus_id, client, ts.key, ts.type or "", [w.address for w in ts.who_has]))
@@ -343,7 +345,7 @@ def _needed(state: SchedulerState, tasks: dict[Key, Any], keys: Iterable[Key],
     stack = [k for k in keys if k in tasks]
     for k in tasks:
         ts = state.tasks.get(k)
-        if ts is not None and (ts.dependents or ts.who_wants):
+        if ts is not None and (ts._dependents or ts._who_wants):
             stack.append(k)
     while stack:
         k = stack.pop()
@@ -406,7 +408,7 @@ def task_erred(state: SchedulerState, ev: TaskErredEvent) -> list[Msg]:
         return state.transitions({key: "waiting"}, stimulus_id)
     ts.exception = exception
     ts.traceback = traceback
-    ts.erred_on.add(worker)
+    _add(ts, "_erred_on", worker)
     return state.transitions({key: "erred"}, stimulus_id)
 
 
@@ -543,16 +545,16 @@ def _cancel_one(state: SchedulerState, key: Key, cs: ClientState, force: bool, s
         return []
     client = cs.client_key
     out: list[Msg] = []
-    if force or ts.who_wants == {cs}:
-        wanters = [c.client_key for c in ts.who_wants]
-        for c in list(ts.who_wants):
+    if force or ts._who_wants == {cs}:
+        wanters = [c.client_key for c in ts._who_wants or ()]
+        for c in list(ts._who_wants or ()):
             c.wants_what.discard(ts)
-        ts.who_wants.clear()
+        ts._who_wants = None
         for c in wanters:
             out.append(CancelledKeyMsg(stimulus_id, c, key, "cancelled"))
-        if not ts.dependents:
+        if not ts._dependents:
             out.extend(state.transitions({key: "forgotten"}, stimulus_id))
-        elif not ts.waiters:
+        elif not ts._waiters:
             # Kept for other dependents (of other clients) that are done with it.
             out.extend(state.transitions({key: "released"}, stimulus_id))
     elif cs in ts.who_wants:
@@ -578,7 +580,7 @@ def update_data(state: SchedulerState, ev: UpdateDataEvent) -> list[Msg]:
         if client is not None:
             # Wanted before it lands, so that landing reports it to the client.
             cs = add_client(state, client)
-            ts.who_wants.add(cs)
+            _add(ts, "_who_wants", cs)
             cs.wants_what.add(ts)
         if ts.state != "memory":
             if ts.state not in ("released", "waiting"):
@@ -636,10 +638,10 @@ def restart(state: SchedulerState, ev: RestartEvent) -> list[Msg]:
     stimulus_id = ev.stimulus_id
     out: list[Msg] = []
     for ts in state.tasks.values():
-        for cs in ts.who_wants:
+        for cs in ts._who_wants or ():
             out.append(CancelledKeyMsg(stimulus_id, cs.client_key, ts.key, "restart"))
             cs.wants_what.discard(ts)
-        ts.who_wants.clear()
+        ts._who_wants = None
     # Recommendations are taken last in, first out: dependencies go in first.
     recs: dict[Key, str] = {}
     stack = [(ts, False) for ts in state.tasks.values()]
@@ -651,7 +653,7 @@ def restart(state: SchedulerState, ev: RestartEvent) -> list[Msg]:
             recs[ts.key] = "forgotten"
         else:
             stack.append((ts, True))
-            stack.extend((dts, False) for dts in ts.dependencies if dts.key not in recs)
+            stack.extend((dts, False) for dts in ts._dependencies or () if dts.key not in recs)
     out.extend(state.transitions(recs, stimulus_id))
     # The queue drops the entries of tasks that left it lazily; none is left to wait for.
     state.queued[:] = [entry for entry in state.queued if entry[2].state == "queued"]
