@@ -10,6 +10,8 @@ removes anything, so that no result is lost on the way.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import pickle
 import time
@@ -28,6 +30,18 @@ from .events import RestartEvent, WorkerStatusEvent
 logger = logging.getLogger(__name__)
 
 Key = Hashable
+
+
+@functools.lru_cache(maxsize=512)
+def _accepted_keywords(cls: type, hook: str) -> frozenset[str] | None:
+    """The keyword arguments ``cls.<hook>`` takes (``None``: any, it has ``**kwargs``)."""
+    try:
+        params = inspect.signature(getattr(cls, hook)).parameters.values()
+    except (AttributeError, TypeError, ValueError):  # e.g. a hook set on the object itself
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 class SchedulerOps:
@@ -339,12 +353,17 @@ class SchedulerOps:
         return "OK"
 
     def _plugin_hook(self, hook: str, *args, **kwargs) -> None:
+        """Call ``hook`` of every plugin with the keyword arguments it takes: dask's hooks
+        grew arguments over the years (``stimulus_id``, ``tasks``...), and a plugin written
+        for an older or newer signature must work either way."""
         for plugin in list(self.scheduler.plugins.values()):
             fn = getattr(plugin, hook, None)
             if fn is None:
                 continue
             try:
-                fn(*args, **kwargs)
+                accepted = _accepted_keywords(type(plugin), hook)
+                fn(*args, **(kwargs if accepted is None else
+                             {k: v for k, v in kwargs.items() if k in accepted}))
             except Exception:
                 logger.exception("scheduler plugin %r failed in %s", plugin, hook)
 

@@ -569,7 +569,7 @@ class Scheduler(Server):
         bs = self.stream_comms.pop(address, None)
         # Send before any await: messages of later stimuli must not overtake these.
         self._send(instrs)
-        self.ops._plugin_hook("remove_worker", scheduler=self, worker=address)
+        self.ops._plugin_hook("remove_worker", scheduler=self, worker=address, stimulus_id=stimulus_id or "")
         _extensions.call_hook(self.extensions, "remove_worker", address)
         if bs is not None:
             if close:
@@ -591,7 +591,9 @@ class Scheduler(Server):
                                          isinstance(ev, TaskFinishedEvent))
         self._send(self.state.handle(ev))
         if self.plugins and isinstance(ev, UpdateGraphEvent):
-            self.ops._plugin_hook("update_graph", self, client=ev.client, keys=list(ev.keys))
+            self.ops._plugin_hook("update_graph", self, client=ev.client, keys=list(ev.keys),
+                                  tasks=list(ev.tasks), dependencies=ev.dependencies or {},
+                                  annotations={}, priority=None, stimulus_id=ev.stimulus_id)
 
     def heartbeat_worker(self, address: str, metrics: dict | None = None) -> dict:
         self.state.handle(HeartbeatEvent(address, metrics))

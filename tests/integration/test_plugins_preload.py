@@ -180,6 +180,43 @@ async def test_register_plugin_scheduler_plugin_hooks_and_unregister():
     assert plugin.events[-1] == "before_close"
 
 
+class NewStylePlugin(SchedulerPlugin):
+    """Hooks with dask's keyword-only arguments."""
+
+    def __init__(self):
+        self.removed = []
+        self.graphs = []
+
+    def remove_worker(self, scheduler, worker, *, stimulus_id, **kwargs):
+        self.removed.append((worker, stimulus_id))
+
+    def update_graph(self, scheduler, *, client, keys, tasks, stimulus_id, **kwargs):
+        self.graphs.append((tuple(keys), tuple(tasks)))
+
+
+class OldStylePlugin(SchedulerPlugin):
+    """Hooks with the arguments of older dask versions, no ``**kwargs``."""
+
+    def __init__(self):
+        self.removed = []
+
+    def remove_worker(self, scheduler, worker):
+        self.removed.append(worker)
+
+
+@gen_test(timeout=30)
+async def test_scheduler_plugin_hooks_of_old_and_new_signatures():
+    async with gen_cluster(nworkers=2) as (c, s, (a, b)):
+        new, old = NewStylePlugin(), OldStylePlugin()
+        await s.add_plugin(new, name="new")
+        await s.add_plugin(old, name="old")
+        assert await c.submit(inc, 1, key="sig-1") == 2
+        assert new.graphs == [(("sig-1",), ("sig-1",))]
+        await b.close()
+        await until(lambda: old.removed == [b.address], what="the old-style hook")
+        assert [w for w, _ in new.removed] == [b.address] and isinstance(new.removed[0][1], str)
+
+
 # ----------------------------------------------------------------------------- nanny plugins
 
 
