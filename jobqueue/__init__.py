@@ -8,6 +8,7 @@ Modules: :mod:`~jobqueue.core` (the cluster: start, status, scale, adapt, close)
 (pure scaling decisions), :mod:`~jobqueue.tracking` (jobs and their workers),
 :mod:`~jobqueue.commands` (the one subprocess seam), :mod:`~jobqueue.states`,
 :mod:`~jobqueue.units`, :mod:`~jobqueue.errors`, :mod:`~jobqueue.plumbing` (sync/async),
+:mod:`~jobqueue.config` (options from the configuration: ``jobqueue.<config_name>.*``),
 and one module per batch system in :mod:`~jobqueue.systems` (``slurm``, ``pbs``,
 ``sge``: everything about that system), which a cluster holds as a part
 (:mod:`~jobqueue.clusters`: ``SLURMCluster``, ``PBSCluster``, ``SGECluster``).

@@ -319,6 +319,9 @@ def _check(key: str, value: Any, source: str, warn_unknown: bool) -> bool:
                 known += [f"jobqueue.{key.split('.')[1]}.{k}" for k in JOBQUEUE_SCHEMA]
             near = difflib.get_close_matches(key, known, n=2)
             hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+            if key in DASK_KEYS:  # dask's name in our file
+                hint = (f" (dask's name of {DASK_KEYS[key]}: write that here, or keep dask's "
+                        "keys in dask's files)")
             warnings.warn(f"{source}: unknown configuration key {key!r}, ignored{hint}",
                           ConfigWarning, stacklevel=2)
         return False

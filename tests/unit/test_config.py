@@ -153,6 +153,14 @@ def test_unknown_key_in_our_file_warns_with_the_file_and_the_nearest_key(config_
     assert worker_fractions()[0] == 0.6
 
 
+def test_dask_key_in_our_file_says_our_name(config_home):
+    config_home.write(config_home.ours / "copied.yaml",
+                      "distributed:\n  worker:\n    memory:\n      target: 0.5\n")
+    with pytest.warns(ConfigWarning, match="'distributed.worker.memory.target', ignored "
+                                           r"\(dask's name of worker.memory.target"):
+        config.refresh()
+
+
 def test_unknown_variable_warns_naming_it(config_home):
     config_home.env(HPC_CLUSTER__WORKER__MEMROY__TARGET="0.5")
     with pytest.warns(ConfigWarning, match="HPC_CLUSTER__WORKER__MEMROY__TARGET.*worker.memroy.target"):
