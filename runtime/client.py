@@ -49,8 +49,8 @@ from .dashboard.reprs import client_repr_html
 from .dashboard.task_stream import client_get_task_stream
 from .errors import ClusterError, CommClosedError, CommError
 from .extensions.datasets import Datasets
-from .futures import Future, FutureState
-from .graph import collect_futures, graph_msg, substitute_results, task_piece
+from .futures import Future, FutureState, register_owner_finder
+from .graph import collect_futures, graph_msg, substitute_results, task_piece, update_graph_msg
 from .loop import loop_runner, sync
 from .security import Security, local_credentials, resolve_security, security_from_scheduler_info
 from .utils import delegate, parse_timedelta, read_scheduler_info
@@ -75,6 +75,16 @@ def default_client() -> Client:
     if _current_client is None or _current_client.status != "running":
         raise ValueError("no running Client; create one with Client(...)")
     return _current_client
+
+
+def _default_client_or_none() -> Client | None:
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+register_owner_finder(_default_client_or_none, order=10)
 
 
 class Client:
@@ -177,7 +187,8 @@ class Client:
             return func(*args, **kwargs)
         return sync(self.loop, func, *args, timeout=timeout, **kwargs)
 
-    def _on_loop(self, fn: Callable[[], None]) -> None:
+    def call_on_loop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the client's event loop (now, if called from it)."""
         loop = self.loop
         try:
             running = asyncio.get_running_loop()
@@ -188,7 +199,8 @@ class Client:
         elif loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(fn)
 
-    def _run_callback(self, fn: Callable, future: Future) -> None:
+    def run_callback(self, fn: Callable, future: Future) -> None:
+        """Call ``fn(future)`` in the client's callback thread (a done callback)."""
         if self._callback_executor is None:
             self._callback_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="client-callback")
 
@@ -411,27 +423,30 @@ class Client:
         """The state of a key being submitted (again): a cancelled, lost or failed one
         is pending again, as the scheduler runs it again (a failed task is retried
         when submitted anew)."""
-        st = self._get_state(key)
+        st = self.future_state(key)
         if st.status in ("cancelled", "lost", "error"):
             st.status = "pending"
             st.exception = None
             st.traceback = ""
             if st._event is not None:
-                self._on_loop(st.event.clear)
+                self.call_on_loop(st.event.clear)
         return st
 
-    def _get_state(self, key: Key) -> FutureState:
+    def future_state(self, key: Key) -> FutureState:
+        """The state shared by every future of ``key`` in this client (made on first use)."""
         with self._ref_lock:
             st = self.futures.get(key)
             if st is None:
                 st = self.futures[key] = FutureState()
             return st
 
-    def _inc_ref(self, key: Key) -> None:
+    def hold_future(self, key: Key) -> None:
+        """One more future of ``key`` exists."""
         with self._ref_lock:
             self.refcount[key] += 1
 
-    def _dec_ref(self, key: Key) -> None:
+    def drop_future(self, key: Key) -> None:
+        """One future of ``key`` fewer; with none left, the scheduler may release it."""
         with self._ref_lock:
             self.refcount[key] -= 1
             if self.refcount[key] > 0:
@@ -440,6 +455,15 @@ class Client:
             self.futures.pop(key, None)
         if self.status == "running":
             self._send({"op": "client-releases-keys", "keys": [key]})
+
+    def want_keys(self, keys: list) -> None:
+        """Tell the scheduler this client holds futures of ``keys`` made elsewhere (unpickled,
+        or handed out by a variable or queue), so it keeps them for us too."""
+        self._send(update_graph_msg({}, list(keys)))
+
+    async def fetch(self, keys: list) -> dict:
+        """The values of finished ``keys``, fetched straight from workers that hold them."""
+        return await gather_keys(self, keys)
 
     # ------------------------------------------------------------------ outgoing messages
 

@@ -20,7 +20,7 @@ import threading
 import types
 from collections import deque, namedtuple
 from collections.abc import Callable, Hashable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ClusterTimeoutError, FutureCancelledError, RemoteTraceback
 from .execution import graph_future_value, graph_pickling
@@ -156,16 +156,74 @@ def _fresh_copy(exc: BaseException) -> BaseException:
     return new.with_traceback(None)
 
 
-def _unpickle_future(key: Key) -> Future:
-    """A pickled future, attached to this side's client (:func:`runtime.task_client.client_for_unpickling`),
-    which tells the scheduler that it wants the key too."""
-    from .graph import update_graph_msg  # (both import this module)
-    from .task_client import client_for_unpickling
+class FutureOwner(Protocol):
+    """What a :class:`Future` needs of the client that holds it (:class:`~runtime.client.Client`
+    implements it); futures know their client only through this."""
 
-    client = client_for_unpickling()
-    future = Future(key, client)
-    client._send(update_graph_msg({}, [key]))
-    return future
+    asynchronous: bool
+
+    def sync(self, func: Callable, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Run ``func`` on the client's loop: a coroutine in async mode, blocking otherwise."""
+
+    def future_state(self, key: Key) -> FutureState:
+        """The state shared by every future of ``key`` in this client."""
+
+    def hold_future(self, key: Key) -> None:
+        """One more future of ``key`` exists."""
+
+    def drop_future(self, key: Key) -> None:
+        """One future of ``key`` fewer."""
+
+    def want_keys(self, keys: list) -> None:
+        """Tell the scheduler this client holds futures of ``keys`` made elsewhere."""
+
+    async def fetch(self, keys: list) -> dict:
+        """The values of finished ``keys``."""
+
+    def cancel(self, futures: list, force: bool = False) -> Any:
+        """Cancel ``futures``."""
+
+    def call_on_loop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the client's event loop."""
+
+    def run_callback(self, fn: Callable, future: Future) -> None:
+        """Call a done callback ``fn(future)`` off the event loop."""
+
+
+#: Where a future unpickled in this process attaches: ``(order, finder)``, tried in
+#: order until one returns an owner (:func:`register_owner_finder`).
+_owner_finders: list[tuple[int, Callable[[], FutureOwner | None]]] = []
+
+
+def register_owner_finder(finder: Callable[[], FutureOwner | None], order: int) -> None:
+    """Add a way to find the client that futures unpickled here attach to.
+
+    Args:
+        finder: returns the client, or ``None`` when it has none to offer here.
+        order: lower is tried first.  :mod:`runtime.task_client` adds the
+            worker's client inside a task (0) and the client of the worker
+            whose thread this is (20); :mod:`runtime.client` the default client (10).
+    """
+    if all(f is not finder for _, f in _owner_finders):
+        _owner_finders.append((order, finder))
+        _owner_finders.sort(key=lambda pair: pair[0])
+
+
+def _unpickle_future(key: Key) -> Future:
+    """A pickled future, attached to this side's client (see :func:`register_owner_finder`),
+    which tells the scheduler that it wants the key too.
+
+    Raises:
+        ValueError: no client runs here.
+    """
+    for _, find in _owner_finders:
+        owner = find()
+        if owner is not None:
+            future = Future(key, owner)
+            owner.want_keys([key])
+            return future
+    raise ValueError("a Future was unpickled where no client runs: create a Client first "
+                     "(inside a task the worker's client is used)")
 
 
 class Future:
@@ -178,15 +236,15 @@ class Future:
 
     __slots__ = ("key", "client", "_state", "__weakref__")
 
-    def __init__(self, key: Key, client: Client, state: FutureState | None = None):
+    def __init__(self, key: Key, client: FutureOwner, state: FutureState | None = None):
         self.key = key
         self.client = client
-        self._state = state if state is not None else client._get_state(key)
-        client._inc_ref(key)
+        self._state = state if state is not None else client.future_state(key)
+        client.hold_future(key)
 
     def __del__(self) -> None:
         try:
-            self.client._dec_ref(self.key)
+            self.client.drop_future(self.key)
         except Exception:  # interpreter shutdown
             pass
 
@@ -242,9 +300,7 @@ class Future:
             await st.wait(timeout)
             if st.status != "finished":
                 st.raise_exception(self.key)
-            from .client_data import gather_keys  # (client_data uses Future)
-
-            data = await gather_keys(self.client, [self.key])
+            data = await self.client.fetch([self.key])
             if self.key in data:
                 return data[self.key]
             # Lost while we fetched it: the scheduler recomputes it.
@@ -295,7 +351,7 @@ class Future:
         client = self.client
 
         def run() -> None:
-            client._run_callback(fn, self)
+            client.run_callback(fn, self)
 
         def register() -> None:
             if self._state.done():
@@ -303,7 +359,7 @@ class Future:
             else:
                 self._state.callbacks.append(run)
 
-        client._on_loop(register)
+        client.call_on_loop(register)
 
     async def _wait(self, timeout: float | None = None) -> None:
         await self._state.wait(timeout)
@@ -464,7 +520,7 @@ class as_completed:
             else:
                 st.callbacks.append(on_done)
 
-        client._on_loop(register)
+        client.call_on_loop(register)
 
     def update(self, futures: Iterable[Future]) -> None:
         for f in futures:

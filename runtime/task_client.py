@@ -11,8 +11,9 @@ A task that waits for the tasks it submitted must leave the worker's thread
 pool while it waits, or a tree of such tasks fills every thread with waiting
 parents and stops: :func:`worker_client` secedes on entry and rejoins on exit.
 
-Futures pickle as references to their key (``Future.__reduce__``); unpickled,
-they attach to :func:`client_for_unpickling`, so a future made in a task and
+Futures pickle as references to their key (``Future.__reduce__``); unpickled
+in a task, they attach to the worker's client (this module registers it with
+:func:`runtime.futures.register_owner_finder`), so a future made in a task and
 returned from it is a live future of the client that receives it.
 """
 
@@ -26,6 +27,7 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from .execution import _thread_state, get_worker, rejoin, secede
+from .futures import register_owner_finder
 from .utils import parse_timedelta
 
 if TYPE_CHECKING:
@@ -163,26 +165,19 @@ def worker_client(timeout: Any = None, separate_thread: bool = True) -> Iterator
             rejoin()
 
 
-def client_for_unpickling() -> Client:
-    """The client a future being unpickled attaches to: in a task, the worker's
-    client; elsewhere the default client, else the task client of a worker
-    that has one.
-
-    Raises:
-        ValueError: there is no such client here.
-    """
+def _in_task_client() -> Client | None:
+    """Inside a task, the worker's client (the first place an unpickled future attaches)."""
     worker = _in_task_worker()
-    if worker is not None:
-        return _worker_client(worker)
-    from .client import default_client
+    return _worker_client(worker) if worker is not None else None
 
-    try:
-        return default_client()
-    except ValueError:
-        pass
-    worker = getattr(_thread_state, "worker", None)  # e.g. in Client.run on a worker
+
+def _thread_worker_client() -> Client | None:
+    """The task client of the worker whose thread this is (e.g. in ``Client.run`` on a
+    worker), when no default client runs here."""
+    worker = getattr(_thread_state, "worker", None)
     client = worker.__dict__.get("_task_client") if worker is not None else None
-    if client is not None and client.status == "running":
-        return client
-    raise ValueError("a Future was unpickled where no client runs: create a Client first "
-                     "(inside a task the worker's client is used)")
+    return client if client is not None and client.status == "running" else None
+
+
+register_owner_finder(_in_task_client, order=0)
+register_owner_finder(_thread_worker_client, order=20)

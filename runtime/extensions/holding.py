@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 from ..comm.serialize import dumps_function
 from ..errors import ClusterTimeoutError, CommClosedError
 from ..futures import Future, futures_of
-from ..graph import update_graph_msg
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..client import Client
@@ -76,7 +75,7 @@ def adopt(client: Client, key: Key) -> Future:
     """A future of ``client`` for ``key``, which the scheduler already has; the scheduler
     is told that the client wants it (and answers with its state)."""
     future = Future(key, client)
-    client._send(update_graph_msg({}, [key]))
+    client.want_keys([key])
     return future
 
 
