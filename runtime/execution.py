@@ -392,13 +392,19 @@ class ExecutorTaskPool(TaskThreadPool):
 
     def _run_one(self, key: Hashable, run_spec: tuple, deps: dict | None) -> None:
         _thread_state.worker = self.worker
-        _thread_state.pool = None  # secede/rejoin: not our threads to replace
+        _thread_state.pool = self
         try:
             outcome = run_task(key, run_spec, deps)
         finally:
-            _thread_state.worker = None
+            _thread_state.worker = _thread_state.pool = None
         if not self._closed:
             self._report(outcome)
+
+    def secede(self, key: Hashable, compute_duration: float) -> None:
+        """Nothing: the executor's threads are not ours to replace."""
+
+    def rejoin(self) -> None:
+        """Nothing (see :meth:`secede`)."""
 
     def shutdown(self, timeout: float = 2.0) -> None:
         """Shut the executor down (queued tasks are cancelled); wait up to ``timeout``
