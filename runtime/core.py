@@ -387,12 +387,12 @@ def unpack_reply(answer: Any, address: str = "") -> Any:
 
 
 class BatchedSend:
-    """Send lists of messages over one comm: at once when idle, coalesced when busy.
+    """Send lists of messages over one comm, coalesced per turn of the event loop.
 
-    ``send`` never blocks.  When the link is idle the messages are handed to
-    the socket at once; while a write is in flight, new messages wait and
-    leave together when it completes.  (On a comm without ``write_nowait``
-    everything sent in one turn of the event loop leaves in one write.)
+    ``send`` never blocks.  Everything sent in one turn of the event loop
+    leaves in one write at its end (handed to the socket then, on a comm with
+    ``write_nowait``); while a write is in flight, new messages wait and leave
+    together when it completes.
     """
 
     def __init__(self, comm: Comm, name: str = ""):
@@ -407,7 +407,6 @@ class BatchedSend:
         self._loop = asyncio.get_running_loop()
         self._flushed: asyncio.Event = asyncio.Event()
         self._flushed.set()
-        self._immediate = hasattr(comm, "write_nowait")
 
     def send(self, *msgs: Any) -> None:
         if self.closed:
@@ -415,13 +414,12 @@ class BatchedSend:
         self.buffer.extend(msgs)
         if not self._scheduled and not self._writing:
             self._flushed.clear()
-            if self._immediate:
-                # The link is idle: write now rather than wait a loop turn.
-                # Callers hand over all messages of one event in one call.
-                self._flush()
-            else:
-                self._scheduled = True
-                self._loop.call_soon(self._flush)
+            # Written at the end of this turn of the event loop: a reader that has
+            # several messages buffered handles them all first, and their answers
+            # leave in one write (one TLS record, one system call) instead of one
+            # each. An idle link waits only for the rest of the current turn.
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
