@@ -37,6 +37,13 @@ logger = logging.getLogger(__name__)
 _thread_state = threading.local()
 
 
+def task_worker() -> Any:
+    """The worker whose thread pool runs the current thread's task, else ``None``."""
+    if getattr(_thread_state, "pool", None) is None or getattr(_thread_state, "key", None) is None:
+        return None
+    return getattr(_thread_state, "worker", None)
+
+
 class TaskRef:
     """Placeholder for the value of another task inside a task's arguments."""
 

@@ -209,9 +209,9 @@ def register_owner_finder(finder: Callable[[], FutureOwner | None], order: int) 
         _owner_finders.sort(key=lambda pair: pair[0])
 
 
-def _unpickle_future(key: Key) -> Future:
-    """A pickled future, attached to this side's client (see :func:`register_owner_finder`),
-    which tells the scheduler that it wants the key too.
+def current_client() -> FutureOwner:
+    """The client of this place: inside a task the worker's client, elsewhere the
+    default client (the finders of :func:`register_owner_finder`, in order).
 
     Raises:
         ValueError: no client runs here.
@@ -219,11 +219,22 @@ def _unpickle_future(key: Key) -> Future:
     for _, find in _owner_finders:
         owner = find()
         if owner is not None:
-            future = Future(key, owner)
-            owner.want_keys([key])
-            return future
-    raise ValueError("a Future was unpickled where no client runs: create a Client first "
+            return owner
+    raise ValueError("no client runs here: create a Client first "
                      "(inside a task the worker's client is used)")
+
+
+def _unpickle_future(key: Key) -> Future:
+    """A pickled future, attached to this side's client (:func:`current_client`),
+    which tells the scheduler that it wants the key too.
+
+    Raises:
+        ValueError: no client runs here.
+    """
+    owner = current_client()
+    future = Future(key, owner)
+    owner.want_keys([key])
+    return future
 
 
 class Future:

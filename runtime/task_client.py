@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
-from .execution import _thread_state, get_worker, rejoin, secede
+from .execution import _thread_state, get_worker, rejoin, secede, task_worker
 from .futures import register_owner_finder
 from .utils import parse_timedelta
 
@@ -36,13 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["get_client", "worker_client", "secede", "rejoin", "get_worker"]
 
 _lock = threading.Lock()
-
-
-def _in_task_worker() -> Any:
-    """The worker whose thread pool runs the current thread's task, else ``None``."""
-    if getattr(_thread_state, "pool", None) is None or getattr(_thread_state, "key", None) is None:
-        return None
-    return getattr(_thread_state, "worker", None)
 
 
 def _client_security(worker: Any) -> Any:
@@ -124,7 +117,7 @@ def get_client(address: str | None = None, timeout: Any = None, resolve_address:
     Raises:
         ValueError: outside a task with no running client and no ``address``.
     """
-    worker = _in_task_worker()
+    worker = task_worker()
     if worker is not None and (address is None or address == worker.scheduler_addr):
         return _worker_client(worker, timeout)
     from .client import Client, default_client
@@ -152,7 +145,7 @@ def worker_client(timeout: Any = None, separate_thread: bool = True) -> Iterator
     Raises:
         ValueError: outside a task.
     """
-    worker = _in_task_worker()
+    worker = task_worker()
     if worker is None:
         raise ValueError("worker_client() is for use inside a task running on a worker")
     client = _worker_client(worker, timeout)
@@ -167,7 +160,7 @@ def worker_client(timeout: Any = None, separate_thread: bool = True) -> Iterator
 
 def _in_task_client() -> Client | None:
     """Inside a task, the worker's client (the first place an unpickled future attaches)."""
-    worker = _in_task_worker()
+    worker = task_worker()
     return _worker_client(worker) if worker is not None else None
 
 

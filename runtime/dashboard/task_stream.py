@@ -34,7 +34,9 @@ import time
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
+from ..futures import current_client
 from ..utils import key_split, parse_timedelta
+from .pages import standalone_page, write_html
 
 #: The status page's colours (static/app.js), so both show a prefix alike.
 PALETTE = ("#4c8df6", "#f5b14c", "#3dbb84", "#a86ef2", "#ef6f6c", "#2bb7c9", "#d9a02b",
@@ -197,9 +199,7 @@ class get_task_stream:
                  filename: str = "task-stream.html") -> None:
         _check_plot(plot, None)
         if client is None:
-            from ..task_client import get_client
-
-            client = get_client()
+            client = current_client()
         self.client = client
         self.data: list[dict] = []
         self.figure: TaskStreamFigure | None = None
@@ -257,8 +257,6 @@ class TaskStreamFigure:
 
     def save(self, filename: str) -> str:
         """Write the drawing as one self-contained HTML file (mode 0600); returns its path."""
-        from .report import standalone_page, write_html
-
         body = (f"<h1>{html.escape(self.title)}</h1><section class='wide'>"
                 f"{self.svg()}{legend_html(self.records)}</section>")
         return write_html(filename, standalone_page(self.title, body), "filename")

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..comm.serialize import dumps_function
 from ..errors import ClusterTimeoutError, CommClosedError
-from ..futures import Future, futures_of
+from ..futures import Future, current_client, futures_of
+from ..scheduler.extensions import hold_keys, release_keys
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..client import Client
@@ -55,9 +56,7 @@ def resolve_client(client: Client | None) -> Client:
     """``client``, else the client of this place: the worker's inside a task, the default one elsewhere."""
     if client is not None:
         return client
-    from ..task_client import get_client
-
-    return get_client()
+    return current_client()
 
 
 def encode(value: Any) -> dict:
@@ -184,7 +183,6 @@ async def require_known(scheduler: Scheduler, keys: Iterable[Key], what: str,
 
 def hold(scheduler: Scheduler, holder: str, keys: Iterable[Key]) -> None:
     """Keep ``keys`` alive for ``holder`` (:func:`runtime.scheduler.extensions.hold_keys`)."""
-    from ..scheduler.extensions import hold_keys  # (that module imports the extensions)
 
     hold_keys(scheduler, holder, keys)
 
@@ -192,7 +190,6 @@ def hold(scheduler: Scheduler, holder: str, keys: Iterable[Key]) -> None:
 def release(scheduler: Scheduler, holder: str, keys: Iterable[Key]) -> None:
     """Stop holding ``keys`` for ``holder``; a holder left holding nothing is forgotten
     (pseudo-clients do not pile up in the scheduler's client table)."""
-    from ..scheduler.extensions import release_keys
 
     release_keys(scheduler, holder, keys)
     cs = scheduler.state.clients.get(holder)

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CommClosedError
+from ..execution import task_worker
+from ..futures import current_client
 from ..utils import parse_timedelta
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -383,16 +385,12 @@ def resolve_client(client: Client | None) -> Client:
     task, else the default client (:func:`runtime.task_client.get_client`)."""
     if client is not None:
         return client
-    from ..task_client import get_client
-
-    return get_client()
+    return current_client()
 
 
 def current_worker_address() -> str | None:
     """The address of the worker whose task runs in this thread, else ``None``."""
-    from ..task_client import _in_task_worker
-
-    worker = _in_task_worker()
+    worker = task_worker()
     return None if worker is None else worker.address
 
 

@@ -21,7 +21,7 @@ under a pseudo-client name of its own, with :func:`hold_keys` and
 if a client held futures for them.
 
 ``Scheduler(extensions=...)`` takes ``{name: factory}`` and replaces
-:data:`DEFAULT_EXTENSIONS` (dask.distributed's meaning); each extension is then
+:data:`runtime.extensions.DEFAULT_EXTENSIONS` (dask.distributed's meaning); each extension is then
 ``scheduler.extensions[name]``.
 """
 
@@ -32,12 +32,6 @@ import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..extensions.datasets import PublishExtension
-from ..extensions.event import EventExtension
-from ..extensions.fire_and_forget import FireAndForgetExtension
-from ..extensions.queue import QueueExtension
-from ..extensions.semaphore import SemaphoreExtension
-from ..extensions.variable import VariableExtension
 from .events import ClientReleasesKeysEvent, UpdateGraphEvent
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,25 +51,12 @@ class SchedulerExtension(Protocol):
     handlers: Mapping[str, Callable[..., Any]]
 
 
-#: The extensions every Scheduler has unless ``extensions=`` says otherwise:
-#: ``{name: factory(scheduler)}``.
-DEFAULT_EXTENSIONS: dict[str, Callable[[Scheduler], SchedulerExtension]] = {
-    "events": EventExtension,
-    "fire_and_forget": FireAndForgetExtension,
-    "publish": PublishExtension,
-    "queues": QueueExtension,
-    "semaphores": SemaphoreExtension,  # also Lock's
-    "variables": VariableExtension,
-}
-
-
-def install(scheduler: Scheduler, factories: Mapping[str, Callable[[Scheduler], Any]] | None
-            ) -> dict[str, Any]:
+def install(scheduler: Scheduler, factories: Mapping[str, Callable[[Scheduler], Any]]) -> dict[str, Any]:
     """Make each extension and add its handlers to ``scheduler.handlers``.
 
     Args:
         scheduler: the scheduler the extensions are parts of.
-        factories: ``{name: factory}``; ``None`` for :data:`DEFAULT_EXTENSIONS`.
+        factories: ``{name: factory}``.
 
     Returns:
         ``{name: extension}``.
@@ -84,8 +65,6 @@ def install(scheduler: Scheduler, factories: Mapping[str, Callable[[Scheduler], 
         TypeError: ``factories`` is not a mapping of callables.
         ValueError: an extension claims an operation that is already taken.
     """
-    if factories is None:
-        factories = DEFAULT_EXTENSIONS
     if not isinstance(factories, Mapping):
         raise TypeError(f"extensions={factories!r}: expected a mapping {{name: factory(scheduler)}}")
     made: dict[str, Any] = {}

@@ -30,6 +30,7 @@ from ..config import FROM_CONFIG, setting
 from ..core import BatchedSend, Server, Status
 from ..dashboard.scheduler import SchedulerDiagnostics
 from ..errors import CommClosedError, CommError
+from ..extensions import DEFAULT_EXTENSIONS
 from ..plugins import block_handlers
 from ..preload import process_preloads, start_preloads, teardown_preloads
 from ..security import (
@@ -207,7 +208,8 @@ class Scheduler(Server):
             "register-client": self.add_client,
         })
         #: Parts with their own state and handlers (variables, queues, locks...): ``{name: part}``.
-        self.extensions: dict[str, Any] = _extensions.install(self, extensions)
+        self.extensions: dict[str, Any] = _extensions.install(
+            self, DEFAULT_EXTENSIONS if extensions is None else extensions)
         self.message_specs = {**messages.SCHEDULER_REQUESTS, **messages.SCHEDULER_STREAM_OPENINGS}
         #: What each stream message becomes: ``{op: event class}`` (the event is the spec).
         self.worker_ops = events.WORKER_STREAM

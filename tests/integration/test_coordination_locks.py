@@ -16,8 +16,8 @@ import time
 import pytest
 
 from cluster import Client, Event, LocalCluster, Lock, Semaphore, get_worker
+from runtime.extensions import DEFAULT_EXTENSIONS
 from runtime.extensions.semaphore import SemaphoreExtension
-from runtime.scheduler.extensions import DEFAULT_EXTENSIONS
 from tests.helpers import gen_cluster, gen_test, until, until_sync
 
 pytestmark = pytest.mark.timeout(120)

@@ -16,10 +16,10 @@ import pickle
 import pytest
 
 from runtime.errors import CommClosedError
+from runtime.extensions import DEFAULT_EXTENSIONS
 from runtime.extensions.event import Event, EventExtension
 from runtime.extensions.lock import Lock
 from runtime.extensions.semaphore import Semaphore, SemaphoreExtension
-from runtime.scheduler import extensions
 from runtime.scheduler.server import Scheduler
 
 pytestmark = pytest.mark.timeout(30)
@@ -51,7 +51,7 @@ async def settle():
 
 
 def test_defaults_installed_with_dask_defaults():
-    assert {"semaphores", "events"} <= set(extensions.DEFAULT_EXTENSIONS)
+    assert {"semaphores", "events"} <= set(DEFAULT_EXTENSIONS)
     s = Scheduler(dashboard_address=None)
     sem = s.extensions["semaphores"]
     assert (sem.lease_timeout, sem.lease_validation_interval) == (30.0, 10.0)

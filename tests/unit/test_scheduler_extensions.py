@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from runtime.extensions import DEFAULT_EXTENSIONS
 from runtime.scheduler import extensions
 from runtime.scheduler.events import AddWorkerEvent, UpdateGraphEvent
 from runtime.scheduler.server import Scheduler
@@ -55,7 +56,7 @@ def test_extensions_replace_the_defaults():
     s = Scheduler(extensions={}, dashboard_address=None)
     assert s.extensions == {}
     s = Scheduler(dashboard_address=None)
-    assert set(s.extensions) == set(extensions.DEFAULT_EXTENSIONS)
+    assert set(s.extensions) == set(DEFAULT_EXTENSIONS)
 
 
 def test_extension_claiming_a_taken_operation_is_refused():
