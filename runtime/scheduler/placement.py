@@ -42,6 +42,10 @@ class Placement:
 
     def __init__(self, state: SchedulerState):
         self.state = state
+        #: Running workers with room for more tasks (:meth:`has_room`), kept by
+        #: :meth:`check_idle_saturated`, so that :meth:`fill_workers` looks at these
+        #: rather than at every worker after each finished task.
+        self.room: dict[str, WorkerState] = {}
 
     # ------------------------------------------------------------------ placement
 
@@ -151,7 +155,7 @@ class Placement:
         if not queue:
             return
         while queue:
-            candidates = [ws for ws in self.state.workers.values() if ws.status == "running" and self.has_room(ws)]
+            candidates = [ws for ws in self.room.values() if ws.status == "running" and self.has_room(ws)]
             if not candidates:
                 return
             # One task per worker per pass, least loaded first, so that a burst
@@ -168,9 +172,8 @@ class Placement:
 
     def check_idle_saturated(self, ws: WorkerState) -> None:
         """Keep the ``idle`` and ``saturated`` sets up to date for one worker."""
-        if ws.status != "running":
-            self.state.idle.pop(ws.address, None)
-            self.state.saturated.discard(ws)
+        if ws.status != "running" or self.state.workers.get(ws.address) is not ws:
+            self.forget_worker(ws)
             return
         if len(ws.processing) < ws.nthreads:
             self.state.idle[ws.address] = ws
@@ -178,8 +181,16 @@ class Placement:
             self.state.idle.pop(ws.address, None)
         if self.has_room(ws):
             self.state.saturated.discard(ws)
+            self.room[ws.address] = ws
         else:
             self.state.saturated.add(ws)
+            self.room.pop(ws.address, None)
+
+    def forget_worker(self, ws: WorkerState) -> None:
+        """Drop a worker that left or stopped running from ``idle``, ``saturated`` and ``room``."""
+        self.state.idle.pop(ws.address, None)
+        self.state.saturated.discard(ws)
+        self.room.pop(ws.address, None)
 
     def has_room(self, ws: WorkerState) -> bool:
         n = len(ws.processing) - len(ws.long_running)

@@ -154,8 +154,7 @@ def remove_worker(state: SchedulerState, ev: RemoveWorkerEvent) -> list[Msg]:
         hi["nthreads"] -= ws.nthreads
         if not hi["addresses"]:
             del state.host_info[ws.host]
-    state.idle.pop(address, None)
-    state.saturated.discard(ws)
+    state.placement.forget_worker(ws)
     recs: dict[Key, str] = {}
     killed: dict[Key, str] = {}
     for ts in list(ws.processing):
