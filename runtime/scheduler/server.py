@@ -15,6 +15,7 @@ workers that hang without closing their connection.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -690,8 +691,15 @@ class Scheduler(Server):
     # ------------------------------------------------------------------ cluster-wide operations
 
     def identity(self, n_workers: int = -1) -> dict:
-        """Basic information about us and our workers."""
+        """Basic information about us and our workers.
+
+        Args:
+            n_workers: describe at most this many workers under ``"workers"`` (``-1``:
+                all); ``"n_workers"`` still counts them all.  Each description is
+                built on every call, so a poll that only counts workers asks for 0.
+        """
         workers = self.state.workers
+        listed = workers.values() if n_workers < 0 else itertools.islice(workers.values(), n_workers)
         return {
             "type": "Scheduler",
             "id": self.id,
@@ -700,7 +708,7 @@ class Scheduler(Server):
             "started": self.time_started,
             "n_workers": len(workers),
             "total_threads": self.state.total_nthreads,
-            "workers": {a: ws.identity() for a, ws in workers.items()},
+            "workers": {ws.address: ws.identity() for ws in listed},
         }
 
     async def broadcast(self, msg: dict | None = None, workers=None, hosts=None, nanny: bool = False,

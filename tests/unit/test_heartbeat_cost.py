@@ -187,3 +187,18 @@ def test_tick_visits_each_worker_a_fixed_number_of_times(monkeypatch, n):
     # At most two passes over the workers per tick (worker TTL, idle check):
     # O(1) per worker per tick, never O(workers) per worker.
     assert CountingWorkers.visited <= 2 * 2 * n and counts.has_room == 0
+
+
+def test_identity_describes_only_the_workers_asked_for():
+    """``identity(n_workers=0)`` (dask's argument) counts the workers without building
+    a description of each: what a poll for "are they all here yet" needs at 1,000."""
+    from runtime.scheduler import Scheduler
+
+    s = Scheduler(dashboard_address=None)
+    s.state.handle(*[AddWorkerEvent(addr(i), nthreads=2) for i in range(5)])
+    assert s.identity(n_workers=0)["workers"] == {}
+    assert s.identity(n_workers=0)["n_workers"] == 5
+    two = s.identity(n_workers=2)
+    assert list(two["workers"]) == [addr(0), addr(1)] and two["total_threads"] == 10
+    assert list(s.identity()["workers"]) == [addr(i) for i in range(5)]
+    assert s.identity()["workers"][addr(4)]["nthreads"] == 2
