@@ -5,6 +5,7 @@
                     [--mpi-sizes 4,8,16]
     python -m bench collections [--repeat N] [--output bench/RESULTS.md]
     python -m bench memory [--systems ours,dask] [--tasks N,...]   (bench/memory.py)
+    python -m bench scale [--systems ours,dask] [--workers 10,100,1000]   (bench/scale.py)
 
 Every (system, workload) pair runs in a fresh child process with bounded time;
 a system that cannot be imported, does not start or raises is reported as
@@ -246,6 +247,9 @@ def main(argv=None):
     if (sys.argv[1:] if argv is None else argv)[:1] == ["memory"]:  # bench/memory.py
         from bench.memory import main as memory_main
         return memory_main((sys.argv[1:] if argv is None else argv)[1:])
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["scale"]:  # bench/scale.py
+        from bench.scale import main as scale_main
+        return scale_main((sys.argv[1:] if argv is None else argv)[1:])
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sizes = dict(SIZES["quick" if args.quick else "default"])
     become_subreaper()
