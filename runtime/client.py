@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -34,7 +35,6 @@ from .client_data import gather_keys, gather_via_scheduler
 from .client_data import scatter as scatter_data
 from .client_ops import ClusterOps
 from .collections import (
-    as_current,
     client_compute,
     client_get,
     client_persist,
@@ -85,6 +85,21 @@ def _default_client_or_none() -> Client | None:
 
 
 register_owner_finder(_default_client_or_none, order=10)
+
+
+@contextlib.contextmanager
+def _as_current(client: Client):
+    """Make ``client`` the default client, and dask's scheduler, inside a ``with`` block."""
+    global _current_client
+    previous = _current_client
+    _current_client = client
+    register_as_dask_scheduler(client)
+    try:
+        yield client
+    finally:
+        unregister_as_dask_scheduler(client)
+        if _current_client is client:
+            _current_client = previous
 
 
 class Client:
@@ -693,7 +708,7 @@ class Client:
 
     def as_current(self):
         """Context manager: this client is the default one (and dask's scheduler) inside it."""
-        return as_current(self)
+        return _as_current(self)
 
     def _check_running(self) -> None:
         if self.status not in ("running",):

@@ -32,7 +32,6 @@ arrives or when a client registers itself as dask's scheduler
 
 from __future__ import annotations
 
-import contextlib
 import importlib.abc
 import importlib.util
 import logging
@@ -653,19 +652,3 @@ def _install_import_hook() -> None:
             return
         sys.meta_path.insert(0, _DaskImportHook())
         _hook_installed = True
-
-
-@contextlib.contextmanager
-def as_current(client: Client):
-    """Make ``client`` the default client, and dask's scheduler, inside a ``with`` block."""
-    from . import client as client_module
-
-    previous = client_module._current_client
-    client_module._current_client = client
-    register_as_dask_scheduler(client)
-    try:
-        yield client
-    finally:
-        unregister_as_dask_scheduler(client)
-        if client_module._current_client is client:
-            client_module._current_client = previous
