@@ -280,10 +280,8 @@ class Adaptive:
     def stop(self) -> None:
         """Stop adapting; the jobs running now stay (call ``scale`` to change them)."""
         cluster = self._cluster()
-        if cluster is not None and cluster._adaptive is self:
-            cluster._adaptive = None
-            cluster._target_workers = sum(
-                len(j.workers) for j in cluster._table.active()) or cluster._target_workers
+        if cluster is not None:
+            cluster.stop_adapting(self)
 
 
 def kept_message(sizing: AdaptiveSizing, n: int | None = None) -> str:

@@ -342,6 +342,12 @@ class JobQueueCluster(SyncAsync):
         self._table.failures_in_a_row = 0
         return self._run(self._scale_now)
 
+    def stop_adapting(self, adaptive: Adaptive) -> None:
+        """``adaptive`` stops (:meth:`Adaptive.stop`): the jobs running now become the target."""
+        if self._adaptive is adaptive:
+            self._adaptive = None
+            self._target_workers = sum(len(j.workers) for j in self._table.active()) or self._target_workers
+
     @staticmethod
     def _count(value: Any, name: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
