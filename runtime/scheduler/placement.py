@@ -10,7 +10,7 @@ import heapq
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .records import TaskState, WorkerState
+from .records import TaskState, WorkerState, members, one_has
 
 if TYPE_CHECKING:  # pragma: no cover
     from .state import SchedulerState
@@ -27,6 +27,11 @@ ROOTISH_MIN_GROUP = 8
 ROOTISH_MAX_INPUTS = 4
 #: Assumed network bandwidth (bytes/s) for transfer-cost estimates.
 BANDWIDTH = 100e6
+
+
+def _load(ws: WorkerState) -> tuple[float, float]:
+    """Order of the workers that get queued tasks first: fewest tasks, then least work per thread."""
+    return (len(ws.processing) / ws.nthreads, ws.occupancy / ws.nthreads)
 
 
 class Placement:
@@ -84,7 +89,7 @@ class Placement:
                          if all(ws.resources.get(r, 0) >= q for r, q in ts.resource_restrictions.items())}
         if valid is None:
             candidates: Iterable[WorkerState]
-            holders = {ws for dts in ts._dependencies or () for ws in dts._who_has or ()
+            holders = {ws for dts in ts._dependencies or () for ws in members(dts._who_has)
                        if ws.status == "running"}
             if holders and len(holders) < len(self.state.workers):
                 candidates = holders
@@ -109,7 +114,7 @@ class Placement:
         deps = ts._dependencies
         if not deps:
             return 0.0
-        nbytes = sum(dts.get_nbytes() for dts in deps if dts._who_has is None or ws not in dts._who_has)
+        nbytes = sum(dts.get_nbytes() for dts in deps if not one_has(dts._who_has, ws))
         return nbytes / BANDWIDTH
 
     def get_task_duration(self, ts: TaskState, default: float = DEFAULT_TASK_DURATION) -> float:
@@ -151,16 +156,24 @@ class Placement:
 
     def fill_workers(self, stimulus_id: str) -> None:
         """Hand queued tasks to workers with room, highest priority first."""
-        queue = self.state.queued
-        if not queue:
-            return
+        state = self.state
+        queue = state.queued
+        workers = state.workers
+        saturated = state.saturated
+        has_room = self.has_room
         while queue:
-            candidates = [ws for ws in self.room.values() if ws.status == "running" and self.has_room(ws)]
+            if len(saturated) >= len(workers):
+                # ``saturated`` holds exactly the running workers without room
+                # (validation checks it): all of them, so no candidate. This is
+                # the common case, after each task that finishes.
+                return
+            candidates = [ws for ws in workers.values() if ws.status == "running" and has_room(ws)]
             if not candidates:
                 return
             # One task per worker per pass, least loaded first, so that a burst
             # spreads over idle workers instead of piling onto the first.
-            candidates.sort(key=lambda w: (len(w.processing) / w.nthreads, w.occupancy / w.nthreads))
+            if len(candidates) > 1:
+                candidates.sort(key=_load)
             for ws in candidates:
                 while queue:
                     _, _, ts = heapq.heappop(queue)
@@ -168,7 +181,7 @@ class Placement:
                         break
                 else:
                     return
-                self.state.transition(ts.key, "processing", stimulus_id, worker=ws)
+                state.transition(ts.key, "processing", stimulus_id, worker=ws)
 
     def check_idle_saturated(self, ws: WorkerState) -> None:
         """Keep the ``idle`` and ``saturated`` sets up to date for one worker."""

@@ -140,26 +140,31 @@ class LostDataMsg(Msg):
 # ----------------------------------------------------------------------------- records
 
 
-class _Unset(frozenset):
-    """What a lazily made set attribute of a record reads as while it is empty.
+class _View(frozenset):
+    """What a set attribute of a record reads as while it is not a ``set`` in its slot.
 
-    An empty ``frozenset`` for every read (``len``, ``in``, iteration,
-    comparisons and set algebra are frozenset's own), made on each read and
-    held by nobody, so an empty attribute costs no memory. The mutating
-    methods of ``set`` put a real set in the record's slot, so that code
-    outside the scheduler's state machine (which uses the slots directly) may
-    still write ``ts.who_has.add(ws)``.
+    A lazily made set attribute is stored as ``None`` while empty and, for
+    ``who_has`` and ``who_wants``, as the bare element while it has one. A
+    read through the public name then gets a ``frozenset`` of the members
+    (``len``, ``in``, iteration, comparisons and set algebra are frozenset's
+    own), made on each read and held by nobody. Its mutating methods put a
+    real set in the record's slot and change that, so that code outside the
+    scheduler's state machine (which uses the slots directly) may still write
+    ``ts.who_has.add(ws)``.
     """
 
     __slots__ = ("_owner", "_slot")
 
     def __repr__(self) -> str:
-        return "set()"
+        return repr(set(self))
 
     def _real(self) -> set:
         s = getattr(self._owner, self._slot)
         if s is None:
             s = set()
+            setattr(self._owner, self._slot, s)
+        elif type(s) is not set:
+            s = {s}
             setattr(self._owner, self._slot, s)
         return s
 
@@ -169,28 +174,41 @@ class _Unset(frozenset):
     def update(self, *others: Iterable) -> None:
         self._real().update(*others)
 
+    def _empty(self) -> bool:
+        return getattr(self._owner, self._slot) is None
+
     def remove(self, item: Any) -> None:
-        raise KeyError(item)
+        if self._empty():
+            raise KeyError(item)
+        self._real().remove(item)
 
     def discard(self, item: Any) -> None:
-        pass
+        if not self._empty():
+            self._real().discard(item)
 
     def clear(self) -> None:
-        pass
+        if not self._empty():
+            setattr(self._owner, self._slot, None)
 
     def pop(self) -> Any:
-        raise KeyError("pop from an empty set")
+        if self._empty():
+            raise KeyError("pop from an empty set")
+        return self._real().pop()
 
 
 def _lazy_set(slot: str, doc: str) -> property:
-    """A set attribute stored in ``slot`` as ``None`` while empty (see :class:`_Unset`)."""
+    """A set attribute stored in ``slot`` as ``None`` while empty (see :class:`_View`)."""
 
     def get(self):
         s = getattr(self, slot)
         if s is None:
-            s = _Unset()
-            s._owner = self
-            s._slot = slot
+            s = _View()
+        elif type(s) is set:
+            return s
+        else:  # one bare member
+            s = _View((s,))
+        s._owner = self
+        s._slot = slot
         return s
 
     def put(self, value) -> None:
@@ -220,6 +238,56 @@ def lazy_discard(ts: TaskState, slot: str, item: Any) -> None:
             setattr(ts, slot, None)
 
 
+# ``who_has`` and ``who_wants`` (workers and clients: equal only to themselves) hold
+# one member bare, without a set: a result held by one client on one worker, the
+# common case, then costs no container at all (two sets were 432 bytes and two
+# more objects for the garbage collector to walk on every full collection).
+
+
+def members(s: Any) -> Any:
+    """The members of a ``_who_has`` or ``_who_wants`` slot, to iterate."""
+    if s is None:
+        return ()
+    if type(s) is set:
+        return s
+    return (s,)
+
+
+def one_has(s: Any, item: Any) -> bool:
+    """Whether the ``_who_has`` or ``_who_wants`` slot value ``s`` holds ``item``."""
+    return s is item or (type(s) is set and item in s)
+
+
+def one_add(ts: TaskState, slot: str, item: Any) -> bool:
+    """Add ``item`` to ``ts``'s ``_who_has`` or ``_who_wants``; False if it was there."""
+    s = getattr(ts, slot)
+    if s is None:
+        setattr(ts, slot, item)
+    elif s is item:
+        return False
+    elif type(s) is set:
+        if item in s:
+            return False
+        s.add(item)
+    else:
+        setattr(ts, slot, {s, item})
+    return True
+
+
+def one_discard(ts: TaskState, slot: str, item: Any) -> bool:
+    """Discard ``item`` from ``ts``'s ``_who_has`` or ``_who_wants``; False if it was not there."""
+    s = getattr(ts, slot)
+    if s is item:
+        setattr(ts, slot, None)
+        return True
+    if type(s) is set and item in s:
+        s.discard(item)
+        if len(s) <= 1:
+            setattr(ts, slot, next(iter(s)) if s else None)
+        return True
+    return False
+
+
 class TaskState:
     """One task as the scheduler sees it (flat, ``__slots__``: millions may exist).
 
@@ -227,10 +295,11 @@ class TaskState:
     ``waiters``, ``who_wants``, ``who_has``, ``erred_on``) are stored in the
     slots of the same name with a leading underscore, as ``None`` while empty
     (an empty set is 216 bytes, and most tasks of a large graph have five of
-    them empty). The scheduler's state machine uses those slots directly; the
-    public names read as sets for everyone else (see :class:`_Unset`). The
-    prefix and the type name are interned: one string for all the tasks of a
-    prefix.
+    them empty); ``_who_has`` and ``_who_wants`` hold a single member bare
+    (see :func:`members`). The scheduler's state machine uses those slots
+    directly; the public names read as sets for everyone else (see
+    :class:`_View`). The prefix and the type name are interned: one string
+    for all the tasks of a prefix.
     """
 
     __slots__ = (
@@ -245,8 +314,8 @@ class TaskState:
     _dependents: set[TaskState] | None
     _waiting_on: set[TaskState] | None
     _waiters: set[TaskState] | None
-    _who_wants: set[ClientState] | None
-    _who_has: set[WorkerState] | None
+    _who_wants: set[ClientState] | ClientState | None
+    _who_has: set[WorkerState] | WorkerState | None
     _erred_on: set[str] | None
 
     dependencies = _lazy_set("_dependencies", "The tasks whose results this one reads.")

@@ -68,6 +68,9 @@ from .records import (  # noqa: F401  (re-exported)
 )
 from .records import lazy_add as _add
 from .records import lazy_discard as _discard
+from .records import members as _members
+from .records import one_add as _one_add
+from .records import one_discard as _one_discard
 from .stimuli import HANDLERS
 
 logger = logging.getLogger(__name__)
@@ -245,22 +248,12 @@ class SchedulerState:
     # ------------------------------------------------------------------ replicas
 
     def _add_replica(self, ts: TaskState, ws: WorkerState) -> None:
-        s = ts._who_has
-        if s is None:
-            ts._who_has = {ws}
-        elif ws in s:
-            return
-        else:
-            s.add(ws)
-        ws.has_what[ts] = None
-        ws.nbytes += ts.get_nbytes()
+        if _one_add(ts, "_who_has", ws):
+            ws.has_what[ts] = None
+            ws.nbytes += ts.get_nbytes()
 
     def _remove_replica(self, ts: TaskState, ws: WorkerState) -> None:
-        s = ts._who_has
-        if s is not None and ws in s:
-            s.discard(ws)
-            if not s:
-                ts._who_has = None
+        if _one_discard(ts, "_who_has", ws):
             del ws.has_what[ts]
             ws.nbytes -= ts.get_nbytes()
 
@@ -284,13 +277,13 @@ class SchedulerState:
         wanters = ts._who_wants
         if not wanters:
             return
-        workers = [ws.address for ws in ts._who_has or ()]
-        for cs in wanters:
+        workers = [ws.address for ws in _members(ts._who_has)]
+        for cs in _members(wanters):
             self._instructions.append(KeyInMemoryMsg(stimulus_id, cs.client_key, ts.key, ts.type or "",
                                                      workers, data))
 
     def _free_everywhere(self, ts: TaskState, stimulus_id: str) -> None:
-        for ws in list(ts._who_has or ()):
+        for ws in list(_members(ts._who_has)):
             self._remove_replica(ts, ws)
             self._instructions.append(FreeKeysMsg(stimulus_id, ws.address, [ts.key]))
 
@@ -357,7 +350,7 @@ class SchedulerState:
         nbytes = {}
         if deps:
             for dts in deps:
-                who_has[dts.key] = [w.address for w in dts._who_has or ()]
+                who_has[dts.key] = [w.address for w in _members(dts._who_has)]
                 nbytes[dts.key] = dts.get_nbytes()
         self._instructions.append(ComputeTaskMsg(
             stimulus_id, ws.address, ts.key, ts.run_spec, ts.priority, who_has, nbytes,
@@ -460,7 +453,7 @@ class SchedulerState:
     def _memory_released(self, ts: TaskState, stimulus_id: str) -> dict:
         self._free_everywhere(ts, stimulus_id)
         recs: dict[Key, str] = {}
-        for cs in ts._who_wants or ():
+        for cs in _members(ts._who_wants):
             self._instructions.append(LostDataMsg(stimulus_id, cs.client_key, ts.key))
         for dts in ts._dependents or ():
             if dts.state == "waiting":
@@ -497,7 +490,7 @@ class SchedulerState:
                 recs[dts.key] = "forgotten"
         for dts in ts._dependents or ():  # pragma: no cover - forgotten only without dependents
             _discard(dts, "_dependencies", ts)
-        for cs in ts._who_wants or ():
+        for cs in _members(ts._who_wants):
             cs.wants_what.discard(ts)
         ts._who_wants = None
         ts._dependencies = None
@@ -512,7 +505,7 @@ class SchedulerState:
             ts.exception_blame = ts
         blame = ts.exception_blame
         worker = next(iter(blame._erred_on)) if blame._erred_on else ""
-        for cs in ts._who_wants or ():
+        for cs in _members(ts._who_wants):
             self._instructions.append(TaskErredClientMsg(
                 stimulus_id, cs.client_key, ts.key, blame.exception, blame.traceback or "", worker))
         recs: dict[Key, str] = {}

@@ -52,7 +52,9 @@ from .records import (
     WorkerState,
 )
 from .records import lazy_add as _add
-from .records import lazy_discard as _discard
+from .records import members as _members
+from .records import one_add as _one_add
+from .records import one_discard as _one_discard
 
 #: Seconds between re-estimates of the workers' expected load (see ``tick``).
 REEVALUATE_OCCUPANCY_INTERVAL = 5.0
@@ -90,9 +92,8 @@ def client_releases_keys(state: SchedulerState, ev: ClientReleasesKeysEvent) -> 
     recs: dict[Key, str] = {}
     for key in keys:
         ts = state.tasks.get(key)
-        if ts is None or ts._who_wants is None or cs not in ts._who_wants:
+        if ts is None or not _one_discard(ts, "_who_wants", cs):
             continue
-        _discard(ts, "_who_wants", cs)
         cs.wants_what.discard(ts)
         if not ts._who_wants:
             if not ts._dependents:
@@ -169,7 +170,7 @@ def remove_worker(state: SchedulerState, ev: RemoveWorkerEvent) -> list[Msg]:
             recs[ts.key] = "released"  # and from there back to waiting
     for ts in list(ws.has_what):
         state._remove_replica(ts, ws)
-        if not ts.who_has:
+        if not ts._who_has:
             if ts.run_spec is not None:
                 recs[ts.key] = "released"
             else:
@@ -320,7 +321,7 @@ def update_graph(state: SchedulerState, ev: UpdateGraphEvent) -> list[Msg]:
         ts = state.tasks.get(key)
         if ts is None:
             continue
-        _add(ts, "_who_wants", cs)
+        _one_add(ts, "_who_wants", cs)
         cs.wants_what.add(ts)
         if ts.state == "memory":
             out.append(KeyInMemoryMsg(stimulus_id, client, ts.key, ts.type or "", [w.address for w in ts.who_has]))
@@ -544,9 +545,10 @@ def _cancel_one(state: SchedulerState, key: Key, cs: ClientState, force: bool, s
         return []
     client = cs.client_key
     out: list[Msg] = []
-    if force or ts._who_wants == {cs}:
-        wanters = [c.client_key for c in ts._who_wants or ()]
-        for c in list(ts._who_wants or ()):
+    wanted = ts._who_wants
+    if force or wanted is cs or (type(wanted) is set and wanted == {cs}):
+        wanters = [c.client_key for c in _members(ts._who_wants)]
+        for c in list(_members(ts._who_wants)):
             c.wants_what.discard(ts)
         ts._who_wants = None
         for c in wanters:
@@ -579,7 +581,7 @@ def update_data(state: SchedulerState, ev: UpdateDataEvent) -> list[Msg]:
         if client is not None:
             # Wanted before it lands, so that landing reports it to the client.
             cs = add_client(state, client)
-            _add(ts, "_who_wants", cs)
+            _one_add(ts, "_who_wants", cs)
             cs.wants_what.add(ts)
         if ts.state != "memory":
             if ts.state not in ("released", "waiting"):
@@ -637,7 +639,7 @@ def restart(state: SchedulerState, ev: RestartEvent) -> list[Msg]:
     stimulus_id = ev.stimulus_id
     out: list[Msg] = []
     for ts in state.tasks.values():
-        for cs in ts._who_wants or ():
+        for cs in _members(ts._who_wants):
             out.append(CancelledKeyMsg(stimulus_id, cs.client_key, ts.key, "restart"))
             cs.wants_what.discard(ts)
         ts._who_wants = None

@@ -153,3 +153,41 @@ def test_release_and_rerun_keep_the_states_right(state):
     assert x.who_wants == set() and x.state == "released"
     state.handle(ClientReleasesKeysEvent(["y"], "client"))
     assert state.tasks == {}
+
+
+def test_one_holder_is_kept_bare_and_more_make_a_set(state):
+    keys = ["k"]
+    run_to_end(state, state.handle(UpdateGraphEvent("c", {"k": SPEC}, keys=keys)))
+    ts = state.tasks["k"]
+    first = next(iter(ts.who_has))
+    assert ts._who_has is first and type(ts._who_wants) is not set  # bare: no container
+    other = state.workers[B if first.address == A else A]
+    state._add_replica(ts, other)
+    assert ts._who_has == {first, other} and ts.who_has == {first, other}
+    assert other.has_what == {ts: None} and first.has_what == {ts: None}
+    state._add_replica(ts, other)  # twice: counted once
+    assert len(ts.who_has) == 2 and other.nbytes == 8
+    state._remove_replica(ts, first)
+    assert ts._who_has is other and first.has_what == {}
+    state._remove_replica(ts, first)  # not there: nothing changes
+    assert ts._who_has is other and other.nbytes == 8
+
+
+def test_bare_member_reads_and_writes_through_the_public_name():
+    ts = TaskState("x-1", SPEC)
+    w1, w2 = object(), object()
+    ts._who_has = w1
+    view = ts.who_has
+    assert view == {w1} and w1 in view and len(view) == 1 and list(view) == [w1]
+    ts.who_has.add(w2)
+    assert ts._who_has == {w1, w2}
+    ts._who_has = w1
+    ts.who_has.discard(w1)
+    assert not ts.who_has and ts._who_has == set()
+    ts._who_has = w1
+    ts.who_has.clear()
+    assert ts._who_has is None
+    ts._who_has = w1
+    with pytest.raises(KeyError):
+        ts.who_has.remove(w2)
+    assert ts.who_has.pop() is w1 and not ts.who_has
