@@ -93,7 +93,7 @@ def measure_state(n: int) -> dict:
                     pending.extend(s.handle(TaskFinishedEvent(
                         msg.key, msg.worker, nbytes=16, type="".join(("None", "Type")),
                         startstops=(("compute", 1.0, 1.00001),),
-                        stimulus_id=f"task-finished-{i}")))
+                        stimulus_id=f"task_finished-{i}")))
         cpu = time.process_time() - t0
         del tasks, msgs
         gc.collect()

@@ -249,6 +249,54 @@ def role_client(a) -> None:
                {"wall_s": wall, "tasks": a.tasks, "sched_cpu_s": cpu})
 
 
+# ----------------------------------------------------------------------------- state machine alone
+
+
+def measure_state(n: int, tasks: int) -> dict:
+    """Ours' scheduler state machine alone (no sockets), with ``n`` workers: CPU per
+    registration, per heartbeat (with the ticks of one second) and per task of a
+    no-op map of ``tasks`` (each finished task answered at once), in microseconds."""
+    import pickle
+
+    from bench.workloads import noop
+    from runtime.scheduler.events import (
+        AddWorkerEvent,
+        HeartbeatEvent,
+        TaskFinishedEvent,
+        TickEvent,
+        UpdateGraphEvent,
+    )
+    from runtime.scheduler.records import ComputeTaskMsg
+    from runtime.scheduler.state import SchedulerState
+
+    s = SchedulerState(validate=False, worker_ttl=60.0)
+    addrs = [f"tls://127.0.0.1:{20000 + i}" for i in range(n)]
+    t = time.process_time()
+    for a in addrs:
+        s.handle(AddWorkerEvent(a, nthreads=1))
+    reg = (time.process_time() - t) / n
+    t = time.process_time()
+    for r in range(5):
+        for a in addrs:
+            s.handle(HeartbeatEvent(a, {"memory": 1, "executing": 0}))
+        s.handle(TickEvent(100.0 + r), TickEvent(100.5 + r))
+    hb = (time.process_time() - t) / n / 5
+    func = pickle.dumps(noop)
+    graph = {f"noop-{i}": (func, pickle.dumps(((i,), {}))) for i in range(tasks)}
+    t = time.process_time()
+    pending = s.handle(UpdateGraphEvent("client-1", graph, keys=list(graph)))
+    while pending:
+        msgs, pending = pending, []
+        for m in msgs:
+            if isinstance(m, ComputeTaskMsg):
+                pending += s.handle(TaskFinishedEvent(
+                    m.key, m.worker, nbytes=16, type="NoneType",
+                    startstops=(("compute", 1.0, 1.00001),), stimulus_id=f"done-{m.key}"))
+    mapped = (time.process_time() - t) / tasks
+    return {"state_register_us": reg * 1e6, "state_heartbeat_us": hb * 1e6,
+            "state_map_us_per_task": mapped * 1e6}
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -315,6 +363,8 @@ def run_one(system: str, n: int, args) -> dict:
             cres = wait_for(os.path.join(d, "client.json"), MAP_DEADLINE_S, procs, "no-op map")
             out.update(map_tasks_per_s=cres["tasks"] / cres["wall_s"],
                        map_sched_us_per_task=cres["sched_cpu_s"] / cres["tasks"] * 1e6)
+        if system == "ours" and args.tasks:
+            out.update(measure_state(n, args.tasks))
         out["status"] = "ok"
     except Exception as e:  # reported as n/a with the reason; the other runs go on
         out.update(status="failed", reason=f"{type(e).__name__}: {e}")
@@ -341,6 +391,9 @@ COLUMNS = (
     ("map_tasks_per_s", "no-op map, tasks/s", "{:,.0f}"),
     ("map_sched_us_per_task", "scheduler CPU per map task, µs", "{:.0f}"),
     ("sched_rss_mb", "scheduler RSS, MB", "{:.0f}"),
+    ("state_register_us", "state machine alone: CPU per registration, µs", "{:.1f}"),
+    ("state_heartbeat_us", "state machine alone: CPU per heartbeat (+ ticks), µs", "{:.2f}"),
+    ("state_map_us_per_task", "state machine alone: CPU per map task, µs", "{:.0f}"),
 )
 
 
@@ -352,7 +405,7 @@ def _median(rows, system, n, key):
     return vals[len(vals) // 2], vals[0], vals[-1]
 
 
-def render(rows, args, argv_text: str) -> str:
+def render(rows, args, commands: list[str]) -> str:
     sizes = sorted({r["workers"] for r in rows})
     systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
     head = ["metric"] + [f"{LABELS[s]}, N={n:,}" for n in sizes for s in systems]
@@ -368,14 +421,15 @@ def render(rows, args, argv_text: str) -> str:
                     cells.append(fmt.format(m[0]))
                 else:
                     cells.append(f"{fmt.format(m[0])} ({fmt.format(m[1])}–{fmt.format(m[2])})")
-        lines.append("| " + " | ".join(cells) + " |")
+        if any(c != "n/a" for c in cells[1:]):  # rows of figures this report's runs took
+            lines.append("| " + " | ".join(cells) + " |")
     fails = [f"- {LABELS[r['system']]}, N={r['workers']}: {r['reason']}" for r in rows
              if r.get("status") != "ok"]
     return "\n".join([
         MARKER,
         "## Many workers: registration, heartbeats and a no-op map (`scale`)",
         "",
-        f"`.venv/bin/python -m bench {argv_text}`",
+        *[f"    .venv/bin/python -m bench {c}" for c in commands],
         "",
         "One scheduler process; N `Worker(nthreads=1, dashboard=False)` objects started at once "
         f"in {args.procs} worker processes (fewer when N is smaller); ours with TLS (as "
@@ -417,6 +471,9 @@ def parse_args(argv):
     p.add_argument("--profile", metavar="DIR", help="cProfile the scheduler into DIR (no map)")
     p.add_argument("--json", metavar="FILE", help="write the raw measurements here")
     p.add_argument("--output", metavar="MD", help="write/replace this section in MD")
+    p.add_argument("--from-json", metavar="FILE", nargs="+",
+                   help="measure nothing: report the rows of these earlier --json files "
+                   "(runs split to stay short on a shared machine)")
     # The child roles (internal).
     p.add_argument("--role", choices=("scheduler", "workers", "client"), help=argparse.SUPPRESS)
     p.add_argument("--system", help=argparse.SUPPRESS)
@@ -448,7 +505,13 @@ def main(argv=None) -> int:
         os.makedirs(a.profile, exist_ok=True)
         a.profile = os.path.abspath(a.profile)
     rows = []
-    for rep in range(a.repeat):
+    commands = []
+    for path in a.from_json or ():
+        with open(path) as f:
+            earlier = json.load(f)
+        rows += earlier["rows"]
+        commands.append(earlier["argv"])
+    for rep in range(0 if a.from_json else a.repeat):
         for n in a.workers:
             for system in (a.systems if rep % 2 == 0 else a.systems[::-1]):
                 print(f"[{LABELS[system]}] N={n} ...", end=" ", flush=True)
@@ -459,7 +522,7 @@ def main(argv=None) -> int:
                 print(f"{r['status']} in {time.monotonic() - t:.0f}s: {shown or r.get('reason')}",
                       flush=True)
     argv_text = " ".join(["scale", *(shlex.quote(x) for x in argv)])
-    md = render(rows, a, argv_text)
+    md = render(rows, a, commands or [argv_text])
     print()
     print(md)
     if a.json:

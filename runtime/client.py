@@ -9,7 +9,7 @@ lists, tuples, dicts and sets) become dependencies.  Messages produced in one
 burst (a loop of ``submit`` calls, or dropped futures) leave in one write.
 
 Results are fetched straight from a worker that holds them (the scheduler
-says which in ``key-in-memory``), not relayed through the scheduler.
+says which in ``key_in_memory``), not relayed through the scheduler.
 
 Synchronous clients run their event loop on a shared background thread
 (:mod:`runtime.loop`); ``asynchronous=True`` uses the caller's running loop.
@@ -279,7 +279,7 @@ class Client:
         try:
             self._use_security(self._choose_security())
             comm = await connect(self._address, timeout=self.timeout, **self.connection_args)
-            await comm.write({"op": "register-client", "client": self.id})
+            await comm.write({"op": "register_client", "client": self.id})
             info = unpack_reply(await comm.read(), self._address)
             self._dashboard_link = info.get("dashboard_link") if isinstance(info, dict) else None
         except BaseException:
@@ -322,10 +322,10 @@ class Client:
 
     async def _handle_report(self, comm) -> None:
         ops = {
-            "key-in-memory": self._on_key_in_memory,
-            "task-erred": self._on_task_erred,
-            "cancelled-key": self._on_cancelled_key,
-            "lost-data": self._on_lost_data,
+            "key_in_memory": self._on_key_in_memory,
+            "task_erred": self._on_task_erred,
+            "cancelled_key": self._on_cancelled_key,
+            "lost_data": self._on_lost_data,
         }
         try:
             while True:
@@ -335,7 +335,7 @@ class Client:
                     break
                 for msg in batch:
                     op = msg.pop("op", None)
-                    if op == "scheduler-closing":
+                    if op == "scheduler_closing":
                         logger.info("scheduler %s is closing", self._address)
                         continue
                     handler = ops.get(op)
@@ -375,7 +375,7 @@ class Client:
         if bs is not None and not bs.closed:
             self._flush_outbox()
             with suppress(CommClosedError):
-                bs.send({"op": "close-client"})
+                bs.send({"op": "close_client"})
             await bs.close(timeout=2.0)
         if self._report_task is not None:
             self._report_task.cancel()
@@ -469,7 +469,7 @@ class Client:
             del self.refcount[key]
             self.futures.pop(key, None)
         if self.status == "running":
-            self._send({"op": "client-releases-keys", "keys": [key]})
+            self._send({"op": "client_releases_keys", "keys": [key]})
 
     def want_keys(self, keys: list) -> None:
         """Tell the scheduler this client holds futures of ``keys`` made elsewhere (unpickled,
@@ -507,12 +507,12 @@ class Client:
         merged: list[dict] = []
         for m in msgs:
             last = merged[-1] if merged else None
-            if last is not None and m["op"] == last["op"] == "update-graph":
+            if last is not None and m["op"] == last["op"] == "update_graph":
                 for field in ("tasks", "dependencies", "restrictions", "resources", "retries", "user_priority"):
                     last[field].update(m[field])
                 last["keys"].extend(m["keys"])
                 last["loose_restrictions"].extend(m["loose_restrictions"])
-            elif last is not None and m["op"] == last["op"] == "client-releases-keys":
+            elif last is not None and m["op"] == last["op"] == "client_releases_keys":
                 last["keys"].extend(m["keys"])
             else:
                 merged.append(m)

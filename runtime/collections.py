@@ -7,7 +7,7 @@ dask hands a scheduler a *graph* (a mapping of keys to task specs: dask's
 that :func:`dask._task_spec.convert_legacy_graph` turns into those) or an
 expression whose ``__dask_graph__()`` is one.  We translate it on the client
 into the same task records ``submit`` produces and send them in **one**
-``update-graph`` message:
+``update_graph`` message:
 
 * each node becomes a recipe whose function is :func:`run_graph_node` and
   whose arguments are the node itself plus ``{dependency key: TaskRef}``; the
@@ -219,7 +219,7 @@ def _per_key_annotations(dsk: dict, by_type: Mapping[str, Any], global_: Mapping
 
 
 class GraphSubmission:
-    """A graph translated into one ``update-graph`` message and the keys it returns.
+    """A graph translated into one ``update_graph`` message and the keys it returns.
 
     Attributes:
         msg: the message (``None`` when every wanted key is already a future).

@@ -6,7 +6,7 @@ Theory of operation
 Every connection starts with a request ``{"op": name, ...}``.  Ordinary
 operations are request/reply: the handler's return value goes back as
 ``("OK", value)`` or, if it raised, ``("error", exception, traceback_text)``.
-A *stream* operation (``register-worker``, ``register-client``) hands the
+A *stream* operation (``register_worker``, ``register_client``) hands the
 connection over to its handler for the rest of its life; both sides then
 exchange lists of messages through :class:`BatchedSend`.
 

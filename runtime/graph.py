@@ -122,7 +122,7 @@ def check_task_options(workers: Any, resources: Any, retries: Any, priority: Any
 
 def graph_msg(pieces: dict, keys: list, workers, resources, retries, priority,
               allow_other_workers) -> dict:
-    """The ``update-graph`` message for ``pieces`` (see :func:`task_piece`).
+    """The ``update_graph`` message for ``pieces`` (see :func:`task_piece`).
 
     Raises:
         TypeError, ValueError: from :func:`check_task_options`.
@@ -150,11 +150,11 @@ def update_graph_msg(tasks: dict, keys: list, dependencies: dict | None = None, 
                      restrictions: dict | None = None, loose_restrictions: list | None = None,
                      resources: dict | None = None, retries: dict | None = None,
                      user_priority: dict | None = None) -> dict:
-    """An ``update-graph`` message with every field the scheduler's spec lists (the one
+    """An ``update_graph`` message with every field the scheduler's spec lists (the one
     place its shape is written on the client side; the scheduler's is
     :class:`runtime.scheduler.events.UpdateGraphEvent`)."""
     return {
-        "op": "update-graph",
+        "op": "update_graph",
         "tasks": tasks,
         "keys": keys,
         "dependencies": {} if dependencies is None else dependencies,

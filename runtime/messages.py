@@ -245,7 +245,7 @@ RESOURCES = _f(optional(dict_of(is_str, is_finite)), "a dict of resource names (
 
 #: Registrations: the first message of a worker's or a client's stream.
 SCHEDULER_STREAM_OPENINGS: dict[str, Spec] = {
-    "register-worker": Spec(
+    "register_worker": Spec(
         address=_f(is_str, "an address (str)", required=True),
         nthreads=_f(lambda v: is_count(v) and v > 0, "a positive int"),
         name=_f(is_hashable, "a hashable name"),
@@ -261,7 +261,7 @@ SCHEDULER_STREAM_OPENINGS: dict[str, Spec] = {
         # Python and package versions, for the scheduler's mismatch warning (runtime.versions).
         versions=_f(optional(dict_of(is_str, is_any)), "a dict with str keys, or None"),
     ),
-    "register-client": Spec(open=True, client=_f(is_str, "a client id (str)", required=True)),
+    "register_client": Spec(open=True, client=_f(is_str, "a client id (str)", required=True)),
 }
 
 # The messages of workers' and clients' streams to the scheduler are specified by

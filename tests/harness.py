@@ -9,15 +9,15 @@ scenario is deterministic and per-stream order is kept, as on a TCP stream.
 
 * Scheduler instructions with ``route == "worker"`` go through ``to_wire()``
   and become the worker's events as ``runtime/worker/server.py`` builds them
-  (``compute-task`` -> :class:`ComputeTaskEvent`, ``free-keys`` ->
-  :class:`FreeKeysEvent`, ``refresh-who-has``, ``acquire-replicas``).
+  (``compute_task`` -> :class:`ComputeTaskEvent`, ``free_keys`` ->
+  :class:`FreeKeysEvent`, ``refresh_who_has``, ``acquire_replicas``).
   ``route == "client"`` messages are appended to :attr:`Cluster.reports`.
   :class:`RemoveWorker` (worker TTL) removes the worker as the shell does;
   :class:`CloseScheduler` sets :attr:`Cluster.closed`.
 * Worker ``...Msg`` instructions become scheduler events as
-  ``runtime/scheduler/server.py`` builds them (``task-finished`` ->
+  ``runtime/scheduler/server.py`` builds them (``task_finished`` ->
   :class:`TaskFinishedEvent`, with the small result attached when a client
-  asked for it, ``task-erred``, ``add-keys``, ``missing-data``...).  The
+  asked for it, ``task_erred``, ``add_keys``, ``missing_data``...).  The
   worker's ``stimulus_id`` is kept, so stories join across machines.
 * ``Execute`` is queued as ``"execute"``: when delivered the task's function
   (given per key at submission) is called on the dependency values from the
@@ -67,13 +67,13 @@ SCHEDULER = "scheduler"
 
 #: Scheduler -> worker wire operations and the worker event each becomes (worker/server.py).
 TO_WORKER: dict[str, Callable[[dict], Any]] = {
-    "compute-task": lambda m: wev.ComputeTaskEvent(
+    "compute_task": lambda m: wev.ComputeTaskEvent(
         m["stimulus_id"], m["key"], m["run_spec"], tuple(m["priority"]), m["who_has"] or {},
         m["nbytes"] or {}, m["duration"], m["resource_restrictions"], m["report"]),
-    "free-keys": lambda m: wev.FreeKeysEvent(m["stimulus_id"], list(m["keys"])),
-    "refresh-who-has": lambda m: wev.RefreshWhoHasEvent(m["stimulus_id"], m["who_has"]),
-    "acquire-replicas": lambda m: wev.AcquireReplicasEvent(m["stimulus_id"], m["who_has"], m["nbytes"] or {}),
-    "remove-replicas": lambda m: wev.RemoveReplicasEvent(m["stimulus_id"], list(m["keys"])),
+    "free_keys": lambda m: wev.FreeKeysEvent(m["stimulus_id"], list(m["keys"])),
+    "refresh_who_has": lambda m: wev.RefreshWhoHasEvent(m["stimulus_id"], m["who_has"]),
+    "acquire_replicas": lambda m: wev.AcquireReplicasEvent(m["stimulus_id"], m["who_has"], m["nbytes"] or {}),
+    "remove_replicas": lambda m: wev.RemoveReplicasEvent(m["stimulus_id"], list(m["keys"])),
 }
 
 def to_scheduler(worker: str, wire: dict) -> sev.SchedulerEvent:
@@ -163,11 +163,11 @@ class Cluster:
         self._to_scheduler(sev.UpdateGraphEvent(
             client, {k: repr(k).encode() for k in tasks}, list(tasks if keys is None else keys),
             dependencies={k: list(t[1:]) for k, t in tasks.items()},
-            stimulus_id=self.sid("update-graph"), **kwargs))
+            stimulus_id=self.sid("update_graph"), **kwargs))
 
     def release(self, *keys: Key, client: str = "client") -> None:
         """The client dropped its futures."""
-        self._to_scheduler(sev.ClientReleasesKeysEvent(list(keys), client, self.sid("client-releases-keys")))
+        self._to_scheduler(sev.ClientReleasesKeysEvent(list(keys), client, self.sid("client_releases_keys")))
 
     def cancel(self, *keys: Key, client: str = "client", force: bool = False) -> None:
         self._to_scheduler(sev.CancelEvent(list(keys), client, force, self.sid("cancel")))
@@ -224,7 +224,7 @@ class Cluster:
         self.run_until_idle()
         for addr, keys in drops.items():
             if addr in self.workers:
-                self.queue.append((SCHEDULER, addr, wev.RemoveReplicasEvent(self.sid("remove-replicas"), keys)))
+                self.queue.append((SCHEDULER, addr, wev.RemoveReplicasEvent(self.sid("remove_replicas"), keys)))
         self.run_until_idle()
 
     def kill_worker(self, name: str) -> None:
@@ -240,12 +240,12 @@ class Cluster:
         self.parked = [e for e in self.parked if e[1] != addr]
 
     def pause(self, name: str, paused: bool = True) -> None:
-        """Memory pressure: the worker pauses itself and tells the scheduler (``worker-status-change``)."""
+        """Memory pressure: the worker pauses itself and tells the scheduler (``worker_status_change``)."""
         addr = self.address(name)
         event = wev.PauseEvent("pause") if paused else wev.UnpauseEvent("unpause")
         self._route_worker(addr, self.workers[addr].handle(event))
         self.queue.append((addr, SCHEDULER, sev.WorkerStatusEvent(
-            addr, "paused" if paused else "running", self.sid("worker-status-change"))))
+            addr, "paused" if paused else "running", self.sid("worker_status_change"))))
 
     def retire(self, name: str) -> bool:
         """Retire gracefully as ``Scheduler.retire_workers`` does: copy the unique data away,

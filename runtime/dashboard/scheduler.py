@@ -3,7 +3,7 @@
 :class:`SchedulerDiagnostics` is a part of :class:`runtime.scheduler.server.Scheduler`
 (``scheduler.diagnostics``).  The scheduler shell calls
 :meth:`~SchedulerDiagnostics.record_task` for
-each ``task-finished``/``task-erred`` message (one deque append and a counter:
+each ``task_finished``/``task_erred`` message (one deque append and a counter:
 the only per-task cost), starts the HTTP server once it listens and closes it
 with itself.
 

@@ -17,7 +17,7 @@ Two races are closed on the scheduler side:
   :func:`wait_known` waits (without blocking the event loop, bounded) for the
   key to arrive before holding it;
 - between the reply that hands a future out and the receiving client's own
-  ``update-graph`` for it, the holder may let go of the key (a queue item is
+  ``update_graph`` for it, the holder may let go of the key (a queue item is
   taken, a variable overwritten): :func:`hand_over` makes the receiving client
   want the key *before* the reply leaves, so it is never forgotten in between.
 

@@ -135,7 +135,7 @@ class SchedulerData:
                 if w not in held:
                     drop[w].append(key)
         for w, keys in drop.items():
-            self.scheduler.worker_send(w, {"op": "free-keys", "keys": keys, "stimulus_id": self.scheduler._stimulus("client-gone")})
+            self.scheduler.worker_send(w, {"op": "free_keys", "keys": keys, "stimulus_id": self.scheduler._stimulus("client-gone")})
         return True
 
 

@@ -93,7 +93,7 @@ class RemoveClientEvent(SchedulerEvent):
     stimulus_id: str = "remove-client"
 
 
-@on_stream(CLIENT_STREAM, "client-releases-keys", peer="client")
+@on_stream(CLIENT_STREAM, "client_releases_keys", peer="client")
 @dataclass(slots=True)
 class ClientReleasesKeysEvent(SchedulerEvent):
     """The client dropped its last future for these keys."""
@@ -103,7 +103,7 @@ class ClientReleasesKeysEvent(SchedulerEvent):
     stimulus_id: str = "client-releases"
 
 
-@on_stream(CLIENT_STREAM, "heartbeat-client", peer="client")
+@on_stream(CLIENT_STREAM, "heartbeat_client", peer="client")
 @dataclass(slots=True)
 class ClientHeartbeatEvent(SchedulerEvent):
     """A client is alive."""
@@ -111,14 +111,14 @@ class ClientHeartbeatEvent(SchedulerEvent):
     client: str
 
 
-@on_stream(WORKER_STREAM, "worker-closing", peer="worker")
+@on_stream(WORKER_STREAM, "worker_closing", peer="worker")
 @dataclass(slots=True)
 class WorkerClosingEvent(SchedulerEvent):
     """A worker says it is closing: remove it without asking it to close."""
 
     worker: str
     reason: Any = wire(m.ANY, "")
-    stimulus_id: str = "worker-closing"
+    stimulus_id: str = "worker_closing"
 
 
 @dataclass(slots=True)
@@ -166,7 +166,7 @@ class TickEvent(SchedulerEvent):
     stimulus_id: str = "tick"
 
 
-@on_stream(CLIENT_STREAM, "update-graph", peer="client", semantic=_check_graph)
+@on_stream(CLIENT_STREAM, "update_graph", peer="client", semantic=_check_graph)
 @dataclass(slots=True)
 class UpdateGraphEvent(SchedulerEvent):
     """New work from a client: ``tasks`` maps keys to serialised recipes
@@ -192,10 +192,10 @@ class UpdateGraphEvent(SchedulerEvent):
     user_priority: int | dict[Key, int] = wire(m._f(
         m.one_of(m.is_finite, m.dict_of(m.is_key, m.is_finite)),
         "a number or a dict of keys to numbers"), 0)
-    stimulus_id: str = wire(m.STIMULUS, "update-graph")
+    stimulus_id: str = wire(m.STIMULUS, "update_graph")
 
 
-@on_stream(WORKER_STREAM, "task-finished", peer="worker")
+@on_stream(WORKER_STREAM, "task_finished", peer="worker")
 @dataclass(slots=True)
 class TaskFinishedEvent(SchedulerEvent):
     """A worker computed ``key``; ``data`` is its pickled value if small (forwarded, not kept)."""
@@ -205,11 +205,11 @@ class TaskFinishedEvent(SchedulerEvent):
     nbytes: int = wire(m.NBYTES, -1)
     type: str = wire(m.STR, "")
     startstops: Iterable = wire(m.STARTSTOPS, ())
-    stimulus_id: str = wire(m.STIMULUS, "task-finished")
+    stimulus_id: str = wire(m.STIMULUS, "task_finished")
     data: bytes | None = wire(m._f(m.optional(m.is_bytes), "bytes or None"), None)
 
 
-@on_stream(WORKER_STREAM, "task-erred", peer="worker")
+@on_stream(WORKER_STREAM, "task_erred", peer="worker")
 @dataclass(slots=True)
 class TaskErredEvent(SchedulerEvent):
     """A task raised on a worker; retry it if it has retries left."""
@@ -219,10 +219,10 @@ class TaskErredEvent(SchedulerEvent):
     exception: Any = wire(m.ANY, None)
     traceback: str | None = wire(m._f(m.optional(m.is_str), "a str or None"), "")
     startstops: Iterable = wire(m.STARTSTOPS, ())
-    stimulus_id: str = wire(m.STIMULUS, "task-erred")
+    stimulus_id: str = wire(m.STIMULUS, "task_erred")
 
 
-@on_stream(WORKER_STREAM, "missing-data", peer="worker")
+@on_stream(WORKER_STREAM, "missing_data", peer="worker")
 @dataclass(slots=True)
 class MissingDataEvent(SchedulerEvent):
     """A worker could not get ``key`` from ``errant_worker``.  Recover."""
@@ -230,30 +230,30 @@ class MissingDataEvent(SchedulerEvent):
     key: Key = wire(m.KEY)
     errant_worker: str | None = wire(m.OPT_STR, None)
     worker: str | None = None
-    stimulus_id: str = wire(m.STIMULUS, "missing-data")
+    stimulus_id: str = wire(m.STIMULUS, "missing_data")
 
 
-@on_stream(WORKER_STREAM, "add-keys", peer="worker")
+@on_stream(WORKER_STREAM, "add_keys", peer="worker")
 @dataclass(slots=True)
 class AddKeysEvent(SchedulerEvent):
     """A worker holds replicas of ``keys`` (fetched as dependencies)."""
 
     worker: str
     keys: Iterable[Key] = wire(m.KEYS, ())
-    stimulus_id: str = wire(m.STIMULUS, "add-keys")
+    stimulus_id: str = wire(m.STIMULUS, "add_keys")
 
 
-@on_stream(WORKER_STREAM, "release-worker-data", peer="worker")
+@on_stream(WORKER_STREAM, "release_worker_data", peer="worker")
 @dataclass(slots=True)
 class ReleaseWorkerDataEvent(SchedulerEvent):
     """A worker dropped its replica of ``key``."""
 
     key: Key = wire(m.KEY)
     worker: str
-    stimulus_id: str = wire(m.STIMULUS, "release-worker-data")
+    stimulus_id: str = wire(m.STIMULUS, "release_worker_data")
 
 
-@on_stream(WORKER_STREAM, "long-running", peer="worker")
+@on_stream(WORKER_STREAM, "long_running", peer="worker")
 @dataclass(slots=True)
 class LongRunningEvent(SchedulerEvent):
     """A task seceded from its worker's thread pool: it no longer counts as load."""
@@ -305,7 +305,7 @@ class UpdateDataEvent(SchedulerEvent):
     stimulus_id: str = "update-data"
 
 
-@on_stream(WORKER_STREAM, "worker-status-change", peer="address")
+@on_stream(WORKER_STREAM, "worker_status_change", peer="address")
 @dataclass(slots=True)
 class WorkerStatusEvent(SchedulerEvent):
     """``running``, ``paused`` (memory pressure) or ``closing_gracefully``."""

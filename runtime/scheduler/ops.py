@@ -219,8 +219,8 @@ class SchedulerOps:
 
     def _drop_replicas(self, drops: dict[str, list[Key]]) -> None:
         for addr, keys in drops.items():
-            self.scheduler.worker_send(addr, {"op": "remove-replicas", "keys": list(keys),
-                                    "stimulus_id": self.scheduler._stimulus("remove-replicas")})
+            self.scheduler.worker_send(addr, {"op": "remove_replicas", "keys": list(keys),
+                                    "stimulus_id": self.scheduler._stimulus("remove_replicas")})
 
     async def replicate(self, keys: Iterable[Key] = (), n: int | None = None,
                         workers: Iterable[str] | None = None, branching_factor: int = 2,
@@ -397,7 +397,7 @@ class SchedulerOps:
         if idempotent and name in self.scheduler.worker_plugins:
             return {}
         self.scheduler.worker_plugins[name] = blob
-        return await self.scheduler.broadcast(msg={"op": "plugin-add", "plugin": blob, "name": name},
+        return await self.scheduler.broadcast(msg={"op": "plugin_add", "plugin": blob, "name": name},
                                               return_exceptions=True)
 
     async def unregister_worker_plugin(self, name: str) -> dict:
@@ -410,7 +410,7 @@ class SchedulerOps:
             raise ValueError(f"the worker plugin {name!r} does not exist; registered: "
                              f"{sorted(self.scheduler.worker_plugins)}")
         del self.scheduler.worker_plugins[name]
-        return await self.scheduler.broadcast(msg={"op": "plugin-remove", "name": name},
+        return await self.scheduler.broadcast(msg={"op": "plugin_remove", "name": name},
                                               return_exceptions=True)
 
     async def register_nanny_plugin(self, plugin: bytes | Any = None, name: str | None = None,

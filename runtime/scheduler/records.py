@@ -26,7 +26,7 @@ _intern = sys.intern
 
 @dataclass(slots=True)
 class ComputeTaskMsg(Msg):
-    op = "compute-task"
+    op = "compute_task"
     route = "worker"
     worker: str
     key: Key
@@ -42,7 +42,7 @@ class ComputeTaskMsg(Msg):
 
 @dataclass(slots=True)
 class FreeKeysMsg(Msg):
-    op = "free-keys"
+    op = "free_keys"
     route = "worker"
     worker: str
     keys: list
@@ -51,9 +51,9 @@ class FreeKeysMsg(Msg):
 @dataclass(slots=True)
 class RemoveReplicasMsg(Msg):
     """Drop these replicas: the scheduler no longer counts them (a worker that still
-    needs one answers ``add-keys``, and it is counted again)."""
+    needs one answers ``add_keys``, and it is counted again)."""
 
-    op = "remove-replicas"
+    op = "remove_replicas"
     route = "worker"
     worker: str
     keys: list
@@ -61,7 +61,7 @@ class RemoveReplicasMsg(Msg):
 
 @dataclass(slots=True)
 class RefreshWhoHasMsg(Msg):
-    op = "refresh-who-has"
+    op = "refresh_who_has"
     route = "worker"
     worker: str
     who_has: dict
@@ -69,7 +69,7 @@ class RefreshWhoHasMsg(Msg):
 
 @dataclass(slots=True)
 class AcquireReplicasMsg(Msg):
-    op = "acquire-replicas"
+    op = "acquire_replicas"
     route = "worker"
     worker: str
     who_has: dict
@@ -78,7 +78,7 @@ class AcquireReplicasMsg(Msg):
 
 @dataclass(slots=True)
 class KeyInMemoryMsg(Msg):
-    op = "key-in-memory"
+    op = "key_in_memory"
     route = "client"
     client: str
     key: Key
@@ -111,7 +111,7 @@ class CloseScheduler(Instruction):
 
 @dataclass(slots=True)
 class TaskErredClientMsg(Msg):
-    op = "task-erred"
+    op = "task_erred"
     route = "client"
     client: str
     key: Key
@@ -122,7 +122,7 @@ class TaskErredClientMsg(Msg):
 
 @dataclass(slots=True)
 class CancelledKeyMsg(Msg):
-    op = "cancelled-key"
+    op = "cancelled_key"
     route = "client"
     client: str
     key: Key
@@ -131,7 +131,7 @@ class CancelledKeyMsg(Msg):
 
 @dataclass(slots=True)
 class LostDataMsg(Msg):
-    op = "lost-data"
+    op = "lost_data"
     route = "client"
     client: str
     key: Key

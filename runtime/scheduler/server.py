@@ -205,8 +205,8 @@ class Scheduler(Server):
             "close_worker": self.close_worker,
         })
         self.stream_handlers.update({
-            "register-worker": self.add_worker,
-            "register-client": self.add_client,
+            "register_worker": self.add_worker,
+            "register_client": self.add_client,
         })
         #: Parts with their own state and handlers (variables, queues, locks...): ``{name: part}``.
         self.extensions: dict[str, Any] = _extensions.install(
@@ -214,7 +214,7 @@ class Scheduler(Server):
         self.message_specs = {**messages.SCHEDULER_REQUESTS, **messages.SCHEDULER_STREAM_OPENINGS}
         #: What each stream message becomes: ``{op: event class}`` (the event is the spec).
         self.worker_ops = events.WORKER_STREAM
-        self.client_ops = {**events.CLIENT_STREAM, "close-client": None}
+        self.client_ops = {**events.CLIENT_STREAM, "close_client": None}
         self.preloads = process_preloads(self, preload, preload_argv, "Scheduler")
         self.blocked_handlers = block_handlers(self, blocked_handlers, "Scheduler")
 
@@ -392,7 +392,7 @@ class Scheduler(Server):
                                  return_exceptions=True)
         for bs in list(self.client_comms.values()):
             with suppress(CommClosedError):
-                bs.send({"op": "scheduler-closing"})
+                bs.send({"op": "scheduler_closing"})
         await asyncio.gather(*(bs.flush(1.0) for bs in self.client_comms.values()), return_exceptions=True)
         for bs in list(self.stream_comms.values()) + list(self.client_comms.values()):
             bs.abort()
@@ -508,7 +508,7 @@ class Scheduler(Server):
         logger.info("register worker %s (name=%r, nthreads=%d)", address, name, nthreads)
         self.ops.worker_registered(address, nanny, extra.get("versions"))
         for pname, blob in self.worker_plugins.items():
-            bs.send({"op": "plugin-add", "plugin": blob, "name": pname})
+            bs.send({"op": "plugin_add", "plugin": blob, "name": pname})
         self._send(instrs)
         self.ops._plugin_hook("add_worker", scheduler=self, worker=address)
         await self._serve_stream(comm, self.worker_ops, address)
@@ -604,12 +604,12 @@ class Scheduler(Server):
 
     def add_keys(self, worker: str, keys: Iterable[Key] = ()) -> str:
         """Learn that ``worker`` holds ``keys``."""
-        self._send(self.state.handle(AddKeysEvent(worker, keys, self._stimulus("add-keys"))))
+        self._send(self.state.handle(AddKeysEvent(worker, keys, self._stimulus("add_keys"))))
         return "OK"
 
     def stimulus_missing_data(self, key: Key, errant_worker: str | None = None, worker: str | None = None) -> None:
         """Mark that ``key`` could not be found where expected.  Recover."""
-        self._send(self.state.handle(MissingDataEvent(key, errant_worker, worker, self._stimulus("missing-data"))))
+        self._send(self.state.handle(MissingDataEvent(key, errant_worker, worker, self._stimulus("missing_data"))))
 
     def reschedule(self, key: Key | None = None, worker: str | None = None) -> None:
         """Place a processing task again, e.g. after it raised ``Reschedule``."""
@@ -622,14 +622,14 @@ class Scheduler(Server):
 
     def stimulus_task_finished(self, key: Key | None = None, worker: str | None = None, **kwargs) -> None:
         """Mark that a task finished on a worker."""
-        kwargs.setdefault("stimulus_id", self._stimulus("task-finished"))
+        kwargs.setdefault("stimulus_id", self._stimulus("task_finished"))
         self._apply(TaskFinishedEvent(key, worker, **kwargs))
 
     def stimulus_task_erred(self, key: Key | None = None, worker: str | None = None, exception=None,
                             traceback: str = "", **kwargs) -> None:
         """Mark that a task erred on a worker."""
         self._apply(TaskErredEvent(key, worker, exception, traceback,
-                                   stimulus_id=self._stimulus("task-erred")))
+                                   stimulus_id=self._stimulus("task_erred")))
 
     # ------------------------------------------------------------------ clients
 
@@ -661,7 +661,7 @@ class Scheduler(Server):
 
     def client_releases_keys(self, keys: Iterable[Key] | None = None, client: str | None = None) -> None:
         """Remove keys from a client's desired set."""
-        self._send(self.state.handle(ClientReleasesKeysEvent(keys or (), client, self._stimulus("client-releases-keys"))))
+        self._send(self.state.handle(ClientReleasesKeysEvent(keys or (), client, self._stimulus("client_releases_keys"))))
 
     def client_heartbeat(self, client: str | None = None) -> None:
         """A client is alive."""
@@ -676,7 +676,7 @@ class Scheduler(Server):
         self._apply(UpdateGraphEvent(
             client, tasks or {}, keys, dependencies=dependencies, restrictions=restrictions,
             loose_restrictions=loose_restrictions, resources=resources, retries=retries,
-            user_priority=user_priority, stimulus_id=self._stimulus("update-graph"),
+            user_priority=user_priority, stimulus_id=self._stimulus("update_graph"),
         ))
 
     def stimulus_cancel(self, keys: Iterable[Key] = (), client: str = "", force: bool = False) -> str:

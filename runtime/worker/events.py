@@ -161,7 +161,7 @@ class GatherDep(Instruction):
 
 @dataclass(slots=True)
 class TaskFinishedMsg(Msg):
-    op = "task-finished"
+    op = "task_finished"
     key: Key
     nbytes: int
     type: str
@@ -170,7 +170,7 @@ class TaskFinishedMsg(Msg):
 
 @dataclass(slots=True)
 class TaskErredMsg(Msg):
-    op = "task-erred"
+    op = "task_erred"
     key: Key
     exception: Any
     traceback: str
@@ -179,7 +179,7 @@ class TaskErredMsg(Msg):
 
 @dataclass(slots=True)
 class AddKeysMsg(Msg):
-    op = "add-keys"
+    op = "add_keys"
     keys: list
 
 
@@ -187,13 +187,13 @@ class AddKeysMsg(Msg):
 class ReleaseWorkerDataMsg(Msg):
     """We dropped our replica of ``key``."""
 
-    op = "release-worker-data"
+    op = "release_worker_data"
     key: Key
 
 
 @dataclass(slots=True)
 class MissingDataMsg(Msg):
-    op = "missing-data"
+    op = "missing_data"
     key: Key
     errant_worker: str | None
 
@@ -206,6 +206,6 @@ class RescheduleMsg(Msg):
 
 @dataclass(slots=True)
 class LongRunningMsg(Msg):
-    op = "long-running"
+    op = "long_running"
     key: Key
     compute_duration: float

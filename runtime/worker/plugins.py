@@ -1,7 +1,7 @@
 """What users add to a Worker: plugins, preloads, extensions, custom metrics.
 
 A part of :class:`runtime.worker.Worker` (``worker.extras``), with its own
-handlers (``plugin-add``, ``plugin-remove``, ``versions``):
+handlers (``plugin_add``, ``plugin_remove``, ``versions``):
 
 * **plugins** (``Worker(plugins=...)``, ``Client.register_plugin``): each
   plugin's ``setup(worker)`` runs once the worker has registered (those given
@@ -116,7 +116,7 @@ class WorkerExtras:
                                 "factories called with the worker")
             for name, factory in extensions.items():
                 self.extensions[name] = factory(worker)
-        worker.handlers.update({"plugin-add": self.plugin_add, "plugin-remove": self.plugin_remove,
+        worker.handlers.update({"plugin_add": self.plugin_add, "plugin_remove": self.plugin_remove,
                                 "versions": self.versions})
 
     # ------------------------------------------------------------------ lifecycle
@@ -181,7 +181,7 @@ class WorkerExtras:
         return {"status": "OK"}
 
     def _on_plugin_add(self, plugin: bytes, name: str | None = None, stimulus_id: str = ""):
-        """The scheduler's ``plugin-add`` stream message (a plugin registered before we joined)."""
+        """The scheduler's ``plugin_add`` stream message (a plugin registered before we joined)."""
         self.worker.spawn(self._guarded(self.plugin_add(plugin, name), name))
 
     def _on_plugin_remove(self, name: str, stimulus_id: str = ""):

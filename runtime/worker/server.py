@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The worker registers with the scheduler over one stream connection and then
-receives batches of ``compute-task`` / ``free-keys`` messages on it.  Each
+receives batches of ``compute_task`` / ``free_keys`` messages on it.  Each
 batch becomes events for the pure :class:`WorkerStateMachine`; the instructions that
 come back are carried out here: ``Execute`` hands a task to the thread pool,
 ``GatherDep`` fetches dependencies straight from the peer worker that holds
@@ -93,7 +93,7 @@ logger = logging.getLogger(__name__)
 
 Key = Hashable
 
-#: Results at most this big travel with ``task-finished`` to the waiting client.
+#: Results at most this big travel with ``task_finished`` to the waiting client.
 SMALL_RESULT = 16 * 1024
 
 #: How long a retiring worker (lifetime, close_gracefully) keeps its data while
@@ -280,13 +280,13 @@ class Worker(Server):
         })
         self.message_specs = messages.WORKER_REQUESTS
         self.stream_ops = {
-            "compute-task": self._on_compute_task,
-            "free-keys": self._on_free_keys,
-            "refresh-who-has": self._on_refresh_who_has,
-            "acquire-replicas": self._on_acquire_replicas,
-            "remove-replicas": self._on_remove_replicas,
-            "plugin-add": self.extras._on_plugin_add,
-            "plugin-remove": self.extras._on_plugin_remove,
+            "compute_task": self._on_compute_task,
+            "free_keys": self._on_free_keys,
+            "refresh_who_has": self._on_refresh_who_has,
+            "acquire_replicas": self._on_acquire_replicas,
+            "remove_replicas": self._on_remove_replicas,
+            "plugin_add": self.extras._on_plugin_add,
+            "plugin_remove": self.extras._on_plugin_remove,
             "close": self._on_close,
         }
         self.blocked_handlers = block_handlers(self, blocked_handlers, "Worker")
@@ -408,7 +408,7 @@ class Worker(Server):
         timeout = self.death_timeout or 60.0
         comm = await connect(self.scheduler_addr, timeout=timeout, **self.connection_args)
         await comm.write({
-            "op": "register-worker",
+            "op": "register_worker",
             "address": self.address,
             "nthreads": self.nthreads,
             "name": self.name,
@@ -576,7 +576,7 @@ class Worker(Server):
         bs = self.batched_stream
         if bs is not None and not bs.closed:
             with suppress(CommClosedError):
-                bs.send({"op": "worker-status-change", "status": "paused" if paused else "running"})
+                bs.send({"op": "worker_status_change", "status": "paused" if paused else "running"})
 
     async def _close_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -618,7 +618,7 @@ class Worker(Server):
         if bs is not None and not bs.closed:
             if report:
                 with suppress(CommClosedError):
-                    bs.send({"op": "worker-closing", "reason": reason})
+                    bs.send({"op": "worker_closing", "reason": reason})
             await bs.close(timeout=min(timeout, 2.0))
         if self.pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.pool.shutdown, min(timeout, 2.0))
@@ -699,20 +699,20 @@ class Worker(Server):
 
     def _on_compute_task(self, key, run_spec, priority=(), who_has=None, nbytes=None, duration=0.5,
                          resource_restrictions=None, report: bool = False,
-                         stimulus_id: str = "compute-task"):
+                         stimulus_id: str = "compute_task"):
         return ComputeTaskEvent(stimulus_id, key, run_spec, tuple(priority), who_has or {},
                                 nbytes or {}, duration, resource_restrictions, report)
 
-    def _on_free_keys(self, keys, stimulus_id: str = "free-keys"):
+    def _on_free_keys(self, keys, stimulus_id: str = "free_keys"):
         return FreeKeysEvent(stimulus_id, list(keys))
 
-    def _on_refresh_who_has(self, who_has, stimulus_id: str = "refresh-who-has"):
+    def _on_refresh_who_has(self, who_has, stimulus_id: str = "refresh_who_has"):
         return RefreshWhoHasEvent(stimulus_id, who_has)
 
-    def _on_acquire_replicas(self, who_has, nbytes=None, stimulus_id: str = "acquire-replicas"):
+    def _on_acquire_replicas(self, who_has, nbytes=None, stimulus_id: str = "acquire_replicas"):
         return AcquireReplicasEvent(stimulus_id, who_has, nbytes or {})
 
-    def _on_remove_replicas(self, keys, stimulus_id: str = "remove-replicas"):
+    def _on_remove_replicas(self, keys, stimulus_id: str = "remove_replicas"):
         return RemoveReplicasEvent(stimulus_id, list(keys))
 
     def _on_close(self, reason: str = "", stimulus_id: str = ""):
@@ -762,7 +762,7 @@ class Worker(Server):
         self.handle_stimulus(UpdateDataEvent(f"update-data-{time.time()}", data, nbytes))
         if report and self.batched_stream is not None:
             with suppress(CommClosedError):
-                self.batched_stream.send({"op": "add-keys", "keys": list(data)})
+                self.batched_stream.send({"op": "add_keys", "keys": list(data)})
         return {"nbytes": nbytes, "types": types, "status": "OK"}
 
     # ------------------------------------------------------------------ misc operations

@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-The scheduler sends ``compute-task`` (with where each dependency lives) and
-``free-keys``.  For each task the worker
+The scheduler sends ``compute_task`` (with where each dependency lives) and
+``free_keys``.  For each task the worker
 
 1. marks dependencies it lacks as ``fetch`` and groups them by the peer that
    holds them; at most ``transfer_incoming_count_limit`` peers are asked at
@@ -12,7 +12,7 @@ The scheduler sends ``compute-task`` (with where each dependency lives) and
 2. once every dependency is in memory, puts the task in ``ready`` (a heap by
    priority) or ``constrained`` (when it needs abstract resources);
 3. keeps up to ``nthreads`` tasks ``executing`` (``Execute``), and reports
-   ``task-finished`` / ``task-erred``.
+   ``task_finished`` / ``task_erred``.
 
 A task the scheduler releases while it runs or while its data is in flight is
 ``cancelled``: the thread cannot be stopped, so its result is discarded when

@@ -540,7 +540,7 @@ def test_compute_sends_one_message_per_call(c, monkeypatch):
     x = da.ones((400, 400), chunks=20)  # 400 chunks
     f = c.compute((x + x.T).sum())
     assert f.result(timeout=60) == 2 * 400 * 400
-    graph_msgs = [m for m in sent if m.get("op") == "update-graph"]
+    graph_msgs = [m for m in sent if m.get("op") == "update_graph"]
     assert len(graph_msgs) == 1
     assert len(graph_msgs[0]["tasks"]) > 400
 

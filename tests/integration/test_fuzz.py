@@ -12,7 +12,7 @@ throws at them over blocking sockets:
   operations, known operations with missing, extra and wrongly typed fields
   (keys as dicts, ints as lists, ...), deep nesting;
 * the same wrong shapes *inside* a client's and a worker's stream, after a
-  valid ``register-client`` / ``register-worker``;
+  valid ``register_client`` / ``register_worker``;
 * truncated messages followed by a half-close, a close or a reset;
 * many connections at once.
 
@@ -73,7 +73,7 @@ MB = 2**20
 AUTHORISED_ACTIONS = {
     "close", "close_gracefully", "terminate", "kill", "restart", "retire_workers",
     "close_worker", "unregister", "broadcast", "run", "run_function", "proxy",
-    "upload_file", "plugin-add", "register_worker_plugin", "add_plugin", "remove_plugin",
+    "upload_file", "plugin_add", "register_worker_plugin", "add_plugin", "remove_plugin",
     "replicate", "rebalance", "instantiate",
 }
 
@@ -290,11 +290,11 @@ def _recipes():
 @st.composite
 def plausible_client_messages(draw):
     """Client stream messages of the right shape about a few keys: they reach the state."""
-    op = draw(st.sampled_from(["update-graph", "update-graph", "client-releases-keys",
-                               "heartbeat-client"]))
-    if op == "client-releases-keys":
+    op = draw(st.sampled_from(["update_graph", "update_graph", "client_releases_keys",
+                               "heartbeat_client"]))
+    if op == "client_releases_keys":
         return {"op": op, "keys": draw(st.lists(alphabet, max_size=3))}
-    if op == "heartbeat-client":
+    if op == "heartbeat_client":
         return {"op": op}
     tasks = draw(st.dictionaries(alphabet, _recipes(), max_size=4))
     return {
@@ -316,26 +316,26 @@ def plausible_client_messages(draw):
 @st.composite
 def plausible_worker_messages(draw):
     """Worker stream messages of the right shape about a few keys."""
-    op = draw(st.sampled_from(["task-finished", "task-finished", "task-erred", "add-keys",
-                               "missing-data", "release-worker-data", "reschedule",
-                               "long-running", "heartbeat", "worker-status-change"]))
+    op = draw(st.sampled_from(["task_finished", "task_finished", "task_erred", "add_keys",
+                               "missing_data", "release_worker_data", "reschedule",
+                               "long-running", "heartbeat", "worker_status_change"]))
     key = draw(alphabet)
     msg = {
-        "task-finished": lambda: {"key": key, "nbytes": draw(st.integers(-1, 2**40)),
+        "task_finished": lambda: {"key": key, "nbytes": draw(st.integers(-1, 2**40)),
                                   "type": "int", "startstops": [("compute", 1.0, 1.5)],
                                   "data": draw(st.one_of(st.none(), st.just(pickle.dumps(5)),
                                                          st.binary(max_size=8)))},
-        "task-erred": lambda: {"key": key, "exception": ValueError("fuzz"), "traceback": "",
+        "task_erred": lambda: {"key": key, "exception": ValueError("fuzz"), "traceback": "",
                                "startstops": []},
-        "add-keys": lambda: {"keys": draw(st.lists(alphabet, max_size=3))},
-        "missing-data": lambda: {"key": key, "errant_worker": draw(st.one_of(
+        "add_keys": lambda: {"keys": draw(st.lists(alphabet, max_size=3))},
+        "missing_data": lambda: {"key": key, "errant_worker": draw(st.one_of(
             st.none(), st.sampled_from(["tcp://fuzz.invalid:1", "tcp://127.0.0.1:1"])))},
-        "release-worker-data": lambda: {"key": key},
+        "release_worker_data": lambda: {"key": key},
         "reschedule": lambda: {"key": key},
         "long-running": lambda: {"key": key, "compute_duration": draw(st.one_of(
             st.none(), st.floats(0, 10)))},
         "heartbeat": lambda: {"metrics": {"memory": draw(st.integers(0, 2**40)), "time": 1.0}},
-        "worker-status-change": lambda: {"status": draw(st.sampled_from(
+        "worker_status_change": lambda: {"status": draw(st.sampled_from(
             ["running", "paused", "closing_gracefully"]))},
     }[op]()
     return {"op": op, **msg, "stimulus_id": "fuzz"}
@@ -475,7 +475,7 @@ def run_fuzz(loop: asyncio.AbstractEventLoop, address: str, ops: dict[str, list[
         async def _(case):
             name, batches = case
             peer = await Peer.connect(address)
-            await peer.send(message_bytes({"op": "register-client", "client": f"fuzz-client-{name}"}))
+            await peer.send(message_bytes({"op": "register_client", "client": f"fuzz-client-{name}"}))
             reply = await peer.read_message()
             assert reply is not None and reply[0] == "OK", reply
             for batch in batches:
@@ -498,7 +498,7 @@ def run_fuzz(loop: asyncio.AbstractEventLoop, address: str, ops: dict[str, list[
         async def _(case):
             port, fields, batches = case
             peer = await Peer.connect(address)
-            await peer.send(message_bytes({"op": "register-worker", **fields,
+            await peer.send(message_bytes({"op": "register_worker", **fields,
                                      "address": f"tcp://fuzz.invalid:{port}"}))
             reply = await peer.read_message()
             if reply is not None and reply[0] == "OK":
@@ -521,10 +521,10 @@ def run_fuzz(loop: asyncio.AbstractEventLoop, address: str, ops: dict[str, list[
             # few keys: placement, results, errors, lost data, releases, in any order.
             port, nthreads, batches, order = case
             client, worker = await Peer.connect(address), await Peer.connect(address)
-            await client.send(message_bytes({"op": "register-client", "client": f"fuzz-client-{port}"}))
+            await client.send(message_bytes({"op": "register_client", "client": f"fuzz-client-{port}"}))
             reply = await client.read_message()
             assert reply is not None and reply[0] == "OK", reply
-            await worker.send(message_bytes({"op": "register-worker", "nthreads": nthreads,
+            await worker.send(message_bytes({"op": "register_worker", "nthreads": nthreads,
                                        "name": f"fuzz-{port}",
                                        "address": f"tcp://fuzz.invalid:{port}"}))
             reply = await worker.read_message()

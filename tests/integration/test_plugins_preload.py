@@ -365,8 +365,8 @@ def test_blocked_handlers_unknown_names_are_refused_with_the_accepted_ones():
 
 @gen_test(timeout=30)
 async def test_blocked_stream_opening_refuses_clients():
-    async with Scheduler(dashboard_address=None, blocked_handlers=["register-client"]) as s:
-        with pytest.raises(BlockedHandlerError, match="register-client"):
+    async with Scheduler(dashboard_address=None, blocked_handlers=["register_client"]) as s:
+        with pytest.raises(BlockedHandlerError, match="register_client"):
             await Client(s.address, asynchronous=True)
 
 

@@ -457,9 +457,9 @@ async def test_client_that_disconnects_mid_message_leaves_no_half_state(cut, how
     loop = asyncio.get_running_loop()
     async with gen_cluster(nworkers=1) as (c, s, workers):
         before = _tables(s)
-        register = framed(pickle.dumps({"op": "register-client", "client": "raw-client"}))
+        register = framed(pickle.dumps({"op": "register_client", "client": "raw-client"}))
         graph = framed(pickle.dumps([{
-            "op": "update-graph", "tasks": {"raw-x": (pickle.dumps(inc), pickle.dumps(((1,), {})))},
+            "op": "update_graph", "tasks": {"raw-x": (pickle.dumps(inc), pickle.dumps(((1,), {})))},
             "keys": ["raw-x"], "dependencies": {},
         }]))
         sock = await raw_connect(s.address)

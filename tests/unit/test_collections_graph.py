@@ -62,7 +62,7 @@ LEGACY = {
 def test_one_message_with_the_culled_graph():
     sub = translate(LEGACY, [("c", 1), ["b"]])
     msg = sub.msg
-    assert msg["op"] == "update-graph"
+    assert msg["op"] == "update_graph"
     assert sub.wanted == [("c", 1), "b"] and msg["keys"] == [("c", 1), "b"]
     assert set(msg["tasks"]) == {"a", "b", ("c", 0), ("c", 1)}  # "unused" culled
     deps = {k: set(v) for k, v in msg["dependencies"].items()}

@@ -46,7 +46,7 @@ def test_every_stream_operation_has_a_spec():
     """A new operation without a spec would reach the state unchecked."""
     s = Scheduler(dashboard_address=None)
     assert s.worker_ops is WORKER
-    assert set(s.client_ops) == set(CLIENT) | {"close-client"}
+    assert set(s.client_ops) == set(CLIENT) | {"close_client"}
     assert set(s.stream_handlers) == set(messages.SCHEDULER_STREAM_OPENINGS)
     assert set(messages.SCHEDULER_REQUESTS) <= set(s.handlers)
 
@@ -63,8 +63,8 @@ def test_every_stream_operation_has_a_spec():
     RescheduleMsg("s", "k").to_wire(),
     LongRunningMsg("s", "k", 0.25).to_wire(),
     {"op": "heartbeat", "metrics": {"memory": 1, "time": 2.0, "anything": {"nested": 1}}},
-    {"op": "worker-status-change", "status": "paused"},
-    {"op": "worker-closing", "reason": "lifetime"},
+    {"op": "worker_status_change", "status": "paused"},
+    {"op": "worker_closing", "reason": "lifetime"},
 ])
 def test_what_workers_send_passes(msg):
     check(WORKER, msg)
@@ -81,19 +81,19 @@ def test_what_clients_send_passes(options):
     pieces = {"x": {"spec": RECIPE, "deps": set()}, ("y", 0): {"spec": RECIPE, "deps": {"x"}}}
     msg = graph_msg(pieces, list(pieces), **(defaults | options))
     check(CLIENT, msg, SchedulerState())
-    check(CLIENT, {"op": "client-releases-keys", "keys": ["x"]})
+    check(CLIENT, {"op": "client_releases_keys", "keys": ["x"]})
 
 
 @pytest.mark.parametrize("op, msg, field", [
-    ("register-worker", {"address": "tcp://h:1", "nthreads": {}}, "nthreads"),
-    ("register-worker", {"address": "tcp://h:1", "nthreads": 0}, "nthreads"),
-    ("register-worker", {"address": "tcp://h:1", "name": ["unhashable"]}, "name"),
-    ("register-worker", {"address": "tcp://h:1", "resources": {"GPU": "1"}}, "resources"),
-    ("register-worker", {"address": 5}, "address"),
-    ("register-worker", {"nthreads": 1}, "missing field 'address'"),
-    ("register-worker", {"address": "tcp://h:1", "bogus": 1}, "unexpected field 'bogus'"),
-    ("register-client", {}, "missing field 'client'"),
-    ("register-client", {"client": 7}, "client"),
+    ("register_worker", {"address": "tcp://h:1", "nthreads": {}}, "nthreads"),
+    ("register_worker", {"address": "tcp://h:1", "nthreads": 0}, "nthreads"),
+    ("register_worker", {"address": "tcp://h:1", "name": ["unhashable"]}, "name"),
+    ("register_worker", {"address": "tcp://h:1", "resources": {"GPU": "1"}}, "resources"),
+    ("register_worker", {"address": 5}, "address"),
+    ("register_worker", {"nthreads": 1}, "missing field 'address'"),
+    ("register_worker", {"address": "tcp://h:1", "bogus": 1}, "unexpected field 'bogus'"),
+    ("register_client", {}, "missing field 'client'"),
+    ("register_client", {"client": 7}, "client"),
 ])
 def test_bad_stream_openings_are_refused_naming_the_field(op, msg, field):
     with pytest.raises(TypeError, match=field):
@@ -101,15 +101,15 @@ def test_bad_stream_openings_are_refused_naming_the_field(op, msg, field):
 
 
 @pytest.mark.parametrize("msg, field", [
-    ({"op": "update-graph", "tasks": {"k": "not a recipe"}}, "tasks"),
-    ({"op": "update-graph", "tasks": {("k", frozenset([1])): RECIPE}}, "tasks"),
-    ({"op": "update-graph", "tasks": {}, "keys": {"a": 1}}, "keys"),
-    ({"op": "update-graph", "tasks": {}, "keys": [{"a": 1}]}, "keys"),
-    ({"op": "update-graph", "tasks": {}, "dependencies": {"k": 5}}, "dependencies"),
-    ({"op": "update-graph", "tasks": {}, "retries": {"k": -1}}, "retries"),
-    ({"op": "update-graph", "tasks": {}, "user_priority": math.nan}, "user_priority"),
-    ({"op": "update-graph", "tasks": {}, "client": "someone else"}, "unexpected field 'client'"),
-    ({"op": "client-releases-keys", "keys": "abc"}, "keys"),
+    ({"op": "update_graph", "tasks": {"k": "not a recipe"}}, "tasks"),
+    ({"op": "update_graph", "tasks": {("k", frozenset([1])): RECIPE}}, "tasks"),
+    ({"op": "update_graph", "tasks": {}, "keys": {"a": 1}}, "keys"),
+    ({"op": "update_graph", "tasks": {}, "keys": [{"a": 1}]}, "keys"),
+    ({"op": "update_graph", "tasks": {}, "dependencies": {"k": 5}}, "dependencies"),
+    ({"op": "update_graph", "tasks": {}, "retries": {"k": -1}}, "retries"),
+    ({"op": "update_graph", "tasks": {}, "user_priority": math.nan}, "user_priority"),
+    ({"op": "update_graph", "tasks": {}, "client": "someone else"}, "unexpected field 'client'"),
+    ({"op": "client_releases_keys", "keys": "abc"}, "keys"),
 ])
 def test_bad_client_messages_are_refused_naming_the_field(msg, field):
     with pytest.raises(TypeError, match=field):
@@ -117,25 +117,25 @@ def test_bad_client_messages_are_refused_naming_the_field(msg, field):
 
 
 def test_a_cyclic_graph_is_refused_as_a_value_error():
-    msg = {"op": "update-graph", "tasks": {"a": RECIPE, "b": RECIPE}, "keys": ["a"],
+    msg = {"op": "update_graph", "tasks": {"a": RECIPE, "b": RECIPE}, "keys": ["a"],
            "dependencies": {"a": ["b"], "b": ["a"]}}
-    with pytest.raises(ValueError, match="'update-graph' message: the graph has a cycle"):
+    with pytest.raises(ValueError, match="'update_graph' message: the graph has a cycle"):
         check(CLIENT, msg, SchedulerState())
     # Without a state to check against, only the types are checked.
     check(CLIENT, msg)
 
 
 @pytest.mark.parametrize("msg, field", [
-    ({"op": "task-finished", "key": "k", "nbytes": "28"}, "nbytes"),
-    ({"op": "task-finished", "nbytes": 28}, "missing field 'key'"),
-    ({"op": "task-finished", "key": "k", "startstops": [("compute", 1.0)]}, "startstops"),
-    ({"op": "task-finished", "key": "k", "startstops": [("compute", 1.0, math.inf)]}, "startstops"),
-    ({"op": "task-finished", "key": "k", "worker": "tcp://h:1"}, "unexpected field 'worker'"),
-    ({"op": "long-running", "key": "k", "compute_duration": math.nan}, "compute_duration"),
-    ({"op": "add-keys", "keys": [["a"]]}, "keys"),
+    ({"op": "task_finished", "key": "k", "nbytes": "28"}, "nbytes"),
+    ({"op": "task_finished", "nbytes": 28}, "missing field 'key'"),
+    ({"op": "task_finished", "key": "k", "startstops": [("compute", 1.0)]}, "startstops"),
+    ({"op": "task_finished", "key": "k", "startstops": [("compute", 1.0, math.inf)]}, "startstops"),
+    ({"op": "task_finished", "key": "k", "worker": "tcp://h:1"}, "unexpected field 'worker'"),
+    ({"op": "long_running", "key": "k", "compute_duration": math.nan}, "compute_duration"),
+    ({"op": "add_keys", "keys": [["a"]]}, "keys"),
     ({"op": "heartbeat", "metrics": [1, 2]}, "metrics"),
-    ({"op": "worker-status-change", "status": "asleep"}, "status"),
-    ({"op": "worker-status-change"}, "missing field 'status'"),
+    ({"op": "worker_status_change", "status": "asleep"}, "status"),
+    ({"op": "worker_status_change"}, "missing field 'status'"),
 ])
 def test_bad_worker_messages_are_refused_naming_the_field(msg, field):
     with pytest.raises(TypeError, match=field):
@@ -148,9 +148,9 @@ def test_non_string_field_names_and_hostile_reprs_do_not_break_the_check():
             raise RuntimeError("no")
 
     with pytest.raises(TypeError, match="unexpected field 3"):
-        events.decode(WORKER["add-keys"], {3: 1}, "w", str)
+        events.decode(WORKER["add_keys"], {3: 1}, "w", str)
     with pytest.raises(TypeError, match="keys.*BadRepr"):
-        events.decode(WORKER["add-keys"], {"keys": BadRepr()}, "w", str)
+        events.decode(WORKER["add_keys"], {"keys": BadRepr()}, "w", str)
     deep: list = []
     for _ in range(100_000):
         deep = [deep]

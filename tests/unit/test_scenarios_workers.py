@@ -151,7 +151,7 @@ def test_fetch_from_a_peer_that_just_dropped_the_key_falls_back_to_another_repli
     # While b's request is on its way, the peer drops its replica (as replicate(n=1)
     # tells it to): it answers without x, b reports missing-data and is pointed at
     # the other copy.
-    c.queue.append((SCHEDULER, first, wev.RemoveReplicasEvent("remove-replicas-race", ["x"])))
+    c.queue.append((SCHEDULER, first, wev.RemoveReplicasEvent("remove_replicas-race", ["x"])))
     c.run_until_idle()
     assert "x" not in c.workers[first].data
     c.queue.append(transfer)

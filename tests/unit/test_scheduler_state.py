@@ -457,7 +457,7 @@ def test_handle_dispatches_events(state):
     assert freed(out) == {(A, "x")}  # y's input is no longer needed
     # The wire form drops the routing field and names the operation.
     wire = err.to_wire()
-    assert wire["op"] == "task-erred" and "client" not in wire and wire["key"] == "y"
+    assert wire["op"] == "task_erred" and "client" not in wire and wire["key"] == "y"
     out = state.handle(ClientReleasesKeysEvent(["y"], "c"))
     assert state.tasks == {}
     # x was freed already; y was never in memory, but A keeps its error until told
@@ -1270,7 +1270,7 @@ def test_result_from_wrong_worker_is_freed(state):
     state.handle(AddWorkerEvent(B))
     state.handle(UpdateGraphEvent("c", {"x": SPEC}, ["x"], restrictions={"x": [A]}))
     out = state.handle(TaskFinishedEvent("x", B, nbytes=1))
-    assert out == [FreeKeysMsg("task-finished", B, ["x"])]
+    assert out == [FreeKeysMsg("task_finished", B, ["x"])]
     assert where(state, "x") == A
     assert state.handle(TaskFinishedEvent("x", C)) == []  # unknown worker
     state.handle(TaskFinishedEvent("x", A, nbytes=1))
@@ -1316,7 +1316,7 @@ def test_add_keys_records_replicas_and_frees_stale_ones(state):
     state.handle(UpdateGraphEvent("c", {"x": SPEC}, ["x"], restrictions={"x": [A]}))
     finish(state, "x", nbytes=5)
     out = state.handle(AddKeysEvent(B, ["x", "gone"]))
-    assert out == [FreeKeysMsg("add-keys", B, ["gone"])]
+    assert out == [FreeKeysMsg("add_keys", B, ["gone"])]
     assert holders(state, "x") == {A, B}
     assert state.handle(AddKeysEvent(C, ["x"])) == []
 

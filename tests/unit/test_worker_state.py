@@ -789,9 +789,9 @@ def test_compute_task_is_idempotent_while_queued_or_running():
 def test_messages_to_wire():
     msg = TaskErredMsg("sid", "x", ValueError("v"), "tb", [])
     wire = msg.to_wire()
-    assert wire["op"] == "task-erred" and wire["key"] == "x" and wire["stimulus_id"] == "sid"
+    assert wire["op"] == "task_erred" and wire["key"] == "x" and wire["stimulus_id"] == "sid"
     assert MissingDataMsg("sid", "x", A).to_wire() == {
-        "op": "missing-data", "stimulus_id": "sid", "key": "x", "errant_worker": A,
+        "op": "missing_data", "stimulus_id": "sid", "key": "x", "errant_worker": A,
     }
 
 
