@@ -167,7 +167,9 @@ class Placement:
                 # (validation checks it): all of them, so no candidate. This is
                 # the common case, after each task that finishes.
                 return
-            candidates = [ws for ws in workers.values() if ws.status == "running" and has_room(ws)]
+            # ``room`` rather than every worker: after a task finishes, usually only
+            # its worker has room, and looking at all of them is O(workers) per task.
+            candidates = [ws for ws in self.room.values() if ws.status == "running" and has_room(ws)]
             if not candidates:
                 return
             # One task per worker per pass, least loaded first, so that a burst
