@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import traceback
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 from runtime.execution import Reschedule, sizeof
@@ -65,16 +65,12 @@ from runtime.worker.state import WorkerStateMachine
 Key = Hashable
 SCHEDULER = "scheduler"
 
-#: Scheduler -> worker wire operations and the worker event each becomes (worker/server.py).
-TO_WORKER: dict[str, Callable[[dict], Any]] = {
-    "compute_task": lambda m: wev.ComputeTaskEvent(
-        m["stimulus_id"], m["key"], m["run_spec"], tuple(m["priority"]), m["who_has"] or {},
-        m["nbytes"] or {}, m["duration"], m["resource_restrictions"], m["report"]),
-    "free_keys": lambda m: wev.FreeKeysEvent(m["stimulus_id"], list(m["keys"])),
-    "refresh_who_has": lambda m: wev.RefreshWhoHasEvent(m["stimulus_id"], m["who_has"]),
-    "acquire_replicas": lambda m: wev.AcquireReplicasEvent(m["stimulus_id"], m["who_has"], m["nbytes"] or {}),
-    "remove_replicas": lambda m: wev.RemoveReplicasEvent(m["stimulus_id"], list(m["keys"])),
-}
+def to_worker(wire: dict) -> Any:
+    """The worker event a scheduler's message becomes, decoded exactly as the worker's
+    server decodes it (:func:`runtime.worker.events.decode`)."""
+    op = wire.pop("op")
+    return wev.decode(op, wire)
+
 
 def to_scheduler(worker: str, wire: dict) -> sev.SchedulerEvent:
     """The scheduler event a worker's message becomes, decoded (and checked) exactly as
@@ -303,7 +299,7 @@ class Cluster:
                 self.reports.append(inst)
             else:
                 wire = inst.to_wire()
-                self.queue.append((SCHEDULER, inst.worker, TO_WORKER[wire.pop("op")](wire)))
+                self.queue.append((SCHEDULER, inst.worker, to_worker(wire)))
 
     def _route_worker(self, addr: str, instructions: list) -> None:
         ws = self.workers[addr]

@@ -3,6 +3,11 @@
 Events are facts the IO shell reports (``...Event``); instructions are what the
 state machine asks it to do (``Execute``, ``GatherDep``) or to send to the
 scheduler (``...Msg``).
+
+A message of the scheduler's stream that the state takes is the event it
+becomes: :func:`from_scheduler` names its operation, the event's fields are
+the message's (the scheduler's ``...Msg`` of the same operation sends exactly
+those), and :func:`decode` builds it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,33 @@ Key = Hashable
 
 # ----------------------------------------------------------------------------- events
 
+#: ``{op: event class}``: the scheduler's stream messages that are events of the state.
+FROM_SCHEDULER: dict[str, type[StateMachineEvent]] = {}
+
+
+def from_scheduler(op: str):
+    """Class decorator: the event is how the scheduler's message ``op`` enters the state."""
+
+    def register(cls: type) -> type:
+        cls.OP = op
+        FROM_SCHEDULER[op] = cls
+        return cls
+
+    return register
+
+
+def decode(op: str, msg: dict) -> StateMachineEvent:
+    """The event for the scheduler's message ``op`` (``msg`` without its ``op``).
+
+    Raises:
+        KeyError: ``op`` is not an event of the state.
+        TypeError: a field the event does not have, or one it needs is missing.
+    """
+    cls = FROM_SCHEDULER[op]
+    if not msg.get("stimulus_id"):
+        msg["stimulus_id"] = op
+    return cls(**msg)
+
 
 @dataclass(slots=True)
 class StateMachineEvent:
@@ -25,6 +57,7 @@ class StateMachineEvent:
     stimulus_id: str
 
 
+@from_scheduler("compute_task")
 @dataclass(slots=True)
 class ComputeTaskEvent(StateMachineEvent):
     handler = "_handle_compute_task"
@@ -37,7 +70,17 @@ class ComputeTaskEvent(StateMachineEvent):
     resource_restrictions: dict | None = None
     report: bool = False
 
+    def __post_init__(self) -> None:
+        # As sent: a list (pickled tuples stay tuples, but be lenient) and None for empty.
+        if type(self.priority) is not tuple:
+            self.priority = tuple(self.priority)
+        if self.who_has is None:
+            self.who_has = {}
+        if self.nbytes is None:
+            self.nbytes = {}
 
+
+@from_scheduler("free_keys")
 @dataclass(slots=True)
 class FreeKeysEvent(StateMachineEvent):
     handler = "_handle_free_keys"
@@ -111,6 +154,7 @@ class UpdateDataEvent(StateMachineEvent):
     nbytes: dict
 
 
+@from_scheduler("refresh_who_has")
 @dataclass(slots=True)
 class RefreshWhoHasEvent(StateMachineEvent):
     handler = "_handle_refresh_who_has"
@@ -129,6 +173,7 @@ class UnpauseEvent(StateMachineEvent):
     handler = "_handle_unpause"
 
 
+@from_scheduler("remove_replicas")
 @dataclass(slots=True)
 class RemoveReplicasEvent(StateMachineEvent):
     """The scheduler asks us to drop replicas it has elsewhere (rebalance, replicate)."""
@@ -137,11 +182,16 @@ class RemoveReplicasEvent(StateMachineEvent):
     keys: list
 
 
+@from_scheduler("acquire_replicas")
 @dataclass(slots=True)
 class AcquireReplicasEvent(StateMachineEvent):
     handler = "_handle_acquire_replicas"
     who_has: dict
-    nbytes: dict
+    nbytes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.nbytes is None:
+            self.nbytes = {}
 
 
 # ----------------------------------------------------------------------------- instructions

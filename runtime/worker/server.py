@@ -65,22 +65,18 @@ from ..utils import (
     unparse_host_port,
 )
 from ..versions import registration_versions
+from .events import FROM_SCHEDULER, decode
 from .memory import memory_fraction, parse_memory_limit
 from .plugins import UNSUPPORTED, UPLOADS_DIRECTORY, WorkerExtras  # noqa: F401
 from .state import (
-    AcquireReplicasEvent,
-    ComputeTaskEvent,
     Execute,
     ExecuteFailureEvent,
     ExecuteSuccessEvent,
-    FreeKeysEvent,
     GatherDep,
     GatherDepFailureEvent,
     GatherDepNetworkFailureEvent,
     GatherDepSuccessEvent,
     PauseEvent,
-    RefreshWhoHasEvent,
-    RemoveReplicasEvent,
     RescheduleEvent,
     SecedeEvent,
     TaskFinishedMsg,
@@ -279,12 +275,9 @@ class Worker(Server):
             "keys": lambda: list(self.data),
         })
         self.message_specs = messages.WORKER_REQUESTS
+        #: The scheduler's stream messages that are not events of the state
+        #: (those are decoded by :func:`runtime.worker.events.decode`).
         self.stream_ops = {
-            "compute_task": self._on_compute_task,
-            "free_keys": self._on_free_keys,
-            "refresh_who_has": self._on_refresh_who_has,
-            "acquire_replicas": self._on_acquire_replicas,
-            "remove_replicas": self._on_remove_replicas,
             "plugin_add": self.extras._on_plugin_add,
             "plugin_remove": self.extras._on_plugin_remove,
             "close": self._on_close,
@@ -443,11 +436,11 @@ class Worker(Server):
                 for msg in batch:
                     op = msg.pop("op", None)
                     handler = self.stream_ops.get(op)
-                    if handler is None:
+                    if handler is None and op not in FROM_SCHEDULER:
                         logger.warning("unknown operation %r from scheduler; ignoring", op)
                         continue
                     try:
-                        ev = handler(**msg)
+                        ev = decode(op, msg) if handler is None else handler(**msg)
                     except Exception:
                         logger.exception("malformed %r message from the scheduler; ignoring it", op)
                         continue
@@ -696,24 +689,6 @@ class Worker(Server):
     def _on_secede(self, key: Key, compute_duration: float) -> None:
         if self.status in (Status.running, Status.closing):
             self.handle_stimulus(SecedeEvent(f"secede-{key}", key, compute_duration))
-
-    def _on_compute_task(self, key, run_spec, priority=(), who_has=None, nbytes=None, duration=0.5,
-                         resource_restrictions=None, report: bool = False,
-                         stimulus_id: str = "compute_task"):
-        return ComputeTaskEvent(stimulus_id, key, run_spec, tuple(priority), who_has or {},
-                                nbytes or {}, duration, resource_restrictions, report)
-
-    def _on_free_keys(self, keys, stimulus_id: str = "free_keys"):
-        return FreeKeysEvent(stimulus_id, list(keys))
-
-    def _on_refresh_who_has(self, who_has, stimulus_id: str = "refresh_who_has"):
-        return RefreshWhoHasEvent(stimulus_id, who_has)
-
-    def _on_acquire_replicas(self, who_has, nbytes=None, stimulus_id: str = "acquire_replicas"):
-        return AcquireReplicasEvent(stimulus_id, who_has, nbytes or {})
-
-    def _on_remove_replicas(self, keys, stimulus_id: str = "remove_replicas"):
-        return RemoveReplicasEvent(stimulus_id, list(keys))
 
     def _on_close(self, reason: str = "", stimulus_id: str = ""):
         logger.info("scheduler asked worker %s to close (%s)", self.address, reason)

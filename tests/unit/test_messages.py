@@ -156,3 +156,24 @@ def test_non_string_field_names_and_hostile_reprs_do_not_break_the_check():
         deep = [deep]
     assert messages.short_repr(deep).startswith("[[[")
     assert len(messages.short_repr(list(range(10**6)))) <= 80
+
+
+def test_every_message_to_a_worker_is_decoded_into_its_event_field_for_field():
+    """What the scheduler sends a worker (its ...Msg) and the event the worker builds from
+    it (runtime.worker.events.decode) name the same fields: one definition of the message."""
+    import dataclasses
+
+    from runtime.scheduler import records
+    from runtime.worker import events as wev
+
+    sent = {cls.op: cls for cls in vars(records).values()
+            if isinstance(cls, type) and issubclass(cls, records.Msg) and cls.route == "worker"}
+    assert set(wev.FROM_SCHEDULER) <= set(sent)
+    for op, event in wev.FROM_SCHEDULER.items():
+        msg_fields = {f.name for f in dataclasses.fields(sent[op])} - {"worker"}
+        assert msg_fields == {f.name for f in dataclasses.fields(event)}, op
+    msg = records.ComputeTaskMsg("s-1", "w", "k", b"spec", [0, 1], None, None, 0.5, None).to_wire()
+    ev = wev.decode(msg.pop("op"), msg)
+    assert ev == wev.ComputeTaskEvent("s-1", "k", b"spec", (0, 1), {}, {}, 0.5, None, False)
+    with pytest.raises(TypeError):
+        wev.decode("free_keys", {"keys": ["a"], "bogus": 1})
