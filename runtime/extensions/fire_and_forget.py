@@ -9,10 +9,9 @@ own futures may then be dropped.  A task held this way is let go of once it has
 finished (in memory) or failed, so its result is freed unless someone else
 wants it, as dask.distributed does.
 
-The seam gives extensions no hook on task transitions, so the extension looks
-at the states of the keys it holds on the scheduler's loop, every
-:data:`SWEEP_INTERVAL` seconds and only while it holds any (a set lookup per
-held key; no client is involved and nothing blocks).
+The scheduler's state lets go of them itself: when a task that the
+pseudo-client holds finishes or fails, the transition drops that hold
+(``SchedulerState._let_go_fire_and_forget``), so nothing here watches the tasks.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..futures import futures_of
+from ..scheduler.state import FIRE_AND_FORGET
 from . import holding
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,11 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-#: The pseudo-client that holds fire-and-forget tasks.
-HOLDER = "fire-and-forget"
-
-#: Seconds between looks at the held tasks' states.
-SWEEP_INTERVAL = 0.1
+#: The pseudo-client that holds fire-and-forget tasks (the state's own name for it).
+HOLDER = FIRE_AND_FORGET
 
 #: Task states after which nothing more happens to a task by itself.
 _DONE = frozenset({"memory", "erred", "forgotten"})
@@ -54,55 +51,23 @@ class FireAndForgetExtension:
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
-        #: Keys held until their tasks finish or fail.
-        self.held: set[Hashable] = set()
-        self._sweeper: asyncio.Task | None = None
         #: How long to wait for keys still on their way on a client's stream.
         self.key_arrival_timeout = holding.KEY_ARRIVAL_TIMEOUT
         self.handlers = {"fire_and_forget": self.hold}
 
     async def hold(self, keys: Iterable[Hashable], client: str | None = None) -> list:
         """Hold ``keys`` until their tasks are done; keys the scheduler does not know
-        (already forgotten) are skipped.
+        (already forgotten) and tasks already done are skipped.
 
         Returns:
             The keys now held.
         """
         keys = list(keys)
         await holding.wait_known(self.scheduler, keys, self.key_arrival_timeout)
-        known = [k for k in keys if k in self.scheduler.state.tasks]
-        holding.hold(self.scheduler, HOLDER, known)
-        self.held.update(known)
-        self.sweep()
-        if self.held and (self._sweeper is None or self._sweeper.done()):
-            self._sweeper = asyncio.ensure_future(self._sweep_while_holding())
-        return known
-
-    def sweep(self) -> list:
-        """Let go of the held keys whose tasks are done; return them."""
         tasks = self.scheduler.state.tasks
-        done = []
-        for k in self.held:
-            ts = tasks.get(k)
-            if ts is None or ts.state in _DONE:
-                done.append(k)
-        if done:
-            self.held.difference_update(done)
-            holding.release(self.scheduler, HOLDER, [k for k in done if k in tasks])
-        return done
-
-    async def _sweep_while_holding(self) -> None:
-        while self.held:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            try:
-                self.sweep()
-            except Exception:  # the scheduler's state is not ours to break: log and go on
-                logger.exception("fire-and-forget: sweeping the held tasks failed")
-
-    def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        self.held.clear()
+        held = [k for k in keys if k in tasks and tasks[k].state not in _DONE]
+        holding.hold(self.scheduler, HOLDER, held)
+        return held
 
 
 def fire_and_forget(obj: Any) -> None:

@@ -85,6 +85,11 @@ _NO_RECS: dict = {}
 # ----------------------------------------------------------------------------- the machine
 
 
+#: The pseudo-client of ``fire_and_forget`` (:mod:`runtime.extensions.fire_and_forget`): the
+#: tasks it holds are let go of when they finish or fail.
+FIRE_AND_FORGET = "fire-and-forget"
+
+
 class SchedulerState:
     """The scheduler's state and its transition table (no IO).
 
@@ -370,9 +375,23 @@ class SchedulerState:
         ts.suspicious = 0
         if ws is not None:
             self._add_replica(ts, ws)
+        self._let_go_fire_and_forget(ts)
         self._memory_consequences(ts, recs)
         self._report_memory(ts, stimulus_id, data)
         return recs
+
+    def _let_go_fire_and_forget(self, ts: TaskState) -> bool:
+        """The task finished or failed: if ``fire_and_forget`` held it, it holds it no more
+        (dask's meaning: its result is kept only if someone else wants it).
+
+        Returns:
+            Whether it was held so.
+        """
+        cs = self.clients.get(FIRE_AND_FORGET)
+        if cs is None or not _one_discard(ts, "_who_wants", cs):
+            return False
+        cs.wants_what.discard(ts)
+        return True
 
     def _memory_consequences(self, ts: TaskState, recs: dict) -> None:
         for dts in ts._dependents or ():
@@ -509,6 +528,8 @@ class SchedulerState:
             self._instructions.append(TaskErredClientMsg(
                 stimulus_id, cs.client_key, ts.key, blame.exception, blame.traceback or "", worker))
         recs: dict[Key, str] = {}
+        if self._let_go_fire_and_forget(ts) and not ts._who_wants and not ts._dependents:
+            recs[ts.key] = "forgotten"
         for dts in ts._dependents or ():
             if dts.state in ("waiting", "queued", "no-worker", "released", "processing"):
                 dts.exception_blame = blame

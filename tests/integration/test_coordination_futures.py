@@ -276,7 +276,7 @@ async def test_async_client_variable_queue_datasets_fire_and_forget():
         await wait(g)
         del g
         await until(lambda: key not in s.tasks, timeout=10, what="fire-and-forget key freed")
-        assert s.extensions["fire_and_forget"].held == set()
+        assert not s.state.clients["fire-and-forget"].wants_what
 
 
 def test_published_persisted_dask_collection_for_another_client(cluster, c):

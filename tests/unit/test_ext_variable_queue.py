@@ -15,7 +15,12 @@ from runtime.extensions.datasets import PublishExtension
 from runtime.extensions.fire_and_forget import HOLDER, FireAndForgetExtension
 from runtime.extensions.queue import QueueExtension
 from runtime.extensions.variable import VariableExtension
-from runtime.scheduler.events import AddWorkerEvent, TaskFinishedEvent, UpdateGraphEvent
+from runtime.scheduler.events import (
+    AddWorkerEvent,
+    TaskErredEvent,
+    TaskFinishedEvent,
+    UpdateGraphEvent,
+)
 from runtime.scheduler.server import Scheduler
 
 pytestmark = pytest.mark.timeout(30)
@@ -284,14 +289,28 @@ def test_fire_and_forget_holds_until_done_then_frees():
     finish(s, "done")
 
     async def main():
-        assert await ff.hold(["x", "done", "unknown"], client="c") == ["x", "done"]
-        assert ff.held == {"x"}  # a finished task is let go of at once
+        # A finished task is not held at all; an unknown key is skipped.
+        assert await ff.hold(["x", "done", "unknown"], client="c") == ["x"]
         s.remove_client("c")
         assert "x" in s.state.tasks and "done" not in s.state.tasks
         assert wanters(s, "x") == {HOLDER}
-        finish(s, "x")
-        await asyncio.wait_for(ff._sweeper, 5)  # the sweep ends once nothing is held
-        assert "x" not in s.state.tasks and not ff.held
+        finish(s, "x")  # the state lets go of it in the transition to memory: freed at once
+        assert "x" not in s.state.tasks
+        assert not s.state.clients[HOLDER].wants_what
+
+    run(main())
+
+
+def test_fire_and_forget_lets_go_of_a_failed_task():
+    s = make_scheduler()
+    ff = s.extensions["fire_and_forget"]
+    submit(s, "x")
+
+    async def main():
+        assert await ff.hold(["x"], client="c") == ["x"]
+        s.remove_client("c")
+        s._send(s.state.handle(TaskErredEvent("x", W, ValueError("boom"), "tb", stimulus_id="err-x")))
+        assert "x" not in s.state.tasks
 
     run(main())
 
