@@ -181,7 +181,6 @@ def measure_cluster(system: str, n: int, profile: str | None = None) -> dict:
     """A no-op map of ``n`` tasks held on a real cluster (see the module docstring)."""
     import psutil
 
-    from bench.common import DASK_TUNED, dask_env
     from bench.workloads import noop
 
     if system == "ours":
@@ -193,6 +192,8 @@ def measure_cluster(system: str, n: int, profile: str | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     if system == "dask":
+        from bench.common import DASK_TUNED, dask_env
+
         env.update(dask_env(DASK_TUNED))
     host = subprocess.Popen([sys.executable, "-m", "bench.cluster_host", "--system", system,
                              "--info", info_path], stdin=subprocess.PIPE, env=env, cwd=REPO_ROOT)
