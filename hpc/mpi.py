@@ -44,6 +44,7 @@ before ``mpi4py`` is imported, since importing it initialises MPI.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -107,10 +108,17 @@ def get_world(environ: Mapping[str, str] | None = None) -> Any | None:
     """``MPI.COMM_WORLD`` if we run under an MPI launcher and mpi4py imports, else ``None``.
 
     Importing mpi4py initialises MPI, so it is only imported when the
-    environment says that a launcher started us.
+    environment says that a launcher started us; and only once the other
+    ranks of this node are about to do the same, since ``MPI_Init`` spins
+    while it waits for them (see :mod:`hpc.rendezvous`).
     """
     if not launched_by_mpi(environ):
         return None
+    if "mpi4py.MPI" not in sys.modules and importlib.util.find_spec("mpi4py") is not None:
+        from .rendezvous import wait_for_local_ranks
+
+        logger.debug("rendezvous of the node's ranks before MPI_Init: %s",
+                     wait_for_local_ranks(environ=environ))
     try:
         from mpi4py import MPI
     except ImportError as e:

@@ -176,23 +176,35 @@ WARM_FLAG = "--options-from-stdin"
 
 
 class _WarmChild:
-    """A ``python -P -m runtime.worker.process --options-from-stdin`` waiting for its options.
+    """A worker child waiting for its options on its stdin (see :func:`prewarm`).
 
-    Started with :class:`subprocess.Popen` (no event loop needed), so that it
-    can be started before anything else -- before ``MPI_Init``, say.  Its
-    standard input is a pipe: the options arrive there (a JSON line, then the
-    pickled credentials), and end-of-file ends the child, as for every worker
-    process.  The ready pipe (``--ready-fd``) is made now, its read end kept.
+    Either a fresh ``python -P -m runtime.worker.process --options-from-stdin``
+    (:meth:`spawn`) or a fork of this process, which has imported the
+    worker's modules already (:meth:`fork`).  Neither needs an event loop, so
+    that it can be started before anything else -- before ``MPI_Init``, say.
+    Its standard input is a pipe: the options arrive there (a JSON line, then
+    the pickled credentials), and end-of-file ends the child, as for every
+    worker process.  The ready pipe (``--ready-fd``) is made now, its read end
+    kept.
     """
 
-    def __init__(self, env: dict[str, str], executable: str):
-        import subprocess
-
+    def __init__(self, env: dict[str, str], executable: str, popen: Any, ready_fd: int,
+                 forked: bool = False):
         self.env = env
         self.executable = executable
+        self.popen = popen
+        self.ready_fd: int | None = ready_fd
+        #: Whether the child is a fork of this process (no interpreter start-up).
+        self.forked = forked
+
+    @classmethod
+    def spawn(cls, env: dict[str, str], executable: str) -> _WarmChild:
+        """A fresh interpreter (:class:`subprocess.Popen`) that imports the runtime itself."""
+        import subprocess
+
         read_fd, write_fd = os.pipe()
         try:
-            self.popen = subprocess.Popen(
+            popen = subprocess.Popen(
                 python_command("runtime.worker.process", WARM_FLAG, "--ready-fd", str(write_fd),
                                executable=executable),
                 stdin=subprocess.PIPE, env=env, pass_fds=(write_fd,), start_new_session=True)
@@ -201,7 +213,34 @@ class _WarmChild:
             raise
         finally:
             os.close(write_fd)
-        self.ready_fd: int | None = read_fd
+        return cls(env, executable, popen, read_fd)
+
+    @classmethod
+    def fork(cls, env: dict[str, str]) -> _WarmChild:
+        """A fork of this process (see :func:`runtime.worker.process.run_forked`).
+
+        The caller checked that forking is safe (:func:`_can_fork`).
+
+        Raises:
+            OSError: the fork failed.
+        """
+        from .worker.process import run_forked
+
+        path = inherited_path()  # computed here: the child must not import anything to find it
+        stdin_r, stdin_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        try:
+            pid = os.fork()
+        except BaseException:
+            for fd in (stdin_r, stdin_w, ready_r, ready_w):
+                os.close(fd)
+            raise
+        if pid == 0:  # the child: never returns
+            run_forked(stdin_r, ready_w, env, path, parent_fds=(stdin_w, ready_r))
+        os.close(stdin_r)
+        os.close(ready_w)
+        return cls(env, sys.executable, _ForkedPopen(pid, os.fdopen(stdin_w, "wb")), ready_r,
+                   forked=True)
 
     @property
     def pid(self) -> int:
@@ -240,6 +279,45 @@ class _WarmChild:
             with suppress(Exception):
                 self.popen.kill()
                 self.popen.wait(5.0)
+
+
+class _ForkedPopen:
+    """The parts of :class:`subprocess.Popen` that :class:`_WarmChild` and
+    :class:`_PopenProcess` use, for a child made by ``os.fork``."""
+
+    def __init__(self, pid: int, stdin: Any):
+        self.pid = pid
+        self.stdin = stdin
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: its status is lost
+                self.returncode = 255
+            else:
+                if pid == self.pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the child exits (``TimeoutError`` after ``timeout`` seconds)."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.001
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"process {self.pid} still running after {timeout:g}s")
+            time.sleep(delay)  # polling a child's exit without an event loop
+            delay = min(delay * 2, 0.05)
+        return code
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            with suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
 
 class _PopenProcess:
@@ -300,21 +378,46 @@ class _PopenProcess:
 _warm: _WarmChild | None = None
 
 
-def prewarm(env: dict[str, str] | None = None, executable: str | None = None) -> int | None:
-    """Start a worker interpreter now, for the next :meth:`WorkerProcess.start` to use.
+def _can_fork() -> str | None:
+    """Why this process may not fork a worker now (``None``: it may).
 
-    The child imports the runtime at once, then waits for its options; the
-    next :class:`WorkerProcess` started with the same environment
-    (``child_environment(its env)`` equal to ``env``) and interpreter hands
-    its options to this child instead of starting a fresh one -- the options
-    and credentials go through the child's stdin pipe, never the command line
-    or the environment.  An unused child is reaped by :func:`discard_warm`
-    (also at exit); when we die it reads end-of-file on stdin and exits.
-    Does nothing if a warm child is already waiting.  Needs no event loop.
+    A fork copies only the calling thread: with other threads running, a lock
+    one of them holds stays locked in the child forever.  And once MPI is
+    initialised, some MPI libraries break in a forked child.
+    """
+    if not hasattr(os, "fork"):
+        return "no os.fork on this platform"
+    import threading
+
+    if threading.active_count() > 1:
+        return f"{threading.active_count()} threads are running"
+    if "mpi4py.MPI" in sys.modules:
+        return "mpi4py.MPI is imported (MPI may be initialised)"
+    return None
+
+
+def prewarm(env: dict[str, str] | None = None, executable: str | None = None,
+            fork: bool = False) -> int | None:
+    """Start a worker process now, for the next :meth:`WorkerProcess.start` to use.
+
+    The child waits for its options; the next :class:`WorkerProcess` started
+    with the same environment (``child_environment(its env)`` equal to
+    ``env``) and interpreter hands its options to this child instead of
+    starting a fresh one -- the options and credentials go through the
+    child's stdin pipe, never the command line or the environment.  An unused
+    child is reaped by :func:`discard_warm` (also at exit); when we die it
+    reads end-of-file on stdin and exits.  Does nothing if a warm child is
+    already waiting.  Needs no event loop.
 
     Args:
         env: the child's whole environment (default: ``child_environment()``).
         executable: its Python (default: ours).
+        fork: make the child by forking this process, which imports the
+            worker's modules first (:mod:`runtime.worker.process`), instead of
+            starting an interpreter that imports them again: no start-up
+            cost, and the imported code is shared with us.  Only where
+            forking is safe -- one thread, MPI not initialised, our own
+            interpreter -- otherwise a fresh interpreter, as without it.
 
     Returns:
         The child's pid, or ``None`` if it could not be started.
@@ -323,9 +426,19 @@ def prewarm(env: dict[str, str] | None = None, executable: str | None = None) ->
     if _warm is not None and _warm.alive():
         return _warm.pid
     discard_warm()
+    env = child_environment() if env is None else dict(env)
+    executable = executable or sys.executable
+    why_not = _can_fork() if fork else "not asked to"
+    if fork and why_not is None and executable == sys.executable:
+        try:
+            _warm = _WarmChild.fork(env)
+            return _warm.pid
+        except OSError as e:
+            why_not = repr(e)
+    if fork:
+        logger.debug("not forking a worker process (%s); starting an interpreter", why_not)
     try:
-        _warm = _WarmChild(child_environment() if env is None else dict(env),
-                           executable or sys.executable)
+        _warm = _WarmChild.spawn(env, executable)
     except OSError as e:
         logger.debug("could not pre-warm a worker process: %r", e)
         return None

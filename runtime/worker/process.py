@@ -36,6 +36,7 @@ import pickle
 import signal
 import sys
 import threading
+from contextlib import suppress
 from typing import Any
 
 from ..loop import run
@@ -202,6 +203,73 @@ async def serve(options: dict, ready_fd: int | None = None, worker_class: str | 
     if getattr(worker, "restart_requested", False):
         return RESTART_EXIT_CODE
     return 0
+
+
+def _close_inherited_fds(keep: set[int]) -> None:
+    """Close every inheritable descriptor above stderr but ``keep``.
+
+    A forked worker must not hold what its parent inherited -- an MPI
+    launcher's PMI socket, the other ranks' output pipes -- open after the
+    parent has gone.  Descriptors that Python opened itself are
+    close-on-exec and may belong to objects that would close them again
+    later (perhaps a reused number): those are left alone.
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no procfs: up to the descriptor limit
+        fds = list(range(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024))
+    for fd in fds:
+        if fd <= 2 or fd in keep:
+            continue
+        try:
+            if os.get_inheritable(fd):
+                os.close(fd)
+        except OSError:  # the listing's own descriptor, already closed
+            pass
+
+
+def run_forked(stdin_fd: int, ready_fd: int, env: dict[str, str], path: list[str],
+               parent_fds: tuple[int, ...] = ()) -> None:
+    """The body of a worker process made by ``os.fork`` (:func:`runtime.process.prewarm`).
+
+    Turns the fork into what ``python -P -m runtime.worker.process
+    --options-from-stdin`` would be -- its own session, ``stdin_fd`` as its
+    stdin, no other inherited descriptor but ``ready_fd``, the environment
+    ``env``, ``sys.path`` without the working directory (``path``) -- runs
+    :func:`main` and exits with its status.  ``parent_fds`` are the parent's
+    ends of our pipes, closed here (holding our own stdin's write end, we
+    would never see end-of-file).  Never returns: nothing of the
+    parent's call stack runs in the child.
+    """
+    code = 1
+    try:
+        import atexit
+
+        atexit._clear()  # the parent's exit handlers are the parent's business
+        os.setsid()
+        for fd in parent_fds:
+            os.close(fd)
+        os.dup2(stdin_fd, 0)
+        if stdin_fd != 0:
+            os.close(stdin_fd)
+        _close_inherited_fds({ready_fd})
+        os.set_inheritable(ready_fd, False)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.path[:] = path
+        sys.argv = [__file__, WARM_FLAG, "--ready-fd", str(ready_fd)]
+        code = main(sys.argv[1:])
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: B036 - nothing may escape into the parent's code
+        with suppress(Exception):
+            logger.exception("forked worker process failed")
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(Exception):
+                stream.flush()
+        with suppress(Exception):
+            logging.shutdown()
+        os._exit(code if isinstance(code, int) else 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,14 +182,20 @@ class Job:
         return out
 
     def worker_processes(self) -> list[psutil.Process]:
-        """Worker processes: children of a rank whose command line runs runtime.worker.process."""
+        """Worker processes: the children of a rank (a fork of it, with its command line, or
+        a fresh ``runtime.worker.process`` after a restart)."""
+        def is_python(argv: list[str]) -> bool:
+            return bool(argv) and os.path.basename(argv[0]).startswith("python")
+
         out = []
         for p in self.snapshot():
             try:
-                if "runtime.worker.process" in " ".join(p.cmdline()):
-                    parent = p.parent()
-                    if parent is not None and any("hpc" in a or a.endswith(".py") for a in parent.cmdline()):
-                        out.append(p)
+                parent = p.parent()
+                if parent is None or not is_python(p.cmdline()):
+                    continue
+                argv = parent.cmdline()  # a rank: python running the launcher or a script
+                if is_python(argv) and any("hpc" in a or a.endswith(".py") for a in argv):
+                    out.append(p)
             except psutil.Error:
                 pass
         return out
@@ -324,17 +330,22 @@ def test_script_mode_eight_ranks_oversubscribed(job_factory):
 
 @both_mpis
 def test_worker_ranks_use_their_prewarmed_worker_process(job_factory):
-    """Each nanny's worker is the interpreter its rank started before MPI_Init (options
-    and credentials through its stdin, none of the launcher's rank variables)."""
+    """Each nanny's worker is a fork of its rank made before MPI_Init: a child of the rank,
+    with the rank's command line (no interpreter of its own), its options and credentials
+    through its stdin (none on any command line) and none of the launcher's rank variables."""
     job = job_factory(3, ["--nthreads", "1", str(SCRIPTS / "worker_cmdlines.py")])
     status = job.wait(60)
     assert status == 0, job.output()
-    workers = last_json(job.stdout())["workers"]
-    assert len(workers) == 2
+    out = last_json(job.stdout())
+    workers = out["workers"]
+    assert len(workers) == 2 and len({w["ppid"] for w in workers}) == 2
     for w in workers:
-        assert "--options-from-stdin" in w["argv"], w
-        assert not any(a.startswith("{") for a in w["argv"]), w  # no options on the command line
+        assert w["argv"] == w["parent_argv"], w  # forked from its rank, not a fresh python
+        assert "hpc.launcher" in w["argv"], w
+        assert "--options-from-stdin" in w["sys_argv"], w
+        assert not any(a.startswith("{") for a in w["argv"] + w["sys_argv"]), w
         assert w["rank_vars"] == [], w
+        assert "" not in w["sys_path"], w
     job.assert_nothing_left()
 
 
