@@ -189,3 +189,18 @@ def test_job_key_is_the_pmi_sockets_peer():
         assert a.fileno() >= 0  # still open: only a duplicate was looked at
     assert rendezvous.job_key({"PMI_FD": "9999", "PMIX_NAMESPACE": "ns"}) == "pmix-ns"
     assert rendezvous.job_key({}) is None
+
+
+# ----------------------------------------------------------------------------- watchdog
+
+
+def test_watchdog_probes_rarely_while_the_scheduler_answers():
+    """A TLS handshake per probe: every 5 s (death_timeout / 4) while the scheduler answers,
+    every second once it does not; the rank still gives up death_timeout after the last answer."""
+    from hpc.ranks import ClusterOptions, WorkerRank
+
+    rank = WorkerRank("tls://127.0.0.1:9", "w", 1, ClusterOptions(death_timeout=20))
+    assert rank.next_probe_in(True) == 5.0 and rank.next_probe_in(False) == 1.0
+    assert rank.next_probe_in(True) < rank.opts.death_timeout
+    short = WorkerRank("tcp://127.0.0.1:9", "w", 1, ClusterOptions(death_timeout=1))
+    assert short.next_probe_in(False) == 0.1 and short.next_probe_in(True) == 0.25
