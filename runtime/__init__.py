@@ -3,8 +3,6 @@
 Knows nothing of MPI or batch systems (see ``hpc`` and ``jobqueue``).
 """
 
-import importlib
-
 #: Where each public name lives, imported on first use (PEP 562): a worker
 #: process or an MPI rank imports only what its role needs.
 _LAZY = {
@@ -34,15 +32,9 @@ _LAZY = {
 # Eager: ``runtime.progress`` is also a submodule, whose import would bind the
 # package attribute to the module instead (and it is light: futures and utils).
 from .progress import progress  # noqa: E402
+from .utils import lazy_attributes  # noqa: E402
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

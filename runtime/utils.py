@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
+import logging
 import math
 import re
 import reprlib
 import socket
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
 
 from .errors import AddressError
 
@@ -391,3 +394,38 @@ def delegate(part: str, method: Callable) -> Callable:
         return getattr(getattr(self, part), name)(*args, **kwargs)
 
     return call
+
+
+def lazy_attributes(package: str, table: dict[str, str], namespace: dict) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) that imports each public name on first use.
+
+    Args:
+        package: the package's ``__name__`` (relative modules in ``table`` are from it).
+        table: ``{name: module}`` where each name is defined.
+        namespace: the package's ``globals()``, where a name is kept once imported.
+    """
+
+    def __getattr__(name: str) -> Any:
+        module = table.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module, package), name)
+        namespace[name] = value
+        return value
+
+    return __getattr__
+
+
+async def call_each(parts: Mapping[Any, Any], method: str, what: str) -> None:
+    """Call ``part.<method>()`` on each part that has it, awaiting coroutines; a part that
+    raises is logged (as ``what`` and its name) and the others still run (closing)."""
+    for name, part in list(parts.items()):
+        fn = getattr(part, method, None)
+        if fn is None:
+            continue
+        try:
+            result = fn()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logging.getLogger(__name__).exception("%s %r failed in %s", what, name, method)

@@ -42,7 +42,14 @@ from ..security import (
     write_private_file,
 )
 from ..statemachine import Msg
-from ..utils import delegate, get_ip_for, get_ip_interface, parse_timedelta, unparse_host_port  # noqa: F401
+from ..utils import (  # noqa: F401
+    call_each,
+    delegate,
+    get_ip_for,
+    get_ip_interface,
+    parse_timedelta,
+    unparse_host_port,
+)
 from . import elastic, events, stimuli
 from . import extensions as _extensions
 from .data import SchedulerData, scatter_to_workers  # noqa: F401  (re-exported)
@@ -372,16 +379,7 @@ class Scheduler(Server):
             return
         self.status = Status.closing
         await self.ops.plugin_hook_async("before_close")
-        for plugin in list(self.plugins.values()):
-            close = getattr(plugin, "close", None)
-            if close is None:
-                continue
-            try:
-                result = close()
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:
-                logger.exception("scheduler plugin %r failed to close", plugin)
+        await call_each(self.plugins, "close", "scheduler plugin")
         await asyncio.gather(*_extensions.call_hook(self.extensions, "close"), return_exceptions=True)
         await teardown_preloads(self.preloads)
         if close_workers:

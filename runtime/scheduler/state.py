@@ -393,7 +393,8 @@ class SchedulerState:
         cs.wants_what.discard(ts)
         return True
 
-    def _memory_consequences(self, ts: TaskState, recs: dict) -> None:
+    def _unblock_dependents(self, ts: TaskState, recs: dict) -> None:
+        """``ts`` is in memory: dependents that waited only on it are ready."""
         for dts in ts._dependents or ():
             waiting_on = dts._waiting_on
             if waiting_on is not None and ts in waiting_on:
@@ -402,6 +403,9 @@ class SchedulerState:
                     dts._waiting_on = None
                     if dts.state == "waiting":
                         recs[dts.key] = self.placement.ready_target(dts)
+
+    def _memory_consequences(self, ts: TaskState, recs: dict) -> None:
+        self._unblock_dependents(ts, recs)
         for dts in ts._dependencies or ():
             _discard(dts, "_waiters", ts)
             if not dts._waiters and not dts._who_wants and dts.state == "memory":
@@ -419,14 +423,7 @@ class SchedulerState:
         for ws in workers:
             self._add_replica(ts, ws)
         recs: dict[Key, str] = {}
-        for dts in ts._dependents or ():
-            waiting_on = dts._waiting_on
-            if waiting_on is not None and ts in waiting_on:
-                waiting_on.discard(ts)
-                if not waiting_on:
-                    dts._waiting_on = None
-                    if dts.state == "waiting":
-                        recs[dts.key] = self.placement.ready_target(dts)
+        self._unblock_dependents(ts, recs)
         self._report_memory(ts, stimulus_id)
         return recs
 

@@ -13,20 +13,14 @@ Parts of the package, one concept each:
   (``python -P -m runtime.worker.process``).
 """
 
-import importlib
+from ..utils import lazy_attributes
 
 #: Where each public name lives, imported on first use (PEP 562): importing one
 #: part of the package (its events, its records) does not load the server.
 _LAZY = {'Worker': '.server', 'parse_memory_limit': '.memory'}
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 __all__ = ['Worker', 'parse_memory_limit']

@@ -36,6 +36,7 @@ from typing import Any
 from ..files import open_private_directory, write_private_file
 from ..plugins import WorkerPlugin, overrides, plugin_name
 from ..preload import process_preloads, start_preloads, teardown_preloads
+from ..utils import call_each
 from ..versions import get_versions
 
 logger = logging.getLogger(__name__)
@@ -140,16 +141,7 @@ class WorkerExtras:
             except Exception:
                 logger.exception("worker plugin %r failed in teardown", name)
         self._transition_plugins = []
-        for name, ext in self.extensions.items():
-            close = getattr(ext, "close", None)
-            if close is None:
-                continue
-            try:
-                result = close()
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:
-                logger.exception("worker extension %r failed to close", name)
+        await call_each(self.extensions, "close", "worker extension")
         await teardown_preloads(self.preloads)
 
     # ------------------------------------------------------------------ plugins
