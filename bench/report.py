@@ -211,7 +211,9 @@ LAUNCH_MARKER = "<!-- mpi-launch: this section is written by `python -m bench --
 #: Issue 4's targets for ours: (metric key, N or None for every N) -> (test, text).
 LAUNCH_TARGETS = {
     ("ready_s", 16): ("ratio", 0.5, "≤ 0.5× dask-mpi"),
+    ("ready_s", 64): ("ratio", 0.2, "≤ 0.2× dask-mpi"),
     ("shutdown_s", None): ("seconds", 2.0, "< 2 s"),
+    ("job_cpu_per_rank_s", 64): ("at most", 0.3, "≤ 0.3 s"),
 }
 
 
@@ -222,7 +224,7 @@ def _launch_target(key, n, stats_ours, stats_other):
         if stats_ours is None or (kind == "ratio" and stats_other is None):
             return f"{text}: n/a"
         value = stats_ours[1] / stats_other[1] if kind == "ratio" else stats_ours[1]
-        met = value <= limit if kind == "ratio" else value < limit
+        met = value <= limit if kind in ("ratio", "at most") else value < limit
         return f"{text}: **{'met' if met else 'missed'}**"
     return ""
 

@@ -24,7 +24,10 @@ is the client).
 ranks and worker processes that outlive ``mpiexec`` become our children: they
 are counted (``info.left_at_exit``, ``info.left_after_grace``) and killed.
 ``job_cpu_s`` is the CPU time (user + system) of all the job's processes from
-start to exit, which other load on the machine hardly changes. Every wait
+start to exit (``mpiexec``, its proxy, every rank and worker process), which
+other load on the machine hardly changes; ``job_cpu_per_rank_s`` is that
+divided by N (``script_job_cpu_s`` and ``script_job_cpu_per_rank_s``: the same
+in script mode). Every wait
 has a deadline; past it the whole ``mpiexec`` process group is
 SIGKILLed and the error is recorded.
 """
@@ -280,7 +283,9 @@ def main(argv=None):
         leftovers(info)
         if not info["left_after_grace"]:
             key = "job_cpu_s" if args.mode == "ready" else "script_job_cpu_s"
-            res.record(**{key: children_cpu_s()})
+            cpu = children_cpu_s()
+            # per rank: each rank's share, its worker process and the scheduler's included
+            res.record(**{key: cpu, key.replace("_s", "_per_rank_s", 1): cpu / args.n})
         res.set(phase="done", ok=True)
         return 0
     except BaseException as e:
