@@ -344,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                       + (res["error"] if "error" in res else
                          ", ".join(f"{k}={_fmt(v)}" for k, v in res.items()
                                    if isinstance(v, float))), flush=True)
+    if a.json:  # before the table: a reader that stops early (| head) must not lose it
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
     cols = ("taskstate_bytes", "state_bytes_per_task", "scheduler_bytes_per_task",
             "client_bytes_per_task", "total_bytes_per_task", "state_cpu_us_per_task",
             "scheduler_cpu_us_per_task", "workers_cpu_us_per_task", "client_cpu_us_per_task",
@@ -354,9 +357,6 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"| {r['part']} | {r['system']} | {r['tasks']:,} | "
               + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
     return 0 if not any("error" in r for r in results) else 1
 
 
