@@ -83,24 +83,37 @@ class FutureState:
         self.type = ""
         self.workers: list[str] = []
         self.worker = ""
-        self.callbacks: list[Callable[[], None]] = []
+        #: Made on first use, like the event: most futures are never waited on one by
+        #: one, and an ``asyncio.Event`` and a list per task were most of the client's
+        #: memory per task (issue 14).
+        self.callbacks: list[Callable[[], None]] | None = None
         #: Pickled value sent along by the worker (small results only).
         self.value_bytes: bytes | None = None
 
     @property
     def event(self) -> asyncio.Event:
+        """Set while the future is done (made on first use)."""
         if self._event is None:
             self._event = asyncio.Event()
+            if self.done():
+                self._event.set()
         return self._event
 
     def done(self) -> bool:
         return self.status in ("finished", "error", "cancelled")
 
+    def add_callback(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` when the future is done (on the client's loop)."""
+        if self.callbacks is None:
+            self.callbacks = []
+        self.callbacks.append(fn)
+
     def _set(self, status: str) -> None:
         self.status = status
-        self.event.set()
-        callbacks, self.callbacks = self.callbacks, []
-        for cb in callbacks:
+        if self._event is not None:
+            self._event.set()
+        callbacks, self.callbacks = self.callbacks, None
+        for cb in callbacks or ():
             cb()
 
     def finish(self, type: str = "", workers: Iterable[str] = (), data: bytes | None = None) -> None:
@@ -157,7 +170,7 @@ def _fresh_copy(exc: BaseException) -> BaseException:
 
 
 class FutureOwner(Protocol):
-    """What a :class:`Future` needs of the client that holds it (:class:`~runtime.client.Client`
+    """What a :class:`Future` needs of the client that holds it (:class:`~cluster.runtime.client.Client`
     implements it); futures know their client only through this."""
 
     asynchronous: bool
@@ -200,9 +213,9 @@ def register_owner_finder(finder: Callable[[], FutureOwner | None], order: int) 
 
     Args:
         finder: returns the client, or ``None`` when it has none to offer here.
-        order: lower is tried first.  :mod:`runtime.task_client` adds the
+        order: lower is tried first.  :mod:`cluster.runtime.task_client` adds the
             worker's client inside a task (0) and the client of the worker
-            whose thread this is (20); :mod:`runtime.client` the default client (10).
+            whose thread this is (20); :mod:`cluster.runtime.client` the default client (10).
     """
     if all(f is not finder for _, f in _owner_finders):
         _owner_finders.append((order, finder))
@@ -267,7 +280,7 @@ class Future:
     __dask_future__ = True
 
     def __dask_tokenize__(self):
-        return ("runtime.Future", self.key)
+        return ("cluster.Future", self.key)
 
     def __reduce__(self):
         keys = graph_pickling.keys
@@ -368,7 +381,7 @@ class Future:
             if self._state.done():
                 run()
             else:
-                self._state.callbacks.append(run)
+                self._state.add_callback(run)
 
         client.call_on_loop(register)
 
@@ -529,7 +542,7 @@ class as_completed:
             if st.done():
                 on_done()
             else:
-                st.callbacks.append(on_done)
+                st.add_callback(on_done)
 
         client.call_on_loop(register)
 
