@@ -64,10 +64,11 @@ def measure_state(n: int) -> dict:
     import tracemalloc
     import uuid
 
+    from cluster.runtime.scheduler.events import AddWorkerEvent, TaskFinishedEvent, UpdateGraphEvent
+    from cluster.runtime.scheduler.records import ComputeTaskMsg
+    from cluster.runtime.scheduler.state import SchedulerState
+
     from bench.workloads import noop
-    from runtime.scheduler.events import AddWorkerEvent, TaskFinishedEvent, UpdateGraphEvent
-    from runtime.scheduler.records import ComputeTaskMsg
-    from runtime.scheduler.state import SchedulerState
 
     func = pickle.dumps(noop)
 

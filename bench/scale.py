@@ -187,8 +187,8 @@ def role_scheduler(a) -> None:
         await asyncio.Event().wait()
 
     if a.system == "ours":
-        from runtime.loop import run
-        from runtime.scheduler import Scheduler
+        from cluster.runtime.loop import run
+        from cluster.runtime.scheduler import Scheduler
 
         run(main(Scheduler, security=True))
     else:
@@ -217,8 +217,8 @@ def role_workers(a) -> None:
             write_json(status, {**info, "hb_interval_s": interval(ws[0])})
 
     if a.system == "ours":
-        from runtime.loop import run
-        from runtime.worker import Worker
+        from cluster.runtime.loop import run
+        from cluster.runtime.worker import Worker
 
         run(main(Worker, lambda w: w.heartbeat_interval))
     else:
@@ -258,16 +258,17 @@ def measure_state(n: int, tasks: int) -> dict:
     no-op map of ``tasks`` (each finished task answered at once), in microseconds."""
     import pickle
 
-    from bench.workloads import noop
-    from runtime.scheduler.events import (
+    from cluster.runtime.scheduler.events import (
         AddWorkerEvent,
         HeartbeatEvent,
         TaskFinishedEvent,
         TickEvent,
         UpdateGraphEvent,
     )
-    from runtime.scheduler.records import ComputeTaskMsg
-    from runtime.scheduler.state import SchedulerState
+    from cluster.runtime.scheduler.records import ComputeTaskMsg
+    from cluster.runtime.scheduler.state import SchedulerState
+
+    from bench.workloads import noop
 
     s = SchedulerState(validate=False, worker_ttl=60.0)
     addrs = [f"tls://127.0.0.1:{20000 + i}" for i in range(n)]

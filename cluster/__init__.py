@@ -5,7 +5,19 @@ distributed runtime, ``SLURMCluster``, ``PBSCluster`` and ``SGECluster`` workers
 jobs; ``python -m cluster`` is the command line.
 """
 
+import os as _os
 from concurrent.futures import CancelledError
+
+# Installed, runtime/, hpc/, jobqueue/ and templates/ are our subpackages
+# (cluster/runtime, ...: see pyproject.toml).  In the source tree they sit
+# beside this directory: look for them there too.  Only a directory that holds
+# our own pyproject.toml next to a runtime/ package qualifies.
+_tree = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if (not _os.path.isdir(_os.path.join(__path__[0], "runtime"))
+        and _os.path.isfile(_os.path.join(_tree, "runtime", "__init__.py"))
+        and _os.path.isfile(_os.path.join(_tree, "pyproject.toml"))):
+    __path__.append(_tree)
+del _tree
 
 __version__ = "0.1.0"
 
@@ -14,7 +26,7 @@ __version__ = "0.1.0"
 _JOBQUEUE = ("JobQueueCluster", "PBSCluster", "SGECluster", "SLURMCluster")
 
 
-#: Taken from :mod:`runtime` on first use (PEP 562), which imports only the
+#: Taken from :mod:`cluster.runtime` on first use (PEP 562), which imports only the
 #: module that defines each: ``python -m cluster`` under MPI imports what each
 #: rank's role needs, not the whole runtime.
 _RUNTIME = (
@@ -29,11 +41,11 @@ _RUNTIME = (
 
 def __getattr__(name: str):
     if name in _JOBQUEUE:
-        import jobqueue
+        from . import jobqueue
 
         return getattr(jobqueue, name)
     if name in _RUNTIME:
-        import runtime
+        from . import runtime
 
         value = getattr(runtime, name)
         globals()[name] = value

@@ -9,9 +9,9 @@ Usage::
     python -m cluster [launcher options] script ...  # anything else: the MPI launcher
 
 ``scheduler`` and ``worker`` are implemented in :mod:`cluster.cli`, ``submit``
-in :mod:`jobqueue.submit_cli` (imported only then, so that the other commands do
+in :mod:`cluster.jobqueue.submit_cli` (imported only then, so that the other commands do
 not load jinja2), ``config`` in :mod:`cluster.config_cli`; every other command line is handed unchanged to
-:func:`hpc.launcher.main`, imported only then (so the subcommands work
+:func:`cluster.hpc.launcher.main`, imported only then (so the subcommands work
 without MPI).
 """
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli.main(argv, prog=prog)
     if argv and argv[0] == "submit":
-        from jobqueue.submit_cli import main as submit
+        from cluster.jobqueue.submit_cli import main as submit
 
         return submit(argv[1:], prog=f"{prog} submit")
     if argv and argv[0] == "config":
@@ -64,18 +64,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return config(argv[1:], prog=f"{prog} config")
     try:
-        launcher = importlib.import_module("hpc.launcher")
+        launcher = importlib.import_module("cluster.hpc.launcher")
     except ImportError as e:
-        if isinstance(e, ModuleNotFoundError) and e.name in ("hpc", "hpc.launcher"):
-            reason = "the MPI launcher (hpc.launcher) is not available in this installation"
+        if isinstance(e, ModuleNotFoundError) and e.name in ("cluster.hpc", "cluster.hpc.launcher"):
+            reason = "the MPI launcher (cluster.hpc.launcher) is not available in this installation"
         else:
-            reason = f"the MPI launcher (hpc.launcher) could not be imported: {e}"
+            reason = f"the MPI launcher (cluster.hpc.launcher) could not be imported: {e}"
         _error(prog, f"{reason}. Available commands: {', '.join(SUBCOMMANDS)}, config "
                f"(see '{prog} scheduler --help' and '{prog} worker --help')")
         return 2
     launch = getattr(launcher, "main", None)
     if not callable(launch):
-        _error(prog, "the MPI launcher (hpc.launcher) has no main(argv) function")
+        _error(prog, "the MPI launcher (cluster.hpc.launcher) has no main(argv) function")
         return 2
     status = launch(argv)
     return 0 if status is None else int(status)

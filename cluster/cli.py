@@ -11,7 +11,7 @@ Each command parses its options (argparse; a bad value exits with status 2
 and a message naming the option), fills the options not given on the command
 line from ``CLUSTER_<OPTION>`` environment variables, builds the runtime
 objects (a value the runtime rejects exits with status 1, without a
-traceback) and runs them in one event loop (:func:`runtime.loop.run`).
+traceback) and runs them in one event loop (:func:`cluster.runtime.loop.run`).
 
 With ``--tls-ca-file``/``--tls-cert``/``--tls-key`` (the options of ``dask
 scheduler`` and ``dask worker``) the servers speak ``tls://`` and accept only
@@ -21,12 +21,12 @@ the same in one 0600 file written by :meth:`Security.to_file` (what the jobs of
 their command line).  Without them, a worker given a scheduler file that
 names credentials (written by a TLS scheduler) uses those.
 
-``scheduler`` runs one :class:`~runtime.scheduler.server.Scheduler` until it closes
+``scheduler`` runs one :class:`~cluster.runtime.scheduler.server.Scheduler` until it closes
 (a client's ``shutdown()``, ``--idle-timeout``) or SIGTERM/SIGINT closes it.
 
-``worker`` runs ``--nworkers`` :class:`~runtime.nanny.Nanny` objects (each
+``worker`` runs ``--nworkers`` :class:`~cluster.runtime.nanny.Nanny` objects (each
 supervises one worker process) or, with ``--no-nanny``, as many in-process
-:class:`~runtime.worker.Worker` objects.  The first SIGTERM/SIGINT retires
+:class:`~cluster.runtime.worker.Worker` objects.  The first SIGTERM/SIGINT retires
 every worker gracefully -- the scheduler copies the data only it holds to
 other workers before it closes -- within :data:`GRACEFUL_TIMEOUT` seconds; a
 second signal closes them at once.  The command exits when all its workers
@@ -47,10 +47,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from signal import SIGINT, SIGTERM
 from typing import Any
 
-from runtime.errors import ClusterError
-from runtime.loop import run
-from runtime.nanny import Nanny
-from runtime.options import (
+from cluster.runtime.errors import ClusterError
+from cluster.runtime.loop import run
+from cluster.runtime.nanny import Nanny
+from cluster.runtime.options import (
     ENV_PREFIX,
     boolean,
     duration,
@@ -62,10 +62,10 @@ from runtime.options import (
     positive_int,
     resources,
 )
-from runtime.scheduler.server import Scheduler
-from runtime.security import Security
-from runtime.worker import Worker
-from runtime.worker.process import GRACEFUL_SIGNAL_TIMEOUT
+from cluster.runtime.scheduler.server import Scheduler
+from cluster.runtime.security import Security
+from cluster.runtime.worker import Worker
+from cluster.runtime.worker.process import GRACEFUL_SIGNAL_TIMEOUT
 
 logger = logging.getLogger("cluster.cli")
 

@@ -22,7 +22,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from runtime import config as cfg
+from cluster.runtime import config as cfg
 
 PRECEDENCE = ("constructor arguments > command-line flags > CLUSTER_<OPTION> variables > "
               "config.set() > HPC_CLUSTER__* variables > our files > DASK_* variables > "

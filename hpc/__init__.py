@@ -3,16 +3,16 @@
 Two ways to turn ``mpiexec -n N ...`` into a cluster:
 
 * the launcher, ``mpiexec -n N python -m cluster [options] [script.py args...]``
-  (:mod:`hpc.launcher`): rank 0 runs the scheduler (and the script, as the
+  (:mod:`cluster.hpc.launcher`): rank 0 runs the scheduler (and the script, as the
   client), every other rank a worker named after its rank;
 * :func:`initialize` in the user's own script, run as
   ``mpiexec -n N python script.py``: rank 0 runs the scheduler, rank 1 goes on
   with the script as the client, the other ranks serve as workers.
 
 Either way the job ends by itself -- every rank returns, the exit status is the
-script's -- and no rank waits forever for one that died (see :mod:`hpc.mpi`).
-The role of each rank is decided by :mod:`hpc.roles`; what each role runs, by
-:mod:`hpc.ranks`.
+script's -- and no rank waits forever for one that died (see :mod:`cluster.hpc.mpi`).
+The role of each rank is decided by :mod:`cluster.hpc.roles`; what each role runs, by
+:mod:`cluster.hpc.ranks`.
 """
 
 __all__ = ["initialize"]
@@ -24,4 +24,4 @@ def __getattr__(name: str):
         from .api import initialize
 
         return initialize
-    raise AttributeError(f"module 'hpc' has no attribute {name!r}")
+    raise AttributeError(f"module 'cluster.hpc' has no attribute {name!r}")

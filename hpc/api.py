@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 Every rank runs the user's script and calls :func:`initialize` near its top.
-There the ranks take their roles (:func:`hpc.roles.role` with
+There the ranks take their roles (:func:`cluster.hpc.roles.role` with
 ``initialize=True``): rank 0 runs the scheduler, rank 1 is the client, ranks 2
 and up run one worker each.  They share the machinery of the launcher
-(:mod:`hpc.ranks`, :mod:`hpc.mpi`):
+(:mod:`cluster.hpc.ranks`, :mod:`cluster.hpc.mpi`):
 
 * the scheduler and worker ranks serve inside ``initialize()`` and never
   return from it: once the cluster has shut down they ``sys.exit()`` with
@@ -34,11 +34,11 @@ import sys
 import time
 from typing import Any
 
-from runtime.client import ENV_ADDRESS
-from runtime.core import ConnectionPool
-from runtime.errors import ClusterError
-from runtime.loop import run
-from runtime.security import local_credentials, register_local_credentials
+from cluster.runtime.client import ENV_ADDRESS
+from cluster.runtime.core import ConnectionPool
+from cluster.runtime.errors import ClusterError
+from cluster.runtime.loop import run
+from cluster.runtime.security import local_credentials, register_local_credentials
 
 from .mpi import Job, MPITimeout, get_world, scrub_rank_environment
 from .ranks import (

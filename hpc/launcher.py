@@ -8,13 +8,13 @@ option fails on every rank alike, before any MPI communication.  Then:
 
 * **Without MPI** (no MPI launcher in the environment, mpi4py missing, or a
   world of one rank) the launcher starts a
-  :class:`~runtime.local.LocalCluster` on this machine.  With a script it
+  :class:`~cluster.runtime.local.LocalCluster` on this machine.  With a script it
   runs the script against it (``CLUSTER_SCHEDULER_ADDRESS`` tells the
   script's ``Client()`` where it is) and returns the script's exit status;
   without one it serves until the scheduler closes or a signal arrives.
   (Started by an MPI launcher without mpi4py, only rank 0 does this; the
   other ranks log a warning and return 0 at once.)
-* **Under MPI** each rank takes its role (:func:`hpc.roles.role`): rank 0
+* **Under MPI** each rank takes its role (:func:`cluster.hpc.roles.role`): rank 0
   starts the scheduler -- on ``--interface``, ``--host``, loopback when all
   ranks share this node, or this node's routable address -- and broadcasts
   its address over MPI; every other rank starts a nanny (or, with
@@ -23,15 +23,15 @@ option fails on every rank alike, before any MPI communication.  Then:
   and then shuts the cluster down (``close(close_workers=True)``); in
   service mode the cluster runs until a client's ``shutdown()``,
   ``--idle-timeout`` or SIGTERM/SIGINT, and ``--scheduler-file`` (or the
-  printed address) tells clients where it is.  :mod:`hpc.ranks` describes how
-  each rank ends and :mod:`hpc.mpi` why no rank can hang at the end.
+  printed address) tells clients where it is.  :mod:`cluster.hpc.ranks` describes how
+  each rank ends and :mod:`cluster.hpc.mpi` why no rank can hang at the end.
 
 Exit status: the script's status (script mode), 0 after a clean shutdown
 (service mode), 128 + signal number after SIGTERM/SIGINT, 1 when the cluster
 failed (a worker rank that lost its scheduler, a scheduler that did not
 start), 2 for a bad command line or a missing script.  Under MPI, when rank
 0's status is non-zero every rank exits with it, so that ``mpiexec`` returns
-exactly it (see :meth:`hpc.mpi.Job.finish`).
+exactly it (see :meth:`cluster.hpc.mpi.Job.finish`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runtime.options import (
+from cluster.runtime.options import (
     boolean,
     duration,
     env_var,
@@ -56,7 +56,7 @@ from runtime.options import (
     positive_int,
     resources,
 )
-from runtime.process import child_environment, discard_warm, prewarm
+from cluster.runtime.process import child_environment, discard_warm, prewarm
 
 from .mpi import Job, MPITimeout, env_rank, get_world, launched_by_mpi, scrub_rank_environment
 from .ranks import (
@@ -75,7 +75,7 @@ from .ranks import (
 )
 from .roles import RoleOptions, expected_workers, role
 
-logger = logging.getLogger("hpc.launcher")
+logger = logging.getLogger("cluster.hpc.launcher")
 
 #: Prefix of the environment variables that set options: ``--foo-bar`` is ``CLUSTER_FOO_BAR``.
 
@@ -299,7 +299,7 @@ def _prewarm_worker_process() -> None:
     The rank imports the worker's modules (it runs a nanny, which imports
     most of them anyway) and forks: the child waits for its options while MPI
     starts and the ranks meet, and the nanny then hands it its options and
-    credentials (see :func:`runtime.process.prewarm`) instead of starting an
+    credentials (see :func:`cluster.runtime.process.prewarm`) instead of starting an
     interpreter that would import everything again -- about half the CPU of
     a worker rank.  Before ``MPI_Init`` because forking after it is unsafe
     with some MPI libraries; with the environment the worker gets anyway,
@@ -308,8 +308,8 @@ def _prewarm_worker_process() -> None:
     """
     if importlib.util.find_spec("mpi4py") is None:  # no MPI job: this rank will not need it
         return
-    import runtime.nanny  # noqa: F401 - imported before the fork: shared with the worker
-    import runtime.worker.process  # noqa: F401
+    import cluster.runtime.nanny  # noqa: F401 - imported before the fork: shared with the worker  # (side effect: import)
+    import cluster.runtime.worker.process  # noqa: F401  # (side effect: import)
 
     # Out of the collector's sight before the fork: its passes would otherwise
     # write to (and so copy) every page of the imported code in the child.
@@ -377,7 +377,7 @@ def run_local(opts: ClusterOptions, script: str | None, script_args: Sequence[st
         worker_kwargs.pop("interface", None)
         worker_kwargs.pop("protocol", None)
         mem = worker_kwargs.pop("memory_limit")
-        from runtime.local import LocalCluster
+        from cluster.runtime.local import LocalCluster
 
         try:
             cluster = LocalCluster(n_workers=opts.nworkers, threads_per_worker=opts.nthreads,

@@ -110,7 +110,7 @@ def get_world(environ: Mapping[str, str] | None = None) -> Any | None:
     Importing mpi4py initialises MPI, so it is only imported when the
     environment says that a launcher started us; and only once the other
     ranks of this node are about to do the same, since ``MPI_Init`` spins
-    while it waits for them (see :mod:`hpc.rendezvous`).
+    while it waits for them (see :mod:`cluster.hpc.rendezvous`).
     """
     if not launched_by_mpi(environ):
         return None

@@ -3,14 +3,14 @@
 Theory of operation
 -------------------
 The servers of a rank run on the process's background event loop
-(:data:`runtime.loop.loop_runner`), the same loop a synchronous ``Client``
+(:data:`cluster.runtime.loop.loop_runner`), the same loop a synchronous ``Client``
 uses, so a script running on the scheduler's rank shares it with the
-scheduler.  The main thread owns MPI (:class:`hpc.mpi.Job`, polled, never
+scheduler.  The main thread owns MPI (:class:`cluster.hpc.mpi.Job`, polled, never
 blocking) and the signals (:class:`SignalCatcher`), and is the only thread
 that decides when the rank ends.
 
 Scheduler rank (:func:`serve_scheduler`): start the
-:class:`~runtime.scheduler.server.Scheduler`, broadcast its address (or the reason
+:class:`~cluster.runtime.scheduler.server.Scheduler`, broadcast its address (or the reason
 it did not start), then either run the user's script -- once every worker
 rank's worker has registered, or the startup deadline passed -- or, in
 service mode, wait until the scheduler closes (``client.shutdown()``,
@@ -19,8 +19,8 @@ service mode, wait until the scheduler closes (``client.shutdown()``,
 the final one.
 
 Worker rank (:func:`serve_worker`): post the *done* barrier at once, start a
-:class:`~runtime.nanny.Nanny` (or an in-process
-:class:`~runtime.worker.Worker`) named after the rank, and probe the
+:class:`~cluster.runtime.nanny.Nanny` (or an in-process
+:class:`~cluster.runtime.worker.Worker`) named after the rank, and probe the
 scheduler's port every second.  The rank ends, and closes its server, when
 
 * the *done* barrier completes: the scheduler closed on purpose -- status 0;
@@ -31,7 +31,7 @@ scheduler's port every second.  The rank ends, and closes its server, when
 
 A worker that retires on its own (``lifetime``) leaves the rank waiting for
 one of these, so its exit does not depend on a collective the others are not
-in.  Whatever happens, the final barrier has a deadline (:mod:`hpc.mpi`).
+in.  Whatever happens, the final barrier has a deadline (:mod:`cluster.hpc.mpi`).
 
 A nanny's worker process is a child of its rank; it closes itself when the
 rank dies (its stdin pipe reaches end-of-file), so nothing outlives the job.
@@ -54,20 +54,20 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from runtime.comm import connect
-from runtime.core import Status
-from runtime.errors import ClusterError
-from runtime.loop import loop_runner, sync
-from runtime.security import Security
-from runtime.utils import get_ip_interface
+from cluster.runtime.comm import connect
+from cluster.runtime.core import Status
+from cluster.runtime.errors import ClusterError
+from cluster.runtime.loop import loop_runner, sync
+from cluster.runtime.security import Security
+from cluster.runtime.utils import get_ip_interface
 
 from .mpi import Job
 from .roles import scheduler_host
 
 if TYPE_CHECKING:
-    from runtime.nanny import Nanny
-    from runtime.scheduler.server import Scheduler
-    from runtime.worker import Worker
+    from cluster.runtime.nanny import Nanny
+    from cluster.runtime.scheduler.server import Scheduler
+    from cluster.runtime.worker import Worker
 
 # Each role imports the servers it runs (a worker rank needs no Scheduler, and
 # no rank needs the Client): see the functions below.
@@ -355,7 +355,7 @@ def routable_address(processor_names: Sequence[str], me: str) -> str:
             ip = socket.gethostbyname(name)
         except OSError:
             continue
-        from runtime.scheduler.server import get_ip_for
+        from cluster.runtime.scheduler.server import get_ip_for
 
         local = get_ip_for(ip)
         if not local.startswith("127."):
@@ -398,7 +398,7 @@ def wait_for_workers(loop: asyncio.AbstractEventLoop, scheduler: Scheduler, name
 
 def choose_scheduler_host(opts: ClusterOptions, size: int, processor_names: Sequence[str],
                           me: str) -> str:
-    """Where the scheduler of an MPI job listens (see :func:`hpc.roles.scheduler_host`).
+    """Where the scheduler of an MPI job listens (see :func:`cluster.hpc.roles.scheduler_host`).
 
     Raises:
         ValueError: ``opts.interface`` does not exist or has no IPv4 address.
@@ -444,7 +444,7 @@ def serve_scheduler(job: Job, opts: ClusterOptions, processor_names: Sequence[st
                 # never written where other users (or other jobs) could read them.
                 security = Security.temporary() if opts.secure else None
 
-                from runtime.scheduler.server import Scheduler
+                from cluster.runtime.scheduler.server import Scheduler
 
                 async def start() -> Scheduler:
                     return await Scheduler(host=host, security=security, **opts.scheduler_kwargs())
@@ -569,9 +569,9 @@ class WorkerRank:
             kwargs["security"] = self.security
             kwargs.pop("protocol", None)  # the scheduler's tls:// decides
         if self.opts.nanny:
-            from runtime.nanny import Nanny as cls
+            from cluster.runtime.nanny import Nanny as cls
         else:
-            from runtime.worker import Worker as cls
+            from cluster.runtime.worker import Worker as cls
         self.server = cls(self.address, **kwargs)
         asyncio.ensure_future(self._notice_end(self.server))
         await self.server
@@ -625,7 +625,7 @@ class WorkerRank:
         await server.close(timeout=CLOSE_TIMEOUT)
 
     async def _retire(self, server: Nanny | Worker) -> None:
-        from runtime.worker import Worker
+        from cluster.runtime.worker import Worker
 
         if isinstance(server, Worker):
             await server.close_gracefully(reason="rank-signal")

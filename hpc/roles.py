@@ -11,7 +11,7 @@ ranks agree without talking to each other:
 * **launcher, script mode** (``python -m cluster script.py ...``): the same,
   and rank 0 also runs the user's script as the cluster's client;
 * **initialize()** (``mpirun -n N python myscript.py`` calling
-  :func:`hpc.initialize`, as in dask-mpi): rank 0 runs the scheduler, rank 1
+  :func:`cluster.hpc.initialize`, as in dask-mpi): rank 0 runs the scheduler, rank 1
   returns from ``initialize()`` and goes on with the user's script as the
   client, ranks 2 and up run one worker each.
 
@@ -57,7 +57,7 @@ class RoleOptions:
 
     Attributes:
         script: launcher script mode (rank 0 also runs the user's script).
-        initialize: :func:`hpc.initialize` mode (rank 1 is the client).
+        initialize: :func:`cluster.hpc.initialize` mode (rank 1 is the client).
         name: prefix of the workers' names (``None``: the bare rank).
     """
 

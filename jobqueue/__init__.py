@@ -3,16 +3,16 @@
 ``SLURMCluster(cores=8, memory="16GB", walltime="01:00:00").adapt(maximum_jobs=10)``
 starts a scheduler in this process and submits jobs whose workers connect to it.
 
-Modules: :mod:`~jobqueue.core` (the cluster: start, status, scale, adapt, close),
-:mod:`~jobqueue.job` (options, lifetimes, job scripts), :mod:`~jobqueue.adaptive`
-(pure scaling decisions), :mod:`~jobqueue.tracking` (jobs and their workers),
-:mod:`~jobqueue.commands` (the one subprocess seam), :mod:`~jobqueue.states`,
-:mod:`~jobqueue.units`, :mod:`~jobqueue.errors`, :mod:`~jobqueue.plumbing` (sync/async),
-:mod:`~jobqueue.config` (options from the configuration: ``jobqueue.<config_name>.*``),
-and one module per batch system in :mod:`~jobqueue.systems` (``slurm``, ``pbs``,
+Modules: :mod:`~cluster.jobqueue.core` (the cluster: start, status, scale, adapt, close),
+:mod:`~cluster.jobqueue.job` (options, lifetimes, job scripts), :mod:`~cluster.jobqueue.adaptive`
+(pure scaling decisions), :mod:`~cluster.jobqueue.tracking` (jobs and their workers),
+:mod:`~cluster.jobqueue.commands` (the one subprocess seam), :mod:`~cluster.jobqueue.states`,
+:mod:`~cluster.jobqueue.units`, :mod:`~cluster.jobqueue.errors`, :mod:`~cluster.jobqueue.plumbing` (sync/async),
+:mod:`~cluster.jobqueue.config` (options from the configuration: ``jobqueue.<config_name>.*``),
+and one module per batch system in :mod:`~cluster.jobqueue.systems` (``slurm``, ``pbs``,
 ``sge``: everything about that system), which a cluster holds as a part
-(:mod:`~jobqueue.clusters`: ``SLURMCluster``, ``PBSCluster``, ``SGECluster``).
-:mod:`~jobqueue.submit` submits one MPI job running a script under the MPI
+(:mod:`~cluster.jobqueue.clusters`: ``SLURMCluster``, ``PBSCluster``, ``SGECluster``).
+:mod:`~cluster.jobqueue.submit` submits one MPI job running a script under the MPI
 launcher (``python -m cluster submit``, :func:`submit_mpi_job`).  Templates live
 in the ``templates`` package.
 """

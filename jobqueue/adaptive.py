@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The cluster's IO shell (:mod:`jobqueue.core`) observes, at each step, the
+The cluster's IO shell (:mod:`cluster.jobqueue.core`) observes, at each step, the
 number of workers the work wants (the scheduler's ``adaptive_target``, or the
 ``n`` of ``scale(n)``), every active job of the cluster (pending or running,
 how many workers it has, whether it is already closing or *ending* -- its
@@ -51,12 +51,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from runtime.utils import format_bytes
+from cluster.runtime.utils import format_bytes
 
 from .states import JobState
 
 if TYPE_CHECKING:
-    from runtime.scheduler.elastic import AdaptiveSizing
+    from cluster.runtime.scheduler.elastic import AdaptiveSizing
 
     from .core import JobQueueCluster
 

@@ -1,8 +1,8 @@
-"""SLURMCluster, PBSCluster, SGECluster: :class:`~jobqueue.core.JobQueueCluster` with its system filled in.
+"""SLURMCluster, PBSCluster, SGECluster: :class:`~cluster.jobqueue.core.JobQueueCluster` with its system filled in.
 
-Each takes every argument of :class:`~jobqueue.core.JobQueueCluster` (the
+Each takes every argument of :class:`~cluster.jobqueue.core.JobQueueCluster` (the
 dask-jobqueue options) plus its batch system's own options
-(:mod:`jobqueue.systems`).
+(:mod:`cluster.jobqueue.systems`).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ standard input, and kills it (its whole process group) if it outlives its
 timeout.  A non-zero exit status is *not* an error at this level -- ``squeue``
 and ``qstat`` exit non-zero for jobs that have left the system, and the caller
 knows what each status means -- but a missing program and a timeout are:
-:class:`~jobqueue.errors.CommandNotFoundError` and
-:class:`~jobqueue.errors.CommandTimeoutError`.  :func:`check` turns a non-zero
+:class:`~cluster.jobqueue.errors.CommandNotFoundError` and
+:class:`~cluster.jobqueue.errors.CommandTimeoutError`.  :func:`check` turns a non-zero
 status into the typed error the caller names (``SubmitError``, ...).
 
 Clusters take ``runner=`` so that unit tests replace the seam with a fake that
@@ -149,7 +149,7 @@ def run_blocking(runner: Runner | Callable[..., Awaitable[CommandResult]], argv:
     Used where no event loop of ours can be relied on: interpreter exit and
     finalizers of garbage-collected clusters.  Uses a fresh event loop, in a
     helper thread if this thread is already running one
-    (:func:`jobqueue.plumbing.blocking`).
+    (:func:`cluster.jobqueue.plumbing.blocking`).
 
     Raises:
         whatever the runner raised; CommandTimeoutError if it never returned.

@@ -2,10 +2,10 @@
 
 Theory of operation
 -------------------
-Every option of :class:`~jobqueue.core.JobQueueCluster` that a
+Every option of :class:`~cluster.jobqueue.core.JobQueueCluster` that a
 ``jobqueue.yaml`` can set defaults to ``FROM_CONFIG``.  :func:`resolve_options`
 fills those from the section ``jobqueue.<config_name>`` of the configuration
-(:mod:`runtime.config`: our files and ``HPC_CLUSTER__JOBQUEUE__...`` variables,
+(:mod:`cluster.runtime.config`: our files and ``HPC_CLUSTER__JOBQUEUE__...`` variables,
 then dask's ``jobqueue.yaml`` and ``DASK_JOBQUEUE__...`` variables), where
 ``config_name`` is the batch system's name (``slurm``, ``pbs``, ``sge``)
 unless given (``SLURMCluster(config_name="gpu")`` reads ``jobqueue.gpu``, as
@@ -15,7 +15,7 @@ of the system's own section (``runtime/config.yaml``).
 Keys are the argument names with ``-`` for ``_``, and ``name`` for
 ``job_name``.  dask-jobqueue's old names (``extra``, ``env-extra``,
 ``job-extra``, ``header-skip``) are read for their new ones with a
-:class:`~runtime.config.ConfigWarning`; ``project`` is SLURM's and PBS's old
+:class:`~cluster.runtime.config.ConfigWarning`; ``project`` is SLURM's and PBS's old
 name of ``account``.  A key of dask's file that this cluster cannot honour
 (``worker-command``, LSF's ``ncpus``, a SLURM option under PBS, ...) is
 warned about by name when it holds a value, and ignored.  A value that the
@@ -34,8 +34,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from runtime.config import FROM_CONFIG, ConfigWarning, settings
-from runtime.security import Security, resolve_security
+from cluster.runtime.config import FROM_CONFIG, ConfigWarning, settings
+from cluster.runtime.security import Security, resolve_security
 
 from .credentials import credentials_directory
 from .systems import BatchSystem

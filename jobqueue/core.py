@@ -2,20 +2,20 @@
 
 Theory of operation
 -------------------
-The cluster starts a :class:`~runtime.scheduler.server.Scheduler` on its event loop
+The cluster starts a :class:`~cluster.runtime.scheduler.server.Scheduler` on its event loop
 (the shared background loop for a synchronous cluster, the caller's for
 ``asynchronous=True``).  Each batch job runs the rendered job script, which
 starts ``processes`` nanny-managed workers with ``python -m cluster worker``;
 they connect to the scheduler and register under names that carry their job
-id (:mod:`jobqueue.job`).
+id (:mod:`cluster.jobqueue.job`).
 
 One watcher task drives everything, one *step* at a time (a lock keeps steps
 and explicit ``scale()`` calls from interleaving):
 
 1. every ``status_interval``, one batched status call (``squeue``/``qstat``)
    for all the cluster's active jobs, mapped to :class:`JobState`;
-2. the scheduler's workers are assigned to jobs by name (:mod:`jobqueue.tracking`);
-3. the :class:`~jobqueue.adaptive.ScalingPolicy` turns the target (``scale``'s,
+2. the scheduler's workers are assigned to jobs by name (:mod:`cluster.jobqueue.tracking`);
+3. the :class:`~cluster.jobqueue.adaptive.ScalingPolicy` turns the target (``scale``'s,
    or the scheduler's ``adaptive_target`` under ``adapt``) and the jobs into a
    decision: submit jobs, close jobs.  Closing a running job retires all its
    workers through the scheduler (their unique data moves to other workers
@@ -34,17 +34,17 @@ pause submission with a growing back-off, logged as an error, instead of
 filling the queue.
 
 Security is on by default (``tls://``, fresh credentials, the workers' in
-one 0600 file the jobs read by path): :func:`jobqueue.config.cluster_security`
-and :mod:`jobqueue.credentials`.  Options not passed come from the
+one 0600 file the jobs read by path): :func:`cluster.jobqueue.config.cluster_security`
+and :mod:`cluster.jobqueue.credentials`.  Options not passed come from the
 configuration (``jobqueue.<config_name>.*``, dask's ``jobqueue.yaml`` too):
-:mod:`jobqueue.config`.
+:mod:`cluster.jobqueue.config`.
 
 While ``wait_for_workers`` waits it logs, at INFO and at most every
 :data:`WAIT_LOG_INTERVAL` seconds, what it waits for: each active job with its
 native state and the batch system's reason (``job 123 PENDING (Resources)``)
 or its workers connected so far (``job 124 RUNNING (0/2 workers connected)``).
 
-Every subprocess call goes through ``runner`` (:mod:`jobqueue.commands`).
+Every subprocess call goes through ``runner`` (:mod:`cluster.jobqueue.commands`).
 ``close()`` closes the scheduler, cancels every job the cluster submitted that
 is still queued or running, and waits until the batch system lists none of
 them as active.  If the cluster is never closed, a ``weakref.finalize`` (run
@@ -64,11 +64,11 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runtime.config import FROM_CONFIG
-from runtime.errors import ClusterTimeoutError
-from runtime.scheduler import Scheduler, elastic
-from runtime.security import Security
-from runtime.utils import format_bytes
+from cluster.runtime.config import FROM_CONFIG
+from cluster.runtime.errors import ClusterTimeoutError
+from cluster.runtime.scheduler import Scheduler, elastic
+from cluster.runtime.security import Security
+from cluster.runtime.utils import format_bytes
 
 from .adaptive import Adaptive, Observation, ScalingPolicy, adapt_limits
 from .commands import Runner, cancel_leftovers, run_command
@@ -112,12 +112,12 @@ class JobQueueCluster(SyncAsync):
     """A scheduler in this process and workers in batch jobs of one batch system.
 
     ``JobQueueCluster(system="sge", cores=8, memory="16GB", project="p1")``;
-    :class:`~jobqueue.clusters.SLURMCluster`, ``PBSCluster`` and ``SGECluster``
+    :class:`~cluster.jobqueue.clusters.SLURMCluster`, ``PBSCluster`` and ``SGECluster``
     are this class with their system filled in.
 
     Args:
         system: the batch system: a name (``"slurm"``, ``"pbs"``, ``"sge"``), a
-            :class:`~jobqueue.systems.BatchSystem` class, or an instance (which
+            :class:`~cluster.jobqueue.systems.BatchSystem` class, or an instance (which
             then carries the system's own options).
         cores: cores of one job (required). Its workers share them: each gets
             ``cores // processes`` threads.
@@ -140,7 +140,7 @@ class JobQueueCluster(SyncAsync):
             the scheduler on ``tls://``, the workers' credentials in a 0600 file
             passed to the jobs by path; ``False``: plain ``tcp://``, no
             authentication (anyone who can reach the port can run code as you);
-            a :class:`~runtime.security.Security`: used as given (it needs a CA,
+            a :class:`~cluster.runtime.security.Security`: used as given (it needs a CA,
             a scheduler and a worker certificate; the jobs get the CA, the
             worker certificate and key and the settings, in the same file).
         shared_temp_directory: a directory that this machine and the jobs' nodes
@@ -160,7 +160,7 @@ class JobQueueCluster(SyncAsync):
             stops answering (its process frozen: SIGSTOP, a hung kernel, a dropped
             login session), after this long (default 3 minutes); they then exit, so
             the job ends and its allocation is freed even though nobody cancelled it.
-        lifetime: ``"auto"`` (walltime-derived, see :mod:`jobqueue.job`), a duration, or
+        lifetime: ``"auto"`` (walltime-derived, see :mod:`cluster.jobqueue.job`), a duration, or
             ``None`` for none.
         lifetime_stagger: ``"auto"`` or a duration: lifetimes vary by up to this much.
         lifetime_margin: ``"auto"`` or a duration kept free before the walltime.
@@ -175,10 +175,10 @@ class JobQueueCluster(SyncAsync):
         status_interval: seconds between two status calls (one for all jobs).
         command_timeout: seconds a batch command may take.
         close_timeout: seconds ``close()`` waits for the cancelled jobs to leave the queue.
-        runner: the command seam (default :func:`jobqueue.commands.run_command`).
+        runner: the command seam (default :func:`cluster.jobqueue.commands.run_command`).
         config_name: the section ``jobqueue.<config_name>`` of the configuration
             that gives the options not passed here (default: the system's name,
-            ``jobqueue.slurm``; see :mod:`jobqueue.config` and docs/configuration.md).
+            ``jobqueue.slurm``; see :mod:`cluster.jobqueue.config` and docs/configuration.md).
         **system_options: the batch system's own options (SLURM: ``job_cpu``,
             ``job_mem``; PBS: ``resource_spec``, ``project``; SGE: ``project``,
             ``resource_spec``, ``parallel_environment``).
@@ -253,7 +253,7 @@ class JobQueueCluster(SyncAsync):
 
     def _configure(self, chosen: Any, options: dict[str, Any], own: dict[str, Any],
                    security: Any) -> None:
-        """Check the options (resolved by :func:`~jobqueue.config.resolve_options`) and keep them."""
+        """Check the options (resolved by :func:`~cluster.jobqueue.config.resolve_options`) and keep them."""
         folded = system_class(chosen).fold_options({"account": options.pop("account"), **own})
         options["account"] = folded.pop("account")
         self.system: BatchSystem = get_system(chosen, **folded)
@@ -461,7 +461,7 @@ class JobQueueCluster(SyncAsync):
                 f"workers={len(self._registered())}, status={self.status})")
 
     def _repr_html_(self) -> str:
-        from runtime.dashboard.reprs import jobqueue_cluster_repr_html
+        from cluster.runtime.dashboard.reprs import jobqueue_cluster_repr_html
 
         return jobqueue_cluster_repr_html(self)
 

@@ -29,7 +29,7 @@ import logging
 import os
 import stat
 
-from runtime.security import Security
+from cluster.runtime.security import Security
 
 logger = logging.getLogger(__name__)
 

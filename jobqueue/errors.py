@@ -1,6 +1,6 @@
 """Exceptions of the batch-queue layer: one root, typed subclasses, all picklable.
 
-Tree (``ClusterError`` is the runtime's root, :mod:`runtime.errors`)::
+Tree (``ClusterError`` is the runtime's root, :mod:`cluster.runtime.errors`)::
 
     ClusterError
     └── JobQueueError                 root of everything jobqueue raises on purpose
@@ -27,7 +27,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-from runtime.errors import ClusterError
+from cluster.runtime.errors import ClusterError
 
 #: Characters of a command's output kept in an error message (the fields keep all of it).
 _MESSAGE_OUTPUT_LIMIT = 2000

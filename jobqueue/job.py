@@ -37,7 +37,7 @@ their data has somewhere to go.
 
 Rendering (:func:`render_script`) uses jinja2 with ``StrictUndefined``: a
 value the template uses but nobody set raises :class:`TemplateError` naming
-it.  Our templates are package data of :mod:`templates`; a user template
+it.  Our templates are package data of :mod:`cluster.templates`; a user template
 given by path may ``{% extends "slurm.sh.j2" %}`` or stand alone.
 """
 
@@ -52,10 +52,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cluster.templates as shipped_templates
 import jinja2
-
-import templates as shipped_templates
-from runtime.process import python_command
+from cluster.runtime.process import python_command
 
 from .errors import TemplateError
 from .units import exact_size, parse_duration, parse_memory, parse_walltime, seconds_text
@@ -159,7 +158,7 @@ def plan_lifetime(walltime: float | None, lifetime: Any = "auto", stagger: Any =
 
 @dataclass(frozen=True)
 class JobSpec:
-    """The validated options of a cluster's jobs (see :class:`~jobqueue.core.JobQueueCluster`)."""
+    """The validated options of a cluster's jobs (see :class:`~cluster.jobqueue.core.JobQueueCluster`)."""
 
     cores: int
     memory: int
@@ -386,7 +385,7 @@ def worker_command(spec: JobSpec, scheduler_address: str, job_id: str,
 
 
 class _ShippedLoader(jinja2.BaseLoader):
-    """Our templates, read from the installed :mod:`templates` package."""
+    """Our templates, read from the installed :mod:`cluster.templates` package."""
 
     def get_source(self, environment: jinja2.Environment, name: str):
         try:

@@ -2,20 +2,20 @@
 
 Theory of operation
 -------------------
-Everything in :mod:`jobqueue` is written as coroutines; two ways lead into them
+Everything in :mod:`cluster.jobqueue` is written as coroutines; two ways lead into them
 from synchronous code:
 
-- :class:`SyncAsync`, the base of :class:`~jobqueue.core.JobQueueCluster`: an
+- :class:`SyncAsync`, the base of :class:`~cluster.jobqueue.core.JobQueueCluster`: an
   object that lives on ONE event loop -- the caller's with
   ``asynchronous=True``, else the shared background loop of
-  :data:`runtime.loop.loop_runner` (acquired at construction, released at
+  :data:`cluster.runtime.loop.loop_runner` (acquired at construction, released at
   close).  Its public methods call :meth:`SyncAsync._run`, which returns an
   awaitable in asynchronous mode and the result otherwise.  It also gives
   ``await obj``, ``async with obj`` and ``with obj``.
 - :func:`blocking`: run one coroutine to completion on a fresh event loop --
   in a helper thread if the calling thread already runs one -- for objects
-  with no loop of their own (:class:`~jobqueue.submit.MPIJob`) and for
-  interpreter exit and finalizers (:func:`jobqueue.commands.run_blocking`).
+  with no loop of their own (:class:`~cluster.jobqueue.submit.MPIJob`) and for
+  interpreter exit and finalizers (:func:`cluster.jobqueue.commands.run_blocking`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from runtime.loop import loop_runner, sync
+from cluster.runtime.loop import loop_runner, sync
 
 _T = TypeVar("_T")
 

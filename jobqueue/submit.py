@@ -2,26 +2,26 @@
 
 Theory of operation
 -------------------
-A one-shot job runs one script under the MPI launcher (:mod:`hpc.launcher`)
+A one-shot job runs one script under the MPI launcher (:mod:`cluster.hpc.launcher`)
 in one batch job: ``ntasks`` ranks, rank 0 the scheduler and the script
 (whose ``Client()`` finds the cluster), every other rank a nanny-managed
 worker with ``cpus_per_task`` threads.  It is the batch form of
 ``mpirun -n N python -m cluster script.py args``.
 
 - **Options** are checked by :func:`make_mpi_spec` with the helpers of
-  :mod:`jobqueue.job` (a bad value raises a ``ValueError``/``TypeError``
+  :mod:`cluster.jobqueue.job` (a bad value raises a ``ValueError``/``TypeError``
   naming it) and frozen in an :class:`MPIJobSpec`.
 - **The script** is the batch system's MPI template (``templates/slurm-mpi.sh.j2``,
   ``pbs-mpi.sh.j2``, ``sge-mpi.sh.j2``), rendered by
-  :func:`jobqueue.job.render_script` (jinja2, ``StrictUndefined``).  Each
+  :func:`cluster.jobqueue.job.render_script` (jinja2, ``StrictUndefined``).  Each
   extends the workers' template of its system: the directives, extra
   directives, ``export`` lines and prologue are theirs; the resource request
-  comes from the system (:meth:`~jobqueue.systems.BatchSystem.mpi_values`;
+  comes from the system (:meth:`~cluster.jobqueue.systems.BatchSystem.mpi_values`;
   SLURM: ``--ntasks``, ``--cpus-per-task``, ``--mem-per-cpu``; PBS:
   ``-l select=<ntasks>:ncpus=<cpus>:mpiprocs=1[:mem=<memory>]`` or
   ``resource_spec``; SGE: ``-pe smp <ntasks * cpus>``) and they end with
   ``exec <launch command>``, so that the launcher's exit status -- the
-  script's, :mod:`hpc.launcher` -- is the job's.  The script path and its
+  script's, :mod:`cluster.hpc.launcher` -- is the job's.  The script path and its
   arguments are quoted with :func:`shlex.quote`: the script receives them as
   given, spaces, quotes and ``$`` included.
 - **The launch command** is ``mpirun -n N`` (or ``mpiexec``, or any path;
@@ -30,10 +30,10 @@ worker with ``cpus_per_task`` threads.  It is the batch form of
   ``<python> -m cluster --nthreads C [--memory-limit M] [cluster args]
   script.py args``.
 - **Submission** goes through the batch system's class methods
-  (:class:`~jobqueue.systems.BatchSystem`, one module per system in
-  :mod:`jobqueue.systems`) and so through the one subprocess seam
-  (:mod:`jobqueue.commands`): a failing ``sbatch``/``qsub`` raises
-  :class:`~jobqueue.errors.SubmitError` with the command, its exit code and
+  (:class:`~cluster.jobqueue.systems.BatchSystem`, one module per system in
+  :mod:`cluster.jobqueue.systems`) and so through the one subprocess seam
+  (:mod:`cluster.jobqueue.commands`): a failing ``sbatch``/``qsub`` raises
+  :class:`~cluster.jobqueue.errors.SubmitError` with the command, its exit code and
   its output.
 - **The job** (:class:`MPIJob`) asks for its state with the same one status
   call as the clusters (``squeue --states=all``, ``qstat``).  Once the job is
@@ -45,7 +45,7 @@ worker with ``cpus_per_task`` threads.  It is the batch form of
   the state table cannot tell (PBS ``F``).  A job that left the batch system
   with no record at all is ``UNKNOWN``, its exit code ``None``.
 
-``python -m cluster submit`` (:func:`jobqueue.submit_cli.main`) prints the job id alone on
+``python -m cluster submit`` (:func:`cluster.jobqueue.submit_cli.main`) prints the job id alone on
 standard output; ``--dry-run`` prints the script instead and submits nothing;
 ``--wait`` then waits for the end and exits with the job's status (0 when
 done; the job's exit code when it failed, or 1 if that is unknown).  Bad
@@ -66,7 +66,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.process import python_command
+from cluster.runtime.process import python_command
 
 from .commands import DEFAULT_TIMEOUT, Runner, run_command
 from .errors import CancelError, CommandError
@@ -137,7 +137,7 @@ class MPIJobSpec:
 
 def _check_cluster_args(args: tuple[str, ...]) -> None:
     """Parse ``cluster_args`` as the MPI launcher would, so a bad one fails before submission."""
-    from hpc.launcher import build_parser
+    from cluster.hpc.launcher import build_parser
 
     parser = build_parser()
 

@@ -1,7 +1,7 @@
-"""``python -m cluster submit``: the command line of :mod:`jobqueue.submit`.
+"""``python -m cluster submit``: the command line of :mod:`cluster.jobqueue.submit`.
 
 Parses the options (argparse; a bad value exits with status 2 naming the
-option), builds the job with :func:`~jobqueue.submit.make_mpi_spec`, and
+option), builds the job with :func:`~cluster.jobqueue.submit.make_mpi_spec`, and
 prints the script (``--dry-run``), or submits it and prints the job id, and
 with ``--wait`` exits with the job's status.  A failing batch command exits
 with status 1 and its error, without a traceback.
@@ -16,7 +16,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from runtime.options import positive_int
+from cluster.runtime.options import positive_int
 
 from .commands import Runner
 from .errors import JobQueueError

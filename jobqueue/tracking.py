@@ -12,7 +12,7 @@ kinds of news update it, both as plain values (no IO; time is passed in):
   a grace period after its submission has passed.
 - :meth:`JobTable.apply_workers`: the workers registered with the scheduler,
   ``{name: (address, status)}``.  A worker belongs to a job by its name
-  (``<job_name>-<job id>[-<i>]``, see :func:`jobqueue.job.JobSpec.worker_names`).
+  (``<job_name>-<job id>[-<i>]``, see :func:`cluster.jobqueue.job.JobSpec.worker_names`).
   A job's first worker starts its lifetime clock.
 
 A job is *ending* when its workers' lifetime is near (``Lifetime.ending_after``

@@ -26,7 +26,7 @@ import datetime
 import math
 import re
 
-from runtime.utils import parse_bytes, parse_timedelta
+from cluster.runtime.utils import parse_bytes, parse_timedelta
 
 MIB = 2**20
 GIB = 2**30

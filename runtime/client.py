@@ -12,7 +12,7 @@ Results are fetched straight from a worker that holds them (the scheduler
 says which in ``key_in_memory``), not relayed through the scheduler.
 
 Synchronous clients run their event loop on a shared background thread
-(:mod:`runtime.loop`); ``asynchronous=True`` uses the caller's running loop.
+(:mod:`cluster.runtime.loop`); ``asynchronous=True`` uses the caller's running loop.
 ``Client()`` with no address starts a :class:`LocalCluster` and closes it
 with the client.
 """
@@ -113,7 +113,7 @@ class Client:
         set_as_default: make this the client ``default_client()`` returns.
         scheduler_file: read the scheduler's address from this JSON file (and
             its credentials from the file it names, if any).
-        security: a :class:`~runtime.security.Security` with a client
+        security: a :class:`~cluster.runtime.security.Security` with a client
             certificate; ``None`` (the default) takes the credentials of the
             cluster object, of the scheduler file, or of a scheduler running
             in this process; ``False``: none.  Without an address ``True``/

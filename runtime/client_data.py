@@ -1,6 +1,6 @@
 """Moving data between the client and the workers: gathering results, scattering inputs.
 
-Plain functions over a :class:`~runtime.client.Client`: results are fetched
+Plain functions over a :class:`~cluster.runtime.client.Client`: results are fetched
 straight from a worker that holds them (the scheduler says which), or through
 the scheduler with ``direct=False``; ``scatter`` puts local data on workers,
 straight or through the scheduler.

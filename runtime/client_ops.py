@@ -1,6 +1,6 @@
 """Client methods that ask the scheduler about, or act on, the cluster as a whole.
 
-A part of :class:`runtime.client.Client` (``client.ops``): information (``who_has``,
+A part of :class:`cluster.runtime.client.Client` (``client.ops``): information (``who_has``,
 ``scheduler_info``, ``story``), running code everywhere (``run``,
 ``run_on_scheduler``, ``upload_file``) and cluster operations (``retire_workers``,
 ``rebalance``, ``replicate``, ``restart``, plugins).
@@ -30,7 +30,7 @@ def _unpack(futures) -> list:
 
 
 class ClusterOps:
-    """Cluster-wide queries and operations: a part of :class:`~runtime.client.Client` (``client.ops``).
+    """Cluster-wide queries and operations: a part of :class:`~cluster.runtime.client.Client` (``client.ops``).
 
     Talks to the cluster only through the client's scheduler connection
     (``client.rpc``, ``client.sync``) and reads nothing else of it but its
@@ -207,7 +207,7 @@ class ClusterOps:
     def register_scheduler_plugin(self, plugin: Any, name: str | None = None, idempotent: bool = False):
         """Deprecated (as in dask.distributed): use :meth:`register_plugin`.
 
-        Adds a plugin to the scheduler (see :class:`runtime.plugins.SchedulerPlugin`).
+        Adds a plugin to the scheduler (see :class:`cluster.runtime.plugins.SchedulerPlugin`).
         """
         warnings.warn("register_scheduler_plugin is deprecated; use register_plugin",
                       DeprecationWarning, stacklevel=3)
@@ -236,7 +236,7 @@ class ClusterOps:
         """Python and package versions of the client, the scheduler and each worker.
 
         Args:
-            check: raise if any of them differ (see :mod:`runtime.versions`).
+            check: raise if any of them differ (see :mod:`cluster.runtime.versions`).
             packages: more package names to report (and check) besides the usual ones.
 
         Returns:
@@ -310,7 +310,7 @@ class ClusterOps:
         return self._scheduler_call("profile", key=key, workers=workers)
 
     def progress(self, *futures, **kwargs):
-        """A progress bar over ``futures`` (see :func:`runtime.progress.progress`)."""
+        """A progress bar over ``futures`` (see :func:`cluster.runtime.progress.progress`)."""
         from .progress import progress
 
         return progress(*futures, **kwargs)

@@ -27,7 +27,7 @@ known keys: typos are the usual bug), a value of the wrong type is a
 :class:`ConfigError` naming the file, the key and the accepted values.
 dask's files hold many keys we do not implement; those are ignored, except
 ``jobqueue.<name>.*`` keys that a batch-queue cluster then uses (see
-:mod:`jobqueue.config`).
+:mod:`cluster.jobqueue.config`).
 
 donfig (dask's configuration engine as a library) reads the files and the
 variables (``collect_yaml``, ``collect_env``: the same parsing as dask's) and

@@ -83,7 +83,7 @@ def substitute(obj: Any, data: dict) -> Any:
 
 class _GraphPickling(threading.local):
     """While the client pickles a dask graph node: the keys of our futures met inside it
-    (``Future.__reduce__`` records them, see :mod:`runtime.collections`).  While a
+    (``Future.__reduce__`` records them, see :mod:`cluster.runtime.collections`).  While a
     worker unpickles such a node: the values those futures stand for."""
 
     keys: set | None = None

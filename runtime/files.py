@@ -19,7 +19,7 @@ hundreds of accounts.  Everything the runtime trusts on disk goes through here:
 * :func:`read_trusted_file` opens with ``O_NOFOLLOW`` and refuses a file that
   is not ours or that others can write (or read, for secrets).
 
-Every refusal is an :class:`~runtime.errors.UnsafePathError` that names the
+Every refusal is an :class:`~cluster.runtime.errors.UnsafePathError` that names the
 path and what is wrong with it.
 """
 

@@ -152,7 +152,7 @@ def update_graph_msg(tasks: dict, keys: list, dependencies: dict | None = None, 
                      user_priority: dict | None = None) -> dict:
     """An ``update_graph`` message with every field the scheduler's spec lists (the one
     place its shape is written on the client side; the scheduler's is
-    :class:`runtime.scheduler.events.UpdateGraphEvent`)."""
+    :class:`cluster.runtime.scheduler.events.UpdateGraphEvent`)."""
     return {
         "op": "update_graph",
         "tasks": tasks,

@@ -20,7 +20,7 @@ so this module speaks just enough HTTP/1.1:
   handshake :data:`HANDSHAKE_TIMEOUT` seconds, holds at most
   :data:`MAX_UNAUTHORISED` connections that have not yet made an authorised
   request (:data:`MAX_UNAUTHORISED_PER_PEER` per peer host; an old one makes
-  room for a newcomer, see :class:`runtime.comm.admission.Admission`) and at
+  room for a newcomer, see :class:`cluster.runtime.comm.admission.Admission`) and at
   most :data:`MAX_CONNECTIONS` in all; a refused request (``403``) closes its
   connection, and refusals and failed handshakes are logged at a bounded rate.
 

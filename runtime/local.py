@@ -130,7 +130,7 @@ class LocalCluster:
         security: ``None`` (the default) or ``True``: TLS with fresh
             credentials made for this cluster (``Security.temporary()``);
             ``False``: no TLS, anyone who can reach the ports can run code as
-            you; or a :class:`~runtime.security.Security`.  ``None`` with
+            you; or a :class:`~cluster.runtime.security.Security`.  ``None`` with
             ``protocol="tcp"`` or ``"inproc"`` means no TLS.
         memory_limit: per-worker memory limit (see ``Worker``).
         dashboard_address: where the scheduler serves its status page and
@@ -141,7 +141,7 @@ class LocalCluster:
         asynchronous: use the running event loop; ``await`` the cluster.
         validate: turn on state validation in the scheduler and workers.
         scheduler_kwargs: more keyword arguments for ``Scheduler``.
-        blocked_handlers: operations to refuse (see :func:`runtime.plugins.block_handlers`):
+        blocked_handlers: operations to refuse (see :func:`cluster.runtime.plugins.block_handlers`):
             each name goes to the scheduler if it is one of its operations and to
             the workers if it is one of theirs (``["run_function", "run"]`` stops
             ``client.run_on_scheduler`` and ``client.run``); other names are refused.
@@ -149,7 +149,7 @@ class LocalCluster:
             process), or a ``Worker`` subclass (or ``"module.Class"``) to run as
             the worker, in this process or in the worker processes.
         silence_logs: the level of the runtime's loggers here and in the workers
-            (see :func:`runtime.plugins.silence_logs`).
+            (see :func:`cluster.runtime.plugins.silence_logs`).
         diagnostics_port: the older name of ``dashboard_address``.
         loop: ignored (the running asyncio loop, or our own loop thread, is used);
             kept for compatibility.

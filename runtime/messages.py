@@ -4,11 +4,11 @@ A handler that changes state (the scheduler's graph, its table of workers) must
 not start on a message it cannot finish: ``nthreads={}`` in a worker's
 registration, or ``dependencies={"k": 5}`` in a graph, used to raise half way
 through and leave a worker counted but unusable, or a task nobody wants.  So the
-dispatchers (:meth:`runtime.core.Server.handle_comm` for requests and stream
+dispatchers (:meth:`cluster.runtime.core.Server.handle_comm` for requests and stream
 openings, the scheduler's stream loop for stream messages) check each message
 against a spec first: for requests and stream openings, the specs here; for
 the messages of a stream, the event each becomes
-(:mod:`runtime.scheduler.events`, whose fields are declared with the checks
+(:mod:`cluster.runtime.scheduler.events`, whose fields are declared with the checks
 defined here):
 
 * every field is one the operation takes, and every required field is there;
@@ -24,7 +24,7 @@ The checks are shallow and cheap (no copies; containers are walked once), and
 run only on operations listed here: read-only requests and operations whose
 handlers check their own arguments are left to fail in the handler, which
 answers with an error.  This is robustness, not security: whoever may send us
-messages may run code (see :mod:`runtime.security`).
+messages may run code (see :mod:`cluster.runtime.security`).
 """
 
 from __future__ import annotations

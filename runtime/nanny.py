@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 The nanny listens on its own address (chosen like a Worker's: loopback when
 the scheduler is on loopback) and starts the worker as a
-:class:`~runtime.process.WorkerProcess` with ``nanny=<our address>``, so the
+:class:`~cluster.runtime.process.WorkerProcess` with ``nanny=<our address>``, so the
 scheduler records us in ``WorkerState.nanny`` and can reach us for
 ``restart``/``kill``.  The child reports its worker's address over a pipe once
 it has registered; :meth:`Nanny.instantiate` returns then.
@@ -18,7 +18,7 @@ process with the same name is started.  Exits we cause (``kill``,
 leaves them alone.  A worker that exits with code 0 closed itself on purpose
 (the scheduler told it to, or it gave up on an unreachable scheduler): it is
 not restarted and the nanny closes too.  One that exits with
-:data:`~runtime.process.RESTART_EXIT_CODE` asked for a fresh worker (its
+:data:`~cluster.runtime.process.RESTART_EXIT_CODE` asked for a fresh worker (its
 ``lifetime`` ended with ``lifetime_restart=True``) and gets one.  After :meth:`Nanny.close_gracefully` the worker is
 not restarted either: when it exits the nanny closes.
 
@@ -101,7 +101,7 @@ def _worker_parameters() -> frozenset[str]:
 class Nanny(Server):
     """Runs one worker in a child process, restarts it when it dies, watches its memory.
 
-    The parameters are those of :class:`~runtime.worker.Worker`, plus:
+    The parameters are those of :class:`~cluster.runtime.worker.Worker`, plus:
 
     Args:
         scheduler_ip: the scheduler's address (``"tcp://host:port"``) or host.
@@ -114,20 +114,20 @@ class Nanny(Server):
         local_directory: where the worker's directory goes (default: temp dir).
         services: passed to the worker.
         name: the worker's name, kept across restarts (default: our address).
-        memory_limit: see :func:`~runtime.worker.parse_memory_limit`; 0 = none.
+        memory_limit: see :func:`~cluster.runtime.worker.parse_memory_limit`; 0 = none.
         reconnect: the worker reconnects when its scheduler connection breaks.
         validate: the worker checks its state invariants after every event.
         quiet: log the nanny's own comings and goings (start, restarts, close) at
             DEBUG instead of INFO.
         silence_logs: the level of the runtime's loggers, in this process and in
-            the worker process (see :func:`runtime.plugins.silence_logs`).
+            the worker process (see :func:`cluster.runtime.plugins.silence_logs`).
         resources: abstract resources of the worker, e.g. ``{"GPU": 2}``.
         death_timeout: how long the worker may take to reach the scheduler
             (also bounds how long :meth:`instantiate` waits; default 60 s).
-        preload / preload_argv: passed to the worker (see :mod:`runtime.preload`).
+        preload / preload_argv: passed to the worker (see :mod:`cluster.runtime.preload`).
         preload_nanny / preload_nanny_argv: preloads of the nanny itself
             (``dask_setup(nanny)`` before it starts its worker).
-        security: a :class:`~runtime.security.Security` with the worker
+        security: a :class:`~cluster.runtime.security.Security` with the worker
             role's TLS credentials (used by the nanny and handed to its worker
             process over a private pipe), or ``None``/``False``; with ``None``
             and a scheduler file that names credentials, those.

@@ -263,7 +263,7 @@ def silence_logs(level: Any, owner: str) -> int | None:
     else:
         raise ValueError(f"{owner}(silence_logs={level!r}): expected a logging level (a number "
                          "such as logging.ERROR, or a name such as 'error'), True, or None/False")
-    logging.getLogger("runtime").setLevel(value)
+    logging.getLogger("cluster.runtime").setLevel(value)
     return value
 
 

@@ -20,7 +20,7 @@ from them (its own ``make_context``: we do not import click); a plain function
 gets no arguments, so ``preload_argv`` with one is refused.
 
 **Shared machines.**  A preload file runs as you: one that another user could
-have written or replaced is refused (:class:`~runtime.errors.UnsafePathError`),
+have written or replaced is refused (:class:`~cluster.runtime.errors.UnsafePathError`),
 as SECURITY.md says.  The file is opened without following symbolic links and
 checked after opening (regular file, owned by you or root, not writable by
 group or others); what runs is what was checked.  URLs are refused: we never

@@ -1,6 +1,6 @@
 """Worker processes: start one, watch it, stop it without leaving it behind.
 
-A worker process is ``python -P -m runtime.worker.process '<json options>'``
+A worker process is ``python -P -m cluster.runtime.worker.process '<json options>'``
 started with a pipe on its standard input.  ``-P`` (Python 3.11+; a small
 ``-c`` bootstrap that drops the entry before anything is imported on 3.10)
 keeps the working directory off the child's ``sys.path``: a module that
@@ -21,7 +21,7 @@ writes one JSON line there -- ``{"status": "running", "address": ..., "pid":
 means the child died before it got that far.  The child's own stdout and
 stderr are left alone (inherited), so task output is not captured or delayed.
 
-TLS credentials (a pickled :class:`~runtime.security.Security`) reach the
+TLS credentials (a pickled :class:`~cluster.runtime.security.Security`) reach the
 child through a third pipe (``--security-fd N``), written in full before the
 child starts and read by it once: never on the command line or in the
 environment, which other users of the machine can see.
@@ -47,16 +47,15 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ClusterError, ClusterTimeoutError
 from .files import writable_by_others
+from .worker import RESTART_EXIT_CODE, WARM_FLAG  # noqa: F401  (re-exported: the exit code nannies read)
 
 if TYPE_CHECKING:
     from .security import Security
 
+
 logger = logging.getLogger(__name__)
 
 
-#: Exit code of a worker process whose worker asked to be replaced by a fresh
-#: one (``Worker.restart_requested``, e.g. ``lifetime_restart``): EX_TEMPFAIL.
-RESTART_EXIT_CODE = 75
 
 
 class WorkerProcessError(ClusterError):
@@ -170,15 +169,12 @@ def _pipe_holding(data: bytes) -> int:
 
 # ----------------------------------------------------------------------------- pre-warmed children
 
-#: Command-line flag of a pre-warmed child: it imports the runtime, then waits
-#: for its options on its standard input (see :func:`prewarm`).
-WARM_FLAG = "--options-from-stdin"
 
 
 class _WarmChild:
     """A worker child waiting for its options on its stdin (see :func:`prewarm`).
 
-    Either a fresh ``python -P -m runtime.worker.process --options-from-stdin``
+    Either a fresh ``python -P -m cluster.runtime.worker.process --options-from-stdin``
     (:meth:`spawn`) or a fork of this process, which has imported the
     worker's modules already (:meth:`fork`).  Neither needs an event loop, so
     that it can be started before anything else -- before ``MPI_Init``, say.
@@ -205,7 +201,7 @@ class _WarmChild:
         read_fd, write_fd = os.pipe()
         try:
             popen = subprocess.Popen(
-                python_command("runtime.worker.process", WARM_FLAG, "--ready-fd", str(write_fd),
+                python_command("cluster.runtime.worker.process", WARM_FLAG, "--ready-fd", str(write_fd),
                                executable=executable),
                 stdin=subprocess.PIPE, env=env, pass_fds=(write_fd,), start_new_session=True)
         except BaseException:
@@ -217,7 +213,7 @@ class _WarmChild:
 
     @classmethod
     def fork(cls, env: dict[str, str]) -> _WarmChild:
-        """A fork of this process (see :func:`runtime.worker.process.run_forked`).
+        """A fork of this process (see :func:`cluster.runtime.worker.process.run_forked`).
 
         The caller checked that forking is safe (:func:`_can_fork`).
 
@@ -413,7 +409,7 @@ def prewarm(env: dict[str, str] | None = None, executable: str | None = None,
         env: the child's whole environment (default: ``child_environment()``).
         executable: its Python (default: ours).
         fork: make the child by forking this process, which imports the
-            worker's modules first (:mod:`runtime.worker.process`), instead of
+            worker's modules first (:mod:`cluster.runtime.worker.process`), instead of
             starting an interpreter that imports them again: no start-up
             cost, and the imported code is shared with us.  Only where
             forking is safe -- one thread, MPI not initialised, our own
@@ -550,7 +546,7 @@ class WorkerProcess:
                     os.close(read_fd)
                 return self
         options = json.dumps({"scheduler_ip": self.scheduler_address, **self.worker_kwargs})
-        args = python_command("runtime.worker.process", options)
+        args = python_command("cluster.runtime.worker.process", options)
         if self.worker_class:
             args += ["--worker-class", self.worker_class]
         read_fd = write_fd = security_fd = None

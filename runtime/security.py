@@ -523,7 +523,7 @@ def credentials_path(scheduler_file: str) -> str:
 def write_private_file(path: str, text: str) -> None:
     """Write ``text`` to ``path`` atomically, readable and writable only by the user (0600).
 
-    Through :func:`runtime.files.write_private_file`: a random temporary name
+    Through :func:`cluster.runtime.files.write_private_file`: a random temporary name
     created ``O_EXCL|O_NOFOLLOW`` with mode 0600, then renamed over ``path``.
     """
     _files.write_private_file(path, text)

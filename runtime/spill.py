@@ -8,7 +8,7 @@ Theory of operation:
 
 * **Memory tier** – an ``OrderedDict`` kept in least-recently-used order
   (oldest first).  Each value's size is measured once, with
-  :func:`runtime.execution.sizeof`, when it arrives; ``memory_total`` is the sum.
+  :func:`cluster.runtime.execution.sizeof`, when it arrives; ``memory_total`` is the sum.
   Reading a key through the buffer (``data[key]``) makes it the most recent.
 * **Spilling** – after an insert, while ``memory_total > target``, the least
   recently used value is written to disk (:meth:`SpillBuffer.evict`).  A value
@@ -18,7 +18,7 @@ Theory of operation:
   is above its spill fraction.
 * **Disk tier** – one file per key in ``spill_directory``, named by a hash of
   the key, so any hashable key is safe.  A file is a small header (frame count
-  and frame lengths) followed by the frames of :func:`runtime.comm.serialize.dumps`:
+  and frame lengths) followed by the frames of :func:`cluster.runtime.comm.serialize.dumps`:
   the pickle stream, then the protocol-5 out-of-band buffers (NumPy arrays,
   large ``bytes``), each at a 64-byte aligned offset.  Buffers are written
   from where they sit in memory and read back into one ``bytearray`` that the
@@ -42,7 +42,7 @@ Theory of operation:
   episode (callback with ``None``) once nothing needs spilling any more or a
   spill succeeds again.
 * **Files** – the spill directory is created 0700 (or, if it exists, must be
-  ours, not a link, and not writable by others: :func:`runtime.files.open_private_directory`)
+  ours, not a link, and not writable by others: :func:`cluster.runtime.files.open_private_directory`)
   and held open; every spill file is created relative to that descriptor
   with ``O_EXCL|O_NOFOLLOW`` and mode 0600, read with ``O_NOFOLLOW``, and
   removed relative to it.  Nobody else can read a spilled value, or swap in

@@ -13,7 +13,7 @@ parents and stops: :func:`worker_client` secedes on entry and rejoins on exit.
 
 Futures pickle as references to their key (``Future.__reduce__``); unpickled
 in a task, they attach to the worker's client (this module registers it with
-:func:`runtime.futures.register_owner_finder`), so a future made in a task and
+:func:`cluster.runtime.futures.register_owner_finder`), so a future made in a task and
 returned from it is a live future of the client that receives it.
 """
 

@@ -268,7 +268,7 @@ async def read_scheduler_info(path: str, timeout: float) -> dict:
 
     The file must be ours, a regular file (not a link), and not writable by
     group or others: another user who wrote it first could send our workers
-    and clients to their scheduler (:func:`runtime.files.read_trusted_file`).
+    and clients to their scheduler (:func:`cluster.runtime.files.read_trusted_file`).
 
     Raises:
         ConnectionTimeoutError: naming the file, when it is still missing or incomplete.

@@ -1,10 +1,10 @@
 """Job-script templates (jinja2) of the batch-queue clusters, shipped with the package.
 
 One template per batch system for the clusters' worker jobs: ``slurm.sh.j2``,
-``pbs.sh.j2``; and one for a one-shot MPI job (:mod:`jobqueue.submit`), which
+``pbs.sh.j2``; and one for a one-shot MPI job (:mod:`cluster.jobqueue.submit`), which
 extends it: ``slurm-mpi.sh.j2``, ``pbs-mpi.sh.j2``.  They are
 package data of this package, so that a wheel and an editable install both
-carry them; :mod:`jobqueue.job` reads them with :mod:`importlib.resources`.
+carry them; :mod:`cluster.jobqueue.job` reads them with :mod:`importlib.resources`.
 A user's own template (``template="my.sh.j2"``) may ``{% extends "slurm.sh.j2" %}``
 and override its blocks: ``shebang``, ``directives``, ``extra_directives``,
 ``environment``, ``prologue``, ``worker``, ``epilogue``.

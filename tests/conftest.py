@@ -9,8 +9,7 @@ import time
 
 import psutil
 import pytest
-
-from runtime.security import Security
+from cluster.runtime.security import Security
 
 #: Worker processes import the test modules' functions by name.  They do not get
 #: the working directory on sys.path (runtime.process.inherited_path), so the

@@ -41,12 +41,12 @@ TESTS = Path(__file__).resolve().parent
 #: Importing one of these makes a unit test module a state-machine test.
 STATE_MODULES = {
     "tests.harness",
-    "runtime.scheduler.state", "runtime.scheduler.stimuli", "runtime.scheduler.placement",
-    "runtime.scheduler.elastic", "runtime.scheduler.events", "runtime.scheduler.validation",
-    "runtime.worker.state", "runtime.worker.events", "runtime.worker.validation",
+    "cluster.runtime.scheduler.state", "cluster.runtime.scheduler.stimuli", "cluster.runtime.scheduler.placement",
+    "cluster.runtime.scheduler.elastic", "cluster.runtime.scheduler.events", "cluster.runtime.scheduler.validation",
+    "cluster.runtime.worker.state", "cluster.runtime.worker.events", "cluster.runtime.worker.validation",
 }
 #: ...unless it also imports one of these (IO shells).
-SERVER_MODULES = {"runtime.scheduler.server", "runtime.worker.server", "cluster", "runtime"}
+SERVER_MODULES = {"cluster.runtime.scheduler.server", "cluster.runtime.worker.server", "cluster", "cluster.runtime"}
 
 #: Integration files that are about the scheduler's or the worker's behaviour, all of them.
 SOCKET_FILES = {

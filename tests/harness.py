@@ -52,29 +52,29 @@ from collections import Counter, deque
 from collections.abc import Hashable, Iterable
 from typing import Any
 
-from runtime.execution import Reschedule, sizeof
-from runtime.scheduler import elastic
-from runtime.scheduler import events as sev
-from runtime.scheduler.records import CloseScheduler, RemoveWorker
-from runtime.scheduler.state import SchedulerState
-from runtime.statemachine import Msg
-from runtime.worker import events as wev
-from runtime.worker.server import SMALL_RESULT, pickle_small
-from runtime.worker.state import WorkerStateMachine
+from cluster.runtime.execution import Reschedule, sizeof
+from cluster.runtime.scheduler import elastic
+from cluster.runtime.scheduler import events as sev
+from cluster.runtime.scheduler.records import CloseScheduler, RemoveWorker
+from cluster.runtime.scheduler.state import SchedulerState
+from cluster.runtime.statemachine import Msg
+from cluster.runtime.worker import events as wev
+from cluster.runtime.worker.server import SMALL_RESULT, pickle_small
+from cluster.runtime.worker.state import WorkerStateMachine
 
 Key = Hashable
 SCHEDULER = "scheduler"
 
 def to_worker(wire: dict) -> Any:
     """The worker event a scheduler's message becomes, decoded exactly as the worker's
-    server decodes it (:func:`runtime.worker.events.decode`)."""
+    server decodes it (:func:`cluster.runtime.worker.events.decode`)."""
     op = wire.pop("op")
     return wev.decode(op, wire)
 
 
 def to_scheduler(worker: str, wire: dict) -> sev.SchedulerEvent:
     """The scheduler event a worker's message becomes, decoded (and checked) exactly as
-    the scheduler's server decodes it (:func:`runtime.scheduler.events.decode`)."""
+    the scheduler's server decodes it (:func:`cluster.runtime.scheduler.events.decode`)."""
     op = wire.pop("op")
     return sev.decode(sev.WORKER_STREAM[op], wire, worker, lambda op: f"{op}-harness")
 

@@ -7,7 +7,7 @@ import functools
 import time
 from contextlib import asynccontextmanager
 
-from runtime import Client, Scheduler, Worker
+from cluster.runtime import Client, Scheduler, Worker
 
 
 def gen_test(timeout: float = 30):

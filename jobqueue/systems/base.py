@@ -5,14 +5,14 @@ Theory of operation
 A :class:`BatchSystem` is a *part* of a cluster (and of a one-shot MPI job),
 never its base class.  Everything that differs between SLURM, PBS and Grid
 Engine lives in one subclass per system, in one module of
-:mod:`jobqueue.systems`:
+:mod:`cluster.jobqueue.systems`:
 
 - **the commands**: ``submit_command``/``cancel_command``/``status_command``
   as class attributes, :meth:`status_argv` and :meth:`outcome_argv` for the
   ones that need the job ids placed;
 - **the outputs**: :meth:`parse_job_id` (``job_id_regexp``),
   :meth:`parse_status` (the one status call for all jobs, mapped through
-  ``state_table`` to :class:`~jobqueue.states.JobState`), :meth:`parse_outcome`
+  ``state_table`` to :class:`~cluster.jobqueue.states.JobState`), :meth:`parse_outcome`
   (a finished job's state and exit code);
 - **the job scripts**: the template (``template_name``, ``mpi_template_name``),
   ``directive_prefix``, ``job_id_variable``, and the template values of the
@@ -24,10 +24,10 @@ Engine lives in one subclass per system, in one module of
 
 The async class methods :meth:`submit`, :meth:`cancel` and :meth:`states`
 run the commands through a *runner* (the one subprocess seam,
-:mod:`jobqueue.commands`) and turn what the batch system said into values or
+:mod:`cluster.jobqueue.commands`) and turn what the batch system said into values or
 typed errors.  Adding a system is one module with one subclass (about 150
 lines), one template and its MPI variant, and one line in
-:data:`jobqueue.systems.SYSTEMS` (see docs/architecture.md).
+:data:`cluster.jobqueue.systems.SYSTEMS` (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class BatchSystem:
     name: ClassVar[str] = ""
     #: Name for messages (``"SLURM"``).
     title: ClassVar[str] = "batch"
-    #: Our template for a cluster's worker jobs (in :mod:`templates`).
+    #: Our template for a cluster's worker jobs (in :mod:`cluster.templates`).
     template_name: ClassVar[str] = ""
     #: Our template for one MPI job; it extends :attr:`template_name`.
     mpi_template_name: ClassVar[str] = ""

@@ -13,7 +13,7 @@ A finished job's exit code: ``qstat -x -f ID`` (OpenPBS ``Exit_status = 3``;
 Torque reads ``-x`` as XML, read too); where ``-x`` is refused
 (``slurm-wlm-torque``) ``qstat -f ID``, which shows the state only.
 Memory is written in PBS's binary units (``gb`` = GiB, ``mb`` = MiB,
-:mod:`jobqueue.units`).
+:mod:`cluster.jobqueue.units`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ job purged since is no longer listed (``squeue`` then exits 1 with "Invalid
 job id specified" when it was the only one asked about).  A finished job's
 exit code: ``scontrol show job --oneliner ID`` (``ExitCode=3:0``; a signal
 ``N`` is ``128 + N``).  Memory is written in MiB, rounded up
-(:mod:`jobqueue.units`).
+(:mod:`cluster.jobqueue.units`).
 """
 
 from __future__ import annotations

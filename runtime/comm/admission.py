@@ -24,7 +24,7 @@ every descriptor of the process.  :class:`Admission` bounds that:
 * **Memory goes back after a flood.**  glibc keeps freed heap memory for
   reuse, so the RSS of a server that held thousands of handshakes stayed high
   after they were gone; once the pending connections have drained after at
-  least :data:`TRIM_AFTER` failures, :func:`runtime.utils.trim_memory` hands
+  least :data:`TRIM_AFTER` failures, :func:`cluster.runtime.utils.trim_memory` hands
   it back (as the worker does after spilling).
 
 The owner registers each accepted connection with :meth:`Admission.admit`

@@ -27,7 +27,7 @@ protocol see a byte.  A peer that fails it (plain TCP, no certificate, one
 from another CA, too slow) is closed and logged with its address; nothing it
 sent is parsed, let alone unpickled.  Pending handshakes are bounded in
 number, overall and per peer host, and their failures are logged at a bounded
-rate (:mod:`runtime.comm.admission`): a flood of stalled connections costs
+rate (:mod:`cluster.runtime.comm.admission`): a flood of stalled connections costs
 neither all our memory nor all our descriptors.
 """
 
@@ -548,7 +548,7 @@ class TLSListener(TCPListener):
     pauses reading in ``connection_made``, so ``start_tls`` after accepting is
     not an option either.)
 
-    Handshakes in progress are bounded by an :class:`~runtime.comm.admission.Admission`
+    Handshakes in progress are bounded by an :class:`~cluster.runtime.comm.admission.Admission`
     (at most ``max_pending`` at a time, ``max_pending_per_peer`` per peer
     host; a stalled one makes room for a newcomer), which also logs failed
     handshakes at a bounded rate.
@@ -556,9 +556,9 @@ class TLSListener(TCPListener):
     Args:
         ssl_context: a server context that requires client certificates.
         max_pending: most handshakes in progress (default
-            :data:`runtime.comm.admission.MAX_PENDING`).
+            :data:`cluster.runtime.comm.admission.MAX_PENDING`).
         max_pending_per_peer: most of them from one host (default
-            :data:`runtime.comm.admission.MAX_PENDING_PER_PEER`).
+            :data:`cluster.runtime.comm.admission.MAX_PENDING_PER_PEER`).
 
     Raises:
         TLSError: no ``ssl_context``.
@@ -684,7 +684,7 @@ class TCPBackend(Backend):
 
 
 class TLSBackend(TCPBackend):
-    """``tls://``: TCP with mutual TLS authentication (see :mod:`runtime.security`)."""
+    """``tls://``: TCP with mutual TLS authentication (see :mod:`cluster.runtime.security`)."""
 
     prefix = "tls://"
 

@@ -1,9 +1,9 @@
 """Seeing the cluster: the status page, JSON endpoints, Prometheus metrics and logs.
 
 The scheduler and the workers hold a part each,
-:class:`~runtime.dashboard.scheduler.SchedulerDiagnostics` and
-:class:`~runtime.dashboard.worker.WorkerDiagnostics`; each serves its
-routes with the small HTTP server of :mod:`runtime.http`.  The page
+:class:`~cluster.runtime.dashboard.scheduler.SchedulerDiagnostics` and
+:class:`~cluster.runtime.dashboard.worker.WorkerDiagnostics`; each serves its
+routes with the small HTTP server of :mod:`cluster.runtime.http`.  The page
 (``static/``: one HTML file, one script, one style sheet, no CDN, no fonts)
 ships as package data and polls the JSON endpoints.
 

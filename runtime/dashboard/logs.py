@@ -10,7 +10,7 @@ from collections import deque
 LOG_LENGTH = 10_000
 
 #: The loggers whose records a server keeps (the runtime's own).
-RUNTIME_LOGGERS = ("runtime",)
+RUNTIME_LOGGERS = ("cluster.runtime",)
 
 
 class ServerLog(logging.Handler):

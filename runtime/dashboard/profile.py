@@ -2,7 +2,7 @@
 
 A sampler thread (only while profiling is on) takes the stacks of all threads
 every ``interval`` seconds (``sys._current_frames``), keeps those running a
-task (a frame of :func:`runtime.execution.run_task` on the stack, whose
+task (a frame of :func:`cluster.runtime.execution.run_task` on the stack, whose
 ``key`` local names the task) and counts, per task prefix, each function on
 the task's part of the stack.  Nothing is added to the task path itself.
 """

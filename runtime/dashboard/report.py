@@ -13,7 +13,7 @@ page holds:
 
 * a summary: duration, tasks, compute time, bytes moved, the cluster
   (scheduler address, workers, threads, memory, versions);
-* the task stream of the block (:func:`runtime.dashboard.task_stream.render_svg`:
+* the task stream of the block (:func:`cluster.runtime.dashboard.task_stream.render_svg`:
   a row per lane of each worker, coloured by task prefix);
 * tasks per prefix (count, erred, total/mean/max compute time) and per worker
   (tasks, busy share of its threads, bytes in and out);
@@ -25,7 +25,7 @@ Everything is inline (the status page's style sheet, SVG, a few lines of
 script that mark what rendered): no CDN, no fonts, nothing fetched, enforced
 by the page's Content-Security-Policy.  The file is written 0600 through a
 fresh temporary file (``O_EXCL|O_NOFOLLOW``) renamed over the target
-(:func:`runtime.files.write_private_file`); replacing a report of ours is
+(:func:`cluster.runtime.files.write_private_file`); replacing a report of ours is
 expected, replacing anything that belongs to someone else is refused.
 """
 

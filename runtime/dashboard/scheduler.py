@@ -1,6 +1,6 @@
 """The scheduler's status page, JSON endpoints, ``/metrics``, task stream and logs.
 
-:class:`SchedulerDiagnostics` is a part of :class:`runtime.scheduler.server.Scheduler`
+:class:`SchedulerDiagnostics` is a part of :class:`cluster.runtime.scheduler.server.Scheduler`
 (``scheduler.diagnostics``).  The scheduler shell calls
 :meth:`~SchedulerDiagnostics.record_task` for
 each ``task_finished``/``task_erred`` message (one deque append and a counter:
@@ -189,7 +189,7 @@ class SchedulerDiagnostics:
     def get_task_stream(self, start: float | None = None, stop: float | None = None,
                         count: int | None = None, since: int | None = None) -> dict:
         """Task records in dask's shape: ``{"next": index, "records": [...]}``
-        (see :func:`runtime.dashboard.task_stream.collect`)."""
+        (see :func:`cluster.runtime.dashboard.task_stream.collect`)."""
         from .task_stream import collect
 
         return collect(self.task_stream, self.task_stream_count, len(self.task_stream),

@@ -15,7 +15,7 @@ per computation, one deque append per task).  This module
   when the task erred).  dask's ``"thread"`` is not there: our workers do not
   report which thread ran a task, and lanes are drawn per worker instead.  Nor
   are ``"transfer"`` actions: workers report compute times only (the bytes
-  they fetch are counted, see :mod:`runtime.dashboard.report`).
+  they fetch are counted, see :mod:`cluster.runtime.dashboard.report`).
 * serves ``client.get_task_stream(start, stop, count, plot, filename)`` and the
   :class:`get_task_stream` context manager (``with`` and ``async with``);
 * draws the records as an inline SVG (:func:`render_svg`: one row per lane of
@@ -185,7 +185,7 @@ class get_task_stream:
     (asynchronous client).
 
     Args:
-        client: the client to ask (default: :func:`runtime.get_client`).
+        client: the client to ask (default: :func:`cluster.runtime.get_client`).
         plot: ``True`` also sets ``figure`` (a :class:`TaskStreamFigure`);
             ``"save"`` also writes it to ``filename``.
         filename: where ``plot="save"`` writes the self-contained HTML file.

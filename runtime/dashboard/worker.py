@@ -1,6 +1,6 @@
 """A worker's own ``/metrics`` and ``/health``, logs, structured events and profiler.
 
-:class:`WorkerDiagnostics` is a part of :class:`runtime.worker.Worker` (``worker.diagnostics``):
+:class:`WorkerDiagnostics` is a part of :class:`cluster.runtime.worker.Worker` (``worker.diagnostics``):
 it owns the worker's HTTP server, logs, events and profiler.
 The HTTP server is off unless ``dashboard=True`` or a ``dashboard_address`` is
 given (the ``python -m cluster worker`` command turns it on); it listens on

@@ -4,7 +4,7 @@ pickles) that outlive the client that published them, for other clients to get.
 Theory of operation
 -------------------
 :class:`PublishExtension` is the scheduler's part (``scheduler.extensions["publish"]``):
-``{name: record}`` (see :mod:`runtime.extensions.holding`).  The futures of a
+``{name: record}`` (see :mod:`cluster.runtime.extensions.holding`).  The futures of a
 published dataset (those of a persisted dask collection, a future, or futures
 nested in a value) stay in memory while it is published, held under the
 pseudo-client ``"published-<name>"``, whoever published it and whether or not
@@ -105,7 +105,7 @@ class PublishExtension:
 
 
 class Datasets(MutableMapping):
-    """A client's published datasets: a part of :class:`~runtime.client.Client`
+    """A client's published datasets: a part of :class:`~cluster.runtime.client.Client`
     (``client.datasets``), and the mapping dask.distributed's ``client.datasets`` is.
 
     Args:

@@ -8,7 +8,7 @@ A value crosses to the scheduler as a *record*, made on the client side by
 anything else travels pickled (``{"type": "data", "data": bytes, "keys": [...]}``)
 with the keys of the futures inside it, so that the scheduler never unpickles
 user objects.  The extension holding the record keeps those keys alive under a
-pseudo-client name of its own (:func:`runtime.scheduler.extensions.hold_keys`).
+pseudo-client name of its own (:func:`cluster.runtime.scheduler.extensions.hold_keys`).
 
 Two races are closed on the scheduler side:
 
@@ -86,7 +86,7 @@ class _Unpickler(pickle.Unpickler):
         self._client = client
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "runtime.futures" and name == "_unpickle_future":
+        if module == "cluster.runtime.futures" and name == "_unpickle_future":
             client = self._client
             return lambda key: adopt(client, key)
         return super().find_class(module, name)
@@ -182,7 +182,7 @@ async def require_known(scheduler: Scheduler, keys: Iterable[Key], what: str,
 
 
 def hold(scheduler: Scheduler, holder: str, keys: Iterable[Key]) -> None:
-    """Keep ``keys`` alive for ``holder`` (:func:`runtime.scheduler.extensions.hold_keys`)."""
+    """Keep ``keys`` alive for ``holder`` (:func:`cluster.runtime.scheduler.extensions.hold_keys`)."""
 
     hold_keys(scheduler, holder, keys)
 

@@ -1,7 +1,7 @@
-"""Distributed locks: a :class:`~runtime.extensions.semaphore.Semaphore` of one lease.
+"""Distributed locks: a :class:`~cluster.runtime.extensions.semaphore.Semaphore` of one lease.
 
 As in dask.distributed, a ``Lock`` is a one-lease semaphore served by the
-scheduler's semaphore part (:class:`~runtime.extensions.semaphore.SemaphoreExtension`),
+scheduler's semaphore part (:class:`~cluster.runtime.extensions.semaphore.SemaphoreExtension`),
 so it shares its guarantees: waiters are served in order, and the lock is
 released when its holder's client or worker goes away (a task holding it on a
 worker that dies) or when its holder stops refreshing it for the lease

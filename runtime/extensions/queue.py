@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`QueueExtension` is the scheduler's part (``scheduler.extensions["queues"]``):
-per name, a deque of records (see :mod:`runtime.extensions.holding`) and a
+per name, a deque of records (see :mod:`cluster.runtime.extensions.holding`) and a
 ``maxsize``.  Futures among the items stay in memory while they are queued:
 their keys are held under the pseudo-client ``"queue-<name>"``, counted per
 key (one future may be queued twice), and handed to the client that takes the

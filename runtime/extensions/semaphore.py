@@ -12,7 +12,7 @@ free (released, expired, or lost with its holder) the next waiters are granted
 in order, so there is no thundering herd and no starvation.
 
 A lease belongs to its *holder*: the client that asked (inside a task, the
-worker's client, see :func:`runtime.task_client.get_client`) and, for a task,
+worker's client, see :func:`cluster.runtime.task_client.get_client`) and, for a task,
 its worker.  When that client goes (``remove_client``) or that worker goes
 (``remove_worker``) its leases are released and its waiters fail.  The
 holding side refreshes its leases every third of the lease timeout while it
@@ -382,7 +382,7 @@ class SemaphoreExtension:
 
 def resolve_client(client: Client | None) -> Client:
     """``client``, else the client of this context: the worker's client inside a
-    task, else the default client (:func:`runtime.task_client.get_client`)."""
+    task, else the default client (:func:`cluster.runtime.task_client.get_client`)."""
     if client is not None:
         return client
     return current_client()

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`VariableExtension` is the scheduler's part (``scheduler.extensions["variables"]``):
-``{name: record}`` (see :mod:`runtime.extensions.holding` for records).  A
+``{name: record}`` (see :mod:`cluster.runtime.extensions.holding` for records).  A
 future stored in a variable (or inside a value stored in one) stays in memory
 while it is the variable's value: the extension holds its key under the
 pseudo-client ``"variable-<name>"`` and lets go when the value is replaced or

@@ -1,7 +1,7 @@
 """Data entering and leaving the cluster through the scheduler: gather, scatter,
 update_data, and where keys live.
 
-A part of :class:`runtime.scheduler.Scheduler` (``scheduler.data`` / ``scheduler.ops``).  Clients normally gather
+A part of :class:`cluster.runtime.scheduler.Scheduler` (``scheduler.data`` / ``scheduler.ops``).  Clients normally gather
 straight from workers; these are the routes through the scheduler
 (``direct=False``) and the bookkeeping that scatter needs.
 """

@@ -1,8 +1,8 @@
 """Elasticity of the cluster, pure part: which workers to close, how many to want,
 and the data moves that retiring, replicating and rebalancing need.
 
-Plain functions over a :class:`~runtime.scheduler.state.SchedulerState` (no IO).  The IO
-shell (:mod:`runtime.scheduler.ops`) sends the planned messages, waits until
+Plain functions over a :class:`~cluster.runtime.scheduler.state.SchedulerState` (no IO).  The IO
+shell (:mod:`cluster.runtime.scheduler.ops`) sends the planned messages, waits until
 the replicas have landed, and only then removes workers, so that retiring a
 worker never loses data.
 

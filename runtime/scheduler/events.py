@@ -2,13 +2,13 @@
 
 The one way into the scheduler's state machine: the IO shell builds these
 from wire messages and its own decisions, tests feed them directly, and
-:data:`runtime.scheduler.stimuli.HANDLERS` names the handler of each type.
+:data:`cluster.runtime.scheduler.stimuli.HANDLERS` names the handler of each type.
 
 An event that arrives over a stream is also that message's spec, the one
 definition of it: :func:`on_stream` names its operation and the field the
 scheduler fills with the sender (``worker`` or ``client``), and each field the
 peer sends is declared with :func:`wire` and the check it must pass (from
-:mod:`runtime.messages`).  :func:`decode` checks a message against its event's
+:mod:`cluster.runtime.messages`).  :func:`decode` checks a message against its event's
 fields and builds the event; a message with a field the event does not
 declare, or of the wrong type, is refused before anything is applied.
 """
@@ -46,7 +46,7 @@ def on_stream(table: dict[str, type], op: str, peer: str,
         op: the wire operation.
         peer: the field the scheduler fills with the sender's address or id.
         semantic: a check of a well-typed message against the state (see
-            :class:`runtime.messages.Spec`).
+            :class:`cluster.runtime.messages.Spec`).
     """
 
     def register(cls: type) -> type:
@@ -160,7 +160,7 @@ class HeartbeatEvent(SchedulerEvent):
 
 @dataclass(slots=True)
 class TickEvent(SchedulerEvent):
-    """Time passed (a :class:`~runtime.scheduler_events.TickEvent`): decide what is due."""
+    """Time passed (a :class:`~cluster.runtime.scheduler_events.TickEvent`): decide what is due."""
 
     now: float
     stimulus_id: str = "tick"
@@ -170,7 +170,7 @@ class TickEvent(SchedulerEvent):
 @dataclass(slots=True)
 class UpdateGraphEvent(SchedulerEvent):
     """New work from a client: ``tasks`` maps keys to serialised recipes
-    (the client's side of this message: :func:`runtime.graph.update_graph_msg`)."""
+    (the client's side of this message: :func:`cluster.runtime.graph.update_graph_msg`)."""
 
     client: str
     tasks: dict[Key, bytes | None] = wire(m._f(

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 An extension is one object made by a factory called with the
-:class:`~runtime.scheduler.server.Scheduler` (``factory(scheduler)``).  It
+:class:`~cluster.runtime.scheduler.server.Scheduler` (``factory(scheduler)``).  It
 keeps its own state and names the request/reply operations it answers in a
 ``handlers`` mapping (``{op: callable}``); the scheduler adds them to its own
 when it is built and refuses two parts that claim one name.  It may define any
@@ -21,7 +21,7 @@ under a pseudo-client name of its own, with :func:`hold_keys` and
 if a client held futures for them.
 
 ``Scheduler(extensions=...)`` takes ``{name: factory}`` and replaces
-:data:`runtime.extensions.DEFAULT_EXTENSIONS` (dask.distributed's meaning); each extension is then
+:data:`cluster.runtime.extensions.DEFAULT_EXTENSIONS` (dask.distributed's meaning); each extension is then
 ``scheduler.extensions[name]``.
 """
 

@@ -1,8 +1,8 @@
 """The cycle check of a graph a client sends, against the scheduler's tasks.
 
 Pure, and read-only: it runs while the ``update_graph`` message is decoded
-(:class:`runtime.scheduler.events.UpdateGraphEvent`), before anything of the
-message is applied, and :func:`runtime.scheduler.stimuli.update_graph` relies on it.
+(:class:`cluster.runtime.scheduler.events.UpdateGraphEvent`), before anything of the
+message is applied, and :func:`cluster.runtime.scheduler.stimuli.update_graph` relies on it.
 """
 
 from __future__ import annotations

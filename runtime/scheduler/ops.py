@@ -1,8 +1,8 @@
 """Cluster-wide operations of the Scheduler server: retire, replicate, rebalance,
 restart, plugins (scheduler, worker and nanny plugins), versions.
 
-A part of :class:`runtime.scheduler.Scheduler` (``scheduler.data`` / ``scheduler.ops``).  Each operation asks the pure
-state for a plan (:mod:`runtime.scheduler_elastic`), sends the messages, and
+A part of :class:`cluster.runtime.scheduler.Scheduler` (``scheduler.data`` / ``scheduler.ops``).  Each operation asks the pure
+state for a plan (:mod:`cluster.runtime.scheduler_elastic`), sends the messages, and
 waits (polling the state, with a deadline) until the data has landed before it
 removes anything, so that no result is lost on the way.
 """
@@ -470,7 +470,7 @@ class SchedulerOps:
 
     async def get_versions(self, packages: list[str] | None = None) -> dict:
         """``{"scheduler": ..., "workers": {address: ...}}``: Python and package versions
-        (see :mod:`runtime.versions`; a worker that cannot answer gives ``None``)."""
+        (see :mod:`cluster.runtime.versions`; a worker that cannot answer gives ``None``)."""
         replies = await self.scheduler.broadcast(msg={"op": "versions", "packages": packages},
                                                  return_exceptions=True)
         workers = {a: (None if isinstance(r, BaseException) else r) for a, r in replies.items()}

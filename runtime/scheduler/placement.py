@@ -1,6 +1,6 @@
 """Placement policy of the scheduler: which worker runs a task, and when.
 
-:class:`Placement`, a part of :class:`~runtime.scheduler.state.SchedulerState` (pure, no IO); see
+:class:`Placement`, a part of :class:`~cluster.runtime.scheduler.state.SchedulerState` (pure, no IO); see
 that module's docstring for the policy in words.
 """
 

@@ -2,7 +2,7 @@
 
 ``TaskState``, ``WorkerState`` and ``ClientState`` are flat ``__slots__``
 records (a scheduler may hold millions); the ``...Msg`` dataclasses are the
-instructions :class:`runtime.scheduler.state.SchedulerState` returns, routed by
+instructions :class:`cluster.runtime.scheduler.state.SchedulerState` returns, routed by
 the IO shell to a worker's or a client's stream.
 """
 

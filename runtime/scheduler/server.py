@@ -114,12 +114,12 @@ class Scheduler(Server):
         dashboard_address: where the status page, its JSON and ``/metrics`` are served
             (default ``":8787"``: port 8787 on our own host, or a free port if it is
             taken; ``None``/``False``: not served).  HTTPS with our TLS credentials
-            when we listen with TLS.  See :mod:`runtime.dashboard`.
-        security: a :class:`~runtime.security.Security` with the scheduler's
+            when we listen with TLS.  See :mod:`cluster.runtime.dashboard`.
+        security: a :class:`~cluster.runtime.security.Security` with the scheduler's
             TLS credentials, ``True`` for fresh temporary ones
             (``Security.temporary()``), or ``None``/``False`` for none.
         preload / preload_argv: modules, files or source run at start (see
-            :mod:`runtime.preload`; files others can write are refused).
+            :mod:`cluster.runtime.preload`; files others can write are refused).
         blocked_handlers: operations to refuse (e.g. ``["run_function"]``).
         services / service_kwargs / delete_interval / synchronize_worker_interval:
             refused unless left at their defaults (see ``SchedulerOps.check_options``).

@@ -85,7 +85,7 @@ _NO_RECS: dict = {}
 # ----------------------------------------------------------------------------- the machine
 
 
-#: The pseudo-client of ``fire_and_forget`` (:mod:`runtime.extensions.fire_and_forget`): the
+#: The pseudo-client of ``fire_and_forget`` (:mod:`cluster.runtime.extensions.fire_and_forget`): the
 #: tasks it holds are let go of when they finish or fail.
 FIRE_AND_FORGET = "fire-and-forget"
 
@@ -236,8 +236,8 @@ class SchedulerState:
     transition_story = story
 
     def handle(self, *events: Any) -> list:
-        """The one way in: each event (see :mod:`runtime.scheduler.events`) goes to its
-        handler in :data:`runtime.scheduler.stimuli.HANDLERS`; the instructions come out.
+        """The one way in: each event (see :mod:`cluster.runtime.scheduler.events`) goes to its
+        handler in :data:`cluster.runtime.scheduler.stimuli.HANDLERS`; the instructions come out.
 
         Raises:
             TypeError: an object that is not a scheduler event.

@@ -1,6 +1,6 @@
 """Stimuli of the scheduler's state machine: what clients, workers and time tell it.
 
-One handler function per event type of :mod:`runtime.scheduler.events`
+One handler function per event type of :mod:`cluster.runtime.scheduler.events`
 (:data:`HANDLERS`); :meth:`SchedulerState.handle` dispatches to them.  Each
 turns its event into recommendations, runs them through the transition table
 (``state.transitions``) and returns the resulting instructions.
@@ -217,7 +217,7 @@ def worker_closing(state: SchedulerState, ev: WorkerClosingEvent) -> list:
 
 
 def tick(state: SchedulerState, ev: TickEvent) -> list:
-    """Time passed (a :class:`~runtime.scheduler_events.TickEvent`): decide what is due.
+    """Time passed (a :class:`~cluster.runtime.scheduler_events.TickEvent`): decide what is due.
 
     * every :data:`REEVALUATE_OCCUPANCY_INTERVAL` the workers' expected load
       is re-estimated from the task durations learned since (and workers

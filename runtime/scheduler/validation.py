@@ -1,6 +1,6 @@
 """Invariant checks of the scheduler's state (``validate=True``).
 
-Plain functions over a :class:`~runtime.scheduler.state.SchedulerState`.
+Plain functions over a :class:`~cluster.runtime.scheduler.state.SchedulerState`.
 """
 
 from __future__ import annotations

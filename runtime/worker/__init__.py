@@ -10,10 +10,20 @@ Parts of the package, one concept each:
 * :mod:`.server` -- :class:`Worker`, the IO shell (thread pool, transfers,
   memory monitor);
 * :mod:`.process` -- the entry point of a worker process
-  (``python -P -m runtime.worker.process``).
+  (``python -P -m cluster.runtime.worker.process``).
 """
 
 from ..utils import lazy_attributes
+
+#: Exit code of a worker process whose worker asked to be replaced by a fresh
+#: one (``Worker.restart_requested``, e.g. ``lifetime_restart``): EX_TEMPFAIL.
+#: (Here, light to import, for both sides: :mod:`.process` and
+#: :mod:`cluster.runtime.process`, which starts worker processes.)
+RESTART_EXIT_CODE = 75
+
+#: Command-line flag of a pre-warmed child: it imports the runtime, then waits
+#: for its options on its standard input (see :func:`cluster.runtime.process.prewarm`).
+WARM_FLAG = "--options-from-stdin"
 
 #: Where each public name lives, imported on first use (PEP 562): importing one
 #: part of the package (its events, its records) does not load the server.

@@ -1,6 +1,6 @@
 """Worker memory options: the memory limit and the spill/pause/terminate fractions.
 
-Shared by :class:`~runtime.worker.Worker` and :class:`~runtime.nanny.Nanny`,
+Shared by :class:`~cluster.runtime.worker.Worker` and :class:`~cluster.runtime.nanny.Nanny`,
 which parse the same options.
 """
 

@@ -1,6 +1,6 @@
 """What users add to a Worker: plugins, preloads, extensions, custom metrics.
 
-A part of :class:`runtime.worker.Worker` (``worker.extras``), with its own
+A part of :class:`cluster.runtime.worker.Worker` (``worker.extras``), with its own
 handlers (``plugin_add``, ``plugin_remove``, ``versions``):
 
 * **plugins** (``Worker(plugins=...)``, ``Client.register_plugin``): each
@@ -10,7 +10,7 @@ handlers (``plugin_add``, ``plugin_remove``, ``versions``):
   ``transition`` hook of its own hears every task transition of the worker's
   state machine, read from the machine's transition log after each step (so
   plugins cost nothing when none has such a hook).
-* **preloads** (``Worker(preload=...)``, see :mod:`runtime.preload`): loaded
+* **preloads** (``Worker(preload=...)``, see :mod:`cluster.runtime.preload`): loaded
   at construction, ``dask_setup(worker)`` before the worker registers,
   ``dask_teardown(worker)`` at close.
 * **extensions** (``Worker(extensions={name: factory})``): ``factory(worker)``

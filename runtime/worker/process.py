@@ -1,10 +1,10 @@
-"""Entry point of a worker child process (see :mod:`runtime.process`).
+"""Entry point of a worker child process (see :mod:`cluster.runtime.process`).
 
 Usage::
 
-    python -m runtime.worker_process '<json Worker options>' [--ready-fd N] [--worker-class M.C]
+    python -m cluster.runtime.worker.process '<json Worker options>' [--ready-fd N] [--worker-class M.C]
                                      [--security-fd N]
-    python -m runtime.worker_process --options-from-stdin [--ready-fd N]   # pre-warmed
+    python -m cluster.runtime.worker.process --options-from-stdin [--ready-fd N]   # pre-warmed
 
 The worker closes when its standard input reaches end-of-file (the parent
 closed the pipe or died), or when the scheduler tells it to.  SIGTERM/SIGINT
@@ -20,7 +20,7 @@ to be replaced by a fresh one (``Worker.restart_requested``).
 With ``--security-fd`` the child reads a pickled ``Security`` (its TLS
 credentials) from that file descriptor, to its end, before anything else.
 With ``--options-from-stdin`` (a pre-warmed child, see
-:func:`runtime.process.prewarm`) the child has imported the runtime already
+:func:`cluster.runtime.process.prewarm`) the child has imported the runtime already
 and reads its options, worker class and credentials from its stdin pipe.
 """
 
@@ -40,13 +40,13 @@ from contextlib import suppress
 from typing import Any
 
 from ..loop import run
-from ..process import RESTART_EXIT_CODE, WARM_FLAG
+from . import RESTART_EXIT_CODE, WARM_FLAG
 from .server import Worker
 
 #: Seconds a worker gets to retire gracefully after SIGTERM before it just closes.
 GRACEFUL_SIGNAL_TIMEOUT = 30.0
 
-logger = logging.getLogger("runtime.worker_process")
+logger = logging.getLogger("cluster.runtime.worker_process")
 
 
 def report_ready(fd: int | None, payload: dict[str, Any]) -> None:
@@ -61,7 +61,7 @@ def report_ready(fd: int | None, payload: dict[str, Any]) -> None:
 
 
 def load_worker_class(path: str | None) -> type:
-    """The class named ``"module.Class"`` (default :class:`runtime.worker.Worker`).
+    """The class named ``"module.Class"`` (default :class:`cluster.runtime.worker.Worker`).
 
     Raises:
         ValueError: ``path`` is not of the form ``module.Class``.
@@ -230,9 +230,9 @@ def _close_inherited_fds(keep: set[int]) -> None:
 
 def run_forked(stdin_fd: int, ready_fd: int, env: dict[str, str], path: list[str],
                parent_fds: tuple[int, ...] = ()) -> None:
-    """The body of a worker process made by ``os.fork`` (:func:`runtime.process.prewarm`).
+    """The body of a worker process made by ``os.fork`` (:func:`cluster.runtime.process.prewarm`).
 
-    Turns the fork into what ``python -P -m runtime.worker.process
+    Turns the fork into what ``python -P -m cluster.runtime.worker.process
     --options-from-stdin`` would be -- its own session, ``stdin_fd`` as its
     stdin, no other inherited descriptor but ``ready_fd``, the environment
     ``env``, ``sys.path`` without the working directory (``path``) -- runs
@@ -275,7 +275,7 @@ def run_forked(stdin_fd: int, ready_fd: int, env: dict[str, str], path: list[str
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m runtime.worker_process")
+    parser = argparse.ArgumentParser(prog="python -m cluster.runtime.worker.process")
     parser.add_argument("options", nargs="?", default="{}", help="JSON keyword arguments for Worker")
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor to report the registered worker's address on")

@@ -122,8 +122,8 @@ class Worker(Server):
         local_directory: where the worker's own directory goes: a directory of
             ours, or a shared sticky one (``/tmp``) in which we use
             ``cluster-worker-space-<uid>`` (default: that in ``$TMPDIR``).  See
-            :func:`runtime.files.open_scratch_root`; one that others could
-            tamper with is refused (:class:`~runtime.errors.UnsafePathError`).
+            :func:`cluster.runtime.files.open_scratch_root`; one that others could
+            tamper with is refused (:class:`~cluster.runtime.errors.UnsafePathError`).
         death_timeout: give up and close if the scheduler cannot be reached
             for this long (``"60s"``).
         reconnect: reconnect when the scheduler connection breaks (else close).
@@ -131,7 +131,7 @@ class Worker(Server):
         host / port / interface / protocol: where to listen (by default the
             local address that routes to the scheduler, with its protocol;
             port 0 = any).
-        security: a :class:`~runtime.security.Security` with the worker's TLS
+        security: a :class:`~cluster.runtime.security.Security` with the worker's TLS
             credentials, or ``None``/``False``; with ``None`` and a scheduler
             file that names credentials, those.
         validate: check worker-state invariants after every event.
@@ -139,9 +139,9 @@ class Worker(Server):
         dashboard / dashboard_address: serve ``/metrics`` and ``/health`` (off by
             default; ``dashboard=True`` alone: a free port on our own host).
         profile: sample the stacks of running tasks every 10 ms (see
-            :mod:`runtime.dashboard.profile`; ``Client.profile()`` reads them).
-        plugins: worker plugins set up once registered (:mod:`runtime.worker.plugins`).
-        preload / preload_argv: see :mod:`runtime.preload` (files others can
+            :mod:`cluster.runtime.dashboard.profile`; ``Client.profile()`` reads them).
+        plugins: worker plugins set up once registered (:mod:`cluster.runtime.worker.plugins`).
+        preload / preload_argv: see :mod:`cluster.runtime.preload` (files others can
             write are refused).
         extensions: ``{name: factory(worker)}``, kept in ``worker.extensions``.
         metrics: ``{name: function(worker)}`` sent with every heartbeat.
@@ -276,7 +276,7 @@ class Worker(Server):
         })
         self.message_specs = messages.WORKER_REQUESTS
         #: The scheduler's stream messages that are not events of the state
-        #: (those are decoded by :func:`runtime.worker.events.decode`).
+        #: (those are decoded by :func:`cluster.runtime.worker.events.decode`).
         self.stream_ops = {
             "plugin_add": self.extras._on_plugin_add,
             "plugin_remove": self.extras._on_plugin_remove,
@@ -371,7 +371,7 @@ class Worker(Server):
 
     def _make_local_directory(self) -> None:
         """A fresh 0700 ``worker-*`` directory in a scratch root only we can write
-        (see :func:`runtime.files.open_scratch_root`).  Not put on ``sys.path``:
+        (see :func:`cluster.runtime.files.open_scratch_root`).  Not put on ``sys.path``:
         only the ``uploads`` directory inside it is, once a file is uploaded."""
         root, root_fd, temporary = open_scratch_root(self._local_directory_root)
         try:

@@ -24,7 +24,7 @@ States::
     released -> fetch -> flight -> memory        (dependencies)
     fetch -> missing (no known holder)           executing/flight -> cancelled
 
-Events in, instructions out: the IO shell (:class:`runtime.worker.Worker`)
+Events in, instructions out: the IO shell (:class:`cluster.runtime.worker.Worker`)
 runs ``Execute`` in its thread pool, ``GatherDep`` over the network, and sends
 the ``...Msg`` instructions to the scheduler.  The data itself lives in
 ``self.data`` (a mapping owned by the shell and passed in).

@@ -1,7 +1,7 @@
 """Invariant checks of the worker's state (``validate=True``).
 
-A plain function over a :class:`~runtime.worker.state.WorkerStateMachine`,
-like :mod:`runtime.scheduler.validation` for the scheduler.
+A plain function over a :class:`~cluster.runtime.worker.state.WorkerStateMachine`,
+like :mod:`cluster.runtime.scheduler.validation` for the scheduler.
 """
 
 from __future__ import annotations

@@ -15,14 +15,14 @@ import threading
 import time
 
 import pytest
-
-from runtime import Client, LocalCluster, Nanny, Scheduler, Worker
-from runtime.errors import (
+from cluster.runtime import Client, LocalCluster, Nanny, Scheduler, Worker
+from cluster.runtime.errors import (
     AddressError,
     ConnectionTimeoutError,
     FutureCancelledError,
     TaskSerializationError,
 )
+
 from tests.helpers import gen_cluster, gen_test
 
 ADDRESS = "tcp://127.0.0.1:1"  # nothing listens there: the constructors must fail first

@@ -203,16 +203,16 @@ def test_other_command_lines_go_to_the_launcher(monkeypatch, capsys):
     import types
 
     calls = []
-    fake = types.ModuleType("hpc.launcher")
+    fake = types.ModuleType("cluster.hpc.launcher")
     fake.main = lambda argv: calls.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "hpc.launcher", fake)
+    monkeypatch.setitem(sys.modules, "cluster.hpc.launcher", fake)
     assert cluster_main.main(["-n", "2", "script.py", "--flag"]) == 7
     assert calls == [["-n", "2", "script.py", "--flag"]]
     # not installed (yet): a clear error, not a traceback
-    monkeypatch.setitem(sys.modules, "hpc.launcher", None)
+    monkeypatch.setitem(sys.modules, "cluster.hpc.launcher", None)
     assert cluster_main.main(["script.py"]) == 2
     err = capsys.readouterr().err
-    assert "hpc.launcher" in err and "scheduler" in err and "worker" in err
+    assert "cluster.hpc.launcher" in err and "scheduler" in err and "worker" in err
 
 
 # ----------------------------------------------------------------------------- running clusters

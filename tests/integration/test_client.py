@@ -16,6 +16,8 @@ import uuid
 from contextlib import contextmanager
 
 import pytest
+from cluster.runtime.errors import ClusterError, RemoteTraceback, TaskError, TaskSerializationError
+from cluster.runtime.execution import picklable_exception
 
 from cluster import (
     ALL_COMPLETED,
@@ -31,8 +33,6 @@ from cluster import (
     get_worker,
     wait,
 )
-from runtime.errors import ClusterError, RemoteTraceback, TaskError, TaskSerializationError
-from runtime.execution import picklable_exception
 from tests.helpers import gen_cluster, gen_test, until, until_sync
 
 # ----------------------------------------------------------------------------- task functions

@@ -33,11 +33,11 @@ dd = pytest.importorskip("dask.dataframe")
 db = pytest.importorskip("dask.bag")
 pd = pytest.importorskip("pandas")
 
+from cluster.runtime.errors import RemoteTraceback  # noqa: E402
+from cluster.runtime.loop import sync  # noqa: E402
 from dask._task_spec import Alias, DataNode, Task, TaskRef  # noqa: E402
 
 from cluster import Client, Future, LocalCluster, futures_of, get_worker, progress, wait  # noqa: E402
-from runtime.errors import RemoteTraceback  # noqa: E402
-from runtime.loop import sync  # noqa: E402
 from tests.helpers import until_sync  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)

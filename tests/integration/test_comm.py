@@ -16,12 +16,12 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
+from cluster.runtime.comm import box_large, connect, dumps, listen
+from cluster.runtime.comm import core as comm_core
+from cluster.runtime.comm.inproc import new_address
+from cluster.runtime.errors import AddressError, CommClosedError, ConnectionTimeoutError
+from cluster.runtime.utils import parse_address, parse_host_port
 
-from runtime.comm import box_large, connect, dumps, listen
-from runtime.comm import core as comm_core
-from runtime.comm.inproc import new_address
-from runtime.errors import AddressError, CommClosedError, ConnectionTimeoutError
-from runtime.utils import parse_address, parse_host_port
 from tests.helpers import gen_test
 
 TRANSPORTS = ["tcp://127.0.0.1:0", "inproc://"]

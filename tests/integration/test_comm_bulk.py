@@ -17,13 +17,12 @@ import struct
 
 import numpy as np
 import pytest
-
-from runtime.comm import box_large, connect, listen
-from runtime.comm import tcp as tcp_module
-from runtime.comm.core import HEADER, MAGIC
-from runtime.errors import CommError
-from runtime.loop import new_event_loop
-from runtime.security import Security
+from cluster.runtime.comm import box_large, connect, listen
+from cluster.runtime.comm import tcp as tcp_module
+from cluster.runtime.comm.core import HEADER, MAGIC
+from cluster.runtime.errors import CommError
+from cluster.runtime.loop import new_event_loop
+from cluster.runtime.security import Security
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -233,7 +232,7 @@ def test_peer_stopping_inside_a_large_frame_costs_only_its_connection(sec, proto
 def test_oversized_announcement_is_refused_before_allocation():
     """A header announcing more than MAX_MESSAGE_SIZE (lengths are u64: past 2 and 4 GiB)
     is a protocol error on that connection, with nothing allocated."""
-    from runtime.comm import core
+    from cluster.runtime.comm import core
 
     async def main():
         accepted: asyncio.Queue = asyncio.Queue()

@@ -14,10 +14,10 @@ import signal
 import time
 
 import pytest
+from cluster.runtime.extensions import DEFAULT_EXTENSIONS
+from cluster.runtime.extensions.semaphore import SemaphoreExtension
 
 from cluster import Client, Event, LocalCluster, Lock, Semaphore, get_worker
-from runtime.extensions import DEFAULT_EXTENSIONS
-from runtime.extensions.semaphore import SemaphoreExtension
 from tests.helpers import gen_cluster, gen_test, until, until_sync
 
 pytestmark = pytest.mark.timeout(120)
@@ -269,8 +269,8 @@ def set_lease_timeout(name: str, seconds: float, dask_scheduler=None) -> None:
 
 @gen_test(timeout=60)
 async def test_waits_end_cleanly_when_the_requester_goes_or_the_scheduler_closes():
-    from runtime import Scheduler
-    from runtime.errors import CommClosedError
+    from cluster.runtime import Scheduler
+    from cluster.runtime.errors import CommClosedError
 
     async with Scheduler(dashboard_address=None) as s:
         sems = s.extensions["semaphores"]

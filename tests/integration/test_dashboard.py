@@ -17,9 +17,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from cluster.runtime import Client, Scheduler, Security
+from cluster.runtime.http import TOKEN_COOKIE
 
-from runtime import Client, Scheduler, Security
-from runtime.http import TOKEN_COOKIE
 from tests.helpers import gen_cluster, gen_test, until, until_sync
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -231,7 +231,7 @@ async def test_worker_metrics_and_health():
 
 @gen_test(timeout=60)
 async def test_logs_story_events_and_profile_from_the_client(caplog):
-    caplog.set_level("INFO", logger="runtime")
+    caplog.set_level("INFO", logger="cluster.runtime")
     async with gen_cluster(worker_kwargs={"profile": True}) as (c, s, workers):
         future = c.submit(spin, 0.3, key="spin-1a2b3c4d5e")
         await future

@@ -8,10 +8,10 @@ Real servers on 127.0.0.1; nothing sleeps to synchronise.
 from __future__ import annotations
 
 import pytest
+from cluster.runtime.errors import ClusterTimeoutError
+from cluster.runtime.utils import parse_address, parse_host_port
 
 from cluster import Scheduler, Worker
-from runtime.errors import ClusterTimeoutError
-from runtime.utils import parse_address, parse_host_port
 from tests.helpers import gen_cluster, gen_test, until
 
 

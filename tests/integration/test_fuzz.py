@@ -51,13 +51,13 @@ from collections.abc import Callable
 
 import psutil
 import pytest
+from cluster.runtime.comm.core import HEADER, MAGIC, MAX_FRAMES, MAX_MESSAGE_SIZE
+from cluster.runtime.scheduler import validation
+from cluster.runtime.utils import parse_address, parse_host_port
+from cluster.runtime.worker import validation as worker_validation
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.comm.core import HEADER, MAGIC, MAX_FRAMES, MAX_MESSAGE_SIZE
-from runtime.scheduler import validation
-from runtime.utils import parse_address, parse_host_port
-from runtime.worker import validation as worker_validation
 from tests.helpers import gen_cluster, until
 
 #: Examples per case family and target (env ``HPC_FUZZ_EXAMPLES`` for a bigger run).
@@ -290,8 +290,8 @@ alphabet = st.sampled_from(ALPHABET)
 
 
 def _recipes():
-    from runtime.comm.serialize import dumps_function
-    from runtime.execution import dumps_args
+    from cluster.runtime.comm.serialize import dumps_function
+    from cluster.runtime.execution import dumps_args
 
     good = (dumps_function(inc), dumps_args((1,), {}))
     return st.one_of(st.just(good), st.tuples(st.binary(max_size=24), st.binary(max_size=24)))
@@ -624,7 +624,7 @@ def rss() -> int:
 @pytest.mark.timeout(300)
 def test_fuzz_servers_stay_up_and_leak_nothing(target):
     tally = LogTally()
-    runtime_log, asyncio_log = logging.getLogger("runtime"), logging.getLogger("asyncio")
+    runtime_log, asyncio_log = logging.getLogger("cluster.runtime"), logging.getLogger("asyncio")
     runtime_log.addHandler(tally)
     asyncio_log.addHandler(tally)
     runtime_log.propagate = False

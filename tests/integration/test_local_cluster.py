@@ -7,9 +7,9 @@ import os
 import traceback
 
 import pytest
+from cluster.runtime.errors import RemoteTraceback
 
 from cluster import Client, LocalCluster, Scheduler, Worker, get_worker
-from runtime.errors import RemoteTraceback
 from tests.helpers import gen_test, until_sync
 
 pytestmark = pytest.mark.timeout(60)

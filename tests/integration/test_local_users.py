@@ -19,11 +19,11 @@ import textwrap
 import uuid
 
 import pytest
+from cluster.runtime import Client, Scheduler, Worker
+from cluster.runtime.errors import EncryptionRequiredError, UnsafePathError
+from cluster.runtime.files import SCRATCH_ROOT_PREFIX, scratch_root_name
+from cluster.runtime.process import inherited_path, python_command
 
-from runtime import Client, Scheduler, Worker
-from runtime.errors import EncryptionRequiredError, UnsafePathError
-from runtime.files import SCRATCH_ROOT_PREFIX, scratch_root_name
-from runtime.process import inherited_path, python_command
 from tests.helpers import gen_test
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,7 +96,7 @@ def run_victim(script: str, cwd: str, tmp_path, timeout: float = 90) -> dict:
 
 def test_child_command_keeps_the_working_directory_off_sys_path(tmp_path):
     (tmp_path / "json.py").write_text("raise SystemExit('planted json imported')\n")
-    out = subprocess.run(python_command("runtime.worker.process", "--help"), cwd=tmp_path,
+    out = subprocess.run(python_command("cluster.runtime.worker.process", "--help"), cwd=tmp_path,
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr
@@ -128,7 +128,7 @@ def test_inherited_path_leaves_out_cwd_and_open_directories(tmp_path, monkeypatc
     monkeypatch.setenv("PYTHONPATH", str(explicit_open))
     monkeypatch.setattr(sys, "path", ["", str(cwd), str(mine), str(open_dir), str(explicit_open),
                                       "relative/dir", *sys.path])
-    with caplog.at_level("WARNING", logger="runtime.process"):
+    with caplog.at_level("WARNING", logger="cluster.runtime.process"):
         paths = inherited_path()
     assert str(mine) in paths and str(explicit_open) in paths
     assert "" not in paths and str(cwd) not in paths and str(open_dir) not in paths
@@ -189,7 +189,7 @@ async def test_scratch_root_planted_by_another_user_is_bypassed(other_user, shar
     as_user(user, "mkdir", "-m", "0777", planted)
     assert os.stat(planted).st_uid == uid
     monkeypatch.setattr(tempfile, "tempdir", shared_dir)  # as TMPDIR=shared would
-    with caplog.at_level("WARNING", logger="runtime.files"):
+    with caplog.at_level("WARNING", logger="cluster.runtime.files"):
         local, modes = await _worker_directory()
     assert not local.startswith(planted + os.sep)
     assert os.path.dirname(os.path.dirname(local)).startswith(shared_dir)

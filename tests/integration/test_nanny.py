@@ -1,7 +1,7 @@
 """Nanny: a worker in a child process, restarted when it dies or outgrows its memory.
 
 Real processes on 127.0.0.1: a Scheduler runs in the test's event loop, each
-Nanny starts ``python -m runtime.worker.process`` children.  Waiting is done
+Nanny starts ``python -m cluster.runtime.worker.process`` children.  Waiting is done
 by polling with ``until`` (with a deadline), never by sleeping.
 """
 
@@ -16,12 +16,12 @@ import time
 
 import psutil
 import pytest
+from cluster.runtime import Client, KilledWorker, Scheduler, Worker, get_worker
+from cluster.runtime.core import ConnectionPool, Status
+from cluster.runtime.nanny import Nanny
+from cluster.runtime.process import RESTART_EXIT_CODE, WorkerProcessError
+from cluster.runtime.utils import format_bytes
 
-from runtime import Client, KilledWorker, Scheduler, Worker, get_worker
-from runtime.core import ConnectionPool, Status
-from runtime.nanny import Nanny
-from runtime.process import RESTART_EXIT_CODE, WorkerProcessError
-from runtime.utils import format_bytes
 from tests.helpers import gen_test, until, until_sync
 
 pytestmark = pytest.mark.timeout(60)
@@ -222,7 +222,7 @@ async def test_task_killing_its_worker_ends_in_killed_worker():
 
 @gen_test(timeout=40)
 async def test_memory_limit_terminates_and_restarts_worker(caplog):
-    caplog.set_level(logging.WARNING, logger="runtime.nanny")
+    caplog.set_level(logging.WARNING, logger="cluster.runtime.nanny")
     async with Scheduler(validate=True, allowed_failures=1) as s:
         async with Nanny(s.address, nthreads=1, name="mem", memory_limit="200MB",
                          memory_monitor_interval="50ms") as nanny, \
@@ -246,7 +246,7 @@ async def test_memory_limit_terminates_and_restarts_worker(caplog):
                         timeout=15, what="the worker to be restarted")
             assert not alive(first_pid)
             warnings = [r.getMessage() for r in caplog.records
-                        if r.name == "runtime.nanny" and "memory" in r.getMessage()]
+                        if r.name == "cluster.runtime.nanny" and "memory" in r.getMessage()]
             assert len(warnings) == 2, warnings
             assert "'mem'" in warnings[0] and format_bytes(200 * MB) in warnings[0], warnings[0]
             assert await c.submit(inc, 1) == 2
@@ -261,7 +261,7 @@ async def test_memory_monitor_keeps_enforcing_the_limit_without_free_descriptors
     import errno
     import resource
 
-    caplog.set_level(logging.DEBUG, logger="runtime.nanny")
+    caplog.set_level(logging.DEBUG, logger="cluster.runtime.nanny")
     async with Scheduler(validate=True) as s:
         async with Nanny(s.address, nthreads=1, name="fds", memory_limit="2GB",
                          memory_monitor_interval="20ms") as nanny:
@@ -294,7 +294,7 @@ async def test_memory_monitor_keeps_enforcing_the_limit_without_free_descriptors
                     os.close(fd)
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
             assert nanny._memory_victim is wp
-    records = [r for r in caplog.records if r.name == "runtime.nanny"]
+    records = [r for r in caplog.records if r.name == "cluster.runtime.nanny"]
     assert any("exceeded its memory budget" in r.getMessage() for r in records)
     assert not [r.getMessage() for r in records if r.exc_info], "tracebacks were logged"
 
@@ -483,7 +483,7 @@ async def test_lifetime_restart_churn_loses_no_results():
 
 @pytest.fixture
 def no_warm_child():
-    from runtime import process
+    from cluster.runtime import process
 
     process.discard_warm()
     yield process
@@ -494,7 +494,7 @@ def no_warm_child():
 async def test_prewarmed_child_is_used_by_the_next_nanny_with_tls(no_warm_child):
     """The nanny's worker is the pre-warmed interpreter; the credentials reach it through
     its stdin pipe, never its command line or environment."""
-    from runtime.security import Security
+    from cluster.runtime.security import Security
 
     process = no_warm_child
     security = Security.temporary()
@@ -540,7 +540,7 @@ def test_unused_prewarmed_child_exits_when_its_parent_dies(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, time; from runtime.process import prewarm; "
+    code = ("import sys, time; from cluster.runtime.process import prewarm; "
             "print(prewarm(), flush=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                               cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))

@@ -22,6 +22,8 @@ import types
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
+from cluster.runtime.errors import UnsafePathError
+from cluster.runtime.plugins import BlockedHandlerError
 
 import cluster
 from cluster import (
@@ -33,8 +35,6 @@ from cluster import (
     Worker,
     WorkerPlugin,
 )
-from runtime.errors import UnsafePathError
-from runtime.plugins import BlockedHandlerError
 from tests.helpers import gen_cluster, gen_test, until, until_sync
 
 pytestmark = pytest.mark.timeout(120)
@@ -444,7 +444,7 @@ def _free_port() -> int:
 
 
 def test_silence_logs_sets_the_runtime_loggers_level():
-    logger = logging.getLogger("runtime")
+    logger = logging.getLogger("cluster.runtime")
     before = logger.level
     try:
         Worker("tcp://127.0.0.1:1", silence_logs="error")

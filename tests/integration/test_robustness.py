@@ -24,10 +24,10 @@ import tracemalloc
 
 import psutil
 import pytest
+from cluster.runtime.comm.core import HEADER, MAGIC, MAX_FRAMES, MAX_MESSAGE_SIZE
+from cluster.runtime.scheduler import validation
+from cluster.runtime.utils import parse_address, parse_host_port
 
-from runtime.comm.core import HEADER, MAGIC, MAX_FRAMES, MAX_MESSAGE_SIZE
-from runtime.scheduler import validation
-from runtime.utils import parse_address, parse_host_port
 from tests.helpers import gen_cluster, gen_test, until
 
 MB = 2**20
@@ -206,7 +206,7 @@ async def test_raw_socket_valid_request_is_answered(target):
 @gen_test(timeout=10)
 async def test_bad_message_closes_only_that_connection(target, case, caplog):
     payload, reason = BAD_MESSAGES[case]
-    caplog.set_level(logging.WARNING, logger="runtime")
+    caplog.set_level(logging.WARNING, logger="cluster.runtime")
     loop = asyncio.get_running_loop()
     async with gen_cluster(nworkers=1) as (c, s, workers):
         addr = target_address(target, s, workers)
@@ -250,7 +250,7 @@ async def test_bad_message_closes_only_that_connection(target, case, caplog):
 @pytest.mark.parametrize("how", ["half-close", "close"])
 @gen_test(timeout=10)
 async def test_client_disconnects_mid_message(target, partial, how, caplog):
-    caplog.set_level(logging.WARNING, logger="runtime")
+    caplog.set_level(logging.WARNING, logger="cluster.runtime")
     loop = asyncio.get_running_loop()
     async with gen_cluster(nworkers=1) as (c, s, workers):
         addr = target_address(target, s, workers)
@@ -284,7 +284,7 @@ async def test_client_disconnects_mid_message(target, partial, how, caplog):
 @targets
 @gen_test(timeout=15)
 async def test_many_bad_connections_then_client_works(target, caplog):
-    caplog.set_level(logging.WARNING, logger="runtime")
+    caplog.set_level(logging.WARNING, logger="cluster.runtime")
     loop = asyncio.get_running_loop()
     async with gen_cluster(nworkers=1) as (c, s, workers):
         addr = target_address(target, s, workers)
@@ -490,7 +490,7 @@ async def test_client_that_disconnects_mid_message_leaves_no_half_state(cut, how
 
 _KILLED_CLIENT = """
 import sys, time
-from runtime import Client
+from cluster.runtime import Client
 
 def slow(x):
     time.sleep(2)

@@ -1,4 +1,4 @@
-"""Loopback tests of the scheduler's cluster-wide operations (:mod:`runtime.scheduler.ops`)
+"""Loopback tests of the scheduler's cluster-wide operations (:mod:`cluster.runtime.scheduler.ops`)
 and the worker's side of them: retiring, replicating, rebalancing, plugins,
 graceful close, lifetimes, memory pause, addresses and proxies.
 
@@ -12,9 +12,10 @@ import threading
 import time
 from collections import Counter
 
+from cluster.runtime import Client
+
 import cluster
 from cluster import Worker, wait
-from runtime import Client
 from tests.helpers import gen_cluster, gen_test, until
 
 # ----------------------------------------------------------------------------- task functions

@@ -19,6 +19,7 @@ import uuid
 
 import psutil
 import pytest
+from cluster.runtime.errors import ConnectionTimeoutError
 
 from cluster import (
     Client,
@@ -30,7 +31,6 @@ from cluster import (
     get_worker,
     secede,
 )
-from runtime.errors import ConnectionTimeoutError
 from tests.helpers import gen_cluster, gen_test, until, until_sync
 
 #: Events that tasks on in-process workers wait on or set, by name.
@@ -531,7 +531,7 @@ async def test_client_disconnect_without_close_releases_its_data():
 async def test_worker_closes_when_its_state_machine_fails():
     """With validation off (as in production) a failing worker state machine is not
     swallowed: the worker tells the scheduler and closes, so the two never diverge."""
-    from runtime.core import Status
+    from cluster.runtime.core import Status
 
     class Broken:
         stimulus_id = "broken-event"

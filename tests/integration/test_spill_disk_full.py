@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+from cluster.runtime import Client, Scheduler, Worker
 
-from runtime import Client, Scheduler, Worker
 from tests.helpers import gen_test, until
 from tests.unit.test_spill import small_fs  # noqa: F401  (fixture)
 
@@ -21,7 +21,7 @@ def block(i: int) -> bytes:
 
 @gen_test(timeout=80)
 async def test_full_spill_disk_pauses_the_worker_with_a_reason_the_client_reads(small_fs, caplog):  # noqa: F811
-    caplog.set_level(logging.INFO, logger="runtime")
+    caplog.set_level(logging.INFO, logger="cluster.runtime")
     async with Scheduler(dashboard_address=None) as s:
         # Spill above 10 MB of results; the process itself stays far below its pause fraction.
         async with Worker(s.address, nthreads=1, name="spiller", local_directory=str(small_fs),
@@ -48,7 +48,7 @@ async def test_full_spill_disk_pauses_the_worker_with_a_reason_the_client_reads(
             assert any(str(small_fs) in msg and "No space left" in msg for msg in errors), logs
             assert not all(f.done() for f in futures)  # the rest waits: visibly, not silently
             spill_errors = [r for r in caplog.records
-                            if r.name == "runtime.spill" and r.levelno == logging.ERROR]
+                            if r.name == "cluster.runtime.spill" and r.levelno == logging.ERROR]
             assert len(spill_errors) == 1, [r.getMessage() for r in spill_errors]
             # Once the results are released, nothing needs spilling: the worker resumes.
             await c.cancel(futures)

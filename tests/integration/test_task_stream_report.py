@@ -13,11 +13,11 @@ import time
 import xml.etree.ElementTree as ET
 
 import pytest
+from cluster.jobqueue.commands import CommandResult
+from cluster.runtime.dashboard.report import performance_report
+from cluster.runtime.dashboard.task_stream import TaskStreamFigure, get_task_stream
 
 from cluster import Client, LocalCluster, SLURMCluster
-from jobqueue.commands import CommandResult
-from runtime.dashboard.report import performance_report
-from runtime.dashboard.task_stream import TaskStreamFigure, get_task_stream
 from tests.helpers import gen_cluster, gen_test, until, until_sync
 from tests.integration.test_dashboard import WebDriver, chromium_binary, observe, run_chromium
 

@@ -19,15 +19,15 @@ import time
 
 import numpy as np
 import pytest
+from cluster.runtime.comm import connect, dumps, listen
+from cluster.runtime.comm import tcp as tcp_module
+from cluster.runtime.comm.core import HEADER, MAGIC
+from cluster.runtime.errors import CommError, EncryptionRequiredError, TLSError
+from cluster.runtime.loop import run as run_on_uvloop
+from cluster.runtime.security import unregister_local_credentials
+from cluster.runtime.utils import parse_address, parse_host_port
 
 from cluster import Client, LocalCluster, Nanny, Scheduler, Security, Worker
-from runtime.comm import connect, dumps, listen
-from runtime.comm import tcp as tcp_module
-from runtime.comm.core import HEADER, MAGIC
-from runtime.errors import CommError, EncryptionRequiredError, TLSError
-from runtime.loop import run as run_on_uvloop
-from runtime.security import unregister_local_credentials
-from runtime.utils import parse_address, parse_host_port
 from tests.helpers import gen_test, until, until_sync
 from tests.integration.test_cli import (  # noqa: F401  (fixtures)
     launch,
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def tls_log(caplog):
-    caplog.set_level(logging.WARNING, logger="runtime.comm.tcp")
+    caplog.set_level(logging.WARNING, logger="cluster.runtime.comm.tcp")
     return caplog
 
 

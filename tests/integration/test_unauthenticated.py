@@ -18,10 +18,10 @@ import time
 
 import psutil
 import pytest
+from cluster.runtime.comm import admission
+from cluster.runtime.comm import tcp as tcp_module
 
 from cluster import Client, Scheduler, Security
-from runtime.comm import admission
-from runtime.comm import tcp as tcp_module
 from tests.helpers import gen_test, until, until_sync
 from tests.integration.test_cli import (  # noqa: F401  (fixtures)
     launch,
@@ -140,7 +140,7 @@ def test_flood_of_stalled_handshakes_is_bounded_and_memory_returns(tmp_path, lau
 @gen_test(timeout=60)
 async def test_caps_per_peer_and_overall_cut_the_oldest_stalled_handshake(sec, monkeypatch,
                                                                           caplog):
-    caplog.set_level(logging.WARNING, logger="runtime.comm.tcp")
+    caplog.set_level(logging.WARNING, logger="cluster.runtime.comm.tcp")
     monkeypatch.setattr(admission, "EVICT_AFTER", 0.3)
     monkeypatch.setattr(admission, "LOG_INTERVAL", 0.5)
     monkeypatch.setattr(admission, "MAX_PENDING_PER_PEER", 8)
@@ -177,9 +177,9 @@ async def test_caps_per_peer_and_overall_cut_the_oldest_stalled_handshake(sec, m
 @gen_test(timeout=60)
 async def test_status_page_cuts_slow_handshakes_and_caps_unauthorised_connections(
         sec, monkeypatch, caplog):
-    from runtime import http
+    from cluster.runtime import http
 
-    caplog.set_level(logging.WARNING, logger="runtime.http")
+    caplog.set_level(logging.WARNING, logger="cluster.runtime.http")
     monkeypatch.setattr(http, "HANDSHAKE_TIMEOUT", 0.5)  # 10 s by default (asyncio's: 60 s)
     monkeypatch.setattr(admission, "EVICT_AFTER", 0.3)
     async with Scheduler(security=sec, dashboard_address="127.0.0.1:0") as s:
@@ -232,5 +232,5 @@ async def test_status_page_cuts_slow_handshakes_and_caps_unauthorised_connection
         await until(lambda: server.connections == 0, what="the flood's connections to close")
         await until(lambda: "connections were closed unread to stay within" in caplog.text,
                     timeout=15, what="the summary line")
-        lines = [r for r in caplog.records if r.name == "runtime.http"]
+        lines = [r for r in caplog.records if r.name == "cluster.runtime.http"]
         assert len(lines) < 20, [r.getMessage() for r in lines]

@@ -1,5 +1,5 @@
 """``client.get_versions(check=...)`` and the scheduler's warning about workers whose
-Python or ``cluster`` version differs from its own (issue 13; :mod:`runtime.versions`).
+Python or ``cluster`` version differs from its own (issue 13; :mod:`cluster.runtime.versions`).
 """
 
 from __future__ import annotations
@@ -7,12 +7,9 @@ from __future__ import annotations
 import logging
 import sys
 
+import cluster.runtime.worker.server as worker_server
 import pytest
-
-import cluster
-import runtime.worker.server as worker_server
-from cluster import Client, LocalCluster
-from runtime.versions import (
+from cluster.runtime.versions import (
     PACKAGES,
     VersionMismatchError,
     check_versions,
@@ -20,6 +17,9 @@ from runtime.versions import (
     mismatches,
     registration_mismatch,
 )
+
+import cluster
+from cluster import Client, LocalCluster
 from tests.helpers import gen_cluster, gen_test
 
 pytestmark = pytest.mark.timeout(120)
@@ -88,7 +88,7 @@ async def test_client_get_versions_shape_and_check():
 async def test_worker_with_other_versions_is_warned_about_when_it_registers(monkeypatch, caplog):
     monkeypatch.setattr(worker_server, "registration_versions",
                         lambda: {"packages": {"python": "3.0.0", "cluster": "0.0.0"}})
-    with caplog.at_level(logging.WARNING, logger="runtime.scheduler.ops"):
+    with caplog.at_level(logging.WARNING, logger="cluster.runtime.scheduler.ops"):
         async with gen_cluster(nworkers=1) as (c, s, (a,)):
             assert await c.submit(len, "ab") == 2  # warned about, not refused
     warnings = [r.getMessage() for r in caplog.records if "other versions" in r.getMessage()]

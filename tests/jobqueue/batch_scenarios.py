@@ -11,8 +11,9 @@ import json
 import time
 from collections.abc import Callable
 
+from cluster.jobqueue import JobQueueCluster, JobState
+
 from cluster import Client
-from jobqueue import JobQueueCluster, JobState
 
 from .conftest import wait_until as wait
 

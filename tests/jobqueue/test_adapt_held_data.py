@@ -17,8 +17,8 @@ import threading
 from collections import Counter
 
 import pytest
+from cluster.runtime import Client, Worker
 
-from runtime import Client, Worker
 from tests.helpers import gen_test, until
 
 from .test_cluster_fake import FakeSlurm, cluster

@@ -5,11 +5,17 @@ from __future__ import annotations
 import logging
 
 import pytest
-
-from jobqueue.adaptive import Adaptive, Decision, JobView, Observation, ScalingPolicy, adapt_limits
-from jobqueue.states import JobState
-from jobqueue.tracking import JobTable
-from runtime.scheduler.elastic import AdaptiveSizing
+from cluster.jobqueue.adaptive import (
+    Adaptive,
+    Decision,
+    JobView,
+    Observation,
+    ScalingPolicy,
+    adapt_limits,
+)
+from cluster.jobqueue.states import JobState
+from cluster.jobqueue.tracking import JobTable
+from cluster.runtime.scheduler.elastic import AdaptiveSizing
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -172,7 +178,7 @@ def sizing(kept: int, stored: int = 120, target: int = 3) -> AdaptiveSizing:
 
 
 def test_adaptive_log_says_once_when_idle_workers_are_kept_for_their_data(caplog):
-    caplog.set_level(logging.INFO, logger="jobqueue.adaptive")
+    caplog.set_level(logging.INFO, logger="cluster.jobqueue.adaptive")
     cluster = _Cluster()
     adaptive = Adaptive(cluster, 1.0, 5.0, ScalingPolicy(1, mode="adapt"))
     adaptive.observe(sizing(0, target=0))

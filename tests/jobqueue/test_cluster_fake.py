@@ -15,10 +15,10 @@ import sys
 import textwrap
 
 import pytest
+from cluster.jobqueue import JobState, SLURMCluster, SubmitError
+from cluster.jobqueue.commands import CommandResult
+from cluster.jobqueue.errors import JobIdNotFoundError
 
-from jobqueue import JobState, SLURMCluster, SubmitError
-from jobqueue.commands import CommandResult
-from jobqueue.errors import JobIdNotFoundError
 from tests.helpers import gen_test, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,7 +146,7 @@ def test_failing_sbatch_raises_a_submit_error_with_the_command_output():
 async def test_jobs_that_fail_without_a_worker_pause_submission(caplog):
     fake = FakeSlurm(after_status="FAILED")
     async with cluster(fake, asynchronous=True) as c:
-        with caplog.at_level(logging.ERROR, logger="jobqueue.core"):
+        with caplog.at_level(logging.ERROR, logger="cluster.jobqueue.core"):
             await c.scale(1)
             await until(lambda: len(fake.named("sbatch")) == 3 and c._paused_until, 10,
                         what="three failed jobs")
@@ -174,7 +174,7 @@ async def test_a_failing_status_call_keeps_the_states(caplog):
         await until(lambda: c.jobs["101"].native_state == "RUNNING", 10, what="first status")
         fake.status_result = CommandResult(("squeue",), 1, "", "slurm_load_jobs error: Unable to "
                                            "contact slurm controller (connect failure)\n")
-        with caplog.at_level(logging.WARNING, logger="jobqueue.core"):
+        with caplog.at_level(logging.WARNING, logger="cluster.jobqueue.core"):
             await until(lambda: "Unable to contact" in caplog.text, 10, what="the warning")
         assert c.jobs["101"].state == JobState.RUNNING
         fake.status_result = None
@@ -184,8 +184,8 @@ def test_interpreter_exit_cancels_the_jobs_of_an_unclosed_cluster(tmp_path):
     log = tmp_path / "calls.log"
     script = textwrap.dedent(f"""\
         import logging
-        from jobqueue import SLURMCluster
-        from jobqueue.commands import CommandResult
+        from cluster.jobqueue import SLURMCluster
+        from cluster.jobqueue.commands import CommandResult
 
         logging.basicConfig(level=logging.INFO)
         calls = open({str(log)!r}, "a")

@@ -19,9 +19,8 @@ import pickle
 import time
 
 import pytest
-
-from jobqueue.commands import CommandResult, check, run_blocking, run_command
-from jobqueue.errors import (
+from cluster.jobqueue.commands import CommandResult, check, run_blocking, run_command
+from cluster.jobqueue.errors import (
     CancelError,
     CommandError,
     CommandNotFoundError,
@@ -32,9 +31,9 @@ from jobqueue.errors import (
     SubmitError,
     TemplateError,
 )
-from jobqueue.states import JobState, JobStatus, map_state
-from jobqueue.systems import PBS, SGE, SLURM
-from runtime.errors import ClusterError
+from cluster.jobqueue.states import JobState, JobStatus, map_state
+from cluster.jobqueue.systems import PBS, SGE, SLURM
+from cluster.runtime.errors import ClusterError
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,12 +12,12 @@ import inspect
 import warnings
 
 import pytest
+from cluster.jobqueue import PBSCluster, SGECluster, SLURMCluster
+from cluster.jobqueue.job import DEFAULT_JOB_NAME, DEFAULT_WALLTIME
+from cluster.jobqueue.systems.sge import DEFAULT_PARALLEL_ENVIRONMENT
+from cluster.runtime import config
+from cluster.runtime.config import ConfigWarning
 
-from jobqueue import PBSCluster, SGECluster, SLURMCluster
-from jobqueue.job import DEFAULT_JOB_NAME, DEFAULT_WALLTIME
-from jobqueue.systems.sge import DEFAULT_PARALLEL_ENVIRONMENT
-from runtime import config
-from runtime.config import ConfigWarning
 from tests.unit import test_config
 
 pytestmark = pytest.mark.timeout(60)

@@ -29,7 +29,7 @@ SLACK = 15.0
 
 OWNER = """\
 import signal, sys
-from jobqueue import SLURMCluster
+from cluster.jobqueue import SLURMCluster
 
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 with SLURMCluster(cores=1, memory="1GB", processes=1, queue=sys.argv[1], walltime="00:10:00",

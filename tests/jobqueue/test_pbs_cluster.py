@@ -16,8 +16,7 @@ Skipped without the commands unless ``CLUSTER_REQUIRE_PBS=1`` (CI: then they fai
 from __future__ import annotations
 
 import pytest
-
-from jobqueue import JobState, PBSCluster, submit_mpi_job
+from cluster.jobqueue import JobState, PBSCluster, submit_mpi_job
 
 from . import batch_scenarios as scenario
 from .conftest import Pbs

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster.jobqueue import JobState, PBSCluster
 
 from cluster import Client
-from jobqueue import JobState, PBSCluster
 
 from . import fake_pbs as pbs_server
 from .conftest import wait_until as _wait

@@ -21,12 +21,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cluster.jobqueue import PBSCluster, SLURMCluster
+from cluster.jobqueue.commands import CommandResult
+from cluster.jobqueue.credentials import credentials_directory
+from cluster.runtime.errors import ClusterTimeoutError
+from cluster.runtime.security import Security
 
-from jobqueue import PBSCluster, SLURMCluster
-from jobqueue.commands import CommandResult
-from jobqueue.credentials import credentials_directory
-from runtime.errors import ClusterTimeoutError
-from runtime.security import Security
 from tests.helpers import gen_test
 
 pytestmark = pytest.mark.timeout(60)
@@ -171,8 +171,8 @@ async def test_security_false_listens_on_tcp(tmp_path):
 
 def test_interpreter_exit_removes_the_credentials_file_of_an_unclosed_cluster(tmp_path):
     script = textwrap.dedent(f"""\
-        from jobqueue import SLURMCluster
-        from jobqueue.commands import CommandResult
+        from cluster.jobqueue import SLURMCluster
+        from cluster.jobqueue.commands import CommandResult
 
         async def runner(argv, *, timeout=60.0, input=None, env=None):
             return CommandResult(tuple(argv), 0, "", "")
@@ -225,8 +225,8 @@ def test_worker_tls_credentials_and_separate_files_exclude_each_other(tmp_path):
 
 @gen_test(timeout=30)
 async def test_wait_for_workers_says_what_it_waits_for(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr("jobqueue.core.WAIT_LOG_INTERVAL", 0.05)
-    caplog.set_level(logging.INFO, logger="jobqueue.core")
+    monkeypatch.setattr("cluster.jobqueue.core.WAIT_LOG_INTERVAL", 0.05)
+    caplog.set_level(logging.INFO, logger="cluster.jobqueue.core")
     async with cluster(tmp_path, runner=Runner("PENDING", "Priority")) as c:
         with pytest.raises(ClusterTimeoutError, match=r"no job queued or running"):
             await c.wait_for_workers(2, timeout=0.1)  # nothing submitted yet: says so

@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from jobqueue import JobState, SGECluster, submit_mpi_job
-from jobqueue.submit_cli import main as submit_main
+from cluster.jobqueue import JobState, SGECluster, submit_mpi_job
+from cluster.jobqueue.submit_cli import main as submit_main
 
 from . import batch_scenarios as scenario
 from .conftest import Sge, run

@@ -18,10 +18,10 @@ import time
 from collections import Counter
 
 import pytest
+from cluster.jobqueue import JobState, SLURMCluster, SubmitError
+from cluster.runtime.errors import ClusterTimeoutError
 
 from cluster import Client
-from jobqueue import JobState, SLURMCluster, SubmitError
-from runtime.errors import ClusterTimeoutError
 
 from .conftest import Slurm
 from .conftest import wait_until as wait
@@ -239,8 +239,8 @@ def test_security_false_gives_plain_tcp_workers(slurm: Slurm, tmp_path):
 
 
 def test_wait_for_workers_logs_jobs_and_their_states(slurm: Slurm, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr("jobqueue.core.WAIT_LOG_INTERVAL", 0.2)
-    caplog.set_level(logging.INFO, logger="jobqueue.core")
+    monkeypatch.setattr("cluster.jobqueue.core.WAIT_LOG_INTERVAL", 0.2)
+    caplog.set_level(logging.INFO, logger="cluster.jobqueue.core")
     # A job held until an hour from now stays PENDING with SLURM's reason BeginTime.
     with make(slurm, tmp_path, job_extra_directives=["--begin=now+3600"]) as held:
         held.scale(1)

@@ -27,12 +27,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cluster.jobqueue import JobState, MPIJob, SubmitError, mpi_job_script, submit_mpi_job
+from cluster.jobqueue.commands import CommandResult
+from cluster.jobqueue.submit_cli import main
+from cluster.runtime.process import BOOTSTRAP
 
-import jobqueue
-from jobqueue import JobState, MPIJob, SubmitError, mpi_job_script, submit_mpi_job
-from jobqueue.commands import CommandResult
-from jobqueue.submit_cli import main
-from runtime.process import BOOTSTRAP
+from cluster import jobqueue
 
 from . import test_pbs_fake
 from .conftest import Slurm, run

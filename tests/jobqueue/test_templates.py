@@ -14,10 +14,9 @@ import subprocess
 import textwrap
 
 import pytest
-
-from jobqueue import PBSCluster, SLURMCluster, TemplateError
-from jobqueue.job import default_margin, plan_lifetime
-from runtime.process import BOOTSTRAP
+from cluster.jobqueue import PBSCluster, SLURMCluster, TemplateError
+from cluster.jobqueue.job import default_margin, plan_lifetime
+from cluster.runtime.process import BOOTSTRAP
 
 pytestmark = pytest.mark.timeout(30)
 

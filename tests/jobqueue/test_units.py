@@ -5,8 +5,7 @@ from __future__ import annotations
 import datetime
 
 import pytest
-
-from jobqueue.units import (
+from cluster.jobqueue.units import (
     exact_size,
     hms,
     parse_duration,

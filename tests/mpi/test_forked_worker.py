@@ -1,5 +1,5 @@
 """A worker rank's worker process forked before MPI_Init (``prewarm(fork=True)``), and the
-node's ranks meeting before MPI_Init (:mod:`hpc.rendezvous`); no ``mpiexec`` needed.
+node's ranks meeting before MPI_Init (:mod:`cluster.hpc.rendezvous`); no ``mpiexec`` needed.
 
 The forks are made in a fresh interpreter (tests/mpi/scripts/forked_worker.py): forking
 is only safe with one thread, and pytest has several.
@@ -18,9 +18,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from hpc import rendezvous
-from runtime import process
+from cluster.hpc import rendezvous
+from cluster.runtime import process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,7 +103,7 @@ def test_fork_is_refused_while_threads_run(no_warm_child):
         assert process._can_fork() is not None
         pid = process.prewarm(fork=True)
         assert pid is not None and not process._warm.forked
-        assert "runtime.worker.process" in " ".join(psutil.Process(pid).cmdline())
+        assert "cluster.runtime.worker.process" in " ".join(psutil.Process(pid).cmdline())
     finally:
         stop.set()
         t.join()
@@ -197,7 +196,7 @@ def test_job_key_is_the_pmi_sockets_peer():
 def test_watchdog_probes_rarely_while_the_scheduler_answers():
     """A TLS handshake per probe: every 5 s (death_timeout / 4) while the scheduler answers,
     every second once it does not; the rank still gives up death_timeout after the last answer."""
-    from hpc.ranks import ClusterOptions, WorkerRank
+    from cluster.hpc.ranks import ClusterOptions, WorkerRank
 
     rank = WorkerRank("tls://127.0.0.1:9", "w", 1, ClusterOptions(death_timeout=20))
     assert rank.next_probe_in(True) == 5.0 and rank.next_probe_in(False) == 1.0

@@ -17,22 +17,22 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_the_launcher_imports_no_client_scheduler_or_local_cluster():
-    loaded = _modules_after("import cluster.__main__, hpc.launcher")
-    assert not {"runtime.client", "runtime.scheduler", "runtime.local", "runtime.nanny",
-                "runtime.worker", "hpc.api", "jobqueue"} & loaded
+    loaded = _modules_after("import cluster.__main__, cluster.hpc.launcher")
+    assert not {"cluster.runtime.client", "cluster.runtime.scheduler", "cluster.runtime.local", "cluster.runtime.nanny",
+                "cluster.runtime.worker", "cluster.hpc.api", "cluster.jobqueue"} & loaded
 
 
 def test_a_worker_rank_imports_no_scheduler_or_client():
-    loaded = _modules_after("import cluster.__main__, hpc.launcher, runtime.nanny")
-    assert "runtime.nanny" in loaded
-    assert not {"runtime.client", "runtime.scheduler", "runtime.local"} & loaded
+    loaded = _modules_after("import cluster.__main__, cluster.hpc.launcher, cluster.runtime.nanny")
+    assert "cluster.runtime.nanny" in loaded
+    assert not {"cluster.runtime.client", "cluster.runtime.scheduler", "cluster.runtime.local"} & loaded
 
 
 def test_public_names_resolve():
+    import cluster.runtime.progress  # the submodule must not shadow the function
+
     import cluster
-    import hpc
-    import runtime
-    import runtime.progress  # the submodule must not shadow the function
+    from cluster import hpc, runtime
 
     for name in runtime.__all__:
         assert getattr(runtime, name) is not None, name
@@ -41,5 +41,6 @@ def test_public_names_resolve():
     assert callable(runtime.progress) and not hasattr(runtime.progress, "__file__")
     assert cluster.Client is runtime.Client and cluster.LocalCluster is runtime.LocalCluster
     assert callable(hpc.initialize)
+    from cluster.runtime import Nanny, Scheduler, Security, Worker  # noqa: F401
+
     from cluster import Client, Future, LocalCluster, wait  # noqa: F401
-    from runtime import Nanny, Scheduler, Security, Worker  # noqa: F401

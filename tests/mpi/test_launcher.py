@@ -1,4 +1,4 @@
-"""The MPI launcher end to end: ``mpiexec -n N python -m hpc.launcher ...`` as a subprocess.
+"""The MPI launcher end to end: ``mpiexec -n N python -m cluster.hpc.launcher ...`` as a subprocess.
 
 Every job runs an ``mpiexec`` on loopback only, with a deadline: MPICH's
 from ``.venv`` (the ``mpich`` wheel), and for the core cases (``both_mpis``)
@@ -25,11 +25,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from hpc.launcher import main as launcher_main
-from hpc.launcher import parse_args
-from hpc.mpi import env_rank, launched_by_mpi, scrub_rank_environment
-from hpc.ranks import (
+from cluster.hpc.launcher import main as launcher_main
+from cluster.hpc.launcher import parse_args
+from cluster.hpc.mpi import env_rank, launched_by_mpi, scrub_rank_environment
+from cluster.hpc.ranks import (
     ClusterOptions,
     SignalCatcher,
     WorkerRank,
@@ -37,9 +36,9 @@ from hpc.ranks import (
     run_script,
     serve_worker,
 )
-from runtime import Client, Scheduler
-from runtime.loop import loop_runner, sync
-from runtime.security import credentials_path
+from cluster.runtime import Client, Scheduler
+from cluster.runtime.loop import loop_runner, sync
+from cluster.runtime.security import credentials_path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -149,7 +148,7 @@ class Job:
                 **env: str) -> Job:
         impl.check()
         cmd = [str(impl.mpiexec), "-n", str(n), impl.python]
-        cmd += ["-m", "hpc.launcher", *args] if module else args
+        cmd += ["-m", "cluster.hpc.launcher", *args] if module else args
         return cls(tmp_path, cmd, clean_env(impl, **env))
 
     # -- processes
@@ -278,7 +277,7 @@ def job_factory(tmp_path, mpi):
         sub = tmp_path / f"job{len(jobs)}"
         sub.mkdir()
         if n is None:
-            cmd = [PYTHON, "-m", "hpc.launcher", *args] if module else [PYTHON, *args]
+            cmd = [PYTHON, "-m", "cluster.hpc.launcher", *args] if module else [PYTHON, *args]
             job = Job(sub, cmd, clean_env(**env))
         else:
             job = Job.mpiexec(sub, mpi, n, args, module=module, **env)
@@ -341,7 +340,7 @@ def test_worker_ranks_use_their_prewarmed_worker_process(job_factory):
     assert len(workers) == 2 and len({w["ppid"] for w in workers}) == 2
     for w in workers:
         assert w["argv"] == w["parent_argv"], w  # forked from its rank, not a fresh python
-        assert "hpc.launcher" in w["argv"], w
+        assert "cluster.hpc.launcher" in w["argv"], w
         assert "--options-from-stdin" in w["sys_argv"], w
         assert not any(a.startswith("{") for a in w["argv"] + w["sys_argv"]), w
         assert w["rank_vars"] == [], w

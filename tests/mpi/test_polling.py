@@ -6,10 +6,11 @@ import threading
 import time
 from contextlib import suppress
 
-from hpc import mpi
-from hpc.ranks import ClusterOptions, SignalCatcher, serve_worker
-from runtime.errors import CommClosedError
-from runtime.loop import sync
+from cluster.hpc import mpi
+from cluster.hpc.ranks import ClusterOptions, SignalCatcher, serve_worker
+from cluster.runtime.errors import CommClosedError
+from cluster.runtime.loop import sync
+
 from tests.mpi.test_launcher import FakeJob, _wait_registered, scheduler_on_loop  # noqa: F401
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from hpc.roles import (
+from cluster.hpc.roles import (
     Kind,
     Role,
     RoleOptions,

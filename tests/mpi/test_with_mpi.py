@@ -32,10 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import hpc
-from hpc.launcher import run_mpi
-from hpc.mpi import (
+from cluster.hpc.launcher import run_mpi
+from cluster.hpc.mpi import (
     RANK_ENVIRONMENT_PREFIXES,
     Job,
     MPITimeout,
@@ -45,8 +43,10 @@ from hpc.mpi import (
     launched_by_mpi,
     wait_request,
 )
-from hpc.ranks import ClusterOptions
-from hpc.roles import RoleOptions, expected_workers, role, scheduler_host
+from cluster.hpc.ranks import ClusterOptions
+from cluster.hpc.roles import RoleOptions, expected_workers, role, scheduler_host
+
+from cluster import hpc
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -73,7 +73,7 @@ def world(pytestconfig):
 
 @pytest.fixture
 def job(world) -> Job:
-    """A fresh :class:`hpc.mpi.Job` (our own duplicate of the world) for one test."""
+    """A fresh :class:`cluster.hpc.mpi.Job` (our own duplicate of the world) for one test."""
     try:
         return Job.start(world, DEADLINE)
     except MPITimeout as e:
@@ -194,7 +194,7 @@ def test_broadcast_payload_too_big_is_refused_before_sending(job):
 
 
 def test_done_barrier_completes_only_once_rank0_posts_it(job):
-    """The *done* barrier is the one-bit "the scheduler closed" broadcast of :mod:`hpc.mpi`."""
+    """The *done* barrier is the one-bit "the scheduler closed" broadcast of :mod:`cluster.hpc.mpi`."""
     from mpi4py import MPI
 
     def body():

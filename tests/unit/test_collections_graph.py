@@ -10,12 +10,11 @@ import pytest
 dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 
+from cluster.runtime import collections as rc  # noqa: E402
+from cluster.runtime.comm.serialize import dumps_function  # noqa: E402
+from cluster.runtime.execution import TaskRef as OurRef  # noqa: E402
 from dask._task_spec import Alias, DataNode, Task, TaskRef  # noqa: E402
 from dask.order import order  # noqa: E402
-
-from runtime import collections as rc  # noqa: E402
-from runtime.comm.serialize import dumps_function  # noqa: E402
-from runtime.execution import TaskRef as OurRef  # noqa: E402
 
 
 def inc(x):

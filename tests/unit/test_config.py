@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cluster.runtime import config
+from cluster.runtime.config import FROM_CONFIG, JOBQUEUE_SCHEMA, SCHEMA, ConfigError, ConfigWarning
+from cluster.runtime.scheduler.server import Scheduler
+from cluster.runtime.worker import Worker
 
 from cluster import cli
-from runtime import config
-from runtime.config import FROM_CONFIG, JOBQUEUE_SCHEMA, SCHEMA, ConfigError, ConfigWarning
-from runtime.scheduler.server import Scheduler
-from runtime.worker import Worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -337,7 +337,7 @@ def test_config_command_prints_values_and_sources(config_home):
 
 
 def test_workers_of_a_local_cluster_read_the_memory_fractions_from_files(config_home):
-    from runtime import Client, LocalCluster
+    from cluster.runtime import Client, LocalCluster
 
     config_home.write(config_home.ours / "memory.yaml",
                       "worker:\n  memory:\n    target: 0.45\n    pause: 0.85\n")

@@ -9,9 +9,8 @@ import pickle
 
 import cloudpickle
 import pytest
-
-from runtime import errors
-from runtime.errors import (
+from cluster.runtime import errors
+from cluster.runtime.errors import (
     AddressError,
     ClusterError,
     ClusterTimeoutError,

@@ -14,13 +14,12 @@ import math
 import pickle
 
 import pytest
-
-from runtime.errors import CommClosedError
-from runtime.extensions import DEFAULT_EXTENSIONS
-from runtime.extensions.event import Event, EventExtension
-from runtime.extensions.lock import Lock
-from runtime.extensions.semaphore import Semaphore, SemaphoreExtension
-from runtime.scheduler.server import Scheduler
+from cluster.runtime.errors import CommClosedError
+from cluster.runtime.extensions import DEFAULT_EXTENSIONS
+from cluster.runtime.extensions.event import Event, EventExtension
+from cluster.runtime.extensions.lock import Lock
+from cluster.runtime.extensions.semaphore import Semaphore, SemaphoreExtension
+from cluster.runtime.scheduler.server import Scheduler
 
 pytestmark = pytest.mark.timeout(30)
 

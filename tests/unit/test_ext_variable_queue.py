@@ -8,20 +8,19 @@ import asyncio
 import pickle
 
 import pytest
-
-from runtime.errors import ClusterTimeoutError, CommClosedError
-from runtime.extensions import holding
-from runtime.extensions.datasets import PublishExtension
-from runtime.extensions.fire_and_forget import HOLDER, FireAndForgetExtension
-from runtime.extensions.queue import QueueExtension
-from runtime.extensions.variable import VariableExtension
-from runtime.scheduler.events import (
+from cluster.runtime.errors import ClusterTimeoutError, CommClosedError
+from cluster.runtime.extensions import holding
+from cluster.runtime.extensions.datasets import PublishExtension
+from cluster.runtime.extensions.fire_and_forget import HOLDER, FireAndForgetExtension
+from cluster.runtime.extensions.queue import QueueExtension
+from cluster.runtime.extensions.variable import VariableExtension
+from cluster.runtime.scheduler.events import (
     AddWorkerEvent,
     TaskErredEvent,
     TaskFinishedEvent,
     UpdateGraphEvent,
 )
-from runtime.scheduler.server import Scheduler
+from cluster.runtime.scheduler.server import Scheduler
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -7,9 +7,8 @@ import stat
 import threading
 
 import pytest
-
-from runtime.errors import UnsafePathError
-from runtime.files import (
+from cluster.runtime.errors import UnsafePathError
+from cluster.runtime.files import (
     create_private_file,
     make_private_subdirectory,
     open_private_directory,
@@ -20,7 +19,7 @@ from runtime.files import (
     writable_by_others,
     write_private_file,
 )
-from runtime.spill import SpillBuffer
+from cluster.runtime.spill import SpillBuffer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -208,7 +207,7 @@ def test_scratch_root_open_to_others_is_bypassed(tmp_path, caplog):
     planted = shared / scratch_root_name()
     planted.mkdir()
     os.chmod(planted, 0o777)
-    with caplog.at_level("WARNING", logger="runtime.files"):
+    with caplog.at_level("WARNING", logger="cluster.runtime.files"):
         path, fd, temporary = open_scratch_root(str(shared))
     os.close(fd)
     assert temporary and path != str(planted) and os.path.dirname(path) == str(shared)
@@ -233,7 +232,7 @@ def shared_tmpdir(tmp_path, monkeypatch):
 
 def test_scratch_root_prefers_a_private_runtime_directory(tmp_path, shared_tmpdir, monkeypatch):
     """In XDG_RUNTIME_DIR (ours, 0700) nobody else can pre-create the root."""
-    import runtime.files as files
+    import cluster.runtime.files as files
 
     runtime_dir = tmp_path / "run-user"
     runtime_dir.mkdir(mode=0o700)
@@ -253,7 +252,7 @@ def test_scratch_root_prefers_a_private_runtime_directory(tmp_path, shared_tmpdi
 @pytest.mark.parametrize("mode", [0o755, 0o1777])
 def test_runtime_directory_others_can_enter_is_not_used(tmp_path, shared_tmpdir, monkeypatch,
                                                         mode):
-    import runtime.files as files
+    import cluster.runtime.files as files
 
     runtime_dir = tmp_path / "run-user"
     runtime_dir.mkdir()
@@ -269,7 +268,7 @@ def test_runtime_directory_others_can_enter_is_not_used(tmp_path, shared_tmpdir,
 def test_private_tmpdir_is_used_before_the_runtime_directory(tmp_path, monkeypatch):
     import tempfile
 
-    import runtime.files as files
+    import cluster.runtime.files as files
 
     job_tmp = tmp_path / "job"  # a per-job $TMPDIR, ours alone
     job_tmp.mkdir(mode=0o700)

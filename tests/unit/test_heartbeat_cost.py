@@ -14,17 +14,16 @@ from __future__ import annotations
 import pickle
 
 import pytest
-
-from runtime.scheduler.events import (
+from cluster.runtime.scheduler.events import (
     AddWorkerEvent,
     HeartbeatEvent,
     TaskFinishedEvent,
     TickEvent,
     UpdateGraphEvent,
 )
-from runtime.scheduler.placement import Placement
-from runtime.scheduler.records import ComputeTaskMsg
-from runtime.scheduler.state import SchedulerState
+from cluster.runtime.scheduler.placement import Placement
+from cluster.runtime.scheduler.records import ComputeTaskMsg
+from cluster.runtime.scheduler.state import SchedulerState
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -167,7 +166,7 @@ def test_room_follows_the_workers(monkeypatch):
     assert agrees() and not state.placement.room  # everyone holds two
     finish(state, first[0])
     assert agrees()
-    from runtime.scheduler.events import RemoveWorkerEvent
+    from cluster.runtime.scheduler.events import RemoveWorkerEvent
 
     state.handle(RemoveWorkerEvent(addr(3), "test-remove"))
     assert agrees() and addr(3) not in state.placement.room
@@ -192,7 +191,7 @@ def test_tick_visits_each_worker_a_fixed_number_of_times(monkeypatch, n):
 def test_identity_describes_only_the_workers_asked_for():
     """``identity(n_workers=0)`` (dask's argument) counts the workers without building
     a description of each: what a poll for "are they all here yet" needs at 1,000."""
-    from runtime.scheduler import Scheduler
+    from cluster.runtime.scheduler import Scheduler
 
     s = Scheduler(dashboard_address=None)
     s.state.handle(*[AddWorkerEvent(addr(i), nthreads=2) for i in range(5)])

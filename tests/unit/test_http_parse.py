@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-
-from runtime.http import BadRequest, parse_head
+from cluster.runtime.http import BadRequest, parse_head
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -28,10 +27,10 @@ def test_plain_request_parses():
 
 
 def test_security_false_warns_once(caplog):
-    from runtime import local
+    from cluster.runtime import local
 
     local._warned_no_tls = False
-    with caplog.at_level(logging.WARNING, logger="runtime.local"):
+    with caplog.at_level(logging.WARNING, logger="cluster.runtime.local"):
         local._warn_no_tls_once()
         local._warn_no_tls_once()
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1

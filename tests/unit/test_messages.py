@@ -1,4 +1,4 @@
-"""The message specs (:mod:`runtime.messages`): every stream operation has one, what our
+"""The message specs (:mod:`cluster.runtime.messages`): every stream operation has one, what our
 own code sends passes, and the shapes the fuzz found are refused, naming the field."""
 
 from __future__ import annotations
@@ -7,13 +7,12 @@ import math
 
 import numpy as np
 import pytest
-
-from runtime import messages
-from runtime.graph import graph_msg
-from runtime.scheduler import events
-from runtime.scheduler.server import Scheduler
-from runtime.scheduler.state import SchedulerState
-from runtime.worker.events import (
+from cluster.runtime import messages
+from cluster.runtime.graph import graph_msg
+from cluster.runtime.scheduler import events
+from cluster.runtime.scheduler.server import Scheduler
+from cluster.runtime.scheduler.state import SchedulerState
+from cluster.runtime.worker.events import (
     AddKeysMsg,
     LongRunningMsg,
     MissingDataMsg,
@@ -28,7 +27,7 @@ RECIPE = (b"function", b"arguments")
 
 def check(specs, msg: dict, context=None) -> None:
     """Check ``msg`` as the server does: against a spec table, or by decoding it into
-    its event (a table of :mod:`runtime.scheduler.events`)."""
+    its event (a table of :mod:`cluster.runtime.scheduler.events`)."""
     msg = dict(msg)
     op = msg.pop("op")
     if specs is WORKER or specs is CLIENT:
@@ -163,8 +162,8 @@ def test_every_message_to_a_worker_is_decoded_into_its_event_field_for_field():
     it (runtime.worker.events.decode) name the same fields: one definition of the message."""
     import dataclasses
 
-    from runtime.scheduler import records
-    from runtime.worker import events as wev
+    from cluster.runtime.scheduler import records
+    from cluster.runtime.worker import events as wev
 
     sent = {cls.op: cls for cls in vars(records).values()
             if isinstance(cls, type) and issubclass(cls, records.Msg) and cls.route == "worker"}

@@ -7,11 +7,10 @@ import threading
 import time
 
 import pytest
-
-from runtime.dashboard.logs import EventLog, ServerLog
-from runtime.dashboard.metrics import MetricsWriter
-from runtime.dashboard.profile import Profile, merge_profiles
-from runtime.http import BadRequest, Response, parse_dashboard_address, parse_head, render
+from cluster.runtime.dashboard.logs import EventLog, ServerLog
+from cluster.runtime.dashboard.metrics import MetricsWriter
+from cluster.runtime.dashboard.profile import Profile, merge_profiles
+from cluster.runtime.http import BadRequest, Response, parse_dashboard_address, parse_head, render
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -73,7 +72,7 @@ def test_parse_dashboard_address_errors_name_the_option(value):
 
 def test_server_log_is_bounded_and_detaches():
     log = ServerLog(maxlen=3)
-    lg = logging.getLogger("runtime.test_metrics")
+    lg = logging.getLogger("cluster.runtime.test_metrics")
     log.attach()
     try:
         for i in range(5):
@@ -81,8 +80,8 @@ def test_server_log_is_bounded_and_detaches():
     finally:
         log.detach()
     lg.warning("not kept")
-    assert log.get() == [("WARNING", f"runtime.test_metrics - message {i}") for i in (2, 3, 4)]
-    assert log.get(1) == [("WARNING", "runtime.test_metrics - message 4")]
+    assert log.get() == [("WARNING", f"cluster.runtime.test_metrics - message {i}") for i in (2, 3, 4)]
+    assert log.get(1) == [("WARNING", "cluster.runtime.test_metrics - message 4")]
     assert log.get(0) == []
     assert len(log.get(timestamps=True)[0]) == 3
 
@@ -105,8 +104,8 @@ def busy_loop(n):
 
 
 def test_profile_samples_running_tasks_per_prefix():
-    from runtime.comm.serialize import dumps_function
-    from runtime.execution import dumps_args, run_task
+    from cluster.runtime.comm.serialize import dumps_function
+    from cluster.runtime.execution import dumps_args, run_task
 
     stop = _STOP
     stop.clear()

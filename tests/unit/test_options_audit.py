@@ -14,11 +14,10 @@ from __future__ import annotations
 import inspect
 
 import pytest
-
-from runtime.local import LocalCluster
-from runtime.nanny import Nanny
-from runtime.scheduler.server import Scheduler
-from runtime.worker import Worker
+from cluster.runtime.local import LocalCluster
+from cluster.runtime.nanny import Nanny
+from cluster.runtime.scheduler.server import Scheduler
+from cluster.runtime.worker import Worker
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,15 +14,14 @@ import sys
 import tracemalloc
 
 import pytest
-
-from runtime.scheduler.events import (
+from cluster.runtime.scheduler.events import (
     AddWorkerEvent,
     ClientReleasesKeysEvent,
     TaskFinishedEvent,
     UpdateGraphEvent,
 )
-from runtime.scheduler.records import ComputeTaskMsg, TaskState
-from runtime.scheduler.state import SchedulerState
+from cluster.runtime.scheduler.records import ComputeTaskMsg, TaskState
+from cluster.runtime.scheduler.state import SchedulerState
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,18 +15,17 @@ from html.parser import HTMLParser
 from types import SimpleNamespace
 
 import pytest
-
-from jobqueue.states import JobState
-from jobqueue.tracking import JobInfo
-from runtime.dashboard import reprs
-from runtime.dashboard.report import (
+from cluster.jobqueue.states import JobState
+from cluster.jobqueue.tracking import JobInfo
+from cluster.runtime.dashboard import reprs
+from cluster.runtime.dashboard.report import (
     _profile_delta,
     block_source,
     performance_report,
     render_report,
     write_html,
 )
-from runtime.dashboard.task_stream import (
+from cluster.runtime.dashboard.task_stream import (
     TaskStreamFigure,
     client_get_task_stream,
     collect,
@@ -34,8 +33,8 @@ from runtime.dashboard.task_stream import (
     lanes,
     render_svg,
 )
-from runtime.errors import UnsafePathError
-from runtime.utils import key_split
+from cluster.runtime.errors import UnsafePathError
+from cluster.runtime.utils import key_split
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 import operator
 
 import pytest
-
-from runtime.errors import KilledWorker
-from runtime.execution import Reschedule
-from runtime.scheduler.events import AddKeysEvent
-from runtime.scheduler.records import (
+from cluster.runtime.errors import KilledWorker
+from cluster.runtime.execution import Reschedule
+from cluster.runtime.scheduler.events import AddKeysEvent
+from cluster.runtime.scheduler.records import (
     CancelledKeyMsg,
     KeyInMemoryMsg,
     TaskErredClientMsg,
 )
+
 from tests.harness import Cluster
 
 
@@ -355,7 +355,7 @@ def test_rootish_chunks_are_queued_and_streamed() -> None:
 
 
 def test_work_stealing() -> None:
-    pytest.importorskip("runtime.scheduler.stealing", reason="the scheduler has no work stealing")
+    pytest.importorskip("cluster.runtime.scheduler.stealing", reason="the scheduler has no work stealing")
 
 
 # ----------------------------------------------------------------------------- time

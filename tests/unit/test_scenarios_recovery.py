@@ -11,9 +11,9 @@ import operator
 from collections import Counter
 
 import pytest
+from cluster.runtime.scheduler.events import RestartEvent
+from cluster.runtime.scheduler.records import CancelledKeyMsg, KeyInMemoryMsg, TaskErredClientMsg
 
-from runtime.scheduler.events import RestartEvent
-from runtime.scheduler.records import CancelledKeyMsg, KeyInMemoryMsg, TaskErredClientMsg
 from tests.harness import Cluster
 
 pytestmark = pytest.mark.timeout(60)

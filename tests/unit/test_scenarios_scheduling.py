@@ -14,10 +14,10 @@ from __future__ import annotations
 import operator
 
 import pytest
+from cluster.runtime.errors import ScatteredDataLost
+from cluster.runtime.scheduler import elastic
+from cluster.runtime.scheduler.records import CancelledKeyMsg, KeyInMemoryMsg, TaskErredClientMsg
 
-from runtime.errors import ScatteredDataLost
-from runtime.scheduler import elastic
-from runtime.scheduler.records import CancelledKeyMsg, KeyInMemoryMsg, TaskErredClientMsg
 from tests.harness import Cluster
 
 pytestmark = pytest.mark.timeout(30)

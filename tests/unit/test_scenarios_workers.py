@@ -11,12 +11,12 @@ from __future__ import annotations
 import operator
 
 import pytest
+from cluster.runtime.errors import KilledWorker
+from cluster.runtime.scheduler import elastic
+from cluster.runtime.scheduler.events import LongRunningEvent
+from cluster.runtime.scheduler.records import TaskErredClientMsg
+from cluster.runtime.worker import events as wev
 
-from runtime.errors import KilledWorker
-from runtime.scheduler import elastic
-from runtime.scheduler.events import LongRunningEvent
-from runtime.scheduler.records import TaskErredClientMsg
-from runtime.worker import events as wev
 from tests.harness import SCHEDULER, Cluster
 
 pytestmark = pytest.mark.timeout(30)

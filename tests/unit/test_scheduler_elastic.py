@@ -1,5 +1,5 @@
 """Pure tests of the elasticity planning of :class:`SchedulerState`
-(:mod:`runtime.scheduler.elastic`): worker status, graceful retirement,
+(:mod:`cluster.runtime.scheduler.elastic`): worker status, graceful retirement,
 choosing workers to close, adaptive sizing, replication, rebalancing,
 occupancy re-evaluation and restart.
 
@@ -11,9 +11,8 @@ the steps under test.  Run specs are opaque bytes to the scheduler.
 from __future__ import annotations
 
 import pytest
-
-from runtime.scheduler import elastic, validation
-from runtime.scheduler.events import (
+from cluster.runtime.scheduler import elastic, validation
+from cluster.runtime.scheduler.events import (
     AddKeysEvent,
     AddWorkerEvent,
     ClientReleasesKeysEvent,
@@ -25,7 +24,7 @@ from runtime.scheduler.events import (
     UpdateGraphEvent,
     WorkerStatusEvent,
 )
-from runtime.scheduler.state import (
+from cluster.runtime.scheduler.state import (
     DEFAULT_TASK_DURATION,
     AcquireReplicasMsg,
     CancelledKeyMsg,
@@ -776,7 +775,7 @@ def test_reevaluate_occupancy_uses_current_task_durations(state):
 
 
 def test_reevaluate_occupancy_includes_transfer_cost(state):
-    from runtime.scheduler.state import BANDWIDTH
+    from cluster.runtime.scheduler.state import BANDWIDTH
 
     state.handle(AddWorkerEvent(A))
     state.handle(AddWorkerEvent(B))

@@ -3,11 +3,10 @@
 import asyncio
 
 import pytest
-
-from runtime.extensions import DEFAULT_EXTENSIONS
-from runtime.scheduler import extensions
-from runtime.scheduler.events import AddWorkerEvent, UpdateGraphEvent
-from runtime.scheduler.server import Scheduler
+from cluster.runtime.extensions import DEFAULT_EXTENSIONS
+from cluster.runtime.scheduler import extensions
+from cluster.runtime.scheduler.events import AddWorkerEvent, UpdateGraphEvent
+from cluster.runtime.scheduler.server import Scheduler
 
 pytestmark = pytest.mark.timeout(30)
 

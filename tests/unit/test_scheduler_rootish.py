@@ -8,15 +8,15 @@ inputs (a matmul's blocks) still go straight to the worker holding their data.
 
 from __future__ import annotations
 
-from runtime.scheduler import validation
-from runtime.scheduler.events import (
+from cluster.runtime.scheduler import validation
+from cluster.runtime.scheduler.events import (
     AddWorkerEvent,
     RemoveWorkerEvent,
     TaskFinishedEvent,
     UpdateGraphEvent,
 )
-from runtime.scheduler.records import ComputeTaskMsg
-from runtime.scheduler.state import SchedulerState
+from cluster.runtime.scheduler.records import ComputeTaskMsg
+from cluster.runtime.scheduler.state import SchedulerState
 
 A = "tcp://10.0.0.1:1001"
 B = "tcp://10.0.0.2:1002"

@@ -1,4 +1,4 @@
-"""Pure state-machine tests for :class:`runtime.scheduler.state.SchedulerState`.
+"""Pure state-machine tests for :class:`cluster.runtime.scheduler.state.SchedulerState`.
 
 No sockets, no event loop, no threads: the machine is driven through its
 stimulus methods and :meth:`SchedulerState.handle`, time comes from a fake
@@ -9,10 +9,14 @@ Run specs are opaque to the scheduler, so placeholders stand in for them.
 from __future__ import annotations
 
 import pytest
-
-from runtime.errors import InvalidStateError, InvalidTransition, KilledWorker, ScatteredDataLost
-from runtime.scheduler import stimuli, validation
-from runtime.scheduler.events import (
+from cluster.runtime.errors import (
+    InvalidStateError,
+    InvalidTransition,
+    KilledWorker,
+    ScatteredDataLost,
+)
+from cluster.runtime.scheduler import stimuli, validation
+from cluster.runtime.scheduler.events import (
     AddKeysEvent,
     AddWorkerEvent,
     CancelEvent,
@@ -30,7 +34,7 @@ from runtime.scheduler.events import (
     UpdateDataEvent,
     UpdateGraphEvent,
 )
-from runtime.scheduler.state import (
+from cluster.runtime.scheduler.state import (
     BANDWIDTH,
     DEFAULT_TASK_DURATION,
     SATURATION_SECONDS,

@@ -4,16 +4,16 @@ whatever the test says it is)."""
 
 from __future__ import annotations
 
-from runtime.scheduler.events import (
+from cluster.runtime.scheduler.events import (
     AddWorkerEvent,
     HeartbeatEvent,
     TaskFinishedEvent,
     TickEvent,
     UpdateGraphEvent,
 )
-from runtime.scheduler.records import CloseScheduler, ComputeTaskMsg, RemoveWorker
-from runtime.scheduler.state import SchedulerState
-from runtime.scheduler.stimuli import REEVALUATE_OCCUPANCY_INTERVAL
+from cluster.runtime.scheduler.records import CloseScheduler, ComputeTaskMsg, RemoveWorker
+from cluster.runtime.scheduler.state import SchedulerState
+from cluster.runtime.scheduler.stimuli import REEVALUATE_OCCUPANCY_INTERVAL
 
 A = "tcp://10.0.0.1:1001"
 B = "tcp://10.0.0.2:1002"

@@ -13,10 +13,9 @@ import ssl
 import stat
 
 import pytest
-
-from runtime import security as security_module
-from runtime.errors import EncryptionRequiredError
-from runtime.security import (
+from cluster.runtime import security as security_module
+from cluster.runtime.errors import EncryptionRequiredError
+from cluster.runtime.security import (
     FIELDS,
     Security,
     credentials_path,

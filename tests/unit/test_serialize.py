@@ -9,15 +9,14 @@ import threading
 
 import numpy as np
 import pytest
-
-from runtime.comm.serialize import (
+from cluster.runtime.comm.serialize import (
     OUT_OF_BAND_THRESHOLD,
     box_large,
     dumps,
     dumps_function,
     loads,
 )
-from runtime.errors import TaskSerializationError
+from cluster.runtime.errors import TaskSerializationError
 
 
 def wire(frames: list) -> list:

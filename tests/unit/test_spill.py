@@ -11,12 +11,11 @@ import time
 
 import numpy as np
 import pytest
+from cluster.runtime.comm.serialize import OUT_OF_BAND_THRESHOLD
+from cluster.runtime.execution import sizeof
+from cluster.runtime.spill import SpillBuffer
 
-from runtime.comm.serialize import OUT_OF_BAND_THRESHOLD
-from runtime.execution import sizeof
-from runtime.spill import SpillBuffer
-
-LOGGER = "runtime.spill"
+LOGGER = "cluster.runtime.spill"
 
 
 class Point:
@@ -326,7 +325,7 @@ def test_truncated_spill_file_raises_and_keeps_the_key(spill_dir):
 
 @pytest.mark.parametrize("make", [threading.Lock, RefusesPickle], ids=["lock", "reduce-raises"])
 def test_unpicklable_value_stays_in_memory_and_is_skipped(spill_dir, caplog, monkeypatch, make):
-    import runtime.spill as spill_module
+    import cluster.runtime.spill as spill_module
 
     calls = []
     real_dumps = spill_module.dumps
@@ -599,7 +598,7 @@ def small_fs(tmp_path):
 
 
 def test_full_disk_is_an_error_with_the_path_and_ends_when_there_is_room(small_fs, caplog):
-    caplog.set_level(logging.DEBUG, logger="runtime.spill")
+    caplog.set_level(logging.DEBUG, logger="cluster.runtime.spill")
     calls = []
     directory = small_fs / "spill"
     buf = SpillBuffer(directory, target=1_000_000, on_no_space=calls.append)

@@ -6,9 +6,8 @@ import os
 
 import psutil
 import pytest
-
-from runtime.errors import AddressError
-from runtime.utils import (
+from cluster.runtime.errors import AddressError
+from cluster.runtime.utils import (
     key_split,
     parse_address,
     parse_bytes,
@@ -17,7 +16,7 @@ from runtime.utils import (
     unparse_host_port,
     validate_key,
 )
-from runtime.worker import parse_memory_limit
+from cluster.runtime.worker import parse_memory_limit
 
 # --------------------------------------------------------------------------- parse_bytes
 

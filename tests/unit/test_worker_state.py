@@ -1,4 +1,4 @@
-"""Pure state-machine tests of :class:`runtime.worker.state.WorkerStateMachine`.
+"""Pure state-machine tests of :class:`cluster.runtime.worker.state.WorkerStateMachine`.
 
 No sockets, no event loop, no threads: every test builds a validating
 ``WorkerStateMachine`` with a fake clock, feeds it events through ``state.handle`` and
@@ -20,9 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-
-from runtime.errors import InvalidStateError, InvalidTransition
-from runtime.worker.state import (
+from cluster.runtime.errors import InvalidStateError, InvalidTransition
+from cluster.runtime.worker.state import (
     AcquireReplicasEvent,
     AddKeysMsg,
     ComputeTaskEvent,
@@ -46,7 +45,7 @@ from runtime.worker.state import (
     UpdateDataEvent,
     WorkerStateMachine,
 )
-from runtime.worker.validation import validate_state
+from cluster.runtime.worker.validation import validate_state
 
 SELF = "tcp://127.0.0.1:1"
 A = "tcp://10.0.0.1:9000"

@@ -1,4 +1,4 @@
-"""Pure tests of the memory-management events of :class:`runtime.worker.state.WorkerStateMachine`:
+"""Pure tests of the memory-management events of :class:`cluster.runtime.worker.state.WorkerStateMachine`:
 pausing and resuming, dropping replicas the scheduler has elsewhere
 (``RemoveReplicasEvent``) and fetching replicas it asks for
 (``AcquireReplicasEvent``).
@@ -11,8 +11,7 @@ are checked.
 from __future__ import annotations
 
 import pytest
-
-from runtime.worker.state import (
+from cluster.runtime.worker.state import (
     AcquireReplicasEvent,
     AddKeysMsg,
     ComputeTaskEvent,
@@ -29,7 +28,7 @@ from runtime.worker.state import (
     UpdateDataEvent,
     WorkerStateMachine,
 )
-from runtime.worker.validation import validate_state
+from cluster.runtime.worker.validation import validate_state
 
 pytestmark = pytest.mark.timeout(10)
 

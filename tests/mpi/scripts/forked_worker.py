@@ -27,7 +27,7 @@ def describe():
 
 
 def main(mode):
-    from runtime import process
+    from cluster.runtime import process
 
     # An inheritable descriptor, as an MPI launcher's PMI socket is: the fork must drop it.
     keep_r, keep_w = os.pipe()
@@ -61,8 +61,8 @@ def _returncode(pid):
 
 
 async def use(process, pid, env):
-    from runtime import Client, Nanny, Scheduler
-    from runtime.security import Security
+    from cluster.runtime import Client, Nanny, Scheduler
+    from cluster.runtime.security import Security
 
     security = Security.temporary()
     out = {}

@@ -7,7 +7,7 @@ client) runs the code after ``hpc.initialize()``, then exits with EXIT_STATUS.
 import json
 import sys
 
-import hpc
+from cluster import hpc
 
 hpc.initialize(nthreads=1, memory_limit=0, death_timeout=10)
 
