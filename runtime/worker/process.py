@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="file descriptor to read the pickled TLS credentials from")
     parser.add_argument(WARM_FLAG, dest="warm", action="store_true",
                         help="pre-warmed: read the options, worker class and credentials from "
-                             "stdin (see runtime.process.prewarm)")
+                             "stdin (see cluster.runtime.process.prewarm)")
     args = parser.parse_args(argv)
     worker_class = args.worker_class
     if args.warm:

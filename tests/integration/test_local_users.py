@@ -100,7 +100,7 @@ def test_child_command_keeps_the_working_directory_off_sys_path(tmp_path):
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr
-    assert "worker_process" in out.stdout
+    assert "python -m cluster.runtime.worker.process" in out.stdout
 
 
 def test_bootstrap_for_other_interpreters_drops_the_working_directory(tmp_path):

@@ -18,8 +18,11 @@ def _modules_after(code: str) -> set[str]:
 
 def test_the_launcher_imports_no_client_scheduler_or_local_cluster():
     loaded = _modules_after("import cluster.__main__, cluster.hpc.launcher")
+    # (The packages cluster.runtime.scheduler and cluster.runtime.worker import their
+    # servers on first use: the worker package itself is light, its server is not.)
     assert not {"cluster.runtime.client", "cluster.runtime.scheduler", "cluster.runtime.local", "cluster.runtime.nanny",
-                "cluster.runtime.worker", "cluster.hpc.api", "cluster.jobqueue"} & loaded
+                "cluster.runtime.worker.server", "cluster.runtime.worker.state", "cluster.hpc.api",
+                "cluster.jobqueue"} & loaded
 
 
 def test_a_worker_rank_imports_no_scheduler_or_client():
