@@ -19,6 +19,7 @@ from ..comm.serialize import box_large
 from ..errors import CommError
 from ..utils import parse_timedelta
 from .events import UpdateDataEvent
+from .records import FreeKeysMsg
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +135,8 @@ class SchedulerData:
             for w in workers:
                 if w not in held:
                     drop[w].append(key)
-        for w, keys in drop.items():
-            self.scheduler.worker_send(w, {"op": "free_keys", "keys": keys, "stimulus_id": self.scheduler._stimulus("client-gone")})
+        stimulus_id = self.scheduler._stimulus("client-gone")
+        self.scheduler._send([FreeKeysMsg(stimulus_id, w, keys) for w, keys in drop.items()])
         return True
 
 

@@ -26,6 +26,7 @@ from ..utils import parse_address, parse_host_port, parse_timedelta, unparse_hos
 from ..versions import get_versions, registration_mismatch
 from . import elastic
 from .events import RestartEvent, WorkerStatusEvent
+from .records import RemoveReplicasMsg
 
 logger = logging.getLogger(__name__)
 
@@ -218,9 +219,8 @@ class SchedulerOps:
         return wanted
 
     def _drop_replicas(self, drops: dict[str, list[Key]]) -> None:
-        for addr, keys in drops.items():
-            self.scheduler.worker_send(addr, {"op": "remove_replicas", "keys": list(keys),
-                                    "stimulus_id": self.scheduler._stimulus("remove_replicas")})
+        stimulus_id = self.scheduler._stimulus("remove_replicas")
+        self.scheduler._send([RemoveReplicasMsg(stimulus_id, addr, list(keys)) for addr, keys in drops.items()])
 
     async def replicate(self, keys: Iterable[Key] = (), n: int | None = None,
                         workers: Iterable[str] | None = None, branching_factor: int = 2,
