@@ -308,6 +308,11 @@ class Security:
         if self.tls_max_version is not None:
             ctx.maximum_version = self.tls_max_version
         ctx.options |= ssl.OP_NO_COMPRESSION
+        if server_side:
+            # Nothing here resumes a TLS session (every connection is a full,
+            # mutually authenticated handshake), so session tickets would only
+            # cost the server an encryption and a message per connection.
+            ctx.num_tickets = 0
         if self.tls_ciphers:
             ctx.set_ciphers(self.tls_ciphers)
         ca = self.tls_ca_file
