@@ -94,6 +94,8 @@ METRICS = (
     Metric("floor_MBps", "transfer", "floor: raw socket pair, fresh receive buffer ({transfer_mb} MB)", "MB/s", True),
     Metric("floor_warm_MBps", "transfer", "floor: raw socket pair, reused receive buffer", "MB/s", True),
     Metric("floor_cpu", "transfer", "floor (fresh buffer): both processes' CPU per MB", "ms/MB", False),
+    Metric("floor_tls_MBps", "transfer", "TLS floor: Python ssl socket pair, reused receive buffer", "MB/s", True),
+    Metric("floor_tls_cpu", "transfer", "TLS floor: both processes' CPU per MB", "ms/MB", False),
     Metric("scheduler_rss_MB", "rss", "idle RSS, scheduler process", "MB", False),
     Metric("worker_rss_MB", "rss", "idle RSS, one worker process", "MB", False),
     Metric("startup_s", "*", "launch → first task done (per child process)", "s", False),

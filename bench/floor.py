@@ -13,8 +13,17 @@ object pays. Two figures per repeat:
   as ours does), the fair floor for a transfer that creates an object;
 - ``warm``: every repeat reuses one touched buffer, the memcpy bound.
 
+Then the same over TLS, the bound of any TLS transfer from Python here: the
+two ends are blocking ``ssl.SSLSocket``s with our contexts
+(``Security.temporary()``: TLS 1.3, mutual certificates, the cipher OpenSSL
+picks), the sender ``sendall``s, the receiver ``recv_into``s a reused buffer;
+the receiver is a fork, so both ends hold the same credentials:
+
+- ``tls``: MB/s of that stream; ``tls_cpu_ms_per_MB``: CPU of both ends per MB.
+
 Prints one JSON object: ``{"fresh_MBps": [...], "warm_MBps": [...],
-"fresh_cpu_ms_per_MB": [...]}`` (CPU of both processes, user + system).
+"fresh_cpu_ms_per_MB": [...], "tls_MBps": [...], "tls_cpu_ms_per_MB": [...],
+"tls_cipher": "..."}`` (CPU of both processes, user + system).
 """
 
 from __future__ import annotations
@@ -72,6 +81,59 @@ def receiver(sock, n, rounds):
             buf.close()
 
 
+def tls_floor(view, repeat):
+    """MB/s and CPU per MB of ``repeat`` sends of ``view`` over a TLS socket pair."""
+    import ssl
+
+    from cluster.runtime.security import Security
+
+    n = view.nbytes
+    sec = Security.temporary()
+    server, client = sec.get_server_context("worker"), sec.get_client_context("worker")
+    out = {"tls_MBps": [], "tls_cpu_ms_per_MB": [], "tls_cipher": ""}
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+        pid = os.fork()
+        if pid == 0:  # the receiver
+            code = 1
+            try:
+                with socket.create_connection(ls.getsockname()) as raw, \
+                        client.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    buf = memoryview(bytearray(n))
+                    for _ in range(repeat + 1):
+                        pos = 0
+                        while pos < n:
+                            got = s.recv_into(buf[pos:], min(CHUNK, n - pos))
+                            if not got:
+                                raise ConnectionError("sender went away")
+                            pos += got
+                        s.sendall(b"k")
+                code = 0
+            finally:
+                os._exit(code)
+        try:
+            ls.settimeout(60)
+            raw, _ = ls.accept()
+            with server.wrap_socket(raw, server_side=True) as conn:
+                out["tls_cipher"] = "{} {}".format(*conn.cipher()[1::-1])
+                for i in range(repeat + 1):
+                    c0, r0, t0 = _cpu(), _cpu(pid), time.perf_counter()
+                    conn.sendall(view)
+                    if conn.recv(1) != b"k":
+                        raise ConnectionError("receiver went away")
+                    dt = time.perf_counter() - t0
+                    cpu = _cpu() - c0 + _cpu(pid) - r0
+                    if i:  # the first is untimed
+                        out["tls_MBps"].append(n / 1e6 / dt)
+                        out["tls_cpu_ms_per_MB"].append(cpu * 1e3 / (n / 1e6))
+        finally:
+            _, status = os.waitpid(pid, 0)
+        if status:
+            raise ssl.SSLError(f"the TLS receiver failed (status {status})")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.floor")
     p.add_argument("--bytes", type=int, required=True)
@@ -116,6 +178,7 @@ def main(argv=None):
                         out["fresh_cpu_ms_per_MB"].append(cpu * 1e3 / (n / 1e6))
         finally:
             child.wait(60)
+        out.update(tls_floor(view, args.repeat))
     print(json.dumps(out))
     return 0
 

@@ -356,6 +356,13 @@ def transfer_targets(values):
             r = ours / dask
             out.append(f"- {kind}: ours with TLS at {r:.2f}× dask's plain-TCP speed (target ≥ 1.0×: "
                        f"**{'met' if r >= 1.0 else 'missed'}**)")
+        tls_floor = summarize([v for per in values.values() for v in per.get("floor_tls_MBps", [])])
+        if ours and tls_floor:
+            out.append(f"- {kind}: ours with TLS at {ours / tls_floor[1]:.2f}× the TLS floor "
+                       f"(a bare TLS socket pair through Python's ssl: {fmt_num(tls_floor[1])} MB/s, "
+                       "the median of every child's figure)" + (
+                           f", which is itself {tls_floor[1] / dask:.2f}× dask's plain-TCP speed"
+                           if dask else ""))
         plain = _median(values, f"transfer_{kind}_MBps", "ours-plain")
         floors = [v for per in values.values() for v in per.get("floor_warm_MBps", [])]
         floor = summarize(floors)
@@ -380,7 +387,8 @@ def render_transfer_section(info, args_desc, table, values, repeat, notes=()):
         "(all threads, from /proc/PID/task/*/schedstat) during the timed dependent task, divided "
         "by the MB moved; the floor rows come from bench/floor.py, run in each system's child "
         "just before its transfers (a raw socket pair on 127.0.0.1, `sendall` of the same "
-        "number of bytes, `recv_into` a fresh `MADV_HUGEPAGE` map or a reused buffer). "
+        "number of bytes, `recv_into` a fresh `MADV_HUGEPAGE` map or a reused buffer; the TLS "
+        "floor is the same stream between two blocking `ssl.SSLSocket`s with our TLS contexts). "
         "See bench/README.md.",
         "",
         *table,

@@ -315,7 +315,9 @@ def wl_transfer(client, res, sizes, repeat, workers):
 
     floor = measure_floor(size, repeat)
     res.extend(floor_MBps=floor["fresh_MBps"], floor_warm_MBps=floor["warm_MBps"],
-               floor_cpu=floor["fresh_cpu_ms_per_MB"])
+               floor_cpu=floor["fresh_cpu_ms_per_MB"], floor_tls_MBps=floor["tls_MBps"],
+               floor_tls_cpu=floor["tls_cpu_ms_per_MB"])
+    res.set(info={**res.data["info"], "tls_cipher": floor["tls_cipher"]})
     for kind, maker in (("numpy", w.make_array), ("bytes", w.make_bytes)):
         once(maker, size)  # warm-up: opens the A->B connection, first-touches buffers
         settle()
