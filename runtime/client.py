@@ -26,7 +26,6 @@ import logging
 import os
 import threading
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable
 from contextlib import suppress
 from typing import Any
@@ -167,7 +166,6 @@ class Client:
         if security is True and (address is not None or self.scheduler_file or self.cluster):
             resolve_security(True, owner="Client")  # raises: new credentials fit no cluster
         self.futures: dict[Key, FutureState] = {}
-        self.refcount: dict[Key, int] = defaultdict(int)
         self._ref_lock = threading.Lock()
         self._outbox: list[dict] = []
         self._outbox_lock = threading.Lock()
@@ -455,19 +453,30 @@ class Client:
                 st = self.futures[key] = FutureState()
             return st
 
+    @property
+    def refcount(self) -> dict[Key, int]:
+        """How many futures of each key this client holds (a snapshot)."""
+        with self._ref_lock:
+            return {k: st.refs for k, st in self.futures.items() if st.refs}
+
     def hold_future(self, key: Key) -> None:
         """One more future of ``key`` exists."""
         with self._ref_lock:
-            self.refcount[key] += 1
+            st = self.futures.get(key)
+            if st is None:
+                st = self.futures[key] = FutureState()
+            st.refs += 1
 
     def drop_future(self, key: Key) -> None:
         """One future of ``key`` fewer; with none left, the scheduler may release it."""
         with self._ref_lock:
-            self.refcount[key] -= 1
-            if self.refcount[key] > 0:
+            st = self.futures.get(key)
+            if st is None:
                 return
-            del self.refcount[key]
-            self.futures.pop(key, None)
+            st.refs -= 1
+            if st.refs > 0:
+                return
+            del self.futures[key]
         if self.status == "running":
             self._send({"op": "client_releases_keys", "keys": [key]})
 

@@ -31,7 +31,7 @@ async def gather_keys(client: Client, keys: list) -> dict:
     unknown = []
     for k in dict.fromkeys(keys):
         st = client.futures.get(k)
-        workers = st.workers if st is not None else []
+        workers = st.workers if st is not None else ()
         if workers:
             by_worker[workers[0] if len(workers) == 1 else workers[hash(k) % len(workers)]].append(k)
         else:
@@ -79,7 +79,7 @@ async def gather_keys(client: Client, keys: list) -> dict:
                 retry[who_has[k][0]].append(k)
                 st = client.futures.get(k)
                 if st is not None:
-                    st.workers = list(who_has[k])
+                    st.workers = tuple(who_has[k])
         missing = []
         await asyncio.gather(*(fetch(a, ks) for a, ks in retry.items()))
     return data

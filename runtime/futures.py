@@ -69,19 +69,44 @@ def traceback_object(text: str | None) -> types.TracebackType | None:
     return tb
 
 
+#: Values many futures hold alike -- the tuple of workers that hold a key, a
+#: result's type name, a small pickled result such as ``None`` -- each come in
+#: a fresh object per message.  A finished future keeps the first such object
+#: seen instead (issue 14: a held task's memory in the client); the table
+#: stops growing at :data:`SHARED_LIMIT` entries and then values are kept as
+#: they come.
+_shared: dict = {}
+SHARED_LIMIT = 4096
+#: Pickled results up to this many bytes are shared (``None``, small ints, ...).
+SHARED_VALUE_BYTES = 64
+
+
+def shared(value: Any) -> Any:
+    """``value``, or an equal object already held (``value`` must be hashable)."""
+    kept = _shared.get(value)
+    if kept is not None:
+        return kept
+    if len(_shared) < SHARED_LIMIT:
+        _shared[value] = value
+    return value
+
+
 class FutureState:
     """What the client knows of one key: pending, finished, error, cancelled or lost."""
 
     __slots__ = ("status", "_event", "exception", "traceback", "type", "workers", "worker", "callbacks",
-                 "value_bytes")
+                 "value_bytes", "refs")
 
     def __init__(self) -> None:
+        #: How many :class:`Future` objects of this key the client holds (kept
+        #: here rather than in a second dict keyed like ``Client.futures``).
+        self.refs = 0
         self.status = "pending"
         self._event: asyncio.Event | None = None
         self.exception: BaseException | None = None
         self.traceback = ""
         self.type = ""
-        self.workers: list[str] = []
+        self.workers: tuple[str, ...] = ()
         self.worker = ""
         #: Made on first use, like the event: most futures are never waited on one by
         #: one, and an ``asyncio.Event`` and a list per task were most of the client's
@@ -117,9 +142,10 @@ class FutureState:
             cb()
 
     def finish(self, type: str = "", workers: Iterable[str] = (), data: bytes | None = None) -> None:
-        self.type = type
-        self.workers = list(workers)
-        self.value_bytes = data
+        self.type = shared(type)
+        self.workers = shared(tuple(workers))
+        self.value_bytes = (shared(data) if data is not None and len(data) <= SHARED_VALUE_BYTES
+                            else data)
         self._set("finished")
 
     def set_error(self, exception: BaseException, traceback: str, worker: str = "") -> None:
@@ -134,7 +160,7 @@ class FutureState:
     def lose(self) -> None:
         """The data was lost; the scheduler computes it again."""
         self.status = "pending"
-        self.workers = []
+        self.workers = ()
         self.value_bytes = None
         if self._event is not None:
             self._event.clear()
