@@ -50,6 +50,38 @@ async def gen_cluster(nworkers: int = 2, nthreads: int = 1, client: bool = True,
             await asyncio.gather(*(w.close() for w in workers))
 
 
+def run_on_loop(loop_kind: str, coro_fn, timeout: float = 60):
+    """Run ``coro_fn()`` to completion on a fresh ``"asyncio"`` or ``"uvloop"`` loop,
+    failing after ``timeout`` seconds; tasks left behind (listener handlers
+    whose connections ended) are cancelled and awaited before the loop closes."""
+    from cluster.runtime.loop import new_event_loop
+
+    loop = new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro_fn(), timeout))
+    finally:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+
+        async def drain():
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        loop.run_until_complete(drain())
+        loop.close()
+
+
+async def echo(comm) -> None:
+    """A listener's handler: send back every message until the connection ends."""
+    from cluster.runtime.errors import CommError
+
+    try:
+        while True:
+            await comm.write(await comm.read())
+    except CommError:
+        pass
+
+
 async def until(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
     """Wait until ``predicate()`` is true, failing after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

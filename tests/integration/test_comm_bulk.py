@@ -21,8 +21,9 @@ from cluster.runtime.comm import box_large, connect, listen
 from cluster.runtime.comm import tcp as tcp_module
 from cluster.runtime.comm.core import HEADER, MAGIC
 from cluster.runtime.errors import CommError
-from cluster.runtime.loop import new_event_loop
 from cluster.runtime.security import Security
+
+from tests.helpers import echo, run_on_loop
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,38 +36,12 @@ def sec():
     return Security.temporary()
 
 
-def run(loop_kind: str, coro_fn, timeout: float = 60):
-    """Run ``coro_fn()`` to completion on a fresh asyncio or uvloop loop."""
-    loop = new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(asyncio.wait_for(coro_fn(), timeout))
-    finally:
-        # The listeners' handler tasks end with their connections: let them.
-        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        for t in pending:
-            t.cancel()
-
-        async def drain():
-            await asyncio.gather(*pending, return_exceptions=True)
-
-        loop.run_until_complete(drain())
-        loop.close()
-
-
 async def _pair(protocol: str, sec: Security, handler):
     kw = sec.get_listen_args("worker") if protocol == "tls" else {}
     listener = listen(f"{protocol}://127.0.0.1:0", handler, **kw)
     await listener.start()
     ckw = sec.get_connection_args("worker") if protocol == "tls" else {}
     return listener, ckw
-
-
-async def _echo(comm):
-    try:
-        while True:
-            await comm.write(await comm.read())
-    except CommError:
-        pass
 
 
 def pattern(n: int) -> np.ndarray:
@@ -89,7 +64,7 @@ SIZES = [
 @pytest.mark.parametrize("protocol", ["tcp", "tls"])
 def test_sizes_around_buffer_and_window_boundaries(sec, protocol, loop_kind):
     async def main():
-        listener, ckw = await _pair(protocol, sec, _echo)
+        listener, ckw = await _pair(protocol, sec, echo)
         try:
             comm = await connect(listener.contact_address, timeout=5, **ckw)
             try:
@@ -114,7 +89,7 @@ def test_sizes_around_buffer_and_window_boundaries(sec, protocol, loop_kind):
         finally:
             listener.stop()
 
-    run(loop_kind, main)
+    run_on_loop(loop_kind, main)
 
 
 @pytest.mark.parametrize("protocol", ["tcp", "tls"])
@@ -123,7 +98,7 @@ def test_many_large_frames_in_one_message(sec, protocol):
     arrays = [pattern(WINDOW + k * 4099) + k for k in range(4)]
 
     async def main():
-        listener, ckw = await _pair(protocol, sec, _echo)
+        listener, ckw = await _pair(protocol, sec, echo)
         try:
             comm = await connect(listener.contact_address, timeout=5, **ckw)
             try:
@@ -135,7 +110,7 @@ def test_many_large_frames_in_one_message(sec, protocol):
             listener.stop()
         return got
 
-    got = run("uvloop", main)
+    got = run_on_loop("uvloop", main)
     assert len(got["parts"]) == len(arrays)
     for a, b in zip(got["parts"], arrays, strict=True):
         assert np.array_equal(a, b)
@@ -157,7 +132,7 @@ def test_without_populate_the_data_is_the_same(sec, monkeypatch):
     arr = pattern(2 * WINDOW + 5)
 
     async def main():
-        listener, ckw = await _pair("tcp", sec, _echo)
+        listener, ckw = await _pair("tcp", sec, echo)
         try:
             comm = await connect(listener.contact_address, timeout=5, **ckw)
             try:
@@ -168,7 +143,7 @@ def test_without_populate_the_data_is_the_same(sec, monkeypatch):
         finally:
             listener.stop()
 
-    got = run("uvloop", main)
+    got = run_on_loop("uvloop", main)
     assert np.array_equal(got, arr)
     assert len(calls) == 1  # tried once, then never again
     assert tcp_module._POPULATE is None
@@ -223,7 +198,7 @@ def test_peer_stopping_inside_a_large_frame_costs_only_its_connection(sec, proto
         finally:
             listener.stop()
 
-    run("uvloop", main)
+    run_on_loop("uvloop", main)
     closed = [r for r in reads if r[0] == "closed"]
     assert len(closed) >= 1
     assert ("ok", closed[0][1]) not in reads  # the broken peer got nothing through
@@ -255,4 +230,4 @@ def test_oversized_announcement_is_refused_before_allocation():
             listener.stop()
 
     assert core.MAX_MESSAGE_SIZE < 5 << 30
-    assert run("uvloop", main) == "ProtocolError"
+    assert run_on_loop("uvloop", main) == "ProtocolError"

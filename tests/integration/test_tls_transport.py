@@ -19,8 +19,9 @@ from cluster.runtime.comm import connect, listen
 from cluster.runtime.comm import tcp as tcp_module
 from cluster.runtime.comm import tls as tls_module
 from cluster.runtime.errors import CommClosedError, CommError
-from cluster.runtime.loop import new_event_loop
 from cluster.runtime.security import Security
+
+from tests.helpers import echo, run_on_loop, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,30 +32,6 @@ LOOPS = ["asyncio", "uvloop"]
 @pytest.fixture(scope="module")
 def sec():
     return Security.temporary()
-
-
-def run(loop_kind: str, coro_fn, timeout: float = 60):
-    loop = new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(asyncio.wait_for(coro_fn(), timeout))
-    finally:
-        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        for t in pending:
-            t.cancel()
-
-        async def drain():
-            await asyncio.gather(*pending, return_exceptions=True)
-
-        loop.run_until_complete(drain())
-        loop.close()
-
-
-async def until(cond, what: str, timeout: float = 20) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
 
 
 def pattern(n: int, seed: int = 0) -> np.ndarray:
@@ -89,7 +66,7 @@ def test_the_transport_is_ours_and_authenticated(sec, loop_kind):
             comm.abort()
             listener.stop()
 
-    run(loop_kind, main)
+    run_on_loop(loop_kind, main)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -115,7 +92,7 @@ def test_close_right_after_a_large_write_delivers_all_of_it(sec, loop_kind):
             comm.abort()
             listener.stop()
 
-    run(loop_kind, main)
+    run_on_loop(loop_kind, main)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -141,21 +118,21 @@ def test_writer_waits_while_the_reader_does_not_read_then_goes_on(sec, loop_kind
         try:
             futures = [comm.write_nowait({"i": i, "data": chunk}) for i in range(4)]
             await until(lambda: "comm" in server and server["comm"].protocol.reading_paused,
-                        "the reader to pause reading")
+                        what="the reader to pause reading")
             await until(lambda: comm.transport.get_write_buffer_size() > 0,
-                        "the writer to buffer what the socket does not take")
+                        what="the writer to buffer what the socket does not take")
             assert not futures[-1].done()
             assert comm.protocol.writing_paused
             server["go"].set()
             await asyncio.wait_for(asyncio.gather(*futures), 30)
-            await until(lambda: "got" in server, "the reader to read all four")
+            await until(lambda: "got" in server, what="the reader to read all four")
             assert [m["i"] for m in server["got"]] == [0, 1, 2, 3]
             assert all(np.array_equal(m["data"], chunk) for m in server["got"])
         finally:
             comm.abort()
             listener.stop()
 
-    run(loop_kind, main)
+    run_on_loop(loop_kind, main)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -189,7 +166,7 @@ def test_both_directions_at_once_keep_every_message_in_order(sec, loop_kind):
         client_received: list = []
         try:
             await pump(comm, client_received)
-            await until(lambda: len(server_received) == n, "the server to read all")
+            await until(lambda: len(server_received) == n, what="the server to read all")
             for received in (client_received, server_received):
                 assert [m["i"] for m in received] == list(range(n))
                 for m in received:
@@ -201,7 +178,7 @@ def test_both_directions_at_once_keep_every_message_in_order(sec, loop_kind):
             comm.abort()
             listener.stop()
 
-    run(loop_kind, main)
+    run_on_loop(loop_kind, main)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -235,7 +212,7 @@ def test_a_peer_gone_mid_write_fails_that_write_only(sec, loop_kind):
             comm.abort()
             listener.stop()
 
-    run(loop_kind, main)
+    run_on_loop(loop_kind, main)
 
 
 def test_frames_of_every_size_near_a_record_arrive_whole(sec):
@@ -245,15 +222,8 @@ def test_frames_of_every_size_near_a_record_arrive_whole(sec):
     sizes = [1, 100, 16 * 1024 - 50, 16 * 1024, 16 * 1024 + 1, 32 * 1024,
              tcp_module.SMALL_FRAME - 1, tcp_module.SMALL_FRAME, tcp_module.SMALL_FRAME + 1]
 
-    async def handler(comm):
-        try:
-            while True:
-                await comm.write(await comm.read())
-        except CommError:
-            pass
-
     async def main():
-        listener, comm = await tls_pair(sec, handler)
+        listener, comm = await tls_pair(sec, echo)
         try:
             for _ in range(3):
                 for size in sizes:
@@ -264,7 +234,7 @@ def test_frames_of_every_size_near_a_record_arrive_whole(sec):
             comm.abort()
             listener.stop()
 
-    run("uvloop", main)
+    run_on_loop("uvloop", main)
 
 
 def test_messages_of_many_sizes_back_to_back_arrive_whole_and_in_order(sec):
@@ -274,15 +244,8 @@ def test_messages_of_many_sizes_back_to_back_arrive_whole_and_in_order(sec):
     rng = np.random.default_rng(14)
     sizes = [int(x) for x in rng.integers(1, 70 * 1024, 600)]
 
-    async def handler(comm):
-        try:
-            while True:
-                await comm.write(await comm.read())
-        except CommError:
-            pass
-
     async def main():
-        listener, comm = await tls_pair(sec, handler)
+        listener, comm = await tls_pair(sec, echo)
         try:
             for i, size in enumerate(sizes):
                 comm.write_nowait(bytes(pattern(size, seed=i)))
@@ -293,7 +256,7 @@ def test_messages_of_many_sizes_back_to_back_arrive_whole_and_in_order(sec):
             comm.abort()
             listener.stop()
 
-    run("uvloop", main)
+    run_on_loop("uvloop", main)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -330,9 +293,9 @@ def test_a_protocol_with_small_buffers_gets_whole_records(sec, loop_kind):
             sock, sec.get_connection_args("worker")["ssl_context"], server_side=False,
             server_hostname=host, protocol_factory=Small)
         try:
-            await until(lambda: payload in protocol.data, "all 60,000 bytes", timeout=10)
+            await until(lambda: payload in protocol.data, what="all 60,000 bytes", timeout=10)
         finally:
             transport.abort()
             listener.stop()
 
-    run(loop_kind, main)
+    run_on_loop(loop_kind, main)
