@@ -1,6 +1,6 @@
 """Transports: ``connect``/``listen`` by address, one ``Comm`` interface."""
 
-from . import inproc, tcp, tls  # noqa: F401  (register the backends)
+from . import inproc, tcp  # noqa: F401  (register the backends)
 from .core import Comm, Listener, connect, listen
 from .serialize import box_large, dumps, dumps_function, loads
 

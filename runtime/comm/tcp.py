@@ -17,26 +17,40 @@ buffer in one call, and hands large frames the memory to receive into:
 The header is checked before anything is allocated; a malformed stream makes
 the next ``read`` raise :class:`ProtocolError` and the connection is aborted.
 
-``tls://`` (:mod:`cluster.runtime.comm.tls`) runs the same protocol over a
-transport of its own that decrypts straight into these buffers.
+``tls://`` is the same protocol behind asyncio's (or uvloop's) TLS transport,
+which hands it the decrypted bytes through the same ``get_buffer`` /
+``buffer_updated`` calls.  A TLS listener accepts a plain TCP connection with
+reading paused and runs the handshake itself (``loop.start_tls``) with a
+deadline of :data:`TLS_HANDSHAKE_TIMEOUT`; only once it has succeeded -- the
+peer's certificate verified against the cluster's CA -- does a framing
+protocol see a byte.  A peer that fails it (plain TCP, no certificate, one
+from another CA, too slow) is closed and logged with its address; nothing it
+sent is parsed, let alone unpickled.  Pending handshakes are bounded in
+number, overall and per peer host, and their failures are logged at a bounded
+rate (:mod:`cluster.runtime.comm.admission`): a flood of stalled connections costs
+neither all our memory nor all our descriptors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mmap
 import socket
+import ssl
 import struct
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import CommClosedError, ProtocolError
-from ..system import raise_fd_limit
+from ..errors import CommClosedError, ProtocolError, TLSError
+from ..system import listening_socket, raise_fd_limit
 from ..utils import parse_host_port, unparse_host_port
 from . import core
+from .admission import Admission
+from .admission import describe as _describe
 from .core import HEADER, MAGIC, Backend, Comm, Listener
 from .serialize import dumps, loads
 
@@ -48,6 +62,15 @@ SMALL_FRAME = 64 * 1024
 LARGE_FRAME = 1 << 20
 #: Stop reading from a peer while this many bytes of its messages wait unread.
 READ_PAUSE_BYTES = 64 << 20
+#: Seconds a peer gets to complete the TLS handshake before it is disconnected.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+#: Over TLS, frames larger than this are handed over in pieces of this size,
+#: each once the previous one has drained (see ``TCPComm``).  The TLS
+#: transport encrypts a piece into a memory buffer and copies that out into a
+#: new ``bytes``: at 1 MiB that buffer grows by reallocation and every piece
+#: is a fresh memory map, and a 200 MB transfer cost the sender 1.7 ms of CPU
+#: per MB; at 256 KiB, 1.2 (issue 14, ``python -m bench transfer``).
+TLS_WRITE_CHUNK = 256 << 10
 
 
 def receive_buffer(length: int):
@@ -311,12 +334,13 @@ class _FramedProtocol(asyncio.BufferedProtocol):
 class TCPComm(Comm):
     """A framed message stream over one TCP (or TLS) connection.
 
-    Every write goes to the transport at once, large frames as memoryviews
-    (no copy); a message of small frames goes as one piece.  The future of
-    ``write_nowait`` resolves when the transport's buffer has drained below
-    its high-water mark (back-pressure).  Over TLS the transport is
-    :class:`~cluster.runtime.comm.tls.TLSTransport`, which encrypts straight
-    from these buffers into the socket as it drains.
+    Over plain TCP every write goes to the transport at once, large frames as
+    memoryviews (no copy).  A TLS transport, though, encrypts all it is given
+    at once into memory, and then copies that out again: a 100 MB frame
+    written in one piece would cost some 200 MB more on the sender.  So over
+    TLS a frame larger than :data:`TLS_WRITE_CHUNK` goes out in pieces of that
+    size, each when the transport has drained the one before (a small pump
+    task; later messages queue behind it, keeping their order).
     """
 
     def __init__(self, protocol: _FramedProtocol, local: str, peer: str, prefix: str = "tcp://"):
@@ -326,6 +350,9 @@ class TCPComm(Comm):
         self._local = prefix + local
         self._peer = prefix + peer
         self._closed = False
+        self._chunked = prefix == "tls://"
+        self._pending: deque = deque()  # (piece, future or None), written by the pump
+        self._pump_task: asyncio.Task | None = None
 
     @property
     def local_address(self) -> str:
@@ -361,13 +388,16 @@ class TCPComm(Comm):
         frames = dumps(msg)
         lengths = [f.nbytes if isinstance(f, memoryview) else len(f) for f in frames]
         header = HEADER.pack(MAGIC, len(frames)) + struct.pack(f"<{len(frames)}Q", *lengths)
-        total = sum(lengths)
-        self.nbytes_last = len(header) + total
+        self.nbytes_last = len(header) + sum(lengths)
         fut = asyncio.get_running_loop().create_future()
+        if self._chunked and (self._pending or max(lengths) > TLS_WRITE_CHUNK):
+            self._queue(header, frames, fut)
+            return fut
         transport = self.transport
-        if total < SMALL_FRAME:
-            # One write, one TLS record, one system call.
-            transport.write(header + frames[0] if len(frames) == 1 else b"".join([header, *frames]))
+        if len(frames) == 1 and lengths[0] < SMALL_FRAME:
+            transport.write(header + frames[0])
+        elif sum(lengths) < SMALL_FRAME:  # one write: one TLS record, one system call
+            transport.write(b"".join([header, *frames]))
         else:
             transport.write(header)
             for f in frames:
@@ -377,6 +407,50 @@ class TCPComm(Comm):
         else:
             fut.set_result(None)
         return fut
+
+    def _queue(self, header: bytes, frames: list, fut: asyncio.Future) -> None:
+        """Queue one message for the pump, large frames cut in pieces."""
+        pending = self._pending
+        pending.append((header, None))
+        for f in frames:
+            view = memoryview(f).cast("B")
+            for start in range(0, view.nbytes, TLS_WRITE_CHUNK):
+                pending.append((view[start:start + TLS_WRITE_CHUNK], None))
+        piece, _ = pending.pop()
+        pending.append((piece, fut))
+        if self._pump_task is None:
+            self._pump_task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        protocol, pending = self.protocol, self._pending
+        loop = asyncio.get_running_loop()
+        try:
+            while pending:
+                if protocol.writing_paused:
+                    waiter = loop.create_future()
+                    protocol.drain_waiters.append(waiter)
+                    await waiter  # CommClosedError if the connection is lost
+                    continue
+                if protocol.closed or self.transport.is_closing():
+                    raise CommClosedError(f"{self._peer}: connection closed while writing")
+                piece, fut = pending.popleft()
+                self.transport.write(piece)
+                if fut is not None and not fut.done():
+                    if protocol.writing_paused:
+                        protocol.drain_waiters.append(fut)
+                    else:
+                        fut.set_result(None)
+        except BaseException as e:
+            error = e if isinstance(e, CommClosedError) else CommClosedError(
+                f"{self._peer}: writing failed: {e!r}")
+            while pending:
+                _, fut = pending.popleft()
+                if fut is not None and not fut.done():
+                    fut.set_exception(error)
+            if not isinstance(e, (CommClosedError, asyncio.CancelledError)):
+                raise
+        finally:
+            self._pump_task = None
 
     async def write(self, msg: Any) -> int:
         fut = self.write_nowait(msg)
@@ -388,11 +462,16 @@ class TCPComm(Comm):
         if self._closed:
             return
         self._closed = True
+        if self._pump_task is not None:
+            with contextlib.suppress(CommClosedError):
+                await asyncio.shield(self._pump_task)
         self.transport.close()  # flushes what is buffered, then closes
 
     def abort(self) -> None:
         self._closed = True
         self.transport.abort()
+        if self._pump_task is not None:
+            self._pump_task.cancel()
 
     def closed(self) -> bool:
         return self._closed or self.protocol.closed
@@ -462,6 +541,140 @@ class TCPListener(Listener):
         return self.prefix + unparse_host_port(host, port)
 
 
+class TLSListener(TCPListener):
+    """A listener whose connections pass a TLS handshake before anything is read from them.
+
+    It accepts connections itself (the listening socket's readiness, then
+    ``accept``) and hands each socket to ``loop.connect_accepted_socket`` with
+    the TLS context: the framing protocol's ``connection_made`` -- and so any
+    parsing -- happens only after a successful handshake, and a failed one
+    raises here, where the peer's address is known and logged.  (Accepting
+    through ``create_server(ssl=...)`` would drop failures silently, and
+    uvloop reads the first bytes of a connection even when its protocol
+    pauses reading in ``connection_made``, so ``start_tls`` after accepting is
+    not an option either.)
+
+    Handshakes in progress are bounded by an :class:`~cluster.runtime.comm.admission.Admission`
+    (at most ``max_pending`` at a time, ``max_pending_per_peer`` per peer
+    host; a stalled one makes room for a newcomer), which also logs failed
+    handshakes at a bounded rate.
+
+    Args:
+        ssl_context: a server context that requires client certificates.
+        max_pending: most handshakes in progress (default
+            :data:`cluster.runtime.comm.admission.MAX_PENDING`).
+        max_pending_per_peer: most of them from one host (default
+            :data:`cluster.runtime.comm.admission.MAX_PENDING_PER_PEER`).
+
+    Raises:
+        TLSError: no ``ssl_context``.
+    """
+
+    prefix = "tls://"
+    #: Connections taken per wake-up of the listening socket.
+    accept_batch = 64
+
+    def __init__(self, location: str, handler: Callable[[Comm], Awaitable[None]],
+                 ssl_context: ssl.SSLContext | None = None, max_pending: int | None = None,
+                 max_pending_per_peer: int | None = None, **kwargs):
+        if ssl_context is None:
+            raise TLSError(f"listening on tls://{location} needs TLS credentials: pass "
+                           "security= with a CA and this server's certificate and key "
+                           "(e.g. Security.temporary())")
+        super().__init__(location, handler, **kwargs)
+        self.ssl_context = ssl_context
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handshakes: set[asyncio.Task] = set()
+        self._unstarted: dict[asyncio.Task, socket.socket] = {}
+        self._resume: asyncio.TimerHandle | None = None
+        self._max_pending = (max_pending, max_pending_per_peer)
+        self.admission: Admission | None = None
+
+    async def start(self) -> None:
+        raise_fd_limit()
+        loop = asyncio.get_running_loop()
+        sock = await listening_socket(loop, self.host, self.port, 2048)
+        self._sock, self._loop = sock, loop
+        self._bound = sock.getsockname()[:2]
+        self.admission = Admission(self.listen_address, "TLS handshake", *self._max_pending,
+                                   log=logger)
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(self.accept_batch):
+            try:
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # out of file descriptors or memory: back off for a second
+                logger.error("%s: accepting connections failed (%s); trying again in 1 s",
+                             self.listen_address, _describe(e))
+                self._loop.remove_reader(sock.fileno())
+                self._resume = self._loop.call_later(1.0, self._resume_accepting)
+                return
+            conn.setblocking(False)
+            peer = unparse_host_port(*addr[:2]) if isinstance(addr, tuple) else str(addr)
+            host = addr[0] if isinstance(addr, tuple) else peer
+            tasks: list[asyncio.Task] = []
+            # Cutting a pending handshake cancels its task, which aborts the transport.
+            token = self.admission.admit(host, lambda tasks=tasks: tasks[0].cancel())
+            if token is None:  # no room: closed before it costs anything
+                conn.close()
+                continue
+            task = asyncio.ensure_future(self._handshake(conn, peer, token))
+            tasks.append(task)
+            self._unstarted[task] = conn
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task) -> None:
+        self._handshakes.discard(task)
+        conn = self._unstarted.pop(task, None)
+        if conn is not None:  # cancelled before it ran: the socket is still ours
+            conn.close()
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if self._sock is not None:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    async def _handshake(self, conn: socket.socket, peer: str, token: int) -> None:
+        self._unstarted.pop(asyncio.current_task(), None)
+        loop = asyncio.get_running_loop()
+        try:
+            # The transport owns the socket from here on, and closes it on failure
+            # (also when we are cancelled to make room: that aborts the handshake).
+            await loop.connect_accepted_socket(lambda: _FramedProtocol(self._accept), conn,
+                                               ssl=self.ssl_context,
+                                               ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if self.admission is not None:
+                self.admission.done(token, peer, e)
+            return
+        if self.admission is not None:
+            self.admission.done(token, peer)
+
+    def stop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._resume is not None:
+                self._resume.cancel()
+                self._resume = None
+            else:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        for task in list(self._handshakes):
+            task.cancel()
+        if self.admission is not None:
+            self.admission.close()
+
+
 class TCPBackend(Backend):
     prefix = "tcp://"
 
@@ -476,6 +689,43 @@ class TCPBackend(Backend):
         return TCPListener(location, handler, **kwargs)
 
 
-core.backends["tcp"] = TCPBackend()
+class TLSBackend(TCPBackend):
+    """``tls://``: TCP with mutual TLS authentication (see :mod:`cluster.runtime.security`)."""
 
-__all__ = ["TCPBackend", "TCPComm", "TCPListener", "receive_buffer"]
+    prefix = "tls://"
+
+    async def connect(self, location: str, ssl_context: ssl.SSLContext | None = None,
+                      **kwargs) -> Comm:
+        """Connect and complete the handshake.
+
+        Raises:
+            TLSError: no ``ssl_context``, or the handshake failed for a reason
+                that retrying will not change (a certificate was refused, the
+                peer does not speak TLS).
+            OSError: the connection failed otherwise (``connect`` retries).
+        """
+        if ssl_context is None:
+            raise TLSError(f"connecting to tls://{location} needs TLS credentials: pass "
+                           "security= with the cluster's CA and a certificate and key "
+                           "(e.g. the cluster's Security object)")
+        host, port = parse_host_port(location)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await loop.create_connection(
+                _FramedProtocol, host, port, ssl=ssl_context, server_hostname=host,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except ssl.SSLError as e:
+            if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
+                raise  # the peer hung up: perhaps a passing failure, retried
+            raise TLSError(f"TLS handshake with tls://{location} failed: {_describe(e)}") from e
+        local, _ = _addresses(transport)
+        return TCPComm(protocol, local, unparse_host_port(host, port), self.prefix)
+
+    def listener(self, location, handler, **kwargs) -> Listener:
+        return TLSListener(location, handler, **kwargs)
+
+
+core.backends["tcp"] = TCPBackend()
+core.backends["tls"] = TLSBackend()
+
+__all__ = ["TCPBackend", "TCPComm", "TCPListener", "TLSBackend", "TLSListener", "receive_buffer"]

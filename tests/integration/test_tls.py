@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 from cluster.runtime.comm import connect, dumps, listen
-from cluster.runtime.comm import tls as tls_module
+from cluster.runtime.comm import tcp as tcp_module
 from cluster.runtime.comm.core import HEADER, MAGIC
 from cluster.runtime.errors import CommError, EncryptionRequiredError, TLSError
 from cluster.runtime.loop import run as run_on_uvloop
@@ -327,7 +327,7 @@ async def test_client_without_certificate_is_refused(sec, tls_log):
 
 @gen_test(timeout=60)
 async def test_stalled_handshake_is_cut_off(sec, tls_log, monkeypatch):
-    monkeypatch.setattr(tls_module, "TLS_HANDSHAKE_TIMEOUT", 0.5)
+    monkeypatch.setattr(tcp_module, "TLS_HANDSHAKE_TIMEOUT", 0.5)
     async with Scheduler(security=sec) as s:
         reader, writer = await asyncio.open_connection(*host_port(s.address))
         try:

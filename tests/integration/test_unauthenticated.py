@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 from cluster.runtime.comm import admission
-from cluster.runtime.comm import tls as tls_module
+from cluster.runtime.comm import tcp as tcp_module
 
 from cluster import Client, Scheduler, Security
 from tests.helpers import gen_test, until, until_sync
@@ -146,7 +146,7 @@ async def test_caps_per_peer_and_overall_cut_the_oldest_stalled_handshake(sec, m
     monkeypatch.setattr(admission, "MAX_PENDING_PER_PEER", 8)
     async with Scheduler(security=sec, dashboard_address=None) as s:
         listener = s.listeners[0]
-        assert isinstance(listener, tls_module.TLSListener)
+        assert isinstance(listener, tcp_module.TLSListener)
         host, port = host_port(s.address)
         stalled = [await asyncio.open_connection(host, port) for _ in range(8)]
         try:

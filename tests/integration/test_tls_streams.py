@@ -1,12 +1,11 @@
-"""Our own TLS transport (``runtime.comm.tls.TLSTransport``) over real sockets.
+"""TLS connections under load, over real sockets, on asyncio's loop and on uvloop.
 
-OpenSSL reads and writes the socket itself here, so what asyncio's transport
-did for us is ours to get right: a write that the socket takes only in part
-is retried with the same buffer until it is all sent; ``close`` sends what is
-buffered first; back-pressure pauses the writer while the reader does not
-read, and resumes it; both directions at once, large frames between small
-messages, keep every byte and the order; an end-of-stream or a dead peer
-fails only that connection.  On asyncio's loop and on uvloop.
+Over TLS a large frame goes to the transport in pieces (``TLS_WRITE_CHUNK``),
+each once the one before has drained, so these check what that must keep:
+``close`` sends what is queued first; back-pressure pauses the writer while
+the reader does not read, and resumes it; both directions at once, large
+frames between small messages, keep every byte and the order; a dead peer
+fails only that connection.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 from cluster.runtime.comm import connect, listen
 from cluster.runtime.comm import tcp as tcp_module
-from cluster.runtime.comm import tls as tls_module
 from cluster.runtime.errors import CommClosedError, CommError
 from cluster.runtime.security import Security
 
@@ -46,7 +44,7 @@ async def tls_pair(sec: Security, handler):
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
-def test_the_transport_is_ours_and_authenticated(sec, loop_kind):
+def test_both_ends_are_tls13_with_certificates(sec, loop_kind):
     seen = {}
 
     async def handler(comm):
@@ -59,7 +57,6 @@ def test_the_transport_is_ours_and_authenticated(sec, loop_kind):
             await comm.write("ping")
             assert await comm.read() == "ping"
             for transport in (comm.transport, seen["server"]):
-                assert isinstance(transport, tls_module.TLSTransport)
                 assert transport.get_extra_info("peercert")  # both ends showed a certificate
                 assert transport.get_extra_info("ssl_object").version() == "TLSv1.3"
         finally:
@@ -257,45 +254,3 @@ def test_messages_of_many_sizes_back_to_back_arrive_whole_and_in_order(sec):
             listener.stop()
 
     run_on_loop("uvloop", main)
-
-
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_a_protocol_with_small_buffers_gets_whole_records(sec, loop_kind):
-    """A protocol whose buffers hold 1,000 bytes, less than one record: the rest
-    of each record waits decrypted inside OpenSSL, where the socket's readiness
-    does not show it, and must be read on without waiting for more data."""
-    payload = bytes(pattern(60_000, seed=9))  # the last record holds ~10 KB
-
-    class Small(asyncio.BufferedProtocol):
-        def __init__(self):
-            self.buf = bytearray(1000)
-            self.data = bytearray()
-
-        def get_buffer(self, sizehint):
-            return self.buf
-
-        def buffer_updated(self, nbytes):
-            self.data += self.buf[:nbytes]
-
-    async def handler(comm):
-        await comm.write(payload)
-        try:
-            await comm.read()  # until the client goes
-        except CommError:
-            pass
-
-    async def main():
-        listener = listen("tls://127.0.0.1:0", handler, **sec.get_listen_args("worker"))
-        await listener.start()
-        host, port = listener.listen_address[len("tls://"):].rsplit(":", 1)
-        sock = await tls_module._open_socket(host, int(port))
-        transport, protocol = await tls_module.start_tls(
-            sock, sec.get_connection_args("worker")["ssl_context"], server_side=False,
-            server_hostname=host, protocol_factory=Small)
-        try:
-            await until(lambda: payload in protocol.data, what="all 60,000 bytes", timeout=10)
-        finally:
-            transport.abort()
-            listener.stop()
-
-    run_on_loop(loop_kind, main)
