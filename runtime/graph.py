@@ -52,8 +52,11 @@ def replace_futures(client: Any, obj: Any, deps: set) -> Any:
 
 
 def task_piece(client: Any, func: Callable, func_b: bytes, args: tuple, kwargs: dict, key: Key | None,
-               pure: bool) -> tuple[Key, dict]:
-    """The key and ``{"spec": recipe, "deps": keys}`` of one call.
+               pure: bool) -> tuple[Key, tuple]:
+    """The key and ``(recipe, dependency keys)`` of one call.
+
+    A tuple, and no set for a call without futures among its arguments: a
+    map builds one per task before sending them (issue 14: memory per task).
 
     Raises:
         TaskSerializationError: naming the argument that would not pickle.
@@ -88,7 +91,7 @@ def task_piece(client: Any, func: Callable, func_b: bytes, args: tuple, kwargs: 
         key = f"{funcname(func)}-{token}"
     else:
         validate_key(key)
-    return key, {"spec": (func_b, args_b), "deps": deps}
+    return key, ((func_b, args_b), tuple(deps) if deps else ())
 
 
 def check_task_options(workers: Any, resources: Any, retries: Any, priority: Any) -> None:
@@ -132,10 +135,10 @@ def graph_msg(pieces: dict, keys: list, workers, resources, retries, priority,
         workers = [workers]
     tasks = {}
     dependencies = {}
-    for k, p in pieces.items():
-        tasks[k] = p["spec"]
-        if p["deps"]:
-            dependencies[k] = list(p["deps"])
+    for k, (spec, deps) in pieces.items():
+        tasks[k] = spec
+        if deps:
+            dependencies[k] = list(deps)
     return update_graph_msg(
         tasks, keys, dependencies,
         restrictions={k: list(workers) for k in pieces} if workers else {},

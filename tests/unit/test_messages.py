@@ -77,7 +77,7 @@ def test_what_workers_send_passes(msg):
 def test_what_clients_send_passes(options):
     defaults = {"workers": None, "resources": None, "retries": None, "priority": 0,
                 "allow_other_workers": False}
-    pieces = {"x": {"spec": RECIPE, "deps": set()}, ("y", 0): {"spec": RECIPE, "deps": {"x"}}}
+    pieces = {"x": (RECIPE, ()), ("y", 0): (RECIPE, ("x",))}
     msg = graph_msg(pieces, list(pieces), **(defaults | options))
     check(CLIENT, msg, SchedulerState())
     check(CLIENT, {"op": "client_releases_keys", "keys": ["x"]})
