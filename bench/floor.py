@@ -63,18 +63,23 @@ def _fresh(n):
     return buf
 
 
+def receive_exactly(sock, view: memoryview) -> None:
+    """Fill ``view`` from ``sock`` (``recv_into`` at most CHUNK bytes at a time)."""
+    n, pos = view.nbytes, 0
+    while pos < n:
+        got = sock.recv_into(view[pos:], min(CHUNK, n - pos))
+        if not got:
+            raise ConnectionError("sender went away")
+        pos += got
+
+
 def receiver(sock, n, rounds):
     """Receive ``rounds`` transfers of ``n`` bytes; ack each with one byte."""
     warm = bytearray(n)
     for i in range(rounds):
         buf = warm if i % 2 else _fresh(n)
         view = memoryview(buf)
-        pos = 0
-        while pos < n:
-            got = sock.recv_into(view[pos:], min(CHUNK, n - pos))
-            if not got:
-                raise ConnectionError("sender went away")
-            pos += got
+        receive_exactly(sock, view)
         view.release()
         sock.sendall(b"k")
         if buf is not warm:
@@ -102,12 +107,7 @@ def tls_floor(view, repeat):
                         client.wrap_socket(raw, server_hostname="127.0.0.1") as s:
                     buf = memoryview(bytearray(n))
                     for _ in range(repeat + 1):
-                        pos = 0
-                        while pos < n:
-                            got = s.recv_into(buf[pos:], min(CHUNK, n - pos))
-                            if not got:
-                                raise ConnectionError("sender went away")
-                            pos += got
+                        receive_exactly(s, buf)
                         s.sendall(b"k")
                 code = 0
             finally:

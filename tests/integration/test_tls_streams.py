@@ -11,6 +11,7 @@ fails only that connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -36,11 +37,20 @@ def pattern(n: int, seed: int = 0) -> np.ndarray:
     return ((np.arange(n, dtype=np.uint64) + seed) % 251).astype(np.uint8)
 
 
+@contextlib.asynccontextmanager
 async def tls_pair(sec: Security, handler):
+    """A TLS listener running ``handler`` and a comm connected to it; both closed after."""
     listener = listen("tls://127.0.0.1:0", handler, **sec.get_listen_args("worker"))
     await listener.start()
-    comm = await connect(listener.contact_address, timeout=10, **sec.get_connection_args("worker"))
-    return listener, comm
+    try:
+        comm = await connect(listener.contact_address, timeout=10,
+                             **sec.get_connection_args("worker"))
+        try:
+            yield comm
+        finally:
+            comm.abort()
+    finally:
+        listener.stop()
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -52,16 +62,12 @@ def test_both_ends_are_tls13_with_certificates(sec, loop_kind):
         await comm.write(await comm.read())
 
     async def main():
-        listener, comm = await tls_pair(sec, handler)
-        try:
+        async with tls_pair(sec, handler) as comm:
             await comm.write("ping")
             assert await comm.read() == "ping"
             for transport in (comm.transport, seen["server"]):
                 assert transport.get_extra_info("peercert")  # both ends showed a certificate
                 assert transport.get_extra_info("ssl_object").version() == "TLSv1.3"
-        finally:
-            comm.abort()
-            listener.stop()
 
     run_on_loop(loop_kind, main)
 
@@ -78,16 +84,12 @@ def test_close_right_after_a_large_write_delivers_all_of_it(sec, loop_kind):
         await comm.close()
 
     async def main():
-        listener, comm = await tls_pair(sec, handler)
-        try:
+        async with tls_pair(sec, handler) as comm:
             await comm.write("go")
             msg = await comm.read()
             assert np.array_equal(msg["data"], data)
             with pytest.raises(CommClosedError):
                 await comm.read()
-        finally:
-            comm.abort()
-            listener.stop()
 
     run_on_loop(loop_kind, main)
 
@@ -111,8 +113,7 @@ def test_writer_waits_while_the_reader_does_not_read_then_goes_on(sec, loop_kind
 
     async def main():
         server["go"] = asyncio.Event()
-        listener, comm = await tls_pair(sec, handler)
-        try:
+        async with tls_pair(sec, handler) as comm:
             futures = [comm.write_nowait({"i": i, "data": chunk}) for i in range(4)]
             await until(lambda: "comm" in server and server["comm"].protocol.reading_paused,
                         what="the reader to pause reading")
@@ -125,9 +126,6 @@ def test_writer_waits_while_the_reader_does_not_read_then_goes_on(sec, loop_kind
             await until(lambda: "got" in server, what="the reader to read all four")
             assert [m["i"] for m in server["got"]] == [0, 1, 2, 3]
             assert all(np.array_equal(m["data"], chunk) for m in server["got"])
-        finally:
-            comm.abort()
-            listener.stop()
 
     run_on_loop(loop_kind, main)
 
@@ -159,21 +157,17 @@ def test_both_directions_at_once_keep_every_message_in_order(sec, loop_kind):
         await pump(comm, server_received)
 
     async def main():
-        listener, comm = await tls_pair(sec, handler)
         client_received: list = []
-        try:
+        async with tls_pair(sec, handler) as comm:
             await pump(comm, client_received)
             await until(lambda: len(server_received) == n, what="the server to read all")
-            for received in (client_received, server_received):
-                assert [m["i"] for m in received] == list(range(n))
-                for m in received:
-                    if "data" in m:
-                        assert np.array_equal(m["data"], big)
-                    else:
-                        assert m["small"] == b"s" * (m["i"] % 97)
-        finally:
-            comm.abort()
-            listener.stop()
+        for received in (client_received, server_received):
+            assert [m["i"] for m in received] == list(range(n))
+            for m in received:
+                if "data" in m:
+                    assert np.array_equal(m["data"], big)
+                else:
+                    assert m["small"] == b"s" * (m["i"] % 97)
 
     run_on_loop(loop_kind, main)
 
@@ -193,21 +187,17 @@ def test_a_peer_gone_mid_write_fails_that_write_only(sec, loop_kind):
         await comm.write(msg)
 
     async def main():
-        listener, comm = await tls_pair(sec, handler)
-        try:
+        async with tls_pair(sec, handler) as comm:
             await comm.write("abort")
             with pytest.raises(CommError):
                 for _ in range(8):  # the abort lands somewhere in these
                     await comm.write({"data": data})
                 await comm.read()
-            other = await connect(listener.contact_address, timeout=10,
+            other = await connect(comm.peer_address, timeout=10,
                                   **sec.get_connection_args("worker"))
             await other.write("again")
             assert await other.read() == "again"
             other.abort()
-        finally:
-            comm.abort()
-            listener.stop()
 
     run_on_loop(loop_kind, main)
 
@@ -220,16 +210,12 @@ def test_frames_of_every_size_near_a_record_arrive_whole(sec):
              tcp_module.SMALL_FRAME - 1, tcp_module.SMALL_FRAME, tcp_module.SMALL_FRAME + 1]
 
     async def main():
-        listener, comm = await tls_pair(sec, echo)
-        try:
+        async with tls_pair(sec, echo) as comm:
             for _ in range(3):
                 for size in sizes:
                     comm.write_nowait(bytes(pattern(size, seed=size)))
                 for size in sizes:
                     assert await comm.read() == bytes(pattern(size, seed=size))
-        finally:
-            comm.abort()
-            listener.stop()
 
     run_on_loop("uvloop", main)
 
@@ -242,15 +228,11 @@ def test_messages_of_many_sizes_back_to_back_arrive_whole_and_in_order(sec):
     sizes = [int(x) for x in rng.integers(1, 70 * 1024, 600)]
 
     async def main():
-        listener, comm = await tls_pair(sec, echo)
-        try:
+        async with tls_pair(sec, echo) as comm:
             for i, size in enumerate(sizes):
                 comm.write_nowait(bytes(pattern(size, seed=i)))
             for i, size in enumerate(sizes):
                 got = await asyncio.wait_for(comm.read(), 10)
                 assert got == bytes(pattern(size, seed=i)), i
-        finally:
-            comm.abort()
-            listener.stop()
 
     run_on_loop("uvloop", main)
