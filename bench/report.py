@@ -294,10 +294,23 @@ def render_launch_section(info, args_desc, results, systems, sizes, repeat):
     return "\n".join(out)
 
 
+#: Hand-written sections (notes on the figures above them, the memory bench's
+#: table): no run writes them, every run keeps them where they stand.
+MAIN_NOTES_MARKER = "<!-- main-notes: hand-written; kept when the main table is rewritten -->"
+TRANSFER_NOTES_MARKER = "<!-- transfer-notes: hand-written; kept when the transfer section is rewritten -->"
+MEMORY_MARKER = "<!-- memory: this section is hand-written from `python -m bench memory` (bench/memory.py) -->"
+
+
+def _kept_markers():
+    from bench.scale import MARKER as SCALE_MARKER
+
+    return (MAIN_NOTES_MARKER, TRANSFER_NOTES_MARKER, MEMORY_MARKER, SCALE_MARKER)
+
+
 def _section_markers():
     from bench.dask_collections import COLLECTIONS_MARKER
 
-    return (TRANSFER_MARKER, COLLECTIONS_MARKER, LAUNCH_MARKER)
+    return (TRANSFER_MARKER, COLLECTIONS_MARKER, LAUNCH_MARKER, *_kept_markers())
 
 
 def split_sections(text):
@@ -320,17 +333,21 @@ def split_report(text):
 def merge_report(existing, main_md, launch_md, collections_md=None, transfer_md=None):
     """The report to write: parts this run did not produce are kept from ``existing``.
 
-    Order: the main table, the transfer section, the dask collections section,
-    the MPI launch section.
+    Order: the main table and its notes, the transfer section and its notes, the
+    memory section, the dask collections section, the MPI launch section, the
+    many-workers (``scale``) section.  Hand-written sections (:func:`_kept_markers`)
+    are always kept.
     """
     from bench.dask_collections import COLLECTIONS_MARKER
 
     old_main, old = split_sections(existing or "")
+    main_notes, transfer_notes, memory, scale = (old.get(m, "") for m in _kept_markers())
     main_part = main_md if main_md is not None else old_main
     transfer_part = transfer_md if transfer_md is not None else old.get(TRANSFER_MARKER, "")
     coll_part = collections_md if collections_md is not None else old.get(COLLECTIONS_MARKER, "")
     launch_part = launch_md if launch_md is not None else old.get(LAUNCH_MARKER, "")
-    parts = [p.strip("\n") for p in (main_part, transfer_part, coll_part, launch_part)
+    parts = [p.strip("\n") for p in (main_part, main_notes, transfer_part, transfer_notes, memory,
+                                      coll_part, launch_part, scale)
              if p and p.strip()]
     return "\n\n".join(parts) + "\n"
 
