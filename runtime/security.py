@@ -310,8 +310,8 @@ class Security:
         ctx.options |= ssl.OP_NO_COMPRESSION
         if server_side:
             # Nothing here resumes a TLS session (every connection is a full,
-            # mutually authenticated handshake), so session tickets would only
-            # cost the server an encryption and a message per connection.
+            # mutually authenticated handshake), so TLS 1.3 session tickets would
+            # only cost the server an encryption and a message per connection.
             ctx.num_tickets = 0
         if self.tls_ciphers:
             ctx.set_ciphers(self.tls_ciphers)

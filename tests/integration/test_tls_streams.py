@@ -68,6 +68,8 @@ def test_both_ends_are_tls13_with_certificates(sec, loop_kind):
             for transport in (comm.transport, seen["server"]):
                 assert transport.get_extra_info("peercert")  # both ends showed a certificate
                 assert transport.get_extra_info("ssl_object").version() == "TLSv1.3"
+        # Nothing resumes a session, so servers send no session tickets.
+        assert sec.get_server_context("worker").num_tickets == 0
 
     run_on_loop(loop_kind, main)
 
