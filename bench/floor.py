@@ -86,6 +86,15 @@ def receiver(sock, n, rounds):
             buf.close()
 
 
+def timed_send(conn, view, peer_pid):
+    """Send ``view`` and wait for the one-byte ack: (seconds, CPU seconds of both ends)."""
+    c0, r0, t0 = _cpu(), _cpu(peer_pid), time.perf_counter()
+    conn.sendall(view)
+    if conn.recv(1) != b"k":
+        raise ConnectionError("receiver went away")
+    return time.perf_counter() - t0, _cpu() - c0 + _cpu(peer_pid) - r0
+
+
 def tls_floor(view, repeat):
     """MB/s and CPU per MB of ``repeat`` sends of ``view`` over a TLS socket pair."""
     import ssl
@@ -118,12 +127,7 @@ def tls_floor(view, repeat):
             with server.wrap_socket(raw, server_side=True) as conn:
                 out["tls_cipher"] = "{} {}".format(*conn.cipher()[1::-1])
                 for i in range(repeat + 1):
-                    c0, r0, t0 = _cpu(), _cpu(pid), time.perf_counter()
-                    conn.sendall(view)
-                    if conn.recv(1) != b"k":
-                        raise ConnectionError("receiver went away")
-                    dt = time.perf_counter() - t0
-                    cpu = _cpu() - c0 + _cpu(pid) - r0
+                    dt, cpu = timed_send(conn, view, pid)
                     if i:  # the first is untimed
                         out["tls_MBps"].append(n / 1e6 / dt)
                         out["tls_cpu_ms_per_MB"].append(cpu * 1e3 / (n / 1e6))
@@ -163,12 +167,7 @@ def main(argv=None):
                 view = memoryview(data)[:n]
                 out = {"fresh_MBps": [], "warm_MBps": [], "fresh_cpu_ms_per_MB": []}
                 for i in range(rounds):
-                    c0, r0, t0 = _cpu(), _cpu(child.pid), time.perf_counter()
-                    conn.sendall(view)
-                    if conn.recv(1) != b"k":
-                        raise ConnectionError("receiver went away")
-                    dt = time.perf_counter() - t0
-                    cpu = _cpu() - c0 + _cpu(child.pid) - r0
+                    dt, cpu = timed_send(conn, view, child.pid)
                     if i < 2:
                         continue  # the untimed pair
                     if i % 2:

@@ -448,10 +448,14 @@ class Client:
     def future_state(self, key: Key) -> FutureState:
         """The state shared by every future of ``key`` in this client (made on first use)."""
         with self._ref_lock:
-            st = self.futures.get(key)
-            if st is None:
-                st = self.futures[key] = FutureState()
-            return st
+            return self._state_locked(key)
+
+    def _state_locked(self, key: Key) -> FutureState:
+        """:meth:`future_state`, for a caller holding ``_ref_lock``."""
+        st = self.futures.get(key)
+        if st is None:
+            st = self.futures[key] = FutureState()
+        return st
 
     @property
     def refcount(self) -> dict[Key, int]:
@@ -462,10 +466,7 @@ class Client:
     def hold_future(self, key: Key) -> None:
         """One more future of ``key`` exists."""
         with self._ref_lock:
-            st = self.futures.get(key)
-            if st is None:
-                st = self.futures[key] = FutureState()
-            st.refs += 1
+            self._state_locked(key).refs += 1
 
     def drop_future(self, key: Key) -> None:
         """One future of ``key`` fewer; with none left, the scheduler may release it."""

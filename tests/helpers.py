@@ -71,6 +71,14 @@ def run_on_loop(loop_kind: str, coro_fn, timeout: float = 60):
         loop.close()
 
 
+def pattern(n: int, seed: int = 0):
+    """``n`` bytes (a numpy uint8 array) that differ from their neighbours' offsets,
+    so a shifted or lost chunk shows; ``seed`` shifts the sequence."""
+    import numpy as np
+
+    return ((np.arange(n, dtype=np.uint64) + seed) % 251).astype(np.uint8)
+
+
 async def echo(comm) -> None:
     """A listener's handler: send back every message until the connection ends."""
     from cluster.runtime.errors import CommError

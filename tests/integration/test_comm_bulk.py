@@ -23,7 +23,7 @@ from cluster.runtime.comm.core import HEADER, MAGIC
 from cluster.runtime.errors import CommError
 from cluster.runtime.security import Security
 
-from tests.helpers import echo, run_on_loop
+from tests.helpers import echo, pattern, run_on_loop
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,12 +42,6 @@ async def _pair(protocol: str, sec: Security, handler):
     await listener.start()
     ckw = sec.get_connection_args("worker") if protocol == "tls" else {}
     return listener, ckw
-
-
-def pattern(n: int) -> np.ndarray:
-    """``n`` bytes that differ from their neighbours' offsets (a shifted or lost
-    chunk shows)."""
-    return (np.arange(n, dtype=np.uint64) % 251).astype(np.uint8)
 
 
 SIZES = [

@@ -20,7 +20,7 @@ from cluster.runtime.comm import tcp as tcp_module
 from cluster.runtime.errors import CommClosedError, CommError
 from cluster.runtime.security import Security
 
-from tests.helpers import echo, run_on_loop, until
+from tests.helpers import echo, pattern, run_on_loop, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,10 +31,6 @@ LOOPS = ["asyncio", "uvloop"]
 @pytest.fixture(scope="module")
 def sec():
     return Security.temporary()
-
-
-def pattern(n: int, seed: int = 0) -> np.ndarray:
-    return ((np.arange(n, dtype=np.uint64) + seed) % 251).astype(np.uint8)
 
 
 @contextlib.asynccontextmanager
