@@ -49,10 +49,17 @@ from .dashboard.task_stream import client_get_task_stream
 from .errors import ClusterError, CommClosedError, CommError
 from .extensions.datasets import Datasets
 from .futures import Future, FutureState, register_owner_finder
-from .graph import collect_futures, graph_msg, substitute_results, task_piece, update_graph_msg
+from .graph import (
+    collect_futures,
+    graph_msg,
+    map_batches,
+    substitute_results,
+    task_piece,
+    update_graph_msg,
+)
 from .loop import loop_runner, sync
 from .security import Security, local_credentials, resolve_security, security_from_scheduler_info
-from .utils import delegate, parse_timedelta, read_scheduler_info
+from .utils import delegate, fifo_seconds, parse_timedelta, read_scheduler_info
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +174,8 @@ class Client:
             resolve_security(True, owner="Client")  # raises: new credentials fit no cluster
         self.futures: dict[Key, FutureState] = {}
         self._ref_lock = threading.Lock()
-        self._outbox: list[dict] = []
+        # (message, mergeable): consecutive mergeable update_graph messages leave as one.
+        self._outbox: list[tuple[dict, bool]] = []
         self._outbox_lock = threading.Lock()
         self._flush_scheduled = False
         self._function_cache: dict[Any, bytes] = {}
@@ -492,10 +500,14 @@ class Client:
 
     # ------------------------------------------------------------------ outgoing messages
 
-    def _send(self, msg: dict) -> None:
-        """Queue a message for the scheduler; everything queued in one burst leaves together."""
+    def _send(self, msg: dict, merge: bool = True) -> None:
+        """Queue a message for the scheduler; everything queued in one burst leaves together.
+
+        Consecutive ``update_graph`` messages become one unless ``merge`` is false
+        (the batches of ``map(batch_size=...)`` stay apart).
+        """
         with self._outbox_lock:
-            self._outbox.append(msg)
+            self._outbox.append((msg, merge))
             if self._flush_scheduled:
                 return
             self._flush_scheduled = True
@@ -515,9 +527,13 @@ class Client:
         if not msgs or self.scheduler_comm is None or self.scheduler_comm.closed:
             return
         merged: list[dict] = []
-        for m in msgs:
+        last_mergeable = False
+        for m, mergeable in msgs:
             last = merged[-1] if merged else None
-            if last is not None and m["op"] == last["op"] == "update_graph":
+            if (last is not None and m["op"] == last["op"] == "update_graph" and mergeable
+                    and last_mergeable and m["fifo_timeout"] == last["fifo_timeout"]):
+                # Each graph keeps its own order within the merged message.
+                last.setdefault("graph_starts", [0]).append(len(last["tasks"]))
                 for field in ("tasks", "dependencies", "restrictions", "resources", "retries", "user_priority"):
                     last[field].update(m[field])
                 last["keys"].extend(m["keys"])
@@ -526,6 +542,7 @@ class Client:
                 last["keys"].extend(m["keys"])
             else:
                 merged.append(m)
+                last_mergeable = mergeable
         with suppress(CommClosedError):
             self.scheduler_comm.send(*merged)
 
@@ -572,9 +589,10 @@ class Client:
         self._check_running()
         pure = True if pure is None else pure
         func_b = self._serialize_function(func)
+        fifo = fifo_seconds(fifo_timeout)
         key, piece = task_piece(self, func, func_b, args, kwargs, key, pure)
         msg = graph_msg({key: piece}, [key], workers, resources, retries, priority,
-                        allow_other_workers)
+                        allow_other_workers, fifo)
         future = Future(key, self, self._state_for_new_task(key))
         self._send(msg)
         return future
@@ -586,34 +604,34 @@ class Client:
             **kwargs) -> list[Future]:
         """Apply ``func`` to each element of the iterables; one future per element.
 
-        ``key`` may be a list of keys or a prefix.  Other arguments as for :meth:`submit`.
+        Args:
+            key: a list of keys (one per element) or a prefix for them.
+            batch_size: send the tasks to the scheduler in messages of at most this
+                many, each serialized and sent before the next is built, so the
+                cluster starts on the first while later ones are prepared (default:
+                all in one message).
+            Other arguments as for :meth:`submit`.
+
+        Raises:
+            TypeError: ``batch_size`` is not an integer (and as for :meth:`submit`).
+            ValueError: ``batch_size`` is below 1; a key list of the wrong length.
         """
         if not callable(func):
             raise TypeError(f"the first argument of map must be callable, not {type(func).__name__}")
         if not iterables:
             raise TypeError("map needs at least one iterable")
+        if actor or actors:
+            raise ValueError("actors are not supported")
         self._check_running()
         pure = True if pure is None else pure
+        fifo = fifo_seconds(fifo_timeout)
         func_b = self._serialize_function(func)
-        items = list(zip(*iterables, strict=False))
-        if isinstance(key, (list, tuple)):
-            if len(key) != len(items):
-                raise ValueError(f"map: {len(key)} keys for {len(items)} items")
-            keys: list = list(key)
-        else:
-            keys = [None] * len(items)
-        pieces: dict = {}
-        order = []
-        for args, k in zip(items, keys, strict=True):
-            k, piece = task_piece(self, func, func_b, args, kwargs, k, pure)
-            if isinstance(key, str):
-                k = f"{key}-{k.rsplit('-', 1)[-1]}"
-            pieces[k] = piece
-            order.append(k)
-        msg = graph_msg(pieces, list(pieces), workers, resources, retries, priority,
-                        allow_other_workers)
-        futures = [Future(k, self) for k in order]
-        self._send(msg)
+        futures: list[Future] = []
+        for pieces, order in map_batches(self, func, func_b, iterables, kwargs, key, pure, batch_size):
+            msg = graph_msg(pieces, list(pieces), workers, resources, retries, priority,
+                            allow_other_workers, fifo)
+            futures.extend(Future(k, self) for k in order)
+            self._send(msg, merge=batch_size is None)
         return futures
 
     # ------------------------------------------------------------------ cluster-wide operations (client.ops)
@@ -683,7 +701,8 @@ class Client:
         refuse_unsupported(actors, kwargs)
         return client_get(self, dsk, keys, sync=sync, asynchronous=asynchronous, direct=direct,
                           workers=workers, allow_other_workers=allow_other_workers,
-                          resources=resources, retries=retries, priority=priority)
+                          resources=resources, retries=retries, priority=priority,
+                          fifo_timeout=fifo_seconds(fifo_timeout))
 
     def compute(self, collections, sync: bool = False, optimize_graph: bool = True, workers=None,
                 allow_other_workers=False, resources=None, retries=0, priority=0,
@@ -704,7 +723,8 @@ class Client:
         return client_compute(self, collections, sync=sync, optimize_graph=optimize_graph,
                               traverse=traverse, workers=workers,
                               allow_other_workers=allow_other_workers, resources=resources,
-                              retries=retries, priority=priority)
+                              retries=retries, priority=priority,
+                              fifo_timeout=fifo_seconds(fifo_timeout))
 
     def persist(self, collections, optimize_graph: bool = True, workers=None,
                 allow_other_workers=None, resources=None, retries=None, priority=0,
@@ -714,7 +734,8 @@ class Client:
         refuse_unsupported(actors, kwargs)
         return client_persist(self, collections, optimize_graph=optimize_graph, workers=workers,
                               allow_other_workers=allow_other_workers, resources=resources,
-                              retries=retries, priority=priority)
+                              retries=retries, priority=priority,
+                              fifo_timeout=fifo_seconds(fifo_timeout))
 
     def as_current(self):
         """Context manager: this client is the default one (and dask's scheduler) inside it."""

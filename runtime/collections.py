@@ -382,12 +382,14 @@ def _futures_for(client: Client, wanted: list) -> dict:
     return out
 
 
-def submit_graph(client: Client, dsk: Any, keys: Any, **options) -> tuple[list, dict]:
+def submit_graph(client: Client, dsk: Any, keys: Any, fifo_timeout: float = 0.0,
+                 **options) -> tuple[list, dict]:
     """Send a graph; returns the flat output keys and a future per key."""
     client._check_running()
     sub = translate_graph(client, dsk, keys, **options)
     futures = _futures_for(client, sub.wanted)
     if sub.msg is not None:
+        sub.msg["fifo_timeout"] = fifo_timeout
         client._send(sub.msg)
     return sub.wanted, futures
 

@@ -94,6 +94,44 @@ def task_piece(client: Any, func: Callable, func_b: bytes, args: tuple, kwargs: 
     return key, ((func_b, args_b), tuple(deps) if deps else ())
 
 
+def map_batches(client: Any, func: Callable, func_b: bytes, iterables: tuple, kwargs: dict,
+                key: str | list | tuple | None, pure: bool, batch_size: int | None):
+    """The tasks of ``client.map(func, *iterables, ...)``, in batches.
+
+    Yields, per batch of at most ``batch_size`` calls (all calls if ``None``),
+    the pieces by key (see :func:`task_piece`) and the keys in call order
+    (repeated where pure calls repeat). A batch is built only when the
+    previous one has been taken, so the caller can send it first.
+
+    Raises:
+        TypeError: ``batch_size`` is not an int (or from :func:`task_piece`).
+        ValueError: ``batch_size`` is below 1; a key list of the wrong length.
+    """
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"map: batch_size must be a positive int or None, not {type(batch_size).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"map: batch_size must be a positive int or None, not {batch_size}")
+    items = list(zip(*iterables, strict=False))
+    if isinstance(key, (list, tuple)):
+        if len(key) != len(items):
+            raise ValueError(f"map: {len(key)} keys for {len(items)} items")
+        keys: list = list(key)
+    else:
+        keys = [None] * len(items)
+    step = int(batch_size or max(len(items), 1))
+    for start in range(0, len(items), step):
+        pieces: dict = {}
+        order = []
+        for args, k in zip(items[start:start + step], keys[start:start + step], strict=True):
+            k, piece = task_piece(client, func, func_b, args, kwargs, k, pure)
+            if isinstance(key, str):
+                k = f"{key}-{k.rsplit('-', 1)[-1]}"
+            pieces[k] = piece
+            order.append(k)
+        yield pieces, order
+
+
 def check_task_options(workers: Any, resources: Any, retries: Any, priority: Any) -> None:
     """Refuse options of ``submit``/``map`` that the scheduler would refuse (closing our stream).
 
@@ -124,7 +162,7 @@ def check_task_options(workers: Any, resources: Any, retries: Any, priority: Any
 
 
 def graph_msg(pieces: dict, keys: list, workers, resources, retries, priority,
-              allow_other_workers) -> dict:
+              allow_other_workers, fifo_timeout: float = 0.0) -> dict:
     """The ``update_graph`` message for ``pieces`` (see :func:`task_piece`).
 
     Raises:
@@ -146,13 +184,14 @@ def graph_msg(pieces: dict, keys: list, workers, resources, retries, priority,
         resources={k: dict(resources) for k in pieces} if resources else {},
         retries={k: int(retries) for k in pieces} if retries else {},
         user_priority={k: priority for k in pieces} if priority else {},
+        fifo_timeout=fifo_timeout,
     )
 
 
 def update_graph_msg(tasks: dict, keys: list, dependencies: dict | None = None, *,
                      restrictions: dict | None = None, loose_restrictions: list | None = None,
                      resources: dict | None = None, retries: dict | None = None,
-                     user_priority: dict | None = None) -> dict:
+                     user_priority: dict | None = None, fifo_timeout: float = 0.0) -> dict:
     """An ``update_graph`` message with every field the scheduler's spec lists (the one
     place its shape is written on the client side; the scheduler's is
     :class:`cluster.runtime.scheduler.events.UpdateGraphEvent`)."""
@@ -166,6 +205,7 @@ def update_graph_msg(tasks: dict, keys: list, dependencies: dict | None = None, 
         "resources": {} if resources is None else resources,
         "retries": {} if retries is None else retries,
         "user_priority": {} if user_priority is None else user_priority,
+        "fifo_timeout": fifo_timeout,
     }
 
 

@@ -132,6 +132,30 @@ def parse_timedelta(value: int | float | str | None, default: str = "s") -> floa
     return float(m.group(1)) * (_TIME_UNITS[unit] if unit else _TIME_UNITS[default])
 
 
+def fifo_seconds(value: Any) -> float:
+    """``fifo_timeout`` of ``submit``/``map``/``compute``/``update_graph`` in seconds.
+
+    Raises:
+        ValueError: naming ``fifo_timeout`` and what it accepts.
+    """
+    try:
+        return _fifo_seconds(value)  # a submit's "100 ms", parsed once
+    except TypeError:  # unhashable: refused below
+        return _fifo_seconds.__wrapped__(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _fifo_seconds(value: Any) -> float:
+    try:
+        seconds = parse_timedelta(value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"fifo_timeout={value!r}: expected a duration such as '100 ms' or a "
+                         f"number of seconds ({e})") from None
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"fifo_timeout={value!r}: expected a non-negative, finite duration")
+    return seconds
+
+
 def format_bytes(n: int | float) -> str:
     """Human-readable size, binary units: ``format_bytes(2**30) == '1.00 GiB'``."""
     for unit, size in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("kiB", 2**10)):

@@ -156,6 +156,7 @@ class Cluster:
         (default: all); ``kwargs`` (retries, restrictions...) go to :class:`UpdateGraphEvent`."""
         for key, (func, *deps) in tasks.items():
             self.functions[key] = (func, tuple(deps))
+        kwargs.setdefault("now", self.now)
         self._to_scheduler(sev.UpdateGraphEvent(
             client, {k: repr(k).encode() for k in tasks}, list(tasks if keys is None else keys),
             dependencies={k: list(t[1:]) for k, t in tasks.items()},

@@ -15,6 +15,7 @@ declare, or of the wrong type, is refused before anything is applied.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -54,6 +55,7 @@ def on_stream(table: dict[str, type], op: str, peer: str,
         cls.SPEC = m.Spec(semantic=semantic, **{f.name: f.metadata["wire"]
                                                  for f in fields(cls) if "wire" in f.metadata})
         cls.HAS_STIMULUS = "stimulus_id" in cls.__dataclass_fields__
+        cls.HAS_CLOCK = "now" in cls.__dataclass_fields__ and "now" not in cls.SPEC.fields
         table[op] = cls
         return cls
 
@@ -61,7 +63,7 @@ def on_stream(table: dict[str, type], op: str, peer: str,
 
 
 def decode(cls: type, msg: dict, peer: str, new_stimulus: Callable[[str], str],
-           state: Any = None) -> SchedulerEvent:
+           state: Any = None, clock: Callable[[], float] = time.monotonic) -> SchedulerEvent:
     """The event for ``msg`` (without its ``op``) from ``peer``.
 
     The peer's ``stimulus_id`` is kept, so that ``story()`` follows a task
@@ -75,6 +77,8 @@ def decode(cls: type, msg: dict, peer: str, new_stimulus: Callable[[str], str],
     if cls.HAS_STIMULUS and not msg.get("stimulus_id"):
         msg["stimulus_id"] = new_stimulus(cls.OP)
     msg[cls.PEER] = peer
+    if cls.HAS_CLOCK:  # the arrival time, from the scheduler's clock (time is an event's field)
+        msg["now"] = clock()
     return cls(**msg)
 
 
@@ -192,7 +196,14 @@ class UpdateGraphEvent(SchedulerEvent):
     user_priority: int | dict[Key, int] = wire(m._f(
         m.one_of(m.is_finite, m.dict_of(m.is_key, m.is_finite)),
         "a number or a dict of keys to numbers"), 0)
+    fifo_timeout: float = wire(m._f(lambda v: m.is_finite(v) and v >= 0,
+                                    "a non-negative number of seconds"), 0.0)
+    #: Where each graph of a message that carries several begins, as positions in
+    #: ``tasks`` (the client merges graphs sent together; each keeps its own order).
+    graph_starts: list[int] = wire(m._f(m.collection_of(m.is_count), "a list of non-negative ints"), ())
     stimulus_id: str = wire(m.STIMULUS, "update_graph")
+    #: The scheduler's clock (``time.monotonic``) when the message arrived; not on the wire.
+    now: float = 0.0
 
 
 @on_stream(WORKER_STREAM, "task_finished", peer="worker")

@@ -45,6 +45,7 @@ from ..statemachine import Msg
 from ..utils import (  # noqa: F401
     call_each,
     delegate,
+    fifo_seconds,
     get_ip_for,
     get_ip_interface,
     parse_timedelta,
@@ -670,11 +671,28 @@ class Scheduler(Server):
                      priority=None, loose_restrictions=(), resources: dict | None = None,
                      submitting_task=None, retries: dict | None = None, user_priority=0,
                      actors=None, fifo_timeout=0) -> None:
-        """Add new computations from a client."""
+        """Add new computations from a client.
+
+        ``fifo_timeout`` (seconds or a duration string): a graph that arrives
+        within it of the start of the current generation joins it (its tasks
+        interleave with that generation's by their order in each graph);
+        else it starts a later generation, which runs after.
+
+        Raises:
+            ValueError: ``actors``, ``submitting_task`` or ``priority`` (dask's
+                internal graph order: ours is the order of ``tasks``) is given;
+                a bad ``fifo_timeout``.
+        """
+        for name, value in (("actors", actors), ("submitting_task", submitting_task),
+                            ("priority", priority)):
+            if value:
+                raise ValueError(f"update_graph: {name} is not supported (the order of tasks "
+                                 "is their priority within the graph; user_priority ranks graphs)")
         self._apply(UpdateGraphEvent(
             client, tasks or {}, keys, dependencies=dependencies, restrictions=restrictions,
             loose_restrictions=loose_restrictions, resources=resources, retries=retries,
-            user_priority=user_priority, stimulus_id=self._stimulus("update_graph"),
+            user_priority=user_priority, fifo_timeout=fifo_seconds(fifo_timeout),
+            stimulus_id=self._stimulus("update_graph"), now=time.monotonic(),
         ))
 
     def stimulus_cancel(self, keys: Iterable[Key] = (), client: str = "", force: bool = False) -> str:

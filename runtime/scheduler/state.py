@@ -133,6 +133,11 @@ class SchedulerState:
         self.log = TransitionLog(transition_log_length)
         self.transition_counter = 0
         self._priority_counter = itertools.count()
+        #: Graphs that arrive within their ``fifo_timeout`` of the start of the current
+        #: generation share it (their tasks interleave by graph order); later ones
+        #: start a new generation, which runs after (dask's ``fifo_timeout``).
+        self.generation = 0
+        self._generation_time: float | None = None
         self._queue_counter = itertools.count()
         self._instructions: list[Msg] = []
         #: Which worker runs a task, and when (a part with its own methods).

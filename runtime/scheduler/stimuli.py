@@ -256,6 +256,15 @@ def tick(state: SchedulerState, ev: TickEvent) -> list:
     return out
 
 
+def _generation(state: SchedulerState, now: float, fifo_timeout: float) -> int:
+    """The generation of a graph arriving at ``now``: the current one if it began
+    at most ``fifo_timeout`` seconds ago, else a new, later one (dask's rule)."""
+    if state._generation_time is None or now - state._generation_time > fifo_timeout:
+        state.generation += 1
+        state._generation_time = now
+    return state.generation
+
+
 def update_graph(state: SchedulerState, ev: UpdateGraphEvent) -> list[Msg]:
     """New work from a client: ``tasks`` maps keys to serialised recipes.
 
@@ -278,7 +287,10 @@ def update_graph(state: SchedulerState, ev: UpdateGraphEvent) -> list[Msg]:
     out: list[Msg] = []
     recs: dict[Key, str] = {}
     unknown: dict[Key, str] = {}
-    for key, spec in tasks.items():
+    starts = list(ev.graph_starts) or [0]
+    graph_order: list[int] = []  # per new task: its position within its own graph
+    start_i = 0
+    for pos, (key, spec) in enumerate(tasks.items()):
         ts = state.tasks.get(key)
         if ts is None:
             ts = state.tasks[key] = TaskState(key, spec)
@@ -292,7 +304,13 @@ def update_graph(state: SchedulerState, ev: UpdateGraphEvent) -> list[Msg]:
             # Resubmission of a failed task: try again.
             new.append(ts)
             recs[key] = "released"
-    for ts in new:
+        else:
+            continue
+        while start_i + 1 < len(starts) and starts[start_i + 1] <= pos:
+            start_i += 1
+        graph_order.append(pos - starts[start_i])
+    generation = _generation(state, ev.now, ev.fifo_timeout) if new else state.generation
+    for ts, order in zip(new, graph_order, strict=True):
         for dep_key in dependencies.get(ts.key, ()):
             dts = state.tasks.get(dep_key)
             if dts is None:
@@ -313,7 +331,7 @@ def update_graph(state: SchedulerState, ev: UpdateGraphEvent) -> list[Msg]:
             ts.resource_restrictions = dict(res)
         ts.retries = int(retries.get(ts.key, 0))
         up = user_priority.get(ts.key, 0) if isinstance(user_priority, dict) else user_priority
-        ts.priority = (-up, next(state._priority_counter))
+        ts.priority = (-up, generation, order, next(state._priority_counter))
     state.placement.mark_rootish(new)
     if unknown:
         out.extend(state.transitions(unknown, stimulus_id))
@@ -577,7 +595,7 @@ def update_data(state: SchedulerState, ev: UpdateDataEvent) -> list[Msg]:
         ts = state.tasks.get(key)
         if ts is None:
             ts = state.tasks[key] = TaskState(key, None)
-            ts.priority = (0, next(state._priority_counter))
+            ts.priority = (0, state.generation, 0, next(state._priority_counter))
         if client is not None:
             # Wanted before it lands, so that landing reports it to the client.
             cs = add_client(state, client)

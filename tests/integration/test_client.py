@@ -28,6 +28,7 @@ from cluster import (
     Future,
     LocalCluster,
     Scheduler,
+    SchedulerPlugin,
     Worker,
     as_completed,
     get_worker,
@@ -363,6 +364,89 @@ async def test_map_iterables_keys_kwargs():
         fs2 = c.map(inc, range(3), pure=False)
         assert not {f.key for f in fs} & {f.key for f in fs2}
         assert await c.gather(fs2) == [1, 2, 3]
+
+
+class GraphSizes(SchedulerPlugin):
+    """Records the number of keys of each update_graph the scheduler handles."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+
+    def update_graph(self, scheduler, client, keys, **kwargs):
+        self.sizes.append(len(keys))
+
+
+@gen_test(timeout=20)
+async def test_map_batch_size_sends_batches():
+    async with gen_cluster() as (c, s, workers):
+        plugin = GraphSizes()
+        await s.add_plugin(plugin)
+        batched = c.map(inc, range(10), batch_size=3)
+        assert await c.gather(batched) == list(range(1, 11))
+        assert plugin.sizes == [3, 3, 3, 1]
+        # without batch_size, one map is one message; so are submits made together
+        # (``batched`` stays referenced: releasing it would go out between them)
+        plugin.sizes.clear()
+        fs = c.map(inc, range(100, 110))
+        gs = [c.submit(inc, i) for i in range(200, 203)]
+        assert await c.gather(fs + gs) == list(range(101, 111)) + [201, 202, 203]
+        assert plugin.sizes == [13]
+        # a batch size above the length: one batch; key lists and prefixes follow the batches
+        plugin.sizes.clear()
+        named = c.map(inc, [1, 2], key=["b-one", "b-two"], batch_size=5)
+        hs = c.map(inc, range(5), key="pre", batch_size=2)
+        assert [f.key for f in named] == ["b-one", "b-two"]
+        assert all(h.key.startswith("pre-") for h in hs)
+        assert await c.gather(named + hs) == [2, 3, 1, 2, 3, 4, 5]
+        assert plugin.sizes == [2, 2, 2, 1]
+        del fs, gs, batched
+
+
+@gen_test(timeout=20)
+async def test_map_refuses_bad_batch_size_and_actors():
+    async with gen_cluster() as (c, s, workers):
+        for bad, exc in ((0, ValueError), (-2, ValueError), (1.5, TypeError), ("3", TypeError),
+                         (True, TypeError)):
+            with pytest.raises(exc, match="batch_size"):
+                c.map(inc, range(3), batch_size=bad)
+        with pytest.raises(ValueError, match="actors"):
+            c.map(inc, range(3), actors=True)
+        assert not s.tasks  # nothing reached the scheduler
+        assert await c.gather(c.map(inc, range(3), batch_size=1)) == [1, 2, 3]
+
+
+@gen_test(timeout=20)
+async def test_fifo_timeout_reaches_the_scheduler():
+    async with gen_cluster() as (c, s, workers):
+        # Two maps sent in one tick leave as one message; each keeps its own order,
+        # and both are of one generation (interleaved, as dask's fifo_timeout).
+        a = c.map(inc, range(3), key=[f"a-{i}" for i in range(3)])
+        b = c.map(inc, range(2), key=[f"b-{i}" for i in range(2)])
+        assert await c.gather(a + b) == [1, 2, 3, 1, 2]
+        prio = {k: s.tasks[k].priority for k in ("a-0", "a-1", "a-2", "b-0", "b-1")}
+        assert [p[2] for p in prio.values()] == [0, 1, 2, 0, 1]
+        assert len({p[1] for p in prio.values()}) == 1
+        assert prio["b-0"] < prio["a-1"]
+        # fifo_timeout=0 after the generation began: a later generation, run after.
+        gen = prio["a-0"][1]
+        await until(lambda: time_since_generation(s) > 0)
+        d = c.submit(inc, 10, key="d", fifo_timeout=0)
+        assert await d == 11
+        assert s.tasks["d"].priority[1] > gen
+        for bad in ("soon", -1, [1]):
+            with pytest.raises(ValueError, match="fifo_timeout"):
+                c.submit(inc, 1, fifo_timeout=bad)
+            with pytest.raises(ValueError, match="fifo_timeout"):
+                c.map(inc, [1], fifo_timeout=bad)
+        with pytest.raises(ValueError, match="fifo_timeout"):
+            s.update_graph(client=c.id, tasks={}, fifo_timeout="later")
+        with pytest.raises(ValueError, match="actors"):
+            s.update_graph(client=c.id, tasks={}, actors=True)
+
+
+def time_since_generation(s) -> float:
+    import time
+    return time.monotonic() - s.state._generation_time
 
 
 # ----------------------------------------------------------------------------- futures as arguments

@@ -80,6 +80,7 @@ def test_what_clients_send_passes(options):
     pieces = {"x": (RECIPE, ()), ("y", 0): (RECIPE, ("x",))}
     msg = graph_msg(pieces, list(pieces), **(defaults | options))
     check(CLIENT, msg, SchedulerState())
+    check(CLIENT, {**msg, "graph_starts": [0, 1], "fifo_timeout": 0.1}, SchedulerState())
     check(CLIENT, {"op": "client_releases_keys", "keys": ["x"]})
 
 
@@ -108,6 +109,10 @@ def test_bad_stream_openings_are_refused_naming_the_field(op, msg, field):
     ({"op": "update_graph", "tasks": {}, "retries": {"k": -1}}, "retries"),
     ({"op": "update_graph", "tasks": {}, "user_priority": math.nan}, "user_priority"),
     ({"op": "update_graph", "tasks": {}, "client": "someone else"}, "unexpected field 'client'"),
+    ({"op": "update_graph", "tasks": {}, "now": 1.0}, "unexpected field 'now'"),  # the scheduler's clock
+    ({"op": "update_graph", "tasks": {}, "fifo_timeout": -1}, "fifo_timeout"),
+    ({"op": "update_graph", "tasks": {}, "fifo_timeout": math.inf}, "fifo_timeout"),
+    ({"op": "update_graph", "tasks": {}, "graph_starts": [0, -3]}, "graph_starts"),
     ({"op": "client_releases_keys", "keys": "abc"}, "keys"),
 ])
 def test_bad_client_messages_are_refused_naming_the_field(msg, field):

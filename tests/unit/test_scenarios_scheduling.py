@@ -193,6 +193,56 @@ def test_work_already_on_the_worker_is_not_overtaken_by_later_priority() -> None
     assert c.order == ["first", "low-0", "high", "low-1", "low-2"]
 
 
+def _queued_in_order_of_two_maps(fifo_timeout: float, gap: float, **second: object) -> list:
+    """The run order of two 3-task maps sent ``gap`` seconds apart while the one
+    thread is busy: the first task of the first map takes the second slot."""
+    c = Cluster()
+    c.add_worker("a")
+    c.submit("first", 0)
+    c.blocked.add("first")
+    c.run_until_idle()
+    c.update_graph({f"a-{i}": (i,) for i in range(3)}, fifo_timeout=fifo_timeout)
+    c.run_until_idle()
+    c.advance(gap)
+    c.update_graph({f"b-{i}": (i,) for i in range(3)}, fifo_timeout=fifo_timeout, **second)
+    c.unblock("first")
+    c.run_until_idle()
+    return c.order
+
+
+def test_graphs_within_fifo_timeout_share_a_generation_and_interleave() -> None:
+    # dask's fifo_timeout: a graph that arrives within it of the start of the current
+    # generation joins it; the tasks of both then run by their order within each graph.
+    assert _queued_in_order_of_two_maps(0.1, 0.05) == ["first", "a-0", "b-0", "a-1", "b-1", "a-2", "b-2"]
+
+
+def test_graph_after_fifo_timeout_runs_after_earlier_graphs() -> None:
+    order = ["first", "a-0", "a-1", "a-2", "b-0", "b-1", "b-2"]
+    assert _queued_in_order_of_two_maps(0.1, 0.5) == order
+    assert _queued_in_order_of_two_maps(0.0, 0.001) == order
+
+
+def test_generation_counts_from_its_start_and_empty_graphs_start_none() -> None:
+    c = Cluster()
+    c.update_graph({"x": (1,)}, fifo_timeout=1.0)
+    gen = c.scheduler.generation
+    c.advance(0.6)
+    c.update_graph({}, keys=[], fifo_timeout=0.0)  # no tasks: no new generation
+    c.update_graph({"y": (1,)}, fifo_timeout=1.0)
+    c.advance(0.6)  # 1.2 s after the generation began, 0.6 s after "y"
+    c.update_graph({"z": (1,)}, fifo_timeout=1.0)
+    c.run_until_idle()
+    assert [c.scheduler.tasks[k].priority[1] for k in "xyz"] == [gen, gen, gen + 1]
+
+
+def test_merged_message_keeps_each_graphs_order() -> None:
+    # Graphs sent in one tick leave the client as one message with graph_starts.
+    c = Cluster()
+    tasks = {**{f"a-{i}": (i,) for i in range(3)}, **{f"b-{i}": (i,) for i in range(2)}}
+    c.update_graph(tasks, graph_starts=[0, 3], fifo_timeout=0.1)
+    assert [c.scheduler.tasks[k].priority[2] for k in tasks] == [0, 1, 2, 0, 1]
+
+
 # ----------------------------------------------------------------------------- failures, resubmission
 
 

@@ -547,9 +547,11 @@ def test_short_tasks_fill_workers_beyond_two_per_thread(state):
 
 
 def test_user_priority_first_then_submission_order(state):
-    state.handle(UpdateGraphEvent("c", {"a1": SPEC, "a2": SPEC}, ["a1", "a2"], user_priority=0))
-    state.handle(UpdateGraphEvent("c", {"b1": SPEC}, ["b1"], user_priority=10))
-    state.handle(UpdateGraphEvent("c", {"lo": SPEC, "hi": SPEC}, ["lo", "hi"], user_priority={"hi": 5}))
+    # Arriving at different times with fifo_timeout 0: each graph is a later generation.
+    state.handle(UpdateGraphEvent("c", {"a1": SPEC, "a2": SPEC}, ["a1", "a2"], user_priority=0, now=1.0))
+    state.handle(UpdateGraphEvent("c", {"b1": SPEC}, ["b1"], user_priority=10, now=2.0))
+    state.handle(UpdateGraphEvent("c", {"lo": SPEC, "hi": SPEC}, ["lo", "hi"], user_priority={"hi": 5},
+                                  now=3.0))
     assert state.tasks["b1"].priority < state.tasks["hi"].priority < state.tasks["a1"].priority
     assert state.tasks["a1"].priority < state.tasks["a2"].priority < state.tasks["lo"].priority
     out = state.handle(AddWorkerEvent(A, nthreads=1))
