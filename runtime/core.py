@@ -407,12 +407,28 @@ class BatchedSend:
         self._loop = asyncio.get_running_loop()
         self._flushed: asyncio.Event = asyncio.Event()
         self._flushed.set()
+        self._timer: asyncio.TimerHandle | None = None
 
-    def send(self, *msgs: Any) -> None:
+    def send(self, *msgs: Any, within: float = 0.0) -> None:
+        """Queue ``msgs``; they leave at the end of this turn of the event loop.
+
+        Args:
+            within: the sender expects more messages soon: these may wait up to
+                this many seconds to leave with them (one write, one TLS record
+                and one read on the other side for several). A later send
+                without ``within`` takes them along at the end of its turn.
+        """
         if self.closed:
             raise CommClosedError(f"batched stream {self.name} is closed")
         self.buffer.extend(msgs)
-        if not self._scheduled and not self._writing:
+        if self._writing:
+            return  # they leave when the write in flight completes
+        if within > 0:
+            if not self._scheduled and self._timer is None:
+                self._flushed.clear()
+                self._timer = self._loop.call_later(within, self._flush)
+            return
+        if not self._scheduled:
             self._flushed.clear()
             # Written at the end of this turn of the event loop: a reader that has
             # several messages buffered handles them all first, and their answers
@@ -423,6 +439,7 @@ class BatchedSend:
 
     def _flush(self) -> None:
         self._scheduled = False
+        self._cancel_timer()
         if self._writing or not self.buffer or self.closed:
             if not self.buffer:
                 self._flushed.set()
@@ -462,7 +479,13 @@ class BatchedSend:
         else:
             self._flushed.set()
 
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _fail(self) -> None:
+        self._cancel_timer()
         self.closed = True
         self.buffer.clear()
         self._writing = False
@@ -485,7 +508,9 @@ class BatchedSend:
                 self._flushed.set()
 
     async def flush(self, timeout: float = 5.0) -> None:
-        """Wait until everything sent so far has been written."""
+        """Wait until everything sent so far has been written (held messages leave now)."""
+        if self._timer is not None and not self._writing:
+            self._flush()
         with suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._flushed.wait(), timeout)
 
@@ -497,6 +522,7 @@ class BatchedSend:
         await self.comm.close()
 
     def abort(self) -> None:
+        self._cancel_timer()
         self.closed = True
         self.buffer.clear()
         self.comm.abort()

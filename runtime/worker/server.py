@@ -91,6 +91,11 @@ Key = Hashable
 
 #: Results at most this big travel with ``task_finished`` to the waiting client.
 SMALL_RESULT = 16 * 1024
+#: Seconds a finished task's report may wait for the next one while this worker is
+#: still running tasks (bounded: an idle worker's report leaves at once). dask's
+#: worker batches every message for 2 ms; issue 14 measured +20-30% no-op tasks/s.
+RESULT_COALESCE = 0.002
+_RESULT_OPS = frozenset({"task_finished", "task_erred"})
 
 #: How long a retiring worker (lifetime, close_gracefully) keeps its data while
 #: no other worker can take it, waiting for one to join -- typically its own
@@ -662,8 +667,12 @@ class Worker(Server):
             elif isinstance(inst, Msg):
                 msgs.append(inst.to_wire())
         if msgs and self.batched_stream is not None and not self.batched_stream.closed:
+            # While tasks still run here, results wait a moment for the next ones
+            # and leave together (fewer writes here, fewer reads at the scheduler).
+            within = RESULT_COALESCE if self.state.executing and all(
+                m["op"] in _RESULT_OPS for m in msgs) else 0.0
             with suppress(CommClosedError):
-                self.batched_stream.send(*msgs)
+                self.batched_stream.send(*msgs, within=within)
 
     def _start_task(self, key: Key) -> None:
         ts = self.state.tasks[key]

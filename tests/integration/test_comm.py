@@ -433,3 +433,31 @@ async def test_listen_on_address_in_use_fails(address):
         second.stop()
     finally:
         first.stop()
+
+
+# ----------------------------------------------------------------------------- batched stream holds
+
+
+@gen_test(timeout=20)
+async def test_batched_send_within_holds_until_a_plain_send_flush_or_close():
+    from cluster.runtime.core import BatchedSend
+
+    async with comm_pair("tcp://127.0.0.1:0") as (client, server, _):
+        bs = BatchedSend(client, name="test")
+        # A held message leaves with the next plain send: one write for both.
+        bs.send({"n": 1}, within=60)
+        bs.send({"n": 2})
+        assert await asyncio.wait_for(server.read(), 5) == [{"n": 1}, {"n": 2}]
+        assert (bs.message_count, bs.batch_count) == (2, 1)
+        # flush() does not wait out the hold.
+        bs.send({"n": 3}, within=60)
+        await asyncio.wait_for(bs.flush(timeout=30), 5)
+        assert await asyncio.wait_for(server.read(), 5) == [{"n": 3}]
+        # Alone, a held message leaves after its bound, several together.
+        bs.send({"n": 4}, within=0.05)
+        bs.send({"n": 5}, within=0.05)
+        assert await asyncio.wait_for(server.read(), 5) == [{"n": 4}, {"n": 5}]
+        # close() sends what is held.
+        bs.send({"n": 6}, within=60)
+        await asyncio.wait_for(bs.close(), 5)
+        assert await asyncio.wait_for(server.read(), 5) == [{"n": 6}]

@@ -561,3 +561,28 @@ async def test_story_joins_scheduler_and_worker_by_stimulus_id():
         # (its execution finishing), not one the scheduler made up.
         (to_memory,) = [entry for entry in story if entry[2] == "memory"]
         assert to_memory[4] in worker_ids, (story, worker_ids)
+
+
+@gen_test(timeout=30)
+async def test_results_wait_for_the_next_while_the_worker_is_busy(monkeypatch):
+    # A busy worker's results wait (up to RESULT_COALESCE) to leave together; an
+    # idle worker's leave at once. With a hold of a minute: the short task's result
+    # reaches the scheduler only with the blocked task's, the moment that one ends.
+    from cluster.runtime.worker import server as worker_server
+
+    monkeypatch.setattr(worker_server, "RESULT_COALESCE", 60.0)
+    async with gen_cluster(nworkers=1, nthreads=2) as (c, s, (w,)):
+        ev = new_event()
+        blocked = c.submit(wait_for_event, ev, key="blocked")
+        await until(lambda: "blocked" in w.state.tasks and w.state.tasks["blocked"].state == "executing",
+                    what="blocked task running")
+        short = c.submit(inc, 1, key="short")
+        await until(lambda: "short" in w.state.tasks and w.state.tasks["short"].state == "memory",
+                    what="short task done on the worker")
+        # Held in the worker's stream (a plain send leaves by the end of the loop's turn).
+        assert [m["key"] for m in w.batched_stream.buffer if m["op"] == "task_finished"] == ["short"]
+        assert s.tasks["short"].state == "processing"
+        EVENTS[ev].set()
+        assert await asyncio.wait_for(c.gather([short, blocked]), 10) == [2, True]
+        # Idle again: a lone result leaves at once, not after the minute.
+        assert await asyncio.wait_for(c.submit(inc, 10), 10) == 11
