@@ -293,31 +293,81 @@ class SchedulerOps:
 
     # ------------------------------------------------------------------ plugins
 
-    async def add_plugin(self, plugin=None, idempotent: bool | None = None, name: str | None = None,
-                         **kwargs) -> str:
+    def add_plugin(self, plugin=None, idempotent: bool | None = None, name: str | None = None,
+                   **kwargs) -> None:
         """Add a scheduler plugin (an object with any of the ``SchedulerPlugin`` hooks).
 
-        A plugin of the same name is replaced, unless ``idempotent`` (default:
-        the plugin's own ``idempotent`` attribute), which keeps the first.
+        Synchronous, as dask's (``scheduler.add_plugin(p)`` in a preload's
+        ``dask_setup`` works): a plugin of the same name is replaced (its
+        ``close`` called), unless ``idempotent`` (default: the plugin's own
+        ``idempotent`` attribute), which keeps the first; the new one's
+        ``start(scheduler)`` is called now, or, if it is ``async def``, run on
+        the scheduler's event loop (see :meth:`register_scheduler_plugin` to
+        wait for it).
+
+        Raises:
+            RuntimeError: an ``async def`` ``start`` or ``close`` and no running
+                event loop to run it on.
         """
+        old, plugin = self._put_plugin(plugin, idempotent, name)
+        if plugin is None:
+            return
+        if old is not None:
+            self._run_hook_soon(old, "close")
+        self._run_hook_soon(plugin, "start", self.scheduler)
+
+    async def register_scheduler_plugin(self, plugin=None, name: str | None = None,
+                                        idempotent: bool | None = None, **kwargs) -> str:
+        """:meth:`add_plugin`, waiting for the plugin's ``start`` (and the replaced
+        one's ``close``), also when they are ``async def``: the handler of the
+        clients' ``register_plugin``."""
+        old, plugin = self._put_plugin(plugin, idempotent, name)
+        if plugin is not None:
+            if old is not None:
+                await self._call_async(old, "close")
+            await self._call_async(plugin, "start", self.scheduler)
+        return "OK"
+
+    def _put_plugin(self, plugin: Any, idempotent: bool | None, name: str | None) -> tuple[Any, Any]:
+        """Register ``plugin``: ``(the plugin it replaced or None, the plugin)``, or
+        ``(None, None)`` when an idempotent plugin of that name is kept."""
         if isinstance(plugin, (bytes, bytearray, memoryview)):
             plugin = pickle.loads(plugin)
         name = name or plugin_name(plugin)
         if idempotent is None:
             idempotent = bool(getattr(plugin, "idempotent", False))
         if name in self.scheduler.plugins and idempotent:
-            return "OK"
+            return None, None
         if not self.scheduler.plugins:
             # Plugins hear about transitions from now on, not the past.
             self._plugin_seen = self.scheduler.state.transition_counter
         else:
             self._plugin_transitions()  # flush the others' backlog first
         old = self.scheduler.plugins.pop(name, None)
-        if old is not None:
-            await self._call_async(old, "close")
         self.scheduler.plugins[name] = plugin
-        await self._call_async(plugin, "start", self.scheduler)
-        return "OK"
+        return old, plugin
+
+    def _run_hook_soon(self, plugin: Any, hook: str, *args: Any) -> None:
+        fn = getattr(plugin, hook, None)
+        if fn is None or (isinstance(plugin, SchedulerPlugin) and not overrides(plugin, hook, SchedulerPlugin)):
+            return  # the base class's hooks do nothing
+        result = fn(*args)
+        if asyncio.iscoroutine(result):
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                result.close()
+                raise RuntimeError(f"{type(plugin).__name__}.{hook} is async def: add the plugin "
+                                   "from the scheduler's event loop, or await "
+                                   "scheduler.register_scheduler_plugin(plugin)") from None
+            self.scheduler.spawn(self._logged(result, plugin, hook))
+
+    @staticmethod
+    async def _logged(coro: Any, plugin: Any, hook: str) -> None:
+        try:
+            await coro
+        except Exception:
+            logger.exception("scheduler plugin %r failed in %s", plugin, hook)
 
     @staticmethod
     async def _call_async(plugin: Any, hook: str, *args: Any) -> None:

@@ -207,7 +207,7 @@ class Scheduler(Server):
             "rebalance": self.ops.rebalance,
             "restart": self.ops.restart,
             "register_worker_plugin": self.ops.register_worker_plugin,
-            "add_plugin": self.ops.add_plugin,
+            "add_plugin": self.ops.register_scheduler_plugin,
             "remove_plugin": self.ops.remove_plugin,
             "proxy": self.ops.proxy,
             "close_worker": self.close_worker,
@@ -339,6 +339,7 @@ class Scheduler(Server):
     rebalance = delegate("ops", SchedulerOps.rebalance)
     restart = delegate("ops", SchedulerOps.restart)
     add_plugin = delegate("ops", SchedulerOps.add_plugin)
+    register_scheduler_plugin = delegate("ops", SchedulerOps.register_scheduler_plugin)
     remove_plugin = delegate("ops", SchedulerOps.remove_plugin)
     register_worker_plugin = delegate("ops", SchedulerOps.register_worker_plugin)
     proxy = delegate("ops", SchedulerOps.proxy)

@@ -380,7 +380,7 @@ class GraphSizes(SchedulerPlugin):
 async def test_map_batch_size_sends_batches():
     async with gen_cluster() as (c, s, workers):
         plugin = GraphSizes()
-        await s.add_plugin(plugin)
+        s.add_plugin(plugin)
         batched = c.map(inc, range(10), batch_size=3)
         assert await c.gather(batched) == list(range(1, 11))
         assert plugin.sizes == [3, 3, 3, 1]

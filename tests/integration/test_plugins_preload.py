@@ -176,7 +176,7 @@ async def test_register_plugin_scheduler_plugin_hooks_and_unregister():
         assert "sched-recorder" not in s.plugins
     plugin = SchedulerRecorder()
     async with Scheduler(dashboard_address=None) as s:
-        await s.add_plugin(plugin)
+        s.add_plugin(plugin)
     assert plugin.events[-1] == "before_close"
 
 
@@ -208,8 +208,8 @@ class OldStylePlugin(SchedulerPlugin):
 async def test_scheduler_plugin_hooks_of_old_and_new_signatures():
     async with gen_cluster(nworkers=2) as (c, s, (a, b)):
         new, old = NewStylePlugin(), OldStylePlugin()
-        await s.add_plugin(new, name="new")
-        await s.add_plugin(old, name="old")
+        s.add_plugin(new, name="new")
+        s.add_plugin(old, name="old")
         assert await c.submit(inc, 1, key="sig-1") == 2
         assert new.graphs == [(("sig-1",), ("sig-1",))]
         await b.close()
@@ -257,6 +257,13 @@ _info = {}
 def dask_setup(server):
     _info["address"] = server.address
     server.preloaded = True
+    if hasattr(server, "add_plugin"):  # the scheduler: dask's documented pattern
+        from cluster import SchedulerPlugin
+
+        class Preloaded(SchedulerPlugin):
+            name = "preloaded"
+
+        server.add_plugin(Preloaded())
 
 def dask_teardown(server):
     _info["teardown"] = True
@@ -278,6 +285,7 @@ async def test_preload_file_source_and_module_on_worker_and_scheduler(tmp_path):
     try:
         async with Scheduler(dashboard_address=None, preload=PRELOAD_TEXT) as s:
             assert s.preloaded is True
+            assert "preloaded" in s.plugins
             module = s.preloads[0].module
             assert module.get_address() == s.address
             async with Worker(s.address, nthreads=1, preload=[path, "tests.helpers"]) as w:

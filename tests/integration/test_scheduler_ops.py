@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 
+import pytest
 from cluster.runtime import Client
 
 import cluster
@@ -246,7 +247,8 @@ async def test_worker_plugin_replaced_by_name():
 async def test_scheduler_plugin_hooks_and_removal():
     async with gen_cluster(nworkers=1) as (c, s, (a,)):
         plugin = RecordingSchedulerPlugin()
-        assert await s.add_plugin(plugin, name="rec") == "OK"
+        # dask's async registration: returns once the (async) start has run.
+        assert await s.register_scheduler_plugin(plugin, name="rec") == "OK"
         assert plugin.started_with is s
         assert s.plugins["rec"] is plugin
 
@@ -290,7 +292,7 @@ async def test_scheduler_plugin_added_late_sees_only_new_transitions():
         before = c.submit(inc, 1, key="before")  # held, so it makes no transitions later
         assert await before == 2
         plugin = RecordingSchedulerPlugin()
-        await s.add_plugin(plugin)
+        s.add_plugin(plugin)
         assert await c.submit(inc, 2, key="after") == 3
         await until(lambda: ("transition", "after", "processing", "memory") in plugin.calls, timeout=5,
                     what="the transition hook for the new task")
@@ -298,10 +300,35 @@ async def test_scheduler_plugin_added_late_sees_only_new_transitions():
 
 
 @gen_test(timeout=20)
+async def test_add_plugin_is_synchronous_as_dasks():
+    # A preload's dask_setup(scheduler) calls scheduler.add_plugin(p) without awaiting.
+    async with gen_cluster(nworkers=1) as (c, s, _):
+        plugin = RecordingSchedulerPlugin()
+        assert s.add_plugin(plugin, name="sync") is None
+        assert s.plugins["sync"] is plugin  # registered at once
+        await until(lambda: plugin.started_with is s, what="its async start, run on the loop")
+        assert await c.submit(inc, 3, key="seen") == 4
+        assert ("update_graph", c.id, ("seen",)) in plugin.calls
+        replacement = RecordingSchedulerPlugin()
+        s.add_plugin(replacement, name="sync")
+        await until(lambda: plugin.closed and replacement.started_with is s,
+                    what="the replaced plugin closed, the new one started")
+
+
+def test_add_plugin_with_async_start_needs_a_loop():
+    s = cluster.Scheduler(dashboard_address=None)
+    with pytest.raises(RuntimeError, match="async def"):
+        s.add_plugin(RecordingSchedulerPlugin(), name="no-loop")
+    plain = cluster.SchedulerPlugin()  # the base class's start does nothing: no loop needed
+    s.add_plugin(plain, name="plain")
+    assert s.plugins["plain"] is plain
+
+
+@gen_test(timeout=20)
 async def test_scheduler_plugin_closed_with_the_scheduler():
     plugin = RecordingSchedulerPlugin()
     async with gen_cluster(nworkers=1) as (c, s, _):
-        await s.add_plugin(plugin, name="closing")
+        s.add_plugin(plugin, name="closing")
         assert not plugin.closed
     assert s.status == "closed"
     assert plugin.closed
