@@ -53,6 +53,7 @@ from .graph import (
     collect_futures,
     graph_msg,
     map_batches,
+    merge_messages,
     substitute_results,
     task_piece,
     update_graph_msg,
@@ -526,23 +527,7 @@ class Client:
             self._flush_scheduled = False
         if not msgs or self.scheduler_comm is None or self.scheduler_comm.closed:
             return
-        merged: list[dict] = []
-        last_mergeable = False
-        for m, mergeable in msgs:
-            last = merged[-1] if merged else None
-            if (last is not None and m["op"] == last["op"] == "update_graph" and mergeable
-                    and last_mergeable and m["fifo_timeout"] == last["fifo_timeout"]):
-                # Each graph keeps its own order within the merged message.
-                last.setdefault("graph_starts", [0]).append(len(last["tasks"]))
-                for field in ("tasks", "dependencies", "restrictions", "resources", "retries", "user_priority"):
-                    last[field].update(m[field])
-                last["keys"].extend(m["keys"])
-                last["loose_restrictions"].extend(m["loose_restrictions"])
-            elif last is not None and m["op"] == last["op"] == "client_releases_keys":
-                last["keys"].extend(m["keys"])
-            else:
-                merged.append(m)
-                last_mergeable = mergeable
+        merged = merge_messages(msgs)
         with suppress(CommClosedError):
             self.scheduler_comm.send(*merged)
 

@@ -209,6 +209,35 @@ def update_graph_msg(tasks: dict, keys: list, dependencies: dict | None = None, 
     }
 
 
+def merge_messages(msgs: list[tuple[dict, bool]]) -> list[dict]:
+    """The messages of one burst to the scheduler, consecutive ones merged where that
+    changes nothing but the number of messages.
+
+    ``msgs`` are ``(message, mergeable)`` pairs. Consecutive mergeable
+    ``update_graph`` messages with the same ``fifo_timeout`` become one, with
+    ``graph_starts`` marking where each graph begins (each keeps its own order of
+    tasks); consecutive ``client_releases_keys`` become one. The first message of
+    each merged run is extended in place.
+    """
+    merged: list[dict] = []
+    last_mergeable = False
+    for m, mergeable in msgs:
+        last = merged[-1] if merged else None
+        if (last is not None and m["op"] == last["op"] == "update_graph" and mergeable
+                and last_mergeable and m["fifo_timeout"] == last["fifo_timeout"]):
+            last.setdefault("graph_starts", [0]).append(len(last["tasks"]))
+            for field in ("tasks", "dependencies", "restrictions", "resources", "retries", "user_priority"):
+                last[field].update(m[field])
+            last["keys"].extend(m["keys"])
+            last["loose_restrictions"].extend(m["loose_restrictions"])
+        elif last is not None and m["op"] == last["op"] == "client_releases_keys":
+            last["keys"].extend(m["keys"])
+        else:
+            merged.append(m)
+            last_mergeable = mergeable
+    return merged
+
+
 def collect_futures(obj, out: list) -> None:
     if isinstance(obj, Future):
         out.append(obj)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 from cluster.runtime import messages
-from cluster.runtime.graph import graph_msg
+from cluster.runtime.graph import graph_msg, merge_messages
 from cluster.runtime.scheduler import events
 from cluster.runtime.scheduler.server import Scheduler
 from cluster.runtime.scheduler.state import SchedulerState
@@ -181,3 +181,24 @@ def test_every_message_to_a_worker_is_decoded_into_its_event_field_for_field():
     assert ev == wev.ComputeTaskEvent("s-1", "k", b"spec", (0, 1), {}, {}, 0.5, None, False)
     with pytest.raises(TypeError):
         wev.decode("free_keys", {"keys": ["a"], "bogus": 1})
+
+
+def _graph(keys, fifo=0.1, **options):
+    pieces = {k: (RECIPE, ()) for k in keys}
+    return graph_msg(pieces, list(keys), None, None, None, 0, False, fifo, **options)
+
+
+def test_merged_messages_keep_each_graphs_order_and_batches_apart():
+    a, b, c = _graph(["a0", "a1"]), _graph(["b0"]), _graph(["c0", "c1", "c2"])
+    release = {"op": "client_releases_keys", "keys": ["old"]}
+    out = merge_messages([(a, True), (b, True), (release, True), (c, True)])
+    assert [m["op"] for m in out] == ["update_graph", "client_releases_keys", "update_graph"]
+    assert list(out[0]["tasks"]) == ["a0", "a1", "b0"] and out[0]["graph_starts"] == [0, 2]
+    assert out[0]["keys"] == ["a0", "a1", "b0"] and "graph_starts" not in out[2]
+    check(CLIENT, out[0], SchedulerState())
+    # map(batch_size=...) batches, and graphs of different fifo_timeout, stay apart.
+    batches = [(_graph([f"x{i}"]), False) for i in range(3)]
+    assert len(merge_messages(batches)) == 3
+    assert len(merge_messages([(_graph(["p"], fifo=0.1), True), (_graph(["q"], fifo=60.0), True)])) == 2
+    releases = [({"op": "client_releases_keys", "keys": [k]}, True) for k in "xyz"]
+    assert merge_messages(releases) == [{"op": "client_releases_keys", "keys": ["x", "y", "z"]}]
