@@ -52,6 +52,7 @@ from typing import Any
 
 import psutil
 
+from .config import FROM_CONFIG, setting
 from .core import Server, Status, unpack_reply
 from .errors import ClusterTimeoutError, CommError
 from .plugins import plugin_name, refuse_unsupported
@@ -141,7 +142,8 @@ class Nanny(Server):
             default the local address that routes to the scheduler, with its
             protocol; port 0 = any).  The worker listens on the same host.
         memory_terminate_fraction: restart the worker when its RSS exceeds
-            this fraction of ``memory_limit`` (``None``/``False``/0: never).
+            this fraction of ``memory_limit`` (``None``/``False``/0: never;
+            default: the ``worker.memory.terminate`` setting, 0.95).
         memory_monitor_interval: how often to check (``"100ms"``).
         **worker_kwargs: more keyword arguments for ``Worker`` (JSON-able).
 
@@ -164,7 +166,7 @@ class Nanny(Server):
                  listen_address: str | None = None, worker_class=None,
                  env: dict[str, str] | None = None, interface: str | None = None,
                  host: str | None = None, port: int | None = None, protocol: str | None = None,
-                 memory_terminate_fraction: float | None = 0.95,
+                 memory_terminate_fraction: Any = FROM_CONFIG,  # worker.memory.terminate (0.95)
                  memory_monitor_interval: Any = "100ms", preload_nanny=None, preload_nanny_argv=None,
                  **worker_kwargs):
         super().__init__()
@@ -195,6 +197,8 @@ class Nanny(Server):
         nthreads = nthreads or ncores or os.cpu_count() or 1
         if not isinstance(nthreads, int) or nthreads < 1:
             raise ValueError(f"nthreads={nthreads!r}: expected a positive integer")
+        if memory_terminate_fraction is FROM_CONFIG:
+            memory_terminate_fraction = setting("worker.memory.terminate")
         if memory_terminate_fraction in (None, False):
             memory_terminate_fraction = None
         elif (not isinstance(memory_terminate_fraction, (int, float))

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from cluster.runtime import config
 from cluster.runtime.config import FROM_CONFIG, JOBQUEUE_SCHEMA, SCHEMA, ConfigError, ConfigWarning
+from cluster.runtime.nanny import Nanny
 from cluster.runtime.scheduler.server import Scheduler
 from cluster.runtime.worker import Worker
 
@@ -216,6 +217,9 @@ array:
         config.refresh()
     assert worker_fractions()[0] == 0.55
     assert Scheduler(dashboard_address=None).state.allowed_failures == 6
+    assert Nanny("tcp://127.0.0.1:1", security=False).memory_terminate_fraction == 0.97
+    assert Nanny("tcp://127.0.0.1:1", security=False,
+                 memory_terminate_fraction=0.5).memory_terminate_fraction == 0.5
     assert config.settings()["worker.memory.target"].source == (
         f"{path} (distributed.worker.memory.target)")
     assert "comm.timeouts.connect" not in config.settings()
