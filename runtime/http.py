@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .comm.admission import Admission
-from .system import listening_socket, raise_fd_limit
+from .system import close_listening_socket, listening_socket, raise_fd_limit
 from .utils import unparse_host_port
 
 logger = logging.getLogger(__name__)
@@ -310,12 +310,8 @@ class HTTPServer:
         """Stop listening and close every open connection."""
         sock, self._sock = self._sock, None
         if sock is not None:
-            if self._resume is not None:
-                self._resume.cancel()
-                self._resume = None
-            else:
-                self._loop.remove_reader(sock.fileno())
-            sock.close()
+            close_listening_socket(self._loop, sock, self._resume)
+            self._resume = None
         for w in list(self._writers):
             w.transport.abort()
         self._writers.clear()

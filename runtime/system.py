@@ -6,7 +6,8 @@
   a few hundred connections of a busy (or flooded) scheduler, and a nanny's
   memory monitor in the same process could no longer open ``/proc``.
 * :func:`listening_socket` binds the non-blocking listening socket our TCP
-  listeners and the status page accept connections on.
+  listeners and the status page accept connections on;
+  :func:`close_listening_socket` stops accepting on it and closes it.
 * :func:`trim_memory` asks glibc to hand freed heap memory back to the
   system (``malloc_trim``).  glibc keeps it for reuse -- after a large free
   its mmap threshold also grows, so later buffers come from the heap -- and
@@ -103,3 +104,17 @@ async def listening_socket(loop: asyncio.AbstractEventLoop, host: str | None, po
 
 
 __all__ = ["listening_socket", "raise_fd_limit", "trim_memory"]
+
+
+def close_listening_socket(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                           resume: asyncio.TimerHandle | None) -> None:
+    """Stop accepting on ``sock`` and close it.
+
+    ``resume`` is the pending timer of a listener that backed off after a
+    failed ``accept`` (its reader is then already removed), or ``None``.
+    """
+    if resume is not None:
+        resume.cancel()
+    else:
+        loop.remove_reader(sock.fileno())
+    sock.close()

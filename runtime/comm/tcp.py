@@ -46,7 +46,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import CommClosedError, ProtocolError, TLSError
-from ..system import listening_socket, raise_fd_limit
+from ..system import close_listening_socket, listening_socket, raise_fd_limit
 from ..utils import parse_host_port, unparse_host_port
 from . import core
 from .admission import Admission
@@ -663,12 +663,8 @@ class TLSListener(TCPListener):
     def stop(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            if self._resume is not None:
-                self._resume.cancel()
-                self._resume = None
-            else:
-                self._loop.remove_reader(sock.fileno())
-            sock.close()
+            close_listening_socket(self._loop, sock, self._resume)
+            self._resume = None
         for task in list(self._handshakes):
             task.cancel()
         if self.admission is not None:
