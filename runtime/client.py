@@ -42,6 +42,7 @@ from .collections import (
     unregister_as_dask_scheduler,
 )
 from .comm import connect
+from .comm.inproc import alias_of
 from .comm.serialize import dumps_function
 from .core import BatchedSend, ConnectionPool, unpack_reply
 from .dashboard.reprs import client_repr_html
@@ -171,6 +172,9 @@ class Client:
         elif cluster_kwargs:
             raise TypeError(f"unexpected keyword arguments for a Client with an address: {', '.join(sorted(cluster_kwargs))}")
         self._address = address
+        #: Where we reach the scheduler: its address, or its in-process twin
+        #: when it runs in this process (see _start).
+        self._link: str | None = address
         if security is True and (address is not None or self.scheduler_file or self.cluster):
             resolve_security(True, owner="Client")  # raises: new credentials fit no cluster
         self.futures: dict[Key, FutureState] = {}
@@ -283,9 +287,13 @@ class Client:
             self._address = self.cluster.scheduler_address
         if self._address is None:
             self._address = await self._read_scheduler_file()
+        # A scheduler in this process (our LocalCluster, a job-queue cluster, the one
+        # `python -m cluster script.py` runs) is reached through memory: no socket or
+        # TLS record per message (issue 14). Its TCP/TLS address is what we show.
+        self._link = alias_of(self._address) or self._address
         try:
             self._use_security(self._choose_security())
-            comm = await connect(self._address, timeout=self.timeout, **self.connection_args)
+            comm = await connect(self._link, timeout=self.timeout, **self.connection_args)
             await comm.write({"op": "register_client", "client": self.id})
             info = unpack_reply(await comm.read(), self._address)
             self._dashboard_link = info.get("dashboard_link") if isinstance(info, dict) else None
@@ -414,7 +422,7 @@ class Client:
             await self.cluster._close()
             return
         with suppress(CommError, OSError):
-            await self.rpc.call(self._address, "close", close_workers=True)
+            await self.rpc.call(self._link, "close", close_workers=True)
         await self._close()
 
     # ------------------------------------------------------------------ reports from the scheduler
@@ -796,7 +804,7 @@ class Client:
         self._flush_outbox()
         if self.scheduler_comm is not None:
             await self.scheduler_comm.flush()
-        await self.rpc.call(self._address, "cancel", keys=keys, client=self.id, force=force)
+        await self.rpc.call(self._link, "cancel", keys=keys, client=self.id, force=force)
         for k in keys:
             st = self.futures.get(k)
             if st is not None and st.status != "cancelled":

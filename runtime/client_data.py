@@ -72,7 +72,7 @@ async def gather_keys(client: Client, keys: list) -> dict:
         await asyncio.gather(*(fetch(a, ks) for a, ks in by_worker.items()))
     if missing:
         # Ask the scheduler where they are now (a replica may have moved).
-        who_has = await client.rpc.call(client._address, "who_has", keys=missing)
+        who_has = await client.rpc.call(client._link, "who_has", keys=missing)
         retry: dict[str, list] = defaultdict(list)
         for k in missing:
             if who_has.get(k):
@@ -86,7 +86,7 @@ async def gather_keys(client: Client, keys: list) -> dict:
 
 
 async def gather_via_scheduler(client: Client, keys: list) -> dict:
-    reply = await client.rpc.call(client._address, "gather", keys=keys)
+    reply = await client.rpc.call(client._link, "gather", keys=keys)
     if reply["status"] == "OK":
         return reply["data"]
     got = {k: v for k, v in reply.get("data", {}).items()}
@@ -123,7 +123,7 @@ async def scatter(client: Client, data, workers=None, broadcast=False, direct=No
     if direct:
         from .scheduler.data import scatter_to_workers
 
-        info = await client.rpc.call(client._address, "identity")
+        info = await client.rpc.call(client._link, "identity")
         candidates = list(info["workers"])
         if workers is not None:
             wanted = set(workers)
@@ -132,10 +132,10 @@ async def scatter(client: Client, data, workers=None, broadcast=False, direct=No
         if not candidates:
             raise ClusterError("no workers to scatter to")
         who_has, nbytes, types = await scatter_to_workers(client.rpc, candidates, keyed, broadcast)
-        await client.rpc.call(client._address, "update_data", who_has=who_has, nbytes=nbytes,
+        await client.rpc.call(client._link, "update_data", who_has=who_has, nbytes=nbytes,
                             client=client.id, types=types)
     else:
-        await client.rpc.call(client._address, "scatter", data={k: box_large(v) for k, v in keyed.items()},
+        await client.rpc.call(client._link, "scatter", data={k: box_large(v) for k, v in keyed.items()},
                             workers=workers, client=client.id,
                             broadcast=broadcast, timeout=timeout)
     for f in futures.values():

@@ -46,7 +46,7 @@ class ClusterOps:
 
     def _scheduler_call(self, op: str, **kwargs):
         async def call():
-            return await self.client.rpc.call(self.client._address, op, **kwargs)
+            return await self.client.rpc.call(self.client._link, op, **kwargs)
 
         return self.client.sync(call)
 
@@ -89,7 +89,7 @@ class ClusterOps:
                "wait": wait}
 
         async def call():
-            results = await self.client.rpc.call(self.client._address, "broadcast", msg=msg, workers=workers,
+            results = await self.client.rpc.call(self.client._link, "broadcast", msg=msg, workers=workers,
                                           nanny=nanny, return_exceptions=True)
             out = {}
             for addr, r in results.items():
@@ -177,7 +177,7 @@ class ClusterOps:
 
     def _plugin_call(self, op: str, plugin: Any, name: str | None, idempotent: bool | None):
         async def call():
-            replies = await self.client.rpc.call(self.client._address, op,
+            replies = await self.client.rpc.call(self.client._link, op,
                                                  plugin=dumps_function(plugin), name=name,
                                                  idempotent=idempotent)
             for reply in replies.values():
@@ -252,7 +252,7 @@ class ClusterOps:
         packages = list(packages or [])
 
         async def call():
-            result = await self.client.rpc.call(self.client._address, "versions", packages=packages)
+            result = await self.client.rpc.call(self.client._link, "versions", packages=packages)
             result["client"] = get_versions(packages)
             if check:
                 check_versions(result, packages)
@@ -272,7 +272,7 @@ class ClusterOps:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 # Only the count: describing 1,000 workers on every poll costs the scheduler ~2 ms.
-                info = await self.client.rpc.call(self.client._address, "identity", n_workers=0)
+                info = await self.client.rpc.call(self.client._link, "identity", n_workers=0)
                 if info["n_workers"] >= n_workers:
                     return
                 if deadline is not None and time.monotonic() > deadline:

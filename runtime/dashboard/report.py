@@ -180,12 +180,12 @@ class performance_report:
     async def _begin(self) -> None:
         c = self._client
         self._t0 = time.time()
-        self._before = await c.rpc.call(c.scheduler_address, "performance_snapshot")
+        self._before = await c.rpc.call(c._link, "performance_snapshot")
 
     async def _collect(self) -> dict:
         c = self._client
         self._t1 = time.time()  # before the wait for fresh heartbeats
-        after = await c.rpc.call(c.scheduler_address, "performance_snapshot", fresh=True)
+        after = await c.rpc.call(c._link, "performance_snapshot", fresh=True)
         records = (await fetch(c, since=self._before["count"]))["records"]
         return {"before": self._before, "after": after, "records": records}
 

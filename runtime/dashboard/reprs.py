@@ -97,7 +97,7 @@ def _identity_of_client(client: Any) -> dict | None:
         return info
 
     async def ask():
-        return await client.rpc.call(client.scheduler_address, "identity")
+        return await client.rpc.call(client._link, "identity")
 
     try:
         return client.sync(ask, timeout=IDENTITY_TIMEOUT)

@@ -124,7 +124,7 @@ def _check_plot(plot: Any, bokeh_resources: Any) -> None:
 
 async def fetch(client: Any, **kwargs: Any) -> dict:
     """The scheduler's ``get_task_stream`` reply (see :func:`collect`) to ``client``."""
-    return await client.rpc.call(client.scheduler_address, "get_task_stream", **kwargs)
+    return await client.rpc.call(client._link, "get_task_stream", **kwargs)
 
 
 def _plotted(records: list, plot: Any, filename: str) -> Any:

@@ -117,7 +117,7 @@ def scheduler_call(client: Client, op: str, keep: Any = None, **kwargs) -> Any:
     """
     async def call(keep: Any = keep):
         await flushed(client)
-        return await client.rpc.call(client._address, op, client=client.id, **kwargs)
+        return await client.rpc.call(client._link, op, client=client.id, **kwargs)
 
     return client.sync(call)
 

@@ -423,7 +423,7 @@ class ClientBound:
 
     async def _call(self, op: str, **kwargs: Any) -> Any:
         client = self.client
-        return await client.rpc.call(client._address, op, **kwargs)
+        return await client.rpc.call(client._link, op, **kwargs)
 
     def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.client.sync(fn, *args, **kwargs)

@@ -27,6 +27,7 @@ from contextlib import suppress
 from typing import Any
 
 from .. import messages
+from ..comm.inproc import register_alias, unregister_alias
 from ..config import FROM_CONFIG, setting
 from ..core import BatchedSend, Server, Status
 from ..dashboard.scheduler import SchedulerDiagnostics
@@ -296,6 +297,11 @@ class Scheduler(Server):
         else:
             address = f"{self.protocol}://{unparse_host_port(host, self.port or 0)}"
         await self.listen(address)
+        if self.protocol != "inproc":
+            # A Client in this process (Client(cluster), Client(), a script run
+            # next to its cluster) talks to us through memory (comm/inproc.py).
+            local = await self.listen("inproc://")
+            register_alias(self.address, local.listen_address)
         logger.info("Scheduler at %s", self.address)
         await self.diagnostics.start()
         await start_preloads(self.preloads)
@@ -398,6 +404,8 @@ class Scheduler(Server):
             bs.abort()
         await self._close_listeners_and_comms()
         await self.diagnostics.stop()
+        if self.listeners:
+            unregister_alias(self.address)
         if self.listeners and self.secure:
             unregister_local_credentials(self.address)
         if self.scheduler_file:

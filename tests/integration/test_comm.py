@@ -271,6 +271,8 @@ async def test_write_and_read_after_own_close_raise(address):
             await client.write({"x": 1})
         with pytest.raises(CommClosedError):
             await client.read()
+        with pytest.raises(CommClosedError):  # BatchedSend's path, on both transports
+            client.write_nowait({"x": 1})
         # Closing again is harmless.
         await client.close()
         client.abort()
@@ -289,7 +291,43 @@ async def test_pending_read_fails_when_own_side_closes(address):
             await asyncio.wait_for(pending, 5)
 
 
+@transports
+@gen_test(timeout=10)
+async def test_write_nowait_delivers_in_order(address):
+    async with comm_pair(address) as (client, server, _):
+        futs = [client.write_nowait({"i": i}) for i in range(50)]
+        await asyncio.gather(*futs)
+        assert [(await server.read())["i"] for _ in range(50)] == list(range(50))
+
+
 # --------------------------------------------------------------------------- addresses
+
+
+@gen_test(timeout=10)
+async def test_inproc_alias_leads_to_a_live_listener_only():
+    """A server's public address maps to its inproc twin while that listens, then to nothing."""
+    from cluster.runtime.comm import inproc
+
+    async def handler(comm):
+        await comm.write(await comm.read())
+
+    listener = listen("inproc://", handler)
+    await listener.start()
+    public = f"tls://127.0.0.1:{free_port()}"
+    inproc.register_alias(public, listener.listen_address)
+    try:
+        assert inproc.alias_of(public) == listener.listen_address
+        assert inproc.alias_of(public + "0") is None
+        comm = await connect(inproc.alias_of(public), timeout=5)
+        await comm.write({"x": 1})
+        assert await comm.read() == {"x": 1}
+        comm.abort()
+        listener.stop()
+        assert inproc.alias_of(public) is None  # registered, but nobody listens
+    finally:
+        listener.stop()
+        inproc.unregister_alias(public)
+    assert inproc.alias_of(public) is None
 
 
 @transports

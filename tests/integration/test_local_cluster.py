@@ -87,6 +87,34 @@ def test_local_cluster_binds_loopback():
         assert workers and all(a.startswith("tls://127.0.0.1:") for a in workers)
 
 
+def test_client_in_the_clusters_process_talks_through_memory(monkeypatch):
+    """Client(cluster) and Client(its address) in the scheduler's process reach it over
+    an inproc link (no socket, no TLS record per message); what they show is the TLS
+    address.  Once the scheduler closes, its address leads nowhere in-process."""
+    from cluster.runtime.comm import inproc
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://127.0.0.1:")
+        for make in (lambda: Client(cluster), lambda: Client(address)):
+            with make() as c:
+                assert c._link.startswith("inproc://"), c._link
+                assert c.scheduler_address == address and address in repr(c)
+                assert c.scheduler_info()["address"] == address
+                assert c.submit(inc, 1, pure=False).result() == 2
+                with pytest.raises(ProcessError, match="boom"):
+                    c.submit(fail_in_process, "boom").result()
+                assert sum(c.gather(c.map(inc, range(100)))) == sum(range(1, 101))
+                # the client's RPCs (here: run on the workers) go the same way
+                assert list(c.run(os.getpid).values()) != [os.getpid()]
+        # Without the in-process twin the client uses TLS, as a remote one does.
+        monkeypatch.setattr("cluster.runtime.client.alias_of", lambda address: None)
+        with Client(cluster) as c:
+            assert c._link == address
+            assert c.submit(inc, 2, pure=False).result() == 3
+    assert inproc.alias_of(address) is None
+
+
 def test_scale_up_and_down():
     with LocalCluster(n_workers=1, threads_per_worker=1) as cluster, Client(cluster) as c:
         assert n_workers(c) == 1
