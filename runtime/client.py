@@ -290,7 +290,10 @@ class Client:
         # A scheduler in this process (our LocalCluster, a job-queue cluster, the one
         # `python -m cluster script.py` runs) is reached through memory: no socket or
         # TLS record per message (issue 14). Its TCP/TLS address is what we show.
-        self._link = alias_of(self._address) or self._address
+        # Given security= of our own, we authenticate over the socket as asked.
+        self._link = self._address
+        if self._security_arg is None:
+            self._link = alias_of(self._address) or self._address
         try:
             self._use_security(self._choose_security())
             comm = await connect(self._link, timeout=self.timeout, **self.connection_args)

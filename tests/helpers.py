@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 from cluster.runtime import Client, Scheduler, Worker
+from cluster.runtime import client as client_module
 
 
 def gen_test(timeout: float = 30):
@@ -26,12 +27,25 @@ def gen_test(timeout: float = 30):
     return decorator
 
 
+@contextmanager
+def socket_link():
+    """Clients started inside reach their scheduler over its TCP/TLS socket even when
+    it runs in their process (as a client elsewhere does), not through memory."""
+    saved = client_module.alias_of
+    client_module.alias_of = lambda address: None
+    try:
+        yield
+    finally:
+        client_module.alias_of = saved
+
+
 @asynccontextmanager
 async def gen_cluster(nworkers: int = 2, nthreads: int = 1, client: bool = True,
                       worker_kwargs: dict | None = None, scheduler_kwargs: dict | None = None):
     """A validating scheduler and ``nworkers`` in-process workers on loopback, plus a client.
 
-    The status page is off unless ``scheduler_kwargs`` asks for it (``dashboard_address``).
+    The client talks to the scheduler over its socket (:func:`socket_link`), as one on
+    another machine does; LocalCluster tests cover the in-process link.  The status page is off unless ``scheduler_kwargs`` asks for it (``dashboard_address``).
     """
     scheduler_kwargs = {"dashboard_address": None, **(scheduler_kwargs or {})}
     async with Scheduler(validate=True, **scheduler_kwargs) as s:
@@ -42,7 +56,10 @@ async def gen_cluster(nworkers: int = 2, nthreads: int = 1, client: bool = True,
         await asyncio.gather(*(w._start() for w in workers))
         try:
             if client:
-                async with Client(s.address, asynchronous=True) as c:
+                c = Client(s.address, asynchronous=True)
+                with socket_link():
+                    await c
+                async with c:
                     yield c, s, workers
             else:
                 yield None, s, workers

@@ -10,7 +10,7 @@ import pytest
 from cluster.runtime.errors import RemoteTraceback
 
 from cluster import Client, LocalCluster, Scheduler, Worker, get_worker
-from tests.helpers import gen_test, until_sync
+from tests.helpers import gen_test, socket_link, until_sync
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,7 +87,7 @@ def test_local_cluster_binds_loopback():
         assert workers and all(a.startswith("tls://127.0.0.1:") for a in workers)
 
 
-def test_client_in_the_clusters_process_talks_through_memory(monkeypatch):
+def test_client_in_the_clusters_process_talks_through_memory():
     """Client(cluster) and Client(its address) in the scheduler's process reach it over
     an inproc link (no socket, no TLS record per message); what they show is the TLS
     address.  Once the scheduler closes, its address leads nowhere in-process."""
@@ -108,10 +108,13 @@ def test_client_in_the_clusters_process_talks_through_memory(monkeypatch):
                 # the client's RPCs (here: run on the workers) go the same way
                 assert list(c.run(os.getpid).values()) != [os.getpid()]
         # Without the in-process twin the client uses TLS, as a remote one does.
-        monkeypatch.setattr("cluster.runtime.client.alias_of", lambda address: None)
-        with Client(cluster) as c:
+        with socket_link(), Client(cluster) as c:
             assert c._link == address
             assert c.submit(inc, 2, pure=False).result() == 3
+        # Credentials given explicitly are used: over the socket, authenticated.
+        with Client(address, security=cluster.security) as c:
+            assert c._link == address
+            assert c.submit(inc, 3, pure=False).result() == 4
     assert inproc.alias_of(address) is None
 
 
