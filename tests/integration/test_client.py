@@ -1,5 +1,6 @@
 """Loopback tests of the Client API: a validating scheduler, in-process workers
-on 127.0.0.1 and an asynchronous client talking over real TCP sockets."""
+on 127.0.0.1 and an asynchronous client talking over real TCP sockets (also to the
+scheduler in its own process: ``tests.helpers.socket_link``)."""
 
 from __future__ import annotations
 
@@ -823,6 +824,27 @@ def test_as_completed_and_wait_sync():
 
         batches = list(as_completed(c.map(inc, range(20, 26))).batches())
         assert sorted(g.result() for b in batches for g in b) == list(range(21, 27))
+
+
+@pytest.mark.timeout(60)
+def test_blocking_result_on_the_clients_loop_is_refused():
+    """result() of a blocking client, called on that client's own loop, would wait
+    for the loop it blocks: refused at once, as every blocking call there is."""
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False) as lc, Client(lc) as c:
+        with event() as ev:
+            f = c.submit(block, ev, 1)
+
+            async def on_loop():
+                return f.result()
+
+            with pytest.raises(RuntimeError, match="event loop"):
+                c.sync(on_loop)
+            release(ev)
+            assert f.result(timeout=10) == 1
+        # done, value sent along: read without the loop, also from another thread
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(lambda x: c.submit(inc, x).result(timeout=10), range(20))) == \
+                list(range(1, 21))
 
 
 @pytest.mark.timeout(60)
