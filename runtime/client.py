@@ -126,7 +126,10 @@ class Client:
             cluster object, of the scheduler file, or of a scheduler running
             in this process; ``False``: none.  Without an address ``True``/
             ``None``/``False`` go to the ``LocalCluster`` that is started
-            (TLS by default).
+            (TLS by default).  A client in the process of its scheduler (its
+            own cluster, a ``LocalCluster`` passed in or its address) talks to it
+            through memory, not TLS over loopback, unless given ``security=``
+            for a scheduler it did not start.
         asynchronous: use the running event loop; methods return awaitables.
         name: a label for this client.
         direct_to_workers: gather straight from workers (default ``True``).
@@ -290,9 +293,10 @@ class Client:
         # A scheduler in this process (our LocalCluster, a job-queue cluster, the one
         # `python -m cluster script.py` runs) is reached through memory: no socket or
         # TLS record per message (issue 14). Its TCP/TLS address is what we show.
-        # Given security= of our own, we authenticate over the socket as asked.
+        # Given security= for a scheduler we did not start, we authenticate over
+        # the socket as asked.
         self._link = self._address
-        if self._security_arg is None:
+        if self._security_arg is None or self._own_cluster:
             self._link = alias_of(self._address) or self._address
         try:
             self._use_security(self._choose_security())

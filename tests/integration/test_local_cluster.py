@@ -141,6 +141,7 @@ def test_scale_up_and_down():
 def test_client_without_address_starts_and_stops_a_cluster():
     with Client(n_workers=2, threads_per_worker=1) as c:
         cluster = c.cluster
+        assert c._link.startswith("inproc://")  # its own cluster: through memory
         assert isinstance(cluster, LocalCluster)
         assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
         assert n_workers(c) == 2
